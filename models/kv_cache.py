@@ -1,0 +1,111 @@
+"""`LoopedKVCache`: K/V buffers indexed by slot (a KV policy maps (loop, layer) to a slot).
+
+Two modes, both exact about what they hold:
+  - preallocated (`capacity` tokens given, gpt-fast style): each slot's buffers are allocated once
+    at full capacity on first write, so memory is predictable and nothing is copied while decoding;
+  - growing (`capacity=None`): buffers are reallocated to exactly the tokens written, as HF's
+    DynamicCache does with `torch.cat`.
+A write at a position already written overwrites it in place; MELT relies on that to rewrite a
+token's row at every loop. It subclasses transformers' `Cache` so `generate()` accepts it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class LoopedKVCache(Cache):
+    """K/V buffers of shape (batch, kv_heads, tokens, head_dim), one pair per slot."""
+
+    def __init__(self, num_slots: int, loops: int, capacity: int | None = None) -> None:
+        super().__init__(layers=[])
+        self.num_slots = num_slots
+        self.loops = loops  # the loop count the slots were laid out for
+        self.capacity = capacity
+        self.keys: list[torch.Tensor | None] = [None] * num_slots
+        self.values: list[torch.Tensor | None] = [None] * num_slots
+        self.seq_len = 0  # tokens whose rows are final (all loops done)
+
+    def update_slot(
+        self, slot: int, key: torch.Tensor, value: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write key/value rows at positions [start, start + n) of `slot`; return rows [0, start + n)."""
+        end = start + key.shape[2]
+        self.keys[slot] = self._write(self.keys[slot], key, start, end)
+        self.values[slot] = self._write(self.values[slot], value, start, end)
+        return self.keys[slot][:, :, :end], self.values[slot][:, :, :end]
+
+    def _write(self, buf: torch.Tensor | None, rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        if buf is None or buf.shape[2] < end:
+            size = end
+            if self.capacity is not None:
+                if end > self.capacity:
+                    raise ValueError(f"KV cache capacity {self.capacity} tokens exceeded (need {end})")
+                size = self.capacity
+            grown = rows.new_empty(rows.shape[0], rows.shape[1], size, rows.shape[3])
+            if buf is not None:
+                grown[:, :, :start] = buf[:, :, :start]
+            buf = grown
+        buf[:, :, start:end] = rows
+        return buf
+
+    # --- exact accounting --------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes of device memory the cache's buffers hold right now."""
+        return sum(t.untyped_storage().nbytes() for t in self.keys + self.values if t is not None)
+
+    def allocated_slots(self) -> int:
+        return sum(t is not None for t in self.keys)
+
+    # --- what transformers' generate() asks of a Cache -----------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seq_len
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1 if self.capacity is None else self.capacity
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seq_len + query_length, 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.allocated_slots() > 0
+
+    @property
+    def batch_size(self) -> int:
+        first = next((t for t in self.keys if t is not None), None)
+        return 0 if first is None else first.shape[0]
+
+    def reset(self) -> None:
+        self.keys = [None] * self.num_slots
+        self.values = [None] * self.num_slots
+        self.seq_len = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        # HF semantics: a negative number removes that many tokens; a positive one keeps that many.
+        keep = self.seq_len + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove
+        self.seq_len = max(0, min(self.seq_len, keep))
+
+    def _map_batch(self, fn) -> None:
+        self.keys = [None if t is None else fn(t) for t in self.keys]
+        self.values = [None if t is None else fn(t) for t in self.values]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def __repr__(self) -> str:
+        return (
+            f"LoopedKVCache(slots={self.num_slots}, loops={self.loops}, seq_len={self.seq_len}, "
+            f"capacity={self.capacity}, nbytes={self.nbytes()})"
+        )

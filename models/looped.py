@@ -1,0 +1,397 @@
+"""The looped transformer shared by Ouro and MELT, in plain PyTorch, read top to bottom.
+
+Per token, the whole layer stack runs `loops` times (Ouro's `total_ut_steps`); after every loop
+the final norm is applied and its output feeds the next loop. Each decoder layer is an RMSNorm
+sandwich around attention and around a SwiGLU MLP:
+
+    x = x + input_layernorm_2(attn(input_layernorm(x)))
+    x = x + post_attention_layernorm_2(mlp(post_attention_layernorm(x)))
+
+`model.early_exit_gate` scores each loop's output: lambda_t = sigmoid(gate_t),
+p_t = lambda_t * prod_{j<t} (1 - lambda_j), the last loop takes the remaining mass. Logits come
+from the last loop (default), a fixed exit step, the first step whose cumulative exit probability
+reaches a threshold, or the exit-probability-weighted expectation of the loops' logits.
+
+What happens to keys and values across loops is the KV policy's business (kv_policy.py). Module
+and parameter names are those of the official Ouro checkpoints, so their state dicts load as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configs import MAX_LOOPS, OuroConfig
+from .kv_cache import LoopedKVCache
+from .kv_policy import GateProjection, KVPolicy, kv_policy_for
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As the official code: normalise in fp32, cast back, then scale.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Default RoPE tables for (batch, seq) positions; computed per call, so there is no buffer
+    for meta-device loading to lose."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponent)
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class AttentionMask:
+    """How one chunk's queries may attend: a boolean mask (True = attend) or SDPA's is_causal."""
+
+    mask: torch.Tensor | None
+    is_causal: bool
+
+
+def chunk_attention_mask(
+    start: int, q_len: int, key_padding: torch.Tensor | None, device: torch.device
+) -> AttentionMask:
+    """Causal mask for queries at cache positions [start, start+q_len) over keys [0, start+q_len).
+
+    `key_padding` (batch, start+q_len) is True for real tokens. A query may always see itself, so
+    padded rows never attend to nothing (SDPA would return NaN that then leaks through V)."""
+    kv_len = start + q_len
+    if key_padding is None:
+        if q_len == 1:
+            return AttentionMask(None, False)
+        if start == 0:
+            return AttentionMask(None, True)
+    q_pos = torch.arange(start, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]
+    if key_padding is not None:
+        mask = (mask & key_padding[:, None, None, :kv_len]) | (k_pos == q_pos)[None, None]
+    return AttentionMask(mask, False)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: OuroConfig, gate: nn.Module | None) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.kv_gate = gate  # None for Ouro; MELT's KVUpdateGate
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionMask,
+        cache: LoopedKVCache | None,
+        slot: int,
+        start: int,
+        kv_state: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bsz, q_len, _ = x.shape
+        kv_in = x if self.kv_gate is None else self.kv_gate(x, kv_state)
+        q = self.q_proj(x).view(bsz, q_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(kv_in).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(kv_in).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update_slot(slot, k, v, start)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn.mask, is_causal=attn.is_causal,
+            scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv_heads,
+        )
+        out = self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1))
+        return out, (kv_in if self.kv_gate is not None else None)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: OuroConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: OuroConfig, gate: nn.Module | None) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = Attention(config, gate)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.input_layernorm_2 = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm_2 = RMSNorm(config.hidden_size, eps)
+
+    def forward(self, x, rope, attn, cache, slot, start, kv_state):
+        h, kv_state = self.self_attn(self.input_layernorm(x), rope, attn, cache, slot, start, kv_state)
+        x = x + self.input_layernorm_2(h)
+        x = x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
+        return x, kv_state
+
+
+class LoopedPreTrainedModel(PreTrainedModel):
+    config_class = OuroConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers.initialization skips parameters already loaded from a checkpoint.
+        if isinstance(module, GateProjection):
+            # MELT gate: W_z = U_z = 0 and b_z = gate_bias_init, so z ~ 0 and h_t ~ x_t: a fresh
+            # MELT rewrites each row with the current loop's K/V (Ouro with last-loop KV reuse).
+            init.zeros_(module.weight)
+            if module.bias is not None:
+                init.constant_(module.bias, getattr(self.config, "gate_bias_init", 0.0))
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+
+
+@dataclass
+class LoopOutputs:
+    """The base model's output: the last loop's normed hidden state, each loop's exit-gate logit
+    (batch, seq) and, when asked for, each loop's hidden state."""
+
+    last_hidden_state: torch.Tensor
+    gate_logits: list[torch.Tensor]
+    hidden_per_loop: list[torch.Tensor] | None
+
+
+class LoopedModel(LoopedPreTrainedModel):
+    def __init__(self, config: OuroConfig) -> None:
+        super().__init__(config)
+        self.policy: KVPolicy = kv_policy_for(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, self.policy.make_gate(config)) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.early_exit_gate = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def new_cache(self, loops: int | None = None, capacity: int | None = None) -> LoopedKVCache:
+        """An empty cache laid out for `loops` loops (preallocated to `capacity` tokens if given)."""
+        loops = loops or self.config.total_ut_steps
+        return LoopedKVCache(self.policy.num_slots(loops), loops, capacity)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: LoopedKVCache | None = None,
+        loops: int | None = None,
+        keep_hidden_per_loop: bool = False,
+    ) -> LoopOutputs:
+        loops = loops or self.config.total_ut_steps
+        if not 1 <= loops <= MAX_LOOPS:
+            raise ValueError(f"loops must lie in 1..{MAX_LOOPS}, got {loops}")
+        cache = past_key_values
+        if cache is not None and cache.num_slots != self.policy.num_slots(loops):
+            raise ValueError(f"cache was laid out for {cache.loops} loops, forward asked for {loops}")
+        bsz, seq = input_ids.shape
+        if seq == 0:
+            raise ValueError("input_ids must hold at least one token")
+        past = cache.seq_len if cache is not None else 0
+        key_padding = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_padding = attention_mask.bool()
+        if position_ids is None:
+            position_ids = _positions(attention_mask, past, seq, input_ids.device)
+        chunk = self.policy.chunk_size or seq
+        if cache is None and chunk < seq:
+            cache = self.new_cache(loops)  # chunks must see earlier chunks' final rows
+
+        x_all = self.embed_tokens(input_ids)
+        last, gates, per_loop = [], [[] for _ in range(loops)], [[] for _ in range(loops)]
+        for c0 in range(0, seq, chunk):
+            x = x_all[:, c0 : c0 + chunk]
+            start = past + c0
+            rope = rope_cos_sin(position_ids[:, c0 : c0 + chunk], self.config.head_dim, self.config.rope_theta, x.dtype)
+            attn = chunk_attention_mask(start, x.shape[1], key_padding, x.device)
+            kv_states: list[torch.Tensor | None] = [None] * len(self.layers)
+            for loop in range(loops):
+                for i, layer in enumerate(self.layers):
+                    x, kv_states[i] = layer(x, rope, attn, cache, self.policy.slot(loop, i), start, kv_states[i])
+                x = self.norm(x)
+                gates[loop].append(self.early_exit_gate(x).squeeze(-1))
+                if keep_hidden_per_loop:
+                    per_loop[loop].append(x)
+            last.append(x)
+            if cache is not None:
+                cache.seq_len = start + x.shape[1]
+        return LoopOutputs(
+            last_hidden_state=torch.cat(last, dim=1),
+            gate_logits=[torch.cat(g, dim=1) for g in gates],
+            hidden_per_loop=[torch.cat(h, dim=1) for h in per_loop] if keep_hidden_per_loop else None,
+        )
+
+
+def _positions(attention_mask: torch.Tensor | None, past: int, seq: int, device: torch.device) -> torch.Tensor:
+    """RoPE positions: count real tokens (left padding gets position 0), as HF generate() does."""
+    if attention_mask is None:
+        return torch.arange(past, past + seq, device=device)[None]
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)[:, -seq:]
+
+
+def exit_distribution(gate_logits: list[torch.Tensor]) -> torch.Tensor:
+    """p_t = lambda_t * prod_{j<t}(1 - lambda_j), the last loop taking the remaining mass.
+    Returns (batch, seq, loops)."""
+    remaining = torch.ones_like(gate_logits[0], dtype=torch.float32)
+    pdf = []
+    for t, logit in enumerate(gate_logits):
+        if t < len(gate_logits) - 1:
+            lam = torch.sigmoid(logit.float())
+            pdf.append(lam * remaining)
+            remaining = remaining * (1 - lam)
+        else:
+            pdf.append(remaining)
+    return torch.stack(pdf, dim=-1)
+
+
+def threshold_exit_steps(pdf: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per token, the first loop (0-based) whose cumulative exit probability reaches `threshold`;
+    the last loop where none does."""
+    reached = pdf.cumsum(-1) >= threshold
+    steps = reached.float().argmax(-1)
+    return torch.where(reached.any(-1), steps, torch.full_like(steps, pdf.shape[-1] - 1))
+
+
+@dataclass
+class LoopedCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus the exit distribution (batch, seq, loops) and, for threshold
+    exit, each kept token's exit loop (0-based)."""
+
+    exit_pdf: torch.Tensor | None = None
+    exit_steps: torch.Tensor | None = None
+
+
+class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: OuroConfig) -> None:
+        super().__init__(config)
+        self.model = self.base_model_class(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    base_model_class = LoopedModel
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def new_cache(self, loops: int | None = None, capacity: int | None = None) -> LoopedKVCache:
+        return self.model.new_cache(loops, capacity)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: LoopedKVCache | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        loops: int | None = None,
+        exit_at_step: int | None = None,
+        exit_threshold: float | None = None,
+        use_weighted_exit: bool = False,
+        **kwargs,
+    ) -> LoopedCausalLMOutput:
+        """Logits from the last loop unless `exit_at_step` (0-based), `exit_threshold` or
+        `use_weighted_exit` asks otherwise (the official Ouro keyword names and precedence).
+        `loops` overrides config.total_ut_steps for this call (1..64)."""
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        loops = loops or self.config.total_ut_steps
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if exit_at_step is None:
+            exit_at_step = self.config.early_exit_step
+        if exit_at_step is not None and not 0 <= exit_at_step < loops:
+            raise ValueError(f"exit_at_step must lie in 0..{loops - 1}, got {exit_at_step}")
+        if use_cache and not isinstance(past_key_values, LoopedKVCache):
+            # generate() hands us an empty DynamicCache; ours replaces it (never a filled one).
+            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+                raise ValueError("past_key_values must be a LoopedKVCache (see model.new_cache())")
+            past_key_values = self.new_cache(loops)
+        elif not use_cache:
+            past_key_values = None
+
+        needs_all_loops = exit_at_step is not None or exit_threshold is not None or use_weighted_exit
+        out = self.model(
+            input_ids, attention_mask, position_ids, past_key_values, loops, keep_hidden_per_loop=needs_all_loops
+        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        pdf = exit_distribution(out.gate_logits)[:, keep]
+        exit_steps = None
+        if exit_at_step is not None:
+            logits = self.lm_head(out.hidden_per_loop[exit_at_step][:, keep])
+        elif exit_threshold is not None:
+            exit_steps = threshold_exit_steps(pdf, exit_threshold)
+            stacked = torch.stack([h[:, keep] for h in out.hidden_per_loop], dim=2)
+            index = exit_steps[..., None, None].expand(-1, -1, 1, stacked.shape[-1])
+            logits = self.lm_head(stacked.gather(2, index).squeeze(2))
+        elif use_weighted_exit:
+            logits = sum(
+                self.lm_head(h[:, keep]) * pdf[..., t, None].to(h.dtype) for t, h in enumerate(out.hidden_per_loop)
+            )
+        else:
+            logits = self.lm_head(out.last_hidden_state[:, keep])
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return LoopedCausalLMOutput(
+            loss=loss, logits=logits, past_key_values=past_key_values, exit_pdf=pdf, exit_steps=exit_steps
+        )

@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from melt_bench.models import MeltConfig, MeltForCausalLM, OuroConfig, OuroForCausalLM
+
+# Small but not degenerate: 2 layers, GQA (4 query / 2 KV heads), fp32 for tight comparisons.
+TINY = dict(
+    vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, max_position_embeddings=256, rope_theta=10_000.0, total_ut_steps=4,
+)
+
+
+def make_ouro(**overrides) -> OuroForCausalLM:
+    torch.manual_seed(0)
+    return OuroForCausalLM(OuroConfig(**{**TINY, **overrides})).eval()
+
+
+def make_melt(**overrides) -> MeltForCausalLM:
+    torch.manual_seed(0)
+    model = MeltForCausalLM(MeltConfig(**{**TINY, **overrides})).eval()
+    # A trained-looking gate (the fresh one is ~0): make z matter so the tests see the gate work.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            gate = layer.self_attn.kv_gate
+            gate.w_z.weight.normal_(std=0.3)
+            gate.u_z.weight.normal_(std=0.3)
+            gate.w_z.bias.zero_()
+    return model
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randint(1, TINY["vocab_size"], (2, 12))

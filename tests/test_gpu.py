@@ -1,0 +1,68 @@
+"""GPU checks (skipped without CUDA): numerics on the device, cache bytes against the CUDA
+allocator, and NVML against a real allocation."""
+
+import pytest
+import torch
+
+from conftest import make_melt, make_ouro
+from melt_bench.models import get_preset, predict_kv_cache_bytes
+from melt_bench.models.presets import model_class
+from melt_bench.nvml import read_nvml
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("make", [make_ouro, make_melt])
+def test_incremental_matches_full_forward_on_cuda(make, ids):
+    model = (make(chunk_size=1) if make is make_melt else make()).cuda()
+    ids = ids.cuda()
+    full = model(ids, use_cache=False, loops=4).logits
+    cache = model.new_cache(4, capacity=ids.shape[1])
+    steps = [model(ids[:, :5], past_key_values=cache, loops=4).logits]
+    steps += [model(ids[:, i : i + 1], past_key_values=cache, loops=4).logits for i in range(5, ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-3, atol=1e-3)
+
+
+def allocator_delta_of_cache(model, ids, loops, capacity):
+    with torch.no_grad():
+        model(ids, use_cache=False, loops=loops, logits_to_keep=1)  # warm-up: cuBLAS workspace etc.
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        cache = model.new_cache(loops, capacity=capacity)
+        out = model(ids, past_key_values=cache, loops=loops, logits_to_keep=1)
+        del out
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated() - before, cache
+
+
+@cuda
+@pytest.mark.parametrize("make", [make_ouro, make_melt])
+@pytest.mark.parametrize("loops", [1, 4, 8])
+def test_cache_bytes_equal_what_the_cuda_allocator_holds(make, loops, ids):
+    model = make().cuda().to(torch.bfloat16)
+    delta, cache = allocator_delta_of_cache(model, ids.cuda(), loops, capacity=256)
+    expected = predict_kv_cache_bytes(model.config, loops, ids.shape[0], 256, torch.bfloat16)
+    assert delta == cache.nbytes() == expected
+
+
+@cuda
+@pytest.mark.parametrize("preset,per_token", [("ouro-1.4b", 786_432), ("melt-1.4b", 196_608)])
+def test_1_4b_cache_on_the_gpu(preset, per_token):
+    torch.manual_seed(0)
+    p = get_preset(preset)
+    model = model_class(p.family)(p.config()).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, 49152, (1, 1024), device="cuda")
+    delta, cache = allocator_delta_of_cache(model, ids, 4, capacity=1024)
+    assert delta == cache.nbytes() == 1024 * per_token
+
+
+@cuda
+def test_nvml_sees_a_one_gib_allocation():
+    torch.cuda.synchronize()
+    before = read_nvml().devices[torch.cuda.current_device()].memory_used_bytes
+    block = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    after = read_nvml().devices[torch.cuda.current_device()].memory_used_bytes
+    del block
+    assert after - before >= 2**30
