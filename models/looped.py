@@ -29,7 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configs import MAX_LOOPS, OuroConfig
 from .kv_cache import LoopedKVCache
-from .kv_policy import GateProjection, KVPolicy, kv_policy_for
+from .kv_policy import GateProjection, KVPolicy, kv_bytes_per_token, kv_policy_for
 
 
 class RMSNorm(nn.Module):
@@ -331,6 +331,10 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
 
     def new_cache(self, loops: int | None = None, capacity: int | None = None) -> LoopedKVCache:
         return self.model.new_cache(loops, capacity)
+
+    def kv_bytes_per_token(self, loops: int | None = None, dtype: torch.dtype | None = None) -> int:
+        """Analytic KV-cache bytes per token at `loops` loops in `dtype` (default: the model's)."""
+        return kv_bytes_per_token(self.config, loops or self.config.total_ut_steps, dtype or self.dtype)
 
     def forward(
         self,

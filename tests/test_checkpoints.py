@@ -69,6 +69,14 @@ def test_official_checkpoint_loads_without_missing_or_unexpected_keys(tmp_path):
     assert model(ids).logits.isfinite().all()
 
 
+def test_auto_classes_open_an_official_checkpoint_without_remote_code(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    write_official_checkpoint(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path))  # trust_remote_code left off
+    assert isinstance(model, OuroForCausalLM)
+
+
 @pytest.mark.parametrize("make", [make_ouro, make_melt])
 def test_save_and_reload_give_same_logits(tmp_path, ids, make):
     model = make()

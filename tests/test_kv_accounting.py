@@ -43,6 +43,8 @@ def test_ouro_kv_is_linear_in_loops_and_melt_constant():
     assert ouro[8] == 8 * ouro[1] and ouro[16] == 16 * ouro[1] and ouro[2] == 2 * ouro[1]
     assert len(set(melt.values())) == 1
     assert melt[1] == ouro[1]  # one loop: both hold one cache per layer
+    assert make_ouro().kv_bytes_per_token(loops=8) * 6 == ouro[8]
+    assert make_melt().kv_bytes_per_token(loops=8) * 6 == melt[8]
 
 
 @pytest.mark.parametrize("preset,expected", [("ouro-1.4b", 786_432), ("melt-1.4b", 196_608)])
