@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from pathlib import Path
+from typing import Optional
 
 # NVML and torch must agree on device indices; set before anything initialises CUDA.
 os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
@@ -102,6 +105,75 @@ def env(as_json: bool = typer.Option(False, "--json", help="print JSON instead o
     for fact, value in rows:
         table.add_row(fact, value)
     console.print(table)
+
+
+@app.command()
+def memory(
+    loops: Optional[str] = typer.Option(None, help="loop counts: 1..16, 1..16:2, 1,2,4,8 or mixes [default: 1..16]"),
+    seq_lens: Optional[str] = typer.Option(None, "--seq-lens", help="prompt lengths in tokens [default: 2048]"),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="batch sizes [default: 1 on CUDA, 4 on CPU]"),
+    models: Optional[str] = typer.Option(None, "--models", help="presets [default: ouro-1.4b,melt-1.4b on CUDA, ouro-tiny,melt-tiny on CPU]"),
+    phase: Optional[str] = typer.Option(None, help="prefill | decode | generate [default: decode]"),
+    new_tokens: Optional[int] = typer.Option(None, "--new-tokens", help="tokens to decode after the prompt [default: 32]"),
+    dtype: Optional[str] = typer.Option(None, help="bfloat16 | float16 | float32 [default: bfloat16 on CUDA, float32 on CPU]"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda[:N] [default: auto]"),
+    weights: Optional[str] = typer.Option(None, help="checkpoint directory or hub id [default: random weights]"),
+    out: Optional[Path] = typer.Option(None, help="results file [default: results/memory-TIMESTAMP.jsonl]"),
+    resume: bool = typer.Option(False, "--resume", help="continue --out, running only points not recorded yet"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="with --resume, also re-run timeout/error points"),
+    suite: Optional[str] = typer.Option(None, help="suite name (suites/NAME.yaml) or YAML path; flags win"),
+    point_timeout: Optional[float] = typer.Option(None, "--point-timeout", help="seconds one point may take [default: 600]"),
+    repeats: Optional[int] = typer.Option(None, help="measure each point this many times [default: 1]"),
+    nvml_interval_ms: float = typer.Option(10.0, "--nvml-interval-ms", help="NVML sampling interval"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the points and exit"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar"),
+) -> None:
+    """Peak memory across loops x sequence lengths x batch sizes x models, every source measured."""
+    from .sweep_options import OptionError, resolve_sweep
+
+    flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase=phase,
+                 new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, repeats=repeats,
+                 point_timeout=point_timeout)
+    try:
+        resolved = resolve_sweep("memory", flags, suite)
+    except OptionError as exc:
+        raise UserError(str(exc)) from exc
+    if nvml_interval_ms <= 0:
+        raise UserError(f"--nvml-interval-ms: {nvml_interval_ms:g} must be positive")
+    for notice in resolved.notices:
+        print(f"melt-bench: {notice}", file=sys.stderr)
+    points = resolved.spec.points()
+    if dry_run:
+        for point in points:
+            print(json.dumps({"point_id": point.point_id, **point.to_dict()}))
+        console.print(f"{len(points)} points")
+        return
+    _run_sweep_command("memory", points, resolved, out, resume, retry_failed, progress, (nvml_interval_ms,))
+
+
+def _run_sweep_command(kind, points, resolved, out, resume, retry_failed, progress, measure_args) -> None:
+    from .envinfo import collect_env
+    from .measure_memory import measure_memory_point
+    from .memory_summary import memory_tables
+    from .results import ResultsFileError, ResultsStore
+    from .sweep import run_sweep
+
+    out = out or Path("results") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    store = ResultsStore(out)
+    if store.exists() and not resume:
+        raise UserError(f"--out {out} already exists: pass --resume to continue it, or choose another file")
+    try:
+        store.read()  # refuse a corrupt or foreign file before running anything
+    except ResultsFileError as exc:
+        raise UserError(str(exc)) from exc
+    meta = collect_env(probe_cuda=False).to_dict()
+    status = run_sweep(kind, points, store, measure_memory_point, measure_args, resolved.point_timeout,
+                       meta, retry_failed, show_progress=progress)
+    rows = store.read()
+    planned = {point.point_id for point in points}
+    for table in memory_tables([row for row in rows if row.point_id in planned]):
+        console.print(table)
+    console.print(f"{status.ran} points run, {status.skipped} already recorded; results in {out}")
 
 
 def main(argv: list[str] | None = None) -> int:

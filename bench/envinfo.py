@@ -57,14 +57,16 @@ def git_commit(path: Path | None = None) -> str | None:
     return out.stdout.strip() or None
 
 
-def collect_env() -> EnvFacts:
+def collect_env(probe_cuda: bool = True) -> EnvFacts:
+    """Facts of this machine. `probe_cuda=False` leaves CUDA uninitialised (GPU facts then come
+    from NVML alone), for a parent process whose children do the measuring."""
     import psutil
     import torch
     import transformers
 
     cuda = torch.cuda.is_available()
     gpus = []
-    if cuda:
+    if cuda and probe_cuda:
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
             gpus.append(GpuFacts(i, props.name, f"{props.major}.{props.minor}", int(props.total_memory)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,16 @@ def count_parameters(preset: Preset) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def load_model(
     name: str,
     weights: str | Path | None = None,
@@ -89,8 +100,10 @@ def load_model(
     preset = get_preset(name)
     cls = model_class(preset.family)
     if weights is None:
+        # Built where it will run, in its dtype: a 1.4B model never passes through fp32 on the CPU.
         torch.manual_seed(0)
-        return cls(preset.config()).to(device=device, dtype=dtype).eval()
+        with torch.device(device), default_dtype(dtype):
+            return cls(preset.config()).eval()
     model_type = PreTrainedConfig.get_config_dict(str(weights))[0].get("model_type")
     if preset.family == "melt" and model_type == "ouro":
         ouro = OuroForCausalLM.from_pretrained(str(weights), dtype=dtype).to(device)

@@ -1,0 +1,90 @@
+"""Where a point runs: a fresh child process per point, so peak statistics never leak between
+points and an out-of-memory or a crash kills only that point.
+
+Children come from a fork server that has already imported torch and melt-bench (a child starts
+in ~0.1 s instead of seconds); the server never touches CUDA, so each child initialises its own
+CUDA context, allocator and peak counters from nothing."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+_PRELOAD = ["torch", "melt_bench.models", "melt_bench.measure_memory"]
+_context = None
+
+
+def child_context():
+    global _context
+    if _context is None:
+        if "forkserver" in mp.get_all_start_methods():
+            _context = mp.get_context("forkserver")
+            _context.set_forkserver_preload(_PRELOAD)
+        else:  # pragma: no cover - macOS/Windows
+            _context = mp.get_context("spawn")
+    return _context
+
+
+@dataclass
+class ChildOutcome:
+    """What came back: the target's return value, or why there is none."""
+
+    status: str  # "ok" (the target returned), "timeout", "crashed"
+    value: Any = None
+    error: str | None = None
+    wall_s: float = 0.0
+
+
+def _child_main(conn, target: Callable, args: tuple) -> None:
+    try:
+        value = target(*args)
+    except BaseException as exc:  # report, never hang the parent
+        conn.send(("raised", f"{type(exc).__name__}: {exc}"))
+    else:
+        conn.send(("ok", value))
+    finally:
+        conn.close()
+
+
+def run_in_child(target: Callable, args: tuple, timeout_s: float) -> ChildOutcome:
+    """Run `target(*args)` in a fresh child; wait at most `timeout_s` (no busy-waiting)."""
+    ctx = child_context()
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(sender, target, args), daemon=True)
+    started = time.monotonic()
+    proc.start()
+    sender.close()
+    try:
+        if not receiver.poll(timeout_s):
+            _kill(proc)
+            return ChildOutcome("timeout", error=f"point exceeded its {timeout_s:g} s limit", wall_s=time.monotonic() - started)
+        try:
+            kind, value = receiver.recv()
+        except EOFError:  # the child died without a word: a signal, os._exit, the OOM killer
+            proc.join(timeout=10)
+            return ChildOutcome("crashed", error=_death_note(proc.exitcode), wall_s=time.monotonic() - started)
+    finally:
+        receiver.close()
+    proc.join(timeout=30)
+    if proc.is_alive():
+        _kill(proc)
+    wall = time.monotonic() - started
+    if kind == "raised":
+        return ChildOutcome("crashed", error=value, wall_s=wall)
+    return ChildOutcome("ok", value=value, wall_s=wall)
+
+
+def _kill(proc) -> None:
+    proc.kill()
+    proc.join(timeout=10)
+
+
+def _death_note(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = " (the OS out-of-memory killer, most likely)" if name == "SIGKILL" else ""
+        return f"child process killed by {name}{hint}"
+    return f"child process exited with code {exitcode} before reporting"

@@ -1,0 +1,150 @@
+"""One memory point, run inside its own child process: load the model, run the phase, and read
+every memory source this machine has. Returns the row's status and metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import torch
+
+from melt_bench.models import load_model, predict_kv_cache_bytes
+
+from .memory_trackers import CudaAllocatorTracker, NvmlSampler, RssTracker, nvml_index_for
+from .nvml import load_pynvml
+from .sweep_plan import SweepPoint
+from .units import parse_dtype
+
+
+def classify_failure(exc: BaseException) -> str:
+    """'oom' for out-of-memory of any device, else 'error'."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return "oom"
+    text = str(exc).lower()
+    if "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text:
+        return "oom"
+    return "error"
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the storages behind a module's parameters and buffers (each storage once)."""
+    seen, total = set(), 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def run_phase(model, point: SweepPoint, input_ids: torch.Tensor):
+    """Run the point's phase; return the KV cache it filled and how many tokens it holds."""
+    loops = point.loops
+    if point.phase == "prefill":
+        cache = model.new_cache(loops, capacity=point.seq_len)
+        model(input_ids, past_key_values=cache, loops=loops, logits_to_keep=1)
+        return cache, point.seq_len
+    if point.phase == "decode":
+        # Our own greedy loop over a preallocated cache: a fixed number of tokens, EOS ignored.
+        cache = model.new_cache(loops, capacity=point.seq_len + point.new_tokens)
+        logits = model(input_ids, past_key_values=cache, loops=loops, logits_to_keep=1).logits
+        for _ in range(point.new_tokens):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            logits = model(token, past_key_values=cache, loops=loops).logits
+        return cache, point.seq_len + point.new_tokens
+    if point.phase == "generate":
+        # The model's own generate(), with the growing cache it creates by default.
+        out = model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), loops=loops, do_sample=False,
+            max_new_tokens=point.new_tokens, min_new_tokens=point.new_tokens,
+            return_dict_in_generate=True, pad_token_id=model.config.pad_token_id,
+        )
+        cache = out.past_key_values
+        return cache, cache.seq_len
+    raise ValueError(f"unknown phase {point.phase!r}")
+
+
+def measure_memory_point(point: SweepPoint, nvml_interval_ms: float = 10.0, cuda=None, nvml=None) -> dict:
+    """Measure one point in this process. `cuda` / `nvml` replace torch.cuda / pynvml (tests).
+    Returns {"status", "error", "metrics"}; failures are data, never raised."""
+    metrics: dict = {}
+    device = torch.device(point.device)
+    on_cuda = device.type == "cuda"
+    cuda = cuda or torch.cuda
+    rss = RssTracker()
+    rss.start()  # baseline before the model loads
+    sampler = allocator = None
+    status, error = "ok", None
+    started = time.perf_counter()
+    try:
+        if on_cuda:
+            sampler = _nvml_sampler(device, nvml_interval_ms, nvml, metrics)
+            cuda.set_device(device)
+            cuda.init()
+            if sampler is not None:
+                metrics["nvml_after_cuda_init_bytes"] = sampler.used_bytes()
+        dtype = parse_dtype(point.dtype)
+        model = load_model(point.model, point.weights, dtype=dtype, device=device)
+        metrics["weights_bytes"] = tensor_bytes(model)
+        generator = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(1, model.config.vocab_size, (point.batch_size, point.seq_len), generator=generator)
+        input_ids = input_ids.to(device)
+        if on_cuda:
+            allocator = CudaAllocatorTracker(cuda, device)
+            allocator.start()
+        if sampler is not None:
+            sampler.start()
+        with torch.inference_mode():
+            cache, tokens = run_phase(model, point, input_ids)
+        metrics["kv_cache_bytes"] = cache.nbytes()
+        metrics["kv_cache_tokens"] = tokens
+        metrics["kv_cache_bytes_predicted"] = predict_kv_cache_bytes(
+            model.config, point.loops, point.batch_size, tokens, dtype
+        )
+    except Exception as exc:  # an OOM at one point is a data point
+        status, error = classify_failure(exc), f"{type(exc).__name__}: {exc}"[:2000]
+    finally:
+        _collect_peaks(metrics, rss, allocator, sampler)
+    metrics["measure_s"] = time.perf_counter() - started
+    return {"status": status, "error": error, "metrics": metrics}
+
+
+def _nvml_sampler(device: torch.device, interval_ms: float, nvml, metrics: dict) -> NvmlSampler | None:
+    try:
+        nvml = nvml or load_pynvml()
+        sampler = NvmlSampler(nvml, nvml_index_for(device.index or 0), interval_ms / 1000)
+        sampler.baseline()  # idle device, before this process touches CUDA
+        return sampler
+    except Exception as exc:  # NvmlUnavailable, or a driver that refuses the device
+        metrics["nvml_error"] = str(exc)
+        return None
+
+
+def _collect_peaks(metrics: dict, rss: RssTracker, allocator, sampler) -> None:
+    """Read every tracker, also after a failure (how far an OOM point got is worth keeping)."""
+    if sampler is not None:
+        nvml = sampler.stop()
+        metrics.update({f"nvml_{k}": v for k, v in asdict(nvml).items()})
+        if sampler.error:
+            metrics["nvml_error"] = sampler.error
+    if allocator is not None:
+        try:
+            peaks = allocator.result()
+            metrics["cuda_max_allocated_bytes"] = peaks.max_allocated_bytes
+            metrics["cuda_max_reserved_bytes"] = peaks.max_reserved_bytes
+        except Exception as exc:
+            metrics["cuda_error"] = str(exc)
+    rss_result = rss.result()
+    metrics["rss_baseline_bytes"] = rss_result.baseline_bytes
+    metrics["rss_peak_bytes"] = rss_result.peak_bytes
+    metrics["rss_peak_above_baseline_bytes"] = rss_result.peak_above_baseline_bytes
+    metrics["rss_source"] = rss_result.source
+    if "cuda_max_allocated_bytes" in metrics and "kv_cache_bytes" in metrics:
+        metrics["activation_peak_bytes"] = (
+            metrics["cuda_max_allocated_bytes"] - metrics["weights_bytes"] - metrics["kv_cache_bytes"]
+        )
+    # The headline figure of a point: the allocator peak on a GPU, the RSS peak on a CPU.
+    if "cuda_max_allocated_bytes" in metrics:
+        metrics["peak_bytes"], metrics["peak_source"] = metrics["cuda_max_allocated_bytes"], "torch.cuda.max_memory_allocated"
+    else:
+        metrics["peak_bytes"], metrics["peak_source"] = metrics["rss_peak_above_baseline_bytes"], "process RSS above baseline"

@@ -1,0 +1,127 @@
+"""One results schema for every command: a `ResultRow` per point, one JSON line each, appended
+and fsynced at once; `load_results` turns files into a pandas DataFrame.
+
+A file that is not ours, or has a line that does not parse, is refused and never written to."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+SCHEMA = "melt-bench/results/v1"
+STATUSES = ("ok", "oom", "timeout", "error")
+_REQUIRED = ("schema", "kind", "point_id", "point", "status", "metrics", "meta")
+
+
+class ResultsFileError(ValueError):
+    """A results file that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class ResultRow:
+    kind: str  # "memory", later "latency", "accuracy", ...
+    point_id: str
+    point: dict
+    status: str  # one of STATUSES
+    error: str | None
+    metrics: dict  # names carry the unit (_bytes, _s, _ms) and the source (cuda_, nvml_, rss_)
+    meta: dict  # machine and software the point ran on
+    wall_s: float
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    schema: str = SCHEMA
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=str)
+
+
+class ResultsStore:
+    """An append-only JSONL results file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def read(self) -> list[ResultRow]:
+        """Every row, validated; ResultsFileError on a foreign or corrupt file."""
+        if not self.path.exists():
+            return []
+        if not self.path.is_file():
+            raise ResultsFileError(f"{self.path} is not a file")
+        rows = []
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ResultsFileError(f"{self.path}: cannot be read as melt-bench results ({exc})") from exc
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                rows.append(_parse_line(self.path, number, line))
+        return rows
+
+    def recorded_ids(self) -> set[str]:
+        return {row.point_id for row in self.read()}
+
+    def append(self, row: ResultRow) -> None:
+        """Append one row and fsync, so a killed sweep loses no finished point. One write() of
+        one whole line keeps lines intact."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (row.to_json() + "\n").encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _parse_line(path: Path, number: int, line: str) -> ResultRow:
+    where = f"{path}:{number}"
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ResultsFileError(f"{where}: corrupt line, not JSON ({exc.msg}); the file was left untouched") from exc
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise ResultsFileError(f"{where}: not a melt-bench results line (schema {found!r}, expected {SCHEMA!r})")
+    missing = [key for key in _REQUIRED if key not in data]
+    if missing or data["status"] not in STATUSES:
+        raise ResultsFileError(f"{where}: malformed row (missing {missing or 'nothing'}, status {data.get('status')!r})")
+    known = {key: data[key] for key in ResultRow.__dataclass_fields__ if key in data}
+    return ResultRow(**{"error": None, "wall_s": 0.0, **known})
+
+
+def rows_to_frame(rows: list[ResultRow]):
+    """Flat DataFrame: point fields and metrics as columns, meta fields as `meta.*`."""
+    import pandas as pd
+
+    records = []
+    for row in rows:
+        record = {"kind": row.kind, "point_id": row.point_id, "status": row.status, "error": row.error,
+                  "wall_s": row.wall_s, "created_at": row.created_at}
+        record.update(row.point)
+        record.update(row.metrics)
+        record.update({f"meta.{key}": value for key, value in _flatten(row.meta).items()})
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_results(*paths: str | Path):
+    """All rows of the given results files as one DataFrame (ResultsFileError if one is bad)."""
+    for path in paths:
+        if not Path(path).exists():
+            raise ResultsFileError(f"no results file {path}")
+    rows = [row for path in paths for row in ResultsStore(path).read()]
+    return rows_to_frame(rows)

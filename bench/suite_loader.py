@@ -1,0 +1,46 @@
+"""Suites: YAML files naming a sweep's models, lists, phase, dtype, new tokens and repeats.
+`--suite` takes a path or the name of a shipped suite (suites/NAME.yaml)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+SUITE_KEYS = {
+    "name", "description", "models", "loops", "seq_lens", "batch_sizes", "phase", "new_tokens",
+    "dtype", "device", "weights", "repeats", "point_timeout",
+}
+
+
+class SuiteError(ValueError):
+    pass
+
+
+def shipped_suites() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("melt_bench.suites").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_suite(name_or_path: str) -> dict:
+    """The suite's settings as a dict of option name -> value (lists still unparsed)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        text = path.read_text()
+    else:
+        shipped = resources.files("melt_bench.suites") / f"{name_or_path}.yaml"
+        if not shipped.is_file():
+            raise SuiteError(f"--suite: no file {name_or_path!r} and no shipped suite of that name "
+                             f"(shipped: {', '.join(shipped_suites())})")
+        text = shipped.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SuiteError(f"--suite {name_or_path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(data, dict):
+        raise SuiteError(f"--suite {name_or_path}: expected a mapping of settings")
+    unknown = sorted(set(data) - SUITE_KEYS)
+    if unknown:
+        raise SuiteError(f"--suite {name_or_path}: unknown setting(s) {', '.join(unknown)}")
+    return data

@@ -1,0 +1,73 @@
+"""Running a sweep: each pending point in its own child, one results row per point, appended the
+moment it is known. Failures (oom, timeout, error) are rows too, and the sweep goes on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .launcher import ChildOutcome, run_in_child
+from .results import ResultRow, ResultsStore
+from .sweep_plan import SweepPoint
+
+
+@dataclass
+class SweepStatus:
+    planned: int
+    skipped: int  # already recorded (--resume)
+    ran: int
+
+
+def pending_points(points: list[SweepPoint], store: ResultsStore, retry_failed: bool = False) -> list[SweepPoint]:
+    """Points without a row yet; with `retry_failed`, also those whose last row is a timeout or an
+    error (an OOM is a result, not a failure to retry)."""
+    latest = {row.point_id: row.status for row in store.read()}
+    def wanted(point: SweepPoint) -> bool:
+        status = latest.get(point.point_id)
+        return status is None or (retry_failed and status in ("timeout", "error"))
+    return [point for point in points if wanted(point)]
+
+
+def outcome_to_row(kind: str, point: SweepPoint, outcome: ChildOutcome, meta: dict) -> ResultRow:
+    if outcome.status == "ok":
+        value = outcome.value
+        return ResultRow(kind, point.point_id, point.to_dict(), value["status"], value["error"],
+                         value["metrics"], meta, outcome.wall_s)
+    status = "timeout" if outcome.status == "timeout" else "error"
+    if outcome.error and "out-of-memory killer" in outcome.error:
+        status = "oom"
+    return ResultRow(kind, point.point_id, point.to_dict(), status, outcome.error, {}, meta, outcome.wall_s)
+
+
+def run_sweep(
+    kind: str,
+    points: list[SweepPoint],
+    store: ResultsStore,
+    measure: Callable[..., dict],
+    measure_args: tuple = (),
+    timeout_s: float = 600.0,
+    meta: dict | None = None,
+    retry_failed: bool = False,
+    show_progress: bool = True,
+    on_row: Callable[[ResultRow], None] | None = None,
+) -> SweepStatus:
+    """Run every point not yet in `store`; `measure(point, *measure_args)` runs in the child."""
+    todo = pending_points(points, store, retry_failed)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"),
+        disable=not show_progress, transient=False,
+    )
+    with progress:
+        task = progress.add_task(kind, total=len(todo), last="")
+        for point in todo:
+            progress.update(task, last=f"{point.model} loops={point.loops} seq={point.seq_len} batch={point.batch_size}")
+            outcome = run_in_child(measure, (point, *measure_args), timeout_s)
+            row = outcome_to_row(kind, point, outcome, meta or {})
+            store.append(row)
+            if on_row is not None:
+                on_row(row)
+            progress.advance(task)
+    return SweepStatus(planned=len(points), skipped=len(points) - len(todo), ran=len(todo))

@@ -1,0 +1,131 @@
+"""From command-line flags and an optional suite to a validated `SweepSpec`: suite values first,
+explicit flags win, then machine-dependent defaults. Every problem is a one-line `OptionError`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from melt_bench.models import UnknownPresetError, get_preset
+
+from .ranges import RangeError
+from .suite_loader import SuiteError, load_suite
+from .sweep_plan import PHASES, SweepSpec, as_int_list, as_name_list
+from .units import parse_dtype
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+CUDA_DEFAULTS = {"models": "ouro-1.4b,melt-1.4b", "seq_lens": "2048", "batch_sizes": "1", "dtype": "bfloat16"}
+# Sized so the KV cache stands out of a CPU process's RSS noise and 1..16 loops take about a
+# minute on 2 cores; float32 because bf16 matmuls are slow on most CPUs.
+CPU_DEFAULTS = {"models": "ouro-tiny,melt-tiny", "seq_lens": "2048", "batch_sizes": "4", "dtype": "float32"}
+COMMON_DEFAULTS = {"loops": "1..16", "phase": "decode", "new_tokens": 32, "repeats": 1, "point_timeout": 600.0}
+
+
+class OptionError(ValueError):
+    pass
+
+
+@dataclass
+class ResolvedSweep:
+    spec: SweepSpec
+    point_timeout: float
+    notices: list[str]
+
+
+def resolve_device(text: str) -> str:
+    """'auto' -> 'cuda:0' when CUDA is there, else 'cpu'; 'cuda' -> 'cuda:0'; checks it exists."""
+    import torch
+
+    if text == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return "cpu"
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if not match:
+        raise OptionError(f"--device: {text!r} is not auto, cpu or cuda[:N]")
+    if not torch.cuda.is_available():
+        raise OptionError(f"--device {text}: CUDA is not available on this machine")
+    index = int(match[1] or 0)
+    if index >= torch.cuda.device_count():
+        raise OptionError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return f"cuda:{index}"
+
+
+def check_weights(weights: str | None) -> str | None:
+    """A local checkpoint directory (made absolute, as children may run elsewhere) or a hub id."""
+    if weights is None:
+        return None
+    path = Path(weights).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise OptionError(f"--weights {weights}: no config.json in that directory")
+        return str(path.resolve())
+    if _HUB_ID.match(weights) and not weights.startswith("."):
+        return weights
+    raise OptionError(f"--weights {weights}: no such directory (and not a hub id like org/name)")
+
+
+def resolve_sweep(command: str, flags: dict, suite: str | None) -> ResolvedSweep:
+    """`flags` maps option names (models, loops, seq_lens, ...) to values or None (not given)."""
+    try:
+        settings = load_suite(suite) if suite else {}
+    except SuiteError as exc:
+        raise OptionError(str(exc)) from exc
+    settings = {key: value for key, value in settings.items() if key not in ("name", "description")}
+    settings.update({key: value for key, value in flags.items() if value is not None})
+    notices = []
+    device = resolve_device(str(settings.get("device", "auto")))
+    machine_defaults = CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
+    if "models" not in settings and device == "cpu":
+        notices.append("no CUDA device: using the tiny CPU presets ouro-tiny,melt-tiny, 2048 tokens, batch 4, "
+                       "float32 (pass --models/--seq-lens/--batch-sizes/--dtype to choose)")
+    settings = {**COMMON_DEFAULTS, **machine_defaults, **settings}
+    try:
+        spec = SweepSpec(
+            command=command,
+            models=as_name_list(settings["models"], "--models"),
+            loops=as_int_list(settings["loops"], "--loops"),
+            seq_lens=as_int_list(settings["seq_lens"], "--seq-lens"),
+            batch_sizes=as_int_list(settings["batch_sizes"], "--batch-sizes"),
+            phase=str(settings["phase"]),
+            new_tokens=int(settings["new_tokens"]),
+            dtype=str(settings["dtype"]),
+            device=device,
+            weights=check_weights(settings.get("weights")),
+            repeats=int(settings["repeats"]),
+        )
+    except RangeError as exc:
+        raise OptionError(str(exc)) from exc
+    _validate(spec)
+    if spec.phase == "prefill":
+        spec.new_tokens = 0  # irrelevant to a prefill: keep point ids independent of it
+    timeout = float(settings["point_timeout"])
+    if timeout <= 0:
+        raise OptionError(f"--point-timeout: {timeout:g} must be positive")
+    return ResolvedSweep(spec, timeout, notices)
+
+
+def _validate(spec: SweepSpec) -> None:
+    from melt_bench.models import MAX_LOOPS
+
+    for model in spec.models:
+        try:
+            get_preset(model)
+        except UnknownPresetError as exc:
+            raise OptionError(f"--models: {exc}") from exc
+    if max(spec.loops) > MAX_LOOPS:
+        raise OptionError(f"--loops: {max(spec.loops)} is above the maximum of {MAX_LOOPS}")
+    if spec.phase not in PHASES:
+        raise OptionError(f"--phase: {spec.phase!r} is not one of {', '.join(PHASES)}")
+    if spec.phase != "prefill" and spec.new_tokens < 1:
+        raise OptionError(f"--new-tokens: {spec.new_tokens} must be at least 1 for phase {spec.phase}")
+    if spec.new_tokens < 0:
+        raise OptionError(f"--new-tokens: {spec.new_tokens} must not be negative")
+    if spec.repeats < 1:
+        raise OptionError(f"--repeats: {spec.repeats} must be at least 1")
+    try:
+        parse_dtype(spec.dtype)
+    except ValueError as exc:
+        raise OptionError(f"--dtype: {exc}") from exc

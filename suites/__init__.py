@@ -1,0 +1,1 @@
+"""Shipped sweep definitions (YAML); `melt-bench --suite NAME` finds them here."""
