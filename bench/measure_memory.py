@@ -4,7 +4,7 @@ every memory source this machine has. Returns the row's status and metrics."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -64,36 +64,54 @@ def run_phase(model, point: SweepPoint, input_ids: torch.Tensor):
     raise ValueError(f"unknown phase {point.phase!r}")
 
 
-def measure_memory_point(point: SweepPoint, nvml_interval_ms: float = 10.0, cuda=None, nvml=None) -> dict:
-    """Measure one point in this process. `cuda` / `nvml` replace torch.cuda / pynvml (tests).
-    Returns {"status", "error", "metrics"}; failures are data, never raised."""
+@dataclass
+class Trackers:
+    """The memory sources of one point. On a GPU: RSS, the torch allocator and NVML."""
+
+    rss: RssTracker
+    allocator: CudaAllocatorTracker | None = None
+    nvml: NvmlSampler | None = None
+
+
+def default_trackers(device: torch.device, nvml_interval_ms: float, metrics: dict) -> Trackers:
+    trackers = Trackers(RssTracker())
+    if device.type == "cuda":
+        trackers.allocator = CudaAllocatorTracker(torch.cuda, device)
+        try:
+            trackers.nvml = NvmlSampler(load_pynvml(), nvml_index_for(device.index or 0), nvml_interval_ms / 1000)
+        except Exception as exc:  # NvmlUnavailable, or a driver that refuses the device
+            metrics["nvml_error"] = str(exc)
+    return trackers
+
+
+def measure_memory_point(point: SweepPoint, nvml_interval_ms: float = 10.0, trackers: Trackers | None = None) -> dict:
+    """Measure one point in this process (a fresh child). `trackers` replaces the default
+    sources (tests pass fakes of torch.cuda and pynvml). Returns {"status", "error", "metrics"};
+    failures are data, never raised."""
     metrics: dict = {}
     device = torch.device(point.device)
-    on_cuda = device.type == "cuda"
-    cuda = cuda or torch.cuda
-    rss = RssTracker()
-    rss.start()  # baseline before the model loads
-    sampler = allocator = None
+    trackers = trackers or default_trackers(device, nvml_interval_ms, metrics)
     status, error = "ok", None
     started = time.perf_counter()
+    trackers.rss.start()  # baseline before the model loads
     try:
-        if on_cuda:
-            sampler = _nvml_sampler(device, nvml_interval_ms, nvml, metrics)
-            cuda.set_device(device)
-            cuda.init()
-            if sampler is not None:
-                metrics["nvml_after_cuda_init_bytes"] = sampler.used_bytes()
+        if trackers.nvml is not None:
+            trackers.nvml.baseline()  # the idle device, before this process touches CUDA
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.cuda.init()
+        if trackers.nvml is not None:
+            metrics["nvml_after_cuda_init_bytes"] = trackers.nvml.used_bytes()
         dtype = parse_dtype(point.dtype)
         model = load_model(point.model, point.weights, dtype=dtype, device=device)
         metrics["weights_bytes"] = tensor_bytes(model)
         generator = torch.Generator().manual_seed(0)
         input_ids = torch.randint(1, model.config.vocab_size, (point.batch_size, point.seq_len), generator=generator)
         input_ids = input_ids.to(device)
-        if on_cuda:
-            allocator = CudaAllocatorTracker(cuda, device)
-            allocator.start()
-        if sampler is not None:
-            sampler.start()
+        if trackers.allocator is not None:
+            trackers.allocator.start()
+        if trackers.nvml is not None:
+            trackers.nvml.start()
         with torch.inference_mode():
             cache, tokens = run_phase(model, point, input_ids)
         metrics["kv_cache_bytes"] = cache.nbytes()
@@ -104,37 +122,27 @@ def measure_memory_point(point: SweepPoint, nvml_interval_ms: float = 10.0, cuda
     except Exception as exc:  # an OOM at one point is a data point
         status, error = classify_failure(exc), f"{type(exc).__name__}: {exc}"[:2000]
     finally:
-        _collect_peaks(metrics, rss, allocator, sampler)
+        _collect_peaks(metrics, trackers)
     metrics["measure_s"] = time.perf_counter() - started
     return {"status": status, "error": error, "metrics": metrics}
 
 
-def _nvml_sampler(device: torch.device, interval_ms: float, nvml, metrics: dict) -> NvmlSampler | None:
-    try:
-        nvml = nvml or load_pynvml()
-        sampler = NvmlSampler(nvml, nvml_index_for(device.index or 0), interval_ms / 1000)
-        sampler.baseline()  # idle device, before this process touches CUDA
-        return sampler
-    except Exception as exc:  # NvmlUnavailable, or a driver that refuses the device
-        metrics["nvml_error"] = str(exc)
-        return None
-
-
-def _collect_peaks(metrics: dict, rss: RssTracker, allocator, sampler) -> None:
+def _collect_peaks(metrics: dict, trackers: Trackers) -> None:
     """Read every tracker, also after a failure (how far an OOM point got is worth keeping)."""
-    if sampler is not None:
+    sampler, allocator = trackers.nvml, trackers.allocator
+    if sampler is not None and sampler.baseline_used is not None:
         nvml = sampler.stop()
         metrics.update({f"nvml_{k}": v for k, v in asdict(nvml).items()})
         if sampler.error:
             metrics["nvml_error"] = sampler.error
-    if allocator is not None:
+    if allocator is not None and hasattr(allocator, "allocated_at_start"):
         try:
             peaks = allocator.result()
             metrics["cuda_max_allocated_bytes"] = peaks.max_allocated_bytes
             metrics["cuda_max_reserved_bytes"] = peaks.max_reserved_bytes
         except Exception as exc:
             metrics["cuda_error"] = str(exc)
-    rss_result = rss.result()
+    rss_result = trackers.rss.result()
     metrics["rss_baseline_bytes"] = rss_result.baseline_bytes
     metrics["rss_peak_bytes"] = rss_result.peak_bytes
     metrics["rss_peak_above_baseline_bytes"] = rss_result.peak_above_baseline_bytes

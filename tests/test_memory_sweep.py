@@ -1,0 +1,157 @@
+"""The memory sweep end to end: child processes, results file, resume, failures as data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import sweep_helpers
+from melt_bench.cli import main
+from melt_bench.launcher import run_in_child
+from melt_bench.results import ResultsFileError, ResultsStore, load_results
+from melt_bench.sweep import run_sweep
+from melt_bench.sweep_options import resolve_sweep
+
+SMALL = ["--models", "ouro-tiny,melt-tiny", "--seq-lens", "32", "--batch-sizes", "2", "--new-tokens", "4",
+         "--device", "cpu", "--dtype", "float32", "--no-progress"]
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "melt_bench", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def test_real_sweep_end_to_end(tmp_path):
+    out = tmp_path / "mem.jsonl"
+    result = cli("memory", "--loops", "1,2,8", "--out", str(out), *SMALL)
+    assert result.returncode == 0, result.stderr
+    assert "ouro-tiny/melt-tiny" in result.stdout  # the ratio column of the summary table
+    frame = load_results(out)
+    assert len(frame) == 6 and set(frame.status) == {"ok"}
+    kv = frame.set_index(["model", "loops"])["kv_cache_bytes"]
+    assert kv["ouro-tiny", 8] == 8 * kv["ouro-tiny", 1]
+    assert kv["melt-tiny", 8] == kv["melt-tiny", 1] == kv["ouro-tiny", 1]
+    assert (frame.kv_cache_bytes == frame.kv_cache_bytes_predicted).all()
+    assert (frame.rss_peak_above_baseline_bytes > 0).all() and (frame.weights_bytes > 0).all()
+    assert frame["meta.torch"].notna().all() and frame["meta.host"].notna().all()
+    assert frame.point_id.is_unique
+
+
+def measure_rows(tmp_path, measure, loops="1..4", timeout=120.0):
+    spec = resolve_sweep("memory", {"models": "ouro-tiny", "loops": loops, "seq_lens": "16", "batch_sizes": "1",
+                                    "new_tokens": 2, "device": "cpu", "dtype": "float32"}, None).spec
+    store = ResultsStore(tmp_path / "rows.jsonl")
+    run_sweep("memory", spec.points(), store, measure, (), timeout, {"host": "test"}, show_progress=False)
+    return store.read()
+
+
+def test_an_oom_point_is_recorded_and_the_sweep_continues(tmp_path):
+    rows = measure_rows(tmp_path, sweep_helpers.oom_at_loops_3)
+    statuses = {row.point["loops"]: row.status for row in rows}
+    assert statuses == {1: "ok", 2: "ok", 3: "oom", 4: "ok"}
+    oom = next(row for row in rows if row.status == "oom")
+    assert "out of memory" in oom.error
+
+
+def test_timeouts_and_crashes_are_rows(tmp_path):
+    rows = measure_rows(tmp_path, sweep_helpers.sleep_forever, loops="1", timeout=1.0)
+    assert rows[0].status == "timeout" and "1 s limit" in rows[0].error
+    rows = measure_rows(tmp_path / "b", sweep_helpers.die_by_sigkill, loops="1")
+    assert rows[0].status == "oom" and "SIGKILL" in rows[0].error
+    rows = measure_rows(tmp_path / "c", sweep_helpers.raise_error, loops="1")
+    assert rows[0].status == "error" and "something broke" in rows[0].error
+
+
+def test_child_processes_are_fresh():
+    pids = {run_in_child(os.getpid, (), 60).value for _ in range(3)}
+    assert len(pids) == 3 and os.getpid() not in pids
+
+
+def test_killed_sweep_resumes_without_duplicates(tmp_path):
+    out = tmp_path / "mem.jsonl"
+    args = [sys.executable, "-m", "melt_bench", "memory", "--loops", "1..6", "--out", str(out), *SMALL]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(out.read_text().splitlines())
+    assert 3 <= done_before < 12
+    result = cli("memory", "--loops", "1..6", "--out", str(out), "--resume", *SMALL)
+    assert result.returncode == 0, result.stderr
+    assert f"{12 - done_before} points run, {done_before} already recorded" in result.stdout
+    ids = [json.loads(line)["point_id"] for line in out.read_text().splitlines()]
+    assert len(ids) == 12 and len(set(ids)) == 12
+
+
+def test_retry_failed_reruns_only_failures(tmp_path):
+    store = ResultsStore(tmp_path / "rows.jsonl")
+    spec = resolve_sweep("memory", {"models": "ouro-tiny", "loops": "1,2", "seq_lens": "16", "batch_sizes": "1",
+                                    "new_tokens": 2, "device": "cpu", "dtype": "float32"}, None).spec
+    run_sweep("memory", spec.points(), store, sweep_helpers.raise_error, (), 60, {}, show_progress=False)
+    status = run_sweep("memory", spec.points(), store, sweep_helpers.oom_at_loops_3, (), 60, {},
+                       retry_failed=True, show_progress=False)
+    assert status.ran == 2
+    assert [row.status for row in store.read()] == ["error", "error", "ok", "ok"]
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [("not json at all\n", "corrupt line"), ('{"schema": "someone-else/v3"}\n', "not a melt-bench results line"),
+     ('{"schema": "melt-bench/results/v1", "kind": "memory"}\n', "malformed row")],
+)
+def test_corrupt_or_foreign_results_are_refused_and_untouched(tmp_path, content, needle, capsys):
+    out = tmp_path / "mem.jsonl"
+    out.write_text(content)
+    assert main(["memory", "--loops", "1", "--out", str(out), "--resume", *SMALL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+    assert out.read_text() == content
+    with pytest.raises(ResultsFileError, match=needle):
+        load_results(out)
+
+
+def test_existing_results_need_resume(tmp_path, capsys):
+    out = tmp_path / "mem.jsonl"
+    out.write_text("")
+    assert main(["memory", "--loops", "1", "--out", str(out), *SMALL]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [(["--loops", "16..1"], "--loops: '16..1'"), (["--loops", "0"], "--loops: '0'"),
+     (["--loops", "a..b"], "--loops: 'a..b'"), (["--seq-lens", "1,,2"], "--seq-lens: empty item"),
+     (["--models", "gpt-5"], "unknown model 'gpt-5'"), (["--weights", "./missing-dir"], "no such directory"),
+     (["--suite", "nope"], "nope"), (["--phase", "train"], "--phase"),
+     (["--point-timeout", "0"], "--point-timeout")],
+)
+def test_bad_input_exit_2_one_line(args, needle, capsys):
+    assert main(["memory", *args, "--device", "cpu"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0]
+
+
+def test_bad_input_through_the_console_script():
+    result = cli("memory", "--loops", "4..2", "--device", "cpu")
+    assert result.returncode == 2 and result.stderr.strip() == "melt-bench: error: --loops: '4..2' descends; write the smaller bound first"
+
+
+def test_dry_run_lists_the_plan(capsys):
+    assert main(["memory", "--loops", "1..3", "--dry-run", *SMALL]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(lines) == 6 and json.loads(lines[0])["loops"] == 1
+
+
+def test_default_sweep_on_cpu_announces_tiny_presets(tmp_path):
+    result = cli("memory", "--loops", "1", "--seq-lens", "16", "--batch-sizes", "1", "--new-tokens", "2",
+                 "--out", str(tmp_path / "d.jsonl"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "tiny CPU presets" in result.stderr
+    assert set(load_results(tmp_path / "d.jsonl").model) == {"ouro-tiny", "melt-tiny"}

@@ -1,0 +1,92 @@
+"""Range grammar, suites, and flag resolution."""
+
+import pytest
+
+from melt_bench.ranges import RangeError, parse_int_list, parse_name_list
+from melt_bench.suite_loader import SuiteError, load_suite, shipped_suites
+from melt_bench.sweep_options import OptionError, check_weights, resolve_sweep
+from melt_bench.sweep_plan import SweepPoint
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("1..4", [1, 2, 3, 4]), ("1..16:4", [1, 5, 9, 13]), ("1,2,4,8", [1, 2, 4, 8]),
+     ("1..3,8,16", [1, 2, 3, 8, 16]), ("4,4,1..2", [4, 1, 2]), (" 2 , 3 ", [2, 3])],
+)
+def test_range_grammar(text, expected):
+    assert parse_int_list(text, "--loops") == expected
+
+
+@pytest.mark.parametrize("text", ["16..1", "0", "-2", "a..b", "1,,2", "", "1..4:0", "1.5", "3..", "0..4"])
+def test_bad_ranges_name_option_and_text(text):
+    with pytest.raises(RangeError) as info:
+        parse_int_list(text, "--loops")
+    message = str(info.value)
+    assert message.startswith("--loops:") and "\n" not in message
+
+
+def test_name_lists():
+    assert parse_name_list("ouro-tiny, melt-tiny", "--models") == ["ouro-tiny", "melt-tiny"]
+    with pytest.raises(RangeError, match="empty item"):
+        parse_name_list("ouro-tiny,", "--models")
+
+
+def test_shipped_suites_load_and_resolve():
+    assert {"smoke", "paper", "long-context"} <= set(shipped_suites())
+    paper = load_suite("paper")
+    assert paper["models"] == ["ouro-1.4b", "melt-1.4b"] and paper["loops"] == "1..16"
+    smoke = resolve_sweep("memory", {}, "smoke")
+    assert smoke.spec.models == ["ouro-tiny", "melt-tiny"] and smoke.spec.device == "cpu"
+    assert len(smoke.spec.points()) == 2 * 4 * 2
+
+
+def test_flags_win_over_the_suite(tmp_path):
+    suite = tmp_path / "mine.yaml"
+    suite.write_text("models: [ouro-tiny]\nloops: [1, 2]\nseq_lens: 32\nbatch_sizes: '1,2'\ndevice: cpu\n")
+    resolved = resolve_sweep("memory", {"loops": "4..5", "models": None}, str(suite))
+    assert resolved.spec.loops == [4, 5] and resolved.spec.models == ["ouro-tiny"]
+    assert resolved.spec.seq_lens == [32] and resolved.spec.batch_sizes == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "flags,suite_text,needle",
+    [({"models": "ouro-9b"}, None, "unknown model 'ouro-9b'"), ({"loops": "16..1"}, None, "--loops"),
+     ({"phase": "train"}, None, "--phase"), ({"dtype": "int3"}, None, "--dtype"),
+     ({"device": "cuda"}, None, "CUDA is not available"), ({"loops": "65"}, None, "maximum of 64"),
+     ({}, "loops: [1\n", "not valid YAML"), ({}, "colour: red\n", "unknown setting(s) colour"),
+     ({"weights": "/no/such/dir"}, None, "no such directory")],
+)
+def test_bad_options_are_one_line_errors(tmp_path, flags, suite_text, needle):
+    suite = None
+    if suite_text is not None:
+        suite = str(tmp_path / "bad.yaml")
+        (tmp_path / "bad.yaml").write_text(suite_text)
+    with pytest.raises(OptionError) as info:
+        resolve_sweep("memory", {"device": "cpu", **flags}, suite)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_suite_is_named():
+    with pytest.raises(SuiteError, match="no-such-suite"):
+        load_suite("no-such-suite")
+
+
+def test_weights_accepts_dirs_with_config_and_hub_ids(tmp_path):
+    assert check_weights("ByteDance/Ouro-1.4B") == "ByteDance/Ouro-1.4B"
+    with pytest.raises(OptionError, match="no config.json"):
+        check_weights(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    assert check_weights(str(tmp_path)) == str(tmp_path.resolve())
+
+
+def test_point_ids_are_content_hashes():
+    a = SweepPoint("memory", "ouro-tiny", 2, 64, 1, "decode", 8, "float32", "cpu")
+    b = SweepPoint("memory", "ouro-tiny", 2, 64, 1, "decode", 8, "float32", "cpu")
+    c = SweepPoint("memory", "ouro-tiny", 3, 64, 1, "decode", 8, "float32", "cpu")
+    assert a.point_id == b.point_id != c.point_id
+
+
+def test_prefill_points_ignore_new_tokens():
+    a = resolve_sweep("memory", {"device": "cpu", "phase": "prefill", "new_tokens": 5}, None)
+    b = resolve_sweep("memory", {"device": "cpu", "phase": "prefill", "new_tokens": 9}, None)
+    assert [p.point_id for p in a.spec.points()] == [p.point_id for p in b.spec.points()]
