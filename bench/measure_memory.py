@@ -38,15 +38,17 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 
 def run_phase(model, point: SweepPoint, input_ids: torch.Tensor):
-    """Run the point's phase; return the KV cache it filled and how many tokens it holds."""
+    """Run the point's phase; return the KV cache it filled and how many tokens it holds.
+    prefill and decode allocate the whole cache before the first forward (as serving engines
+    do); generate uses the growing cache generate() gets by default."""
     loops = point.loops
     if point.phase == "prefill":
-        cache = model.new_cache(loops, capacity=point.seq_len)
+        cache = model.new_cache(loops, capacity=point.seq_len, batch_size=point.batch_size)
         model(input_ids, past_key_values=cache, loops=loops, logits_to_keep=1)
         return cache, point.seq_len
     if point.phase == "decode":
         # Our own greedy loop over a preallocated cache: a fixed number of tokens, EOS ignored.
-        cache = model.new_cache(loops, capacity=point.seq_len + point.new_tokens)
+        cache = model.new_cache(loops, capacity=point.seq_len + point.new_tokens, batch_size=point.batch_size)
         logits = model(input_ids, past_key_values=cache, loops=loops, logits_to_keep=1).logits
         for _ in range(point.new_tokens):
             token = logits[:, -1].argmax(-1, keepdim=True)

@@ -2,7 +2,8 @@
 
 Two modes, both exact about what they hold:
   - preallocated (`capacity` tokens given, gpt-fast style): each slot's buffers are allocated once
-    at full capacity on first write, so memory is predictable and nothing is copied while decoding;
+    at full capacity (all at once by `allocate()`, or each on its first write), so memory is
+    predictable and nothing is copied while decoding;
   - growing (`capacity=None`): buffers are reallocated to exactly the tokens written, as HF's
     DynamicCache does with `torch.cat`.
 A write at a position already written overwrites it in place; MELT relies on that to rewrite a
@@ -27,6 +28,17 @@ class LoopedKVCache(Cache):
         self.values: list[torch.Tensor | None] = [None] * num_slots
         self.seq_len = 0  # tokens whose rows are final (all loops done)
 
+    def allocate(
+        self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        """Allocate every slot's buffers now, back to back (gpt-fast's setup_caches): no
+        allocation interleaves with activations later, so the allocator does not fragment."""
+        if self.capacity is None:
+            raise ValueError("only a cache with a capacity can be allocated ahead")
+        shape = (batch, kv_heads, self.capacity, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(self.num_slots)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(self.num_slots)]
+
     def update_slot(
         self, slot: int, key: torch.Tensor, value: torch.Tensor, start: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +49,8 @@ class LoopedKVCache(Cache):
         return self.keys[slot][:, :, :end], self.values[slot][:, :, :end]
 
     def _write(self, buf: torch.Tensor | None, rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        if buf is not None and buf.shape[0] != rows.shape[0]:
+            raise ValueError(f"cache holds batch {buf.shape[0]}, forward got batch {rows.shape[0]}")
         if buf is None or buf.shape[2] < end:
             size = end
             if self.capacity is not None:

@@ -211,10 +211,16 @@ class LoopedModel(LoopedPreTrainedModel):
         self.early_exit_gate = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
-    def new_cache(self, loops: int | None = None, capacity: int | None = None) -> LoopedKVCache:
-        """An empty cache laid out for `loops` loops (preallocated to `capacity` tokens if given)."""
+    def new_cache(
+        self, loops: int | None = None, capacity: int | None = None, batch_size: int | None = None
+    ) -> LoopedKVCache:
+        """An empty cache laid out for `loops` loops, sized to `capacity` tokens if given; with
+        `batch_size` too, every buffer is allocated now, on the model's device and dtype."""
         loops = loops or self.config.total_ut_steps
-        return LoopedKVCache(self.policy.num_slots(loops), loops, capacity)
+        cache = LoopedKVCache(self.policy.num_slots(loops), loops, capacity)
+        if batch_size is not None:
+            cache.allocate(batch_size, self.config.num_key_value_heads, self.config.head_dim, self.dtype, self.device)
+        return cache
 
     def forward(
         self,
@@ -329,8 +335,10 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def new_cache(self, loops: int | None = None, capacity: int | None = None) -> LoopedKVCache:
-        return self.model.new_cache(loops, capacity)
+    def new_cache(
+        self, loops: int | None = None, capacity: int | None = None, batch_size: int | None = None
+    ) -> LoopedKVCache:
+        return self.model.new_cache(loops, capacity, batch_size)
 
     def kv_bytes_per_token(self, loops: int | None = None, dtype: torch.dtype | None = None) -> int:
         """Analytic KV-cache bytes per token at `loops` loops in `dtype` (default: the model's)."""

@@ -23,6 +23,19 @@ def test_cache_bytes_equal_prediction(make, loops, batch, tokens, dtype):
 
 
 @pytest.mark.parametrize("make", [make_ouro, make_melt])
+def test_cache_allocated_ahead_holds_every_slot_before_the_first_forward(make, ids):
+    model = make()
+    cache = model.new_cache(3, capacity=20, batch_size=2)
+    expected = predict_kv_cache_bytes(model.config, 3, 2, 20, torch.float32)
+    assert cache.nbytes() == expected
+    full = model(ids, use_cache=False, loops=3).logits
+    torch.testing.assert_close(model(ids, past_key_values=cache, loops=3).logits, full, rtol=1e-4, atol=1e-5)
+    assert cache.nbytes() == expected
+    with pytest.raises(ValueError, match="batch 2"):
+        model(ids[:1], past_key_values=model.new_cache(3, capacity=20, batch_size=2), loops=3)
+
+
+@pytest.mark.parametrize("make", [make_ouro, make_melt])
 def test_preallocated_cache_holds_its_capacity(make):
     model = make()
     cache = model.new_cache(4, capacity=40)
