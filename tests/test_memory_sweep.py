@@ -155,3 +155,19 @@ def test_default_sweep_on_cpu_announces_tiny_presets(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "tiny CPU presets" in result.stderr
     assert set(load_results(tmp_path / "d.jsonl").model) == {"ouro-tiny", "melt-tiny"}
+
+
+def test_sweep_with_real_checkpoint_weights(tmp_path):
+    from test_checkpoints import write_official_checkpoint
+
+    ckpt = tmp_path / "ouro-ckpt"
+    ckpt.mkdir()
+    write_official_checkpoint(ckpt)
+    out = tmp_path / "w.jsonl"
+    assert main(["memory", "--loops", "2", "--weights", str(ckpt), "--out", str(out), *SMALL]) == 0
+    frame = load_results(out)
+    assert set(frame.status) == {"ok"} and set(frame.weights) == {str(ckpt.resolve())}
+    # the checkpoint's own config (hidden 32, 2 KV heads of 8, fp32), not the preset's
+    per_token_per_loop = 2 * 2 * 2 * 8 * 4
+    kv = frame.set_index("model")["kv_cache_bytes"]
+    assert kv["ouro-tiny"] == 2 * per_token_per_loop * 2 * 36 and kv["melt-tiny"] == per_token_per_loop * 2 * 36
