@@ -107,55 +107,199 @@ def env(as_json: bool = typer.Option(False, "--json", help="print JSON instead o
     console.print(table)
 
 
+# Options shared by the sweep commands (None = not given, so a suite or a default decides).
+_LOOPS = typer.Option(None, help="loop counts: 1..16, 1..16:2, 1,2,4,8 or mixes (default: 1..16)")
+_SEQ_LENS = typer.Option(None, "--seq-lens", help="prompt lengths in tokens (default: 2048)")
+_BATCH_SIZES = typer.Option(None, "--batch-sizes", help="batch sizes (default: 1 on CUDA, 4 on CPU)")
+_MODELS = typer.Option(None, "--models", help="presets (default: ouro-1.4b,melt-1.4b on CUDA, ouro-tiny,melt-tiny on CPU)")
+_NEW_TOKENS = typer.Option(None, "--new-tokens", help="tokens to decode after the prompt (default: 32)")
+_DTYPE = typer.Option(None, help="bfloat16 | float16 | float32 (default: bfloat16 on CUDA, float32 on CPU)")
+_DEVICE = typer.Option(None, help="auto | cpu | cuda[:N] (default: auto)")
+_WEIGHTS = typer.Option(None, help="checkpoint directory or hub id (default: random weights)")
+_OUT = typer.Option(None, help="results file (default: results/COMMAND-TIMESTAMP.jsonl)")
+_RESUME = typer.Option(False, "--resume", help="continue --out, running only points not recorded yet")
+_RETRY = typer.Option(False, "--retry-failed", help="with --resume, also re-run timeout/error points")
+_SUITE = typer.Option(None, help="suite name (suites/NAME.yaml) or YAML path; flags win")
+_TIMEOUT = typer.Option(None, "--point-timeout", help="seconds one point may take (default: 600)")
+_DRY_RUN = typer.Option(False, "--dry-run", help="list the points and exit")
+_PROGRESS = typer.Option(True, "--progress/--no-progress", help="show the progress bar")
+
+
 @app.command()
 def memory(
-    loops: Optional[str] = typer.Option(None, help="loop counts: 1..16, 1..16:2, 1,2,4,8 or mixes (default: 1..16)"),
-    seq_lens: Optional[str] = typer.Option(None, "--seq-lens", help="prompt lengths in tokens (default: 2048)"),
-    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="batch sizes (default: 1 on CUDA, 4 on CPU)"),
-    models: Optional[str] = typer.Option(None, "--models", help="presets (default: ouro-1.4b,melt-1.4b on CUDA, ouro-tiny,melt-tiny on CPU)"),
+    loops: Optional[str] = _LOOPS,
+    seq_lens: Optional[str] = _SEQ_LENS,
+    batch_sizes: Optional[str] = _BATCH_SIZES,
+    models: Optional[str] = _MODELS,
     phase: Optional[str] = typer.Option(None, help="prefill | decode | generate (default: decode)"),
-    new_tokens: Optional[int] = typer.Option(None, "--new-tokens", help="tokens to decode after the prompt (default: 32)"),
-    dtype: Optional[str] = typer.Option(None, help="bfloat16 | float16 | float32 (default: bfloat16 on CUDA, float32 on CPU)"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda[:N] (default: auto)"),
-    weights: Optional[str] = typer.Option(None, help="checkpoint directory or hub id (default: random weights)"),
-    out: Optional[Path] = typer.Option(None, help="results file (default: results/memory-TIMESTAMP.jsonl)"),
-    resume: bool = typer.Option(False, "--resume", help="continue --out, running only points not recorded yet"),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="with --resume, also re-run timeout/error points"),
-    suite: Optional[str] = typer.Option(None, help="suite name (suites/NAME.yaml) or YAML path; flags win"),
-    point_timeout: Optional[float] = typer.Option(None, "--point-timeout", help="seconds one point may take (default: 600)"),
+    new_tokens: Optional[int] = _NEW_TOKENS,
+    dtype: Optional[str] = _DTYPE,
+    device: Optional[str] = _DEVICE,
+    weights: Optional[str] = _WEIGHTS,
+    out: Optional[Path] = _OUT,
+    resume: bool = _RESUME,
+    retry_failed: bool = _RETRY,
+    suite: Optional[str] = _SUITE,
+    point_timeout: Optional[float] = _TIMEOUT,
     repeats: Optional[int] = typer.Option(None, help="measure each point this many times (default: 1)"),
     nvml_interval_ms: float = typer.Option(10.0, "--nvml-interval-ms", help="NVML sampling interval"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="list the points and exit"),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar"),
+    dry_run: bool = _DRY_RUN,
+    progress: bool = _PROGRESS,
 ) -> None:
     """Peak memory across loops x sequence lengths x batch sizes x models, every source measured."""
-    from .sweep_options import OptionError, resolve_sweep
+    from .measure_memory import measure_memory_point
+    from .sweep import in_child
 
+    if nvml_interval_ms <= 0:
+        raise UserError(f"--nvml-interval-ms: {nvml_interval_ms:g} must be positive")
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase=phase,
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, repeats=repeats,
                  point_timeout=point_timeout)
+    resolved = _resolve("memory", flags, suite)
+    points = resolved.spec.points()
+    if not _dry_run(points, dry_run):
+        runner = in_child(measure_memory_point, (nvml_interval_ms,), resolved.point_timeout)
+        _run_sweep_command("memory", points, runner, out, resume, retry_failed, progress)
+
+
+@app.command()
+def latency(
+    loops: Optional[str] = _LOOPS,
+    seq_lens: Optional[str] = _SEQ_LENS,
+    batch_sizes: Optional[str] = _BATCH_SIZES,
+    models: Optional[str] = _MODELS,
+    new_tokens: Optional[int] = _NEW_TOKENS,
+    warmup: int = typer.Option(2, help="untimed runs before the timed ones (the first one's time is reported apart)"),
+    repeats: int = typer.Option(5, help="timed runs per point; figures are medians with min and max"),
+    early_exit: str = typer.Option("off", "--early-exit", help="off | threshold:P (stop the loop once every sequence's exit probability reaches P)"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the layers' MLP and norms"),
+    static_cache: bool = typer.Option(False, "--static-cache", help="allocate the KV cache ahead at full size (default: a growing cache)"),
+    dtype: Optional[str] = _DTYPE,
+    device: Optional[str] = _DEVICE,
+    weights: Optional[str] = _WEIGHTS,
+    out: Optional[Path] = _OUT,
+    resume: bool = _RESUME,
+    retry_failed: bool = _RETRY,
+    suite: Optional[str] = _SUITE,
+    point_timeout: Optional[float] = _TIMEOUT,
+    dry_run: bool = _DRY_RUN,
+    progress: bool = _PROGRESS,
+) -> None:
+    """Prefill (time to first token), per-token decode latency and tokens/s across loops."""
+    from .measure_latency import measure_latency_point
+    from .sweep import in_child
+
+    if warmup < 0 or repeats < 1:
+        raise UserError(f"--warmup must be >= 0 and --repeats >= 1 (got {warmup}, {repeats})")
+    flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase="decode",
+                 new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout)
+    resolved = _resolve("latency", flags, suite)
+    resolved.spec.point_options = dict(warmup=warmup, timed_runs=repeats, early_exit=_parse_early_exit(early_exit),
+                                       compile=compile, static_cache=static_cache)
+    points = resolved.spec.points()
+    if not _dry_run(points, dry_run):
+        runner = in_child(measure_latency_point, (), resolved.point_timeout)
+        _run_sweep_command("latency", points, runner, out, resume, retry_failed, progress)
+
+
+@app.command()
+def capacity(
+    budget: str = typer.Option(..., help="memory budget, e.g. 80GiB, 512MiB, or auto (a GPU's total memory)"),
+    loops: Optional[str] = _LOOPS,
+    seq_lens: Optional[str] = _SEQ_LENS,
+    models: Optional[str] = _MODELS,
+    new_tokens: Optional[int] = _NEW_TOKENS,
+    max_batch: int = typer.Option(4096, "--max-batch", help="largest batch the search tries"),
+    dtype: Optional[str] = _DTYPE,
+    device: Optional[str] = _DEVICE,
+    weights: Optional[str] = _WEIGHTS,
+    out: Optional[Path] = _OUT,
+    resume: bool = _RESUME,
+    retry_failed: bool = _RETRY,
+    suite: Optional[str] = _SUITE,
+    point_timeout: Optional[float] = _TIMEOUT,
+    dry_run: bool = _DRY_RUN,
+    progress: bool = _PROGRESS,
+) -> None:
+    """The largest batch that decodes N new tokens within a memory budget, searched by real runs."""
+    from .capacity import search_capacity
+    from .launcher import ChildOutcome
+
+    if max_batch < 1:
+        raise UserError(f"--max-batch: {max_batch} must be at least 1")
+    flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes="1", phase="decode",
+                 new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout)
+    resolved = _resolve("capacity", flags, suite)
+    budget_bytes = _parse_budget(budget, resolved.spec.device)
+    resolved.spec.point_options = dict(batch_size=0, memory_budget_bytes=budget_bytes)
+    points = resolved.spec.points()
+    if not _dry_run(points, dry_run):
+        def runner(point):
+            started = time.monotonic()
+            value = search_capacity(point, budget_bytes, resolved.point_timeout, max_batch)
+            return ChildOutcome("ok", value=value, wall_s=time.monotonic() - started)
+
+        _run_sweep_command("capacity", points, runner, out, resume, retry_failed, progress)
+
+
+def _resolve(command: str, flags: dict, suite: str | None):
+    from .sweep_options import OptionError, resolve_sweep
+
     try:
-        resolved = resolve_sweep("memory", flags, suite)
+        resolved = resolve_sweep(command, flags, suite)
     except OptionError as exc:
         raise UserError(str(exc)) from exc
-    if nvml_interval_ms <= 0:
-        raise UserError(f"--nvml-interval-ms: {nvml_interval_ms:g} must be positive")
     for notice in resolved.notices:
         print(f"melt-bench: {notice}", file=sys.stderr)
-    points = resolved.spec.points()
+    return resolved
+
+
+def _parse_early_exit(text: str) -> float | None:
+    if text == "off":
+        return None
+    prefix, _, value = text.partition(":")
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = -1.0
+    if prefix != "threshold" or not 0 < threshold <= 1:
+        raise UserError(f"--early-exit: {text!r} is not off or threshold:P with 0 < P <= 1")
+    return threshold
+
+
+def _parse_budget(text: str, device: str) -> int:
+    from .capacity import parse_bytes
+
+    if text != "auto":
+        try:
+            return parse_bytes(text)
+        except ValueError as exc:
+            raise UserError(f"--budget: {exc}") from exc
+    if not device.startswith("cuda"):
+        raise UserError("--budget auto needs a CUDA device; on a CPU give the budget, e.g. --budget 2GiB")
+    from .nvml import NvmlUnavailable, read_nvml
+
+    index = int(device.partition(":")[2] or 0)
+    try:
+        return read_nvml().devices[index].memory_total_bytes
+    except (NvmlUnavailable, IndexError):
+        import torch
+
+        return torch.cuda.get_device_properties(index).total_memory
+
+
+def _dry_run(points, dry_run: bool) -> bool:
     if dry_run:
         for point in points:
             print(json.dumps({"point_id": point.point_id, **point.to_dict()}))
         console.print(f"{len(points)} points")
-        return
-    _run_sweep_command("memory", points, resolved, out, resume, retry_failed, progress, (nvml_interval_ms,))
+    return dry_run
 
 
-def _run_sweep_command(kind, points, resolved, out, resume, retry_failed, progress, measure_args) -> None:
+def _run_sweep_command(kind, points, runner, out, resume, retry_failed, progress) -> None:
     from .envinfo import collect_env
-    from .measure_memory import measure_memory_point
-    from .memory_summary import memory_tables
     from .results import ResultsFileError, ResultsStore
+    from .summary_tables import tables_for
     from .sweep import run_sweep
 
     out = out or Path("results") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
@@ -167,11 +311,9 @@ def _run_sweep_command(kind, points, resolved, out, resume, retry_failed, progre
     except ResultsFileError as exc:
         raise UserError(str(exc)) from exc
     meta = collect_env(probe_cuda=False).to_dict()
-    status = run_sweep(kind, points, store, measure_memory_point, measure_args, resolved.point_timeout,
-                       meta, retry_failed, show_progress=progress)
-    rows = store.read()
+    status = run_sweep(kind, points, store, runner, meta, retry_failed, show_progress=progress)
     planned = {point.point_id for point in points}
-    for table in memory_tables([row for row in rows if row.point_id in planned]):
+    for table in tables_for(kind, [row for row in store.read() if row.point_id in planned]):
         console.print(table)
     console.print(f"{status.ran} points run, {status.skipped} already recorded; results in {out}")
 

@@ -86,10 +86,14 @@ def default_trackers(device: torch.device, nvml_interval_ms: float, metrics: dic
     return trackers
 
 
-def measure_memory_point(point: SweepPoint, nvml_interval_ms: float = 10.0, trackers: Trackers | None = None) -> dict:
+def measure_memory_point(
+    point: SweepPoint, nvml_interval_ms: float = 10.0, trackers: Trackers | None = None,
+    budget_bytes: int | None = None,
+) -> dict:
     """Measure one point in this process (a fresh child). `trackers` replaces the default
-    sources (tests pass fakes of torch.cuda and pynvml). Returns {"status", "error", "metrics"};
-    failures are data, never raised."""
+    sources (tests pass fakes of torch.cuda and pynvml). With `budget_bytes` on CUDA the torch
+    allocator is capped there, so going over is a real OOM. Returns {"status", "error",
+    "metrics"}; failures are data, never raised."""
     metrics: dict = {}
     device = torch.device(point.device)
     trackers = trackers or default_trackers(device, nvml_interval_ms, metrics)
@@ -102,6 +106,9 @@ def measure_memory_point(point: SweepPoint, nvml_interval_ms: float = 10.0, trac
         if device.type == "cuda":
             torch.cuda.set_device(device)
             torch.cuda.init()
+            if budget_bytes is not None:
+                total = torch.cuda.get_device_properties(device).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), device)
         if trackers.nvml is not None:
             metrics["nvml_after_cuda_init_bytes"] = trackers.nvml.used_bytes()
         dtype = parse_dtype(point.dtype)

@@ -41,19 +41,22 @@ def outcome_to_row(kind: str, point: SweepPoint, outcome: ChildOutcome, meta: di
     return ResultRow(kind, point.point_id, point.to_dict(), status, outcome.error, {}, meta, outcome.wall_s)
 
 
+def in_child(measure: Callable[..., dict], args: tuple = (), timeout_s: float = 600.0) -> Callable[[SweepPoint], ChildOutcome]:
+    """A point runner: `measure(point, *args)` in a fresh child process, within `timeout_s`."""
+    return lambda point: run_in_child(measure, (point, *args), timeout_s)
+
+
 def run_sweep(
     kind: str,
     points: list[SweepPoint],
     store: ResultsStore,
-    measure: Callable[..., dict],
-    measure_args: tuple = (),
-    timeout_s: float = 600.0,
+    run_point: Callable[[SweepPoint], ChildOutcome],
     meta: dict | None = None,
     retry_failed: bool = False,
     show_progress: bool = True,
     on_row: Callable[[ResultRow], None] | None = None,
 ) -> SweepStatus:
-    """Run every point not yet in `store`; `measure(point, *measure_args)` runs in the child."""
+    """Run every point not yet in `store` through `run_point` (usually `in_child(...)`)."""
     todo = pending_points(points, store, retry_failed)
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -64,7 +67,7 @@ def run_sweep(
         task = progress.add_task(kind, total=len(todo), last="")
         for point in todo:
             progress.update(task, last=f"{point.model} loops={point.loops} seq={point.seq_len} batch={point.batch_size}")
-            outcome = run_in_child(measure, (point, *measure_args), timeout_s)
+            outcome = run_point(point)
             row = outcome_to_row(kind, point, outcome, meta or {})
             store.append(row)
             if on_row is not None:

@@ -79,8 +79,7 @@ def resolve_sweep(command: str, flags: dict, suite: str | None) -> ResolvedSweep
     device = resolve_device(str(settings.get("device", "auto")))
     machine_defaults = CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
     if "models" not in settings and device == "cpu":
-        notices.append("no CUDA device: using the tiny CPU presets ouro-tiny,melt-tiny, 2048 tokens, batch 4, "
-                       "float32 (pass --models/--seq-lens/--batch-sizes/--dtype to choose)")
+        notices.append("no CUDA device: using the tiny CPU presets ouro-tiny,melt-tiny (pass --models to choose)")
     settings = {**COMMON_DEFAULTS, **machine_defaults, **settings}
     try:
         spec = SweepSpec(

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from .ranges import RangeError, parse_int_list, parse_name_list
 
 PHASES = ("prefill", "decode", "generate")
+_OPTIONAL = ("warmup", "timed_runs", "early_exit", "compile", "static_cache", "memory_budget_bytes")
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,22 @@ class SweepPoint:
     device: str
     weights: str | None = None
     repeat: int = 0
+    # latency only
+    warmup: int = 0
+    timed_runs: int = 0
+    early_exit: float | None = None  # early-stop threshold, None = off
+    compile: bool = False
+    static_cache: bool = False
+    # capacity only: the budget a batch must fit in (batch_size 0 = searched)
+    memory_budget_bytes: int | None = None
 
     @property
     def point_id(self) -> str:
-        """Content hash of the normalised point, stable across runs (used by --resume)."""
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        """Content hash of the normalised point (fields at their defaults left out, so adding a
+        field keeps old ids), stable across runs (used by --resume)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        blob = {k: v for k, v in asdict(self).items() if k not in _OPTIONAL or v != defaults[k]}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,13 +64,16 @@ class SweepSpec:
     device: str = "cpu"
     weights: str | None = None
     repeats: int = 1
-    notes: list[str] = field(default_factory=list)
+    point_options: dict = field(default_factory=dict)  # command-specific SweepPoint fields
 
     def points(self) -> list[SweepPoint]:
         # Loops vary fastest so a model's memory-vs-loops curve (and its OOM wall) fills in order.
         return [
-            SweepPoint(self.command, model, loops, seq, batch, self.phase, self.new_tokens, self.dtype,
-                       self.device, self.weights, repeat)
+            replace(
+                SweepPoint(self.command, model, loops, seq, batch, self.phase, self.new_tokens, self.dtype,
+                           self.device, self.weights, repeat),
+                **self.point_options,
+            )
             for model, seq, batch, repeat, loops in itertools.product(
                 self.models, self.seq_lens, self.batch_sizes, range(self.repeats), self.loops
             )

@@ -36,6 +36,17 @@ class KVPolicy:
     def chunk_size(self) -> int | None:
         return None
 
+    def fill_skipped_loops(self, cache, last_loop: int, loops: int, start: int, end: int) -> None:
+        """After early stopping at `last_loop`, tokens [start, end) have no rows in the slots of
+        later loops; copy their last computed loop's rows there, so later tokens attending at
+        those loops find them (Ouro's 'reuse the last loop's KV' rule)."""
+        for layer in range(self.num_layers):
+            src = self.slot(last_loop, layer)
+            keys = cache.keys[src][:, :, start:end]
+            values = cache.values[src][:, :, start:end]
+            for loop in range(last_loop + 1, loops):
+                cache.update_slot(self.slot(loop, layer), keys, values, start)
+
 
 class SharedGatedKVPolicy(KVPolicy):
     """MELT's shared cache: one slot per layer, rewritten at every loop from a gated state."""
@@ -58,6 +69,9 @@ class SharedGatedKVPolicy(KVPolicy):
     @property
     def chunk_size(self) -> int | None:
         return self._chunk_size
+
+    def fill_skipped_loops(self, cache, last_loop: int, loops: int, start: int, end: int) -> None:
+        pass  # one shared row per token: it already holds the last computed loop's keys/values
 
 
 class GateProjection(nn.Linear):

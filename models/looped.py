@@ -197,6 +197,35 @@ class LoopOutputs:
     last_hidden_state: torch.Tensor
     gate_logits: list[torch.Tensor]
     hidden_per_loop: list[torch.Tensor] | None
+    loops_run: int  # loops actually computed (fewer than asked when early stopping)
+    exit_steps: torch.Tensor | None = None  # early stopping: each token's exit loop (0-based)
+
+
+class EarlyStop:
+    """Stops the loop once every token's cumulative exit probability reaches `threshold` (the
+    whole batch runs until its last token exits); each token's output is its hidden state at its
+    own exit loop, as in the official threshold rule."""
+
+    def __init__(self, threshold: float, loops: int) -> None:
+        if not 0 < threshold <= 1:
+            raise ValueError(f"early-stop threshold must lie in (0, 1], got {threshold}")
+        self.threshold, self.loops = threshold, loops
+        self.remaining = self.exited = self.exit_steps = self.hidden = None
+
+    def update(self, loop: int, gate_logit: torch.Tensor, x: torch.Tensor) -> bool:
+        """Fold in loop `loop`'s gate; True when every token has exited."""
+        lam = torch.sigmoid(gate_logit.float()) if loop < self.loops - 1 else torch.ones_like(gate_logit, dtype=torch.float32)
+        if self.remaining is None:
+            self.remaining = torch.ones_like(lam)
+            self.exited = torch.zeros_like(lam, dtype=torch.bool)
+            self.exit_steps = torch.full_like(lam, self.loops - 1, dtype=torch.long)
+            self.hidden = x
+        self.remaining = self.remaining * (1 - lam)
+        newly = (1 - self.remaining >= self.threshold) & ~self.exited
+        self.hidden = torch.where(newly[..., None], x, self.hidden)
+        self.exit_steps = torch.where(newly, torch.full_like(self.exit_steps, loop), self.exit_steps)
+        self.exited = self.exited | newly
+        return bool(self.exited.all())
 
 
 class LoopedModel(LoopedPreTrainedModel):
@@ -230,7 +259,10 @@ class LoopedModel(LoopedPreTrainedModel):
         past_key_values: LoopedKVCache | None = None,
         loops: int | None = None,
         keep_hidden_per_loop: bool = False,
+        early_stop_threshold: float | None = None,
     ) -> LoopOutputs:
+        """`early_stop_threshold` stops computing loops once every token's cumulative exit
+        probability reaches it (one chunk only: decoding steps, or a prompt within chunk_size)."""
         loops = loops or self.config.total_ut_steps
         if not 1 <= loops <= MAX_LOOPS:
             raise ValueError(f"loops must lie in 1..{MAX_LOOPS}, got {loops}")
@@ -249,6 +281,8 @@ class LoopedModel(LoopedPreTrainedModel):
         chunk = self.policy.chunk_size or seq
         if cache is None and chunk < seq:
             cache = self.new_cache(loops)  # chunks must see earlier chunks' final rows
+        if early_stop_threshold is not None and chunk < seq:
+            raise ValueError(f"early stopping needs the input in one chunk ({seq} tokens > chunk_size {chunk})")
 
         x_all = self.embed_tokens(input_ids)
         last, gates, per_loop = [], [[] for _ in range(loops)], [[] for _ in range(loops)]
@@ -258,6 +292,7 @@ class LoopedModel(LoopedPreTrainedModel):
             rope = rope_cos_sin(position_ids[:, c0 : c0 + chunk], self.config.head_dim, self.config.rope_theta, x.dtype)
             attn = chunk_attention_mask(start, x.shape[1], key_padding, x.device)
             kv_states: list[torch.Tensor | None] = [None] * len(self.layers)
+            stop = EarlyStop(early_stop_threshold, loops) if early_stop_threshold is not None else None
             for loop in range(loops):
                 for i, layer in enumerate(self.layers):
                     x, kv_states[i] = layer(x, rope, attn, cache, self.policy.slot(loop, i), start, kv_states[i])
@@ -265,13 +300,21 @@ class LoopedModel(LoopedPreTrainedModel):
                 gates[loop].append(self.early_exit_gate(x).squeeze(-1))
                 if keep_hidden_per_loop:
                     per_loop[loop].append(x)
+                if stop is not None and stop.update(loop, gates[loop][-1], x):
+                    if cache is not None:
+                        self.policy.fill_skipped_loops(cache, loop, loops, start, start + x.shape[1])
+                    x = stop.hidden
+                    break
             last.append(x)
             if cache is not None:
                 cache.seq_len = start + x.shape[1]
+        ran = [loop for loop in range(loops) if gates[loop]]
         return LoopOutputs(
             last_hidden_state=torch.cat(last, dim=1),
-            gate_logits=[torch.cat(g, dim=1) for g in gates],
-            hidden_per_loop=[torch.cat(h, dim=1) for h in per_loop] if keep_hidden_per_loop else None,
+            gate_logits=[torch.cat(gates[loop], dim=1) for loop in ran],
+            hidden_per_loop=[torch.cat(per_loop[loop], dim=1) for loop in ran] if keep_hidden_per_loop else None,
+            loops_run=len(ran),
+            exit_steps=stop.exit_steps if stop is not None else None,
         )
 
 
@@ -308,11 +351,12 @@ def threshold_exit_steps(pdf: torch.Tensor, threshold: float) -> torch.Tensor:
 
 @dataclass
 class LoopedCausalLMOutput(CausalLMOutputWithPast):
-    """CausalLMOutputWithPast plus the exit distribution (batch, seq, loops) and, for threshold
-    exit, each kept token's exit loop (0-based)."""
+    """CausalLMOutputWithPast plus the exit distribution (batch, seq, loops), for threshold exit
+    or early stopping each kept token's exit loop (0-based), and the loops actually computed."""
 
     exit_pdf: torch.Tensor | None = None
     exit_steps: torch.Tensor | None = None
+    loops_run: int | None = None
 
 
 class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
@@ -357,11 +401,13 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         exit_at_step: int | None = None,
         exit_threshold: float | None = None,
         use_weighted_exit: bool = False,
+        early_stop_threshold: float | None = None,
         **kwargs,
     ) -> LoopedCausalLMOutput:
         """Logits from the last loop unless `exit_at_step` (0-based), `exit_threshold` or
-        `use_weighted_exit` asks otherwise (the official Ouro keyword names and precedence).
-        `loops` overrides config.total_ut_steps for this call (1..64)."""
+        `use_weighted_exit` asks otherwise (the official Ouro keyword names and precedence); all
+        loops run for those. `early_stop_threshold` really stops computing loops once every token
+        has exited (see EarlyStop). `loops` overrides config.total_ut_steps for this call (1..64)."""
         if input_ids is None:
             raise ValueError("input_ids is required")
         loops = loops or self.config.total_ut_steps
@@ -379,12 +425,15 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
             past_key_values = None
 
         needs_all_loops = exit_at_step is not None or exit_threshold is not None or use_weighted_exit
+        if early_stop_threshold is not None and needs_all_loops:
+            raise ValueError("early_stop_threshold cannot be combined with the post-hoc exit modes")
         out = self.model(
-            input_ids, attention_mask, position_ids, past_key_values, loops, keep_hidden_per_loop=needs_all_loops
+            input_ids, attention_mask, position_ids, past_key_values, loops,
+            keep_hidden_per_loop=needs_all_loops, early_stop_threshold=early_stop_threshold,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        pdf = exit_distribution(out.gate_logits)[:, keep]
-        exit_steps = None
+        pdf = exit_distribution(out.gate_logits)[:, keep] if early_stop_threshold is None else None
+        exit_steps = out.exit_steps[:, keep] if out.exit_steps is not None else None
         if exit_at_step is not None:
             logits = self.lm_head(out.hidden_per_loop[exit_at_step][:, keep])
         elif exit_threshold is not None:
@@ -405,5 +454,6 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
         return LoopedCausalLMOutput(
-            loss=loss, logits=logits, past_key_values=past_key_values, exit_pdf=pdf, exit_steps=exit_steps
+            loss=loss, logits=logits, past_key_values=past_key_values, exit_pdf=pdf, exit_steps=exit_steps,
+            loops_run=out.loops_run,
         )

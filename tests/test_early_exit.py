@@ -62,3 +62,64 @@ def test_loop_count_range(ids):
     with pytest.raises(ValueError, match="1..64"):
         model(ids, loops=65)
     assert model(ids[:, :3], loops=64, use_cache=False).logits.isfinite().all()
+
+
+class PerRowGate(torch.nn.Module):
+    """Batch row 0 exits after loop 1, row 1 after loop 3 (of 4)."""
+
+    def __init__(self, exit_after=(1, 3), loops=4):
+        super().__init__()
+        self.exit_after, self.loops, self.calls = exit_after, loops, 0
+
+    def forward(self, hidden):
+        loop = self.calls % self.loops + 1
+        self.calls += 1
+        values = [30.0 if loop >= after else -30.0 for after in self.exit_after]
+        return torch.tensor(values)[:, None, None].expand(hidden.shape[0], hidden.shape[1], 1)
+
+
+def test_early_stop_runs_only_until_the_last_row_exits(ids):
+    model = make_ouro()
+    one, three = (model(ids, loops=t, use_cache=False).logits for t in (1, 3))
+    model.model.early_exit_gate = PerRowGate()
+    out = model(ids, use_cache=False, early_stop_threshold=0.9)
+    assert out.loops_run == 3
+    assert out.exit_steps[0].eq(0).all() and out.exit_steps[1].eq(2).all()
+    torch.testing.assert_close(out.logits[0], one[0])
+    torch.testing.assert_close(out.logits[1], three[1])
+
+
+@pytest.mark.parametrize("family", ["ouro", "melt"])
+def test_early_stop_while_decoding_fills_ouro_slots_and_keeps_decoding(ids, family):
+    from conftest import make_melt
+
+    model = make_ouro() if family == "ouro" else make_melt(chunk_size=1)
+    cache = model.new_cache(4)
+    model(ids[:, :6], past_key_values=cache)
+    model.model.early_exit_gate = SaturatesAtStep2()
+    step = model(ids[:, 6:7], past_key_values=cache, early_stop_threshold=0.5)
+    assert step.loops_run == 2 and (step.exit_steps == 1).all()
+    layers = model.config.num_hidden_layers
+    if family == "ouro":  # loops 3 and 4 got the token's loop-2 rows
+        for loop in (2, 3):
+            torch.testing.assert_close(cache.keys[loop * layers][:, :, 6], cache.keys[layers][:, :, 6])
+    assert cache.seq_len == 7 and cache.nbytes() == model.kv_bytes_per_token(4) * 2 * 7
+    assert model(ids[:, 7:8], past_key_values=cache).logits.isfinite().all()
+
+
+def test_threshold_one_runs_every_loop(ids):
+    model = make_ouro()
+    out = model(ids, use_cache=False, early_stop_threshold=1.0)
+    assert out.loops_run == 4
+    torch.testing.assert_close(out.logits, model(ids, use_cache=False).logits)
+
+
+def test_early_stop_arguments_are_checked(ids):
+    from conftest import make_melt
+
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        make_ouro()(ids, early_stop_threshold=1.5)
+    with pytest.raises(ValueError, match="one chunk"):
+        make_melt(chunk_size=4)(ids, early_stop_threshold=0.5)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        make_ouro()(ids, early_stop_threshold=0.5, exit_at_step=1)

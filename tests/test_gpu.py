@@ -66,3 +66,25 @@ def test_nvml_sees_a_one_gib_allocation():
     after = read_nvml().devices[torch.cuda.current_device()].memory_used_bytes
     del block
     assert after - before >= 2**30
+
+
+@cuda
+def test_latency_timed_with_cuda_events():
+    from melt_bench.measure_latency import measure_latency_point
+    from melt_bench.sweep_plan import SweepPoint
+
+    point = SweepPoint("latency", "ouro-tiny", 4, 64, 2, "decode", 8, "bfloat16", "cuda:0", warmup=1, timed_runs=3)
+    row = measure_latency_point(point)
+    assert row["status"] == "ok", row["error"]
+    m = row["metrics"]
+    assert m["timer"] == "cuda events" and 0 < m["decode_ms_per_token_mean_min"] <= m["decode_ms_per_token_mean"]
+
+
+@cuda
+def test_capacity_budget_caps_the_cuda_allocator():
+    from melt_bench.measure_memory import measure_memory_point
+    from melt_bench.sweep_plan import SweepPoint
+
+    point = SweepPoint("memory", "ouro-1.4b", 1, 128, 1, "decode", 4, "bfloat16", "cuda:0")
+    row = measure_memory_point(point, budget_bytes=2 * 2**30)  # the weights alone are 2.7 GiB
+    assert row["status"] == "oom"

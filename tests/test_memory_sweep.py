@@ -14,7 +14,7 @@ import sweep_helpers
 from melt_bench.cli import main
 from melt_bench.launcher import run_in_child
 from melt_bench.results import ResultsFileError, ResultsStore, load_results
-from melt_bench.sweep import run_sweep
+from melt_bench.sweep import in_child, run_sweep
 from melt_bench.sweep_options import resolve_sweep
 
 SMALL = ["--models", "ouro-tiny,melt-tiny", "--seq-lens", "32", "--batch-sizes", "2", "--new-tokens", "4",
@@ -46,7 +46,7 @@ def measure_rows(tmp_path, measure, loops="1..4", timeout=120.0):
     spec = resolve_sweep("memory", {"models": "ouro-tiny", "loops": loops, "seq_lens": "16", "batch_sizes": "1",
                                     "new_tokens": 2, "device": "cpu", "dtype": "float32"}, None).spec
     store = ResultsStore(tmp_path / "rows.jsonl")
-    run_sweep("memory", spec.points(), store, measure, (), timeout, {"host": "test"}, show_progress=False)
+    run_sweep("memory", spec.points(), store, in_child(measure, (), timeout), {"host": "test"}, show_progress=False)
     return store.read()
 
 
@@ -94,8 +94,8 @@ def test_retry_failed_reruns_only_failures(tmp_path):
     store = ResultsStore(tmp_path / "rows.jsonl")
     spec = resolve_sweep("memory", {"models": "ouro-tiny", "loops": "1,2", "seq_lens": "16", "batch_sizes": "1",
                                     "new_tokens": 2, "device": "cpu", "dtype": "float32"}, None).spec
-    run_sweep("memory", spec.points(), store, sweep_helpers.raise_error, (), 60, {}, show_progress=False)
-    status = run_sweep("memory", spec.points(), store, sweep_helpers.oom_at_loops_3, (), 60, {},
+    run_sweep("memory", spec.points(), store, in_child(sweep_helpers.raise_error), {}, show_progress=False)
+    status = run_sweep("memory", spec.points(), store, in_child(sweep_helpers.oom_at_loops_3), {},
                        retry_failed=True, show_progress=False)
     assert status.ran == 2
     assert [row.status for row in store.read()] == ["error", "error", "ok", "ok"]

@@ -1,0 +1,140 @@
+"""Capacity: the largest batch that completes a decode of N new tokens within a memory budget.
+
+A real search that runs points (each probe a memory measurement in its own child), not a
+formula: the analytic KV model only chooses where to start. Assumes a batch that fits implies
+every smaller one fits; a probe fits when it finishes without OOM and its peak (the CUDA
+allocator's, or the process RSS above baseline on a CPU) is within the budget."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from melt_bench.models import count_parameters, get_preset, kv_bytes_per_token
+
+from .units import parse_dtype
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB' -> 85899345920; '1.5GB' -> 1500000000; a bare number is bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size like 80GiB, 512MiB or 1.5GB")
+    value = float(match[1]) * _UNITS[(match[2] or "b").lower()]
+    if value < 1:
+        raise ValueError(f"{text!r} must be at least one byte")
+    return int(value)
+
+
+@dataclass
+class Probe:
+    batch_size: int
+    fits: bool
+    status: str
+    peak_bytes: int | None
+
+
+@dataclass
+class SearchResult:
+    max_batch: int  # 0 when even batch 1 does not fit
+    start_batch: int
+    probes: list[Probe] = field(default_factory=list)
+    hit_limit: bool = False  # stopped at max_batch_limit without a failure
+
+
+def find_max_batch(probe: Callable[[int], Probe], start: int, limit: int = 4096) -> SearchResult:
+    """Exponential search from `start` (up while it fits, down while it does not), then
+    bisection between the last fit and the first failure. Each batch is probed at most once."""
+    start = max(1, min(start, limit))
+    result = SearchResult(0, start)
+    seen: dict[int, Probe] = {}
+
+    def fits(batch: int) -> bool:
+        if batch not in seen:
+            seen[batch] = probe(batch)
+            result.probes.append(seen[batch])
+        return seen[batch].fits
+
+    if fits(start):
+        good, bad = start, None
+        while bad is None:
+            if good == limit:
+                result.max_batch, result.hit_limit = good, True
+                return result
+            trial = min(good * 2, limit)
+            if fits(trial):
+                good = trial
+            else:
+                bad = trial
+    else:
+        good, bad = 0, start
+        while bad > 1:
+            trial = bad // 2
+            if fits(trial):
+                good = trial
+                break
+            bad = trial
+        if good == 0:
+            return result
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    result.max_batch = good
+    return result
+
+
+def analytic_start(model: str, loops: int, tokens: int, dtype: str, budget_bytes: int) -> int:
+    """Where the search starts: the batch whose weights + KV cache alone fill the budget."""
+    preset = get_preset(model)
+    torch_dtype = parse_dtype(dtype)
+    weights = count_parameters(preset) * torch.empty((), dtype=torch_dtype).element_size()
+    per_sequence = kv_bytes_per_token(preset.config(), loops, torch_dtype) * tokens
+    return max(1, (budget_bytes - weights) // max(per_sequence, 1))
+
+
+def probe_fits(row: dict, budget_bytes: int) -> Probe:
+    """A probe's verdict from its memory row: finished, and peaked within the budget."""
+    peak = row["metrics"].get("peak_bytes")
+    fits = row["status"] == "ok" and peak is not None and peak <= budget_bytes
+    return Probe(row["batch_size"], fits, row["status"], peak)
+
+
+def search_capacity(point, budget_bytes: int, timeout_s: float, limit: int = 4096) -> dict:
+    """Run the search for one (model, loops, seq_len) point; returns the row's status/metrics."""
+    from dataclasses import asdict, replace
+
+    from .launcher import run_in_child
+    from .measure_memory import measure_memory_point
+
+    def probe(batch: int) -> Probe:
+        memory_point = replace(point, command="memory", batch_size=batch, memory_budget_bytes=None)
+        outcome = run_in_child(measure_memory_point, (memory_point, 10.0, None, budget_bytes), timeout_s)
+        if outcome.status != "ok":
+            return Probe(batch, False, "timeout" if outcome.status == "timeout" else "error", None)
+        return probe_fits({**outcome.value, "batch_size": batch}, budget_bytes)
+
+    start = analytic_start(point.model, point.loops, point.seq_len + point.new_tokens, point.dtype, budget_bytes)
+    result = find_max_batch(probe, start, limit)
+    failed = [p for p in result.probes if p.status not in ("ok", "oom")]
+    status = "error" if failed and result.max_batch == 0 else "ok"
+    fitting = [p for p in result.probes if p.fits and p.batch_size == result.max_batch]
+    metrics = {
+        "max_batch": result.max_batch,
+        "start_batch": result.start_batch,
+        "hit_batch_limit": result.hit_limit,
+        "budget_bytes": budget_bytes,
+        "peak_bytes_at_max_batch": fitting[0].peak_bytes if fitting else None,
+        "probes": [asdict(p) for p in result.probes],
+    }
+    error = f"probe at batch {failed[0].batch_size}: {failed[0].status}" if status == "error" else None
+    return {"status": status, "error": error, "metrics": metrics}

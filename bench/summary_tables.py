@@ -1,0 +1,107 @@
+"""The tables printed at the end of a sweep: one per (phase, sequence length, batch size), a row
+per loop count, columns per model, and the Ouro/MELT ratio of the headline figure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from rich.table import Table
+
+from .results import ResultRow
+from .units import format_bytes
+
+
+def latest_rows(rows: list[ResultRow]) -> list[ResultRow]:
+    """The last row of each point (a retried point keeps only its newest outcome)."""
+    return list({row.point_id: row for row in rows}.values())
+
+
+def melt_partner(model: str, models: list[str]) -> str | None:
+    """The MELT model built on the same base as an Ouro one: ouro-1.4b -> melt-1.4b."""
+    if not model.startswith("ouro"):
+        return None
+    partner = "melt" + model[len("ouro"):]
+    return partner if partner in models else None
+
+
+@dataclass
+class Column:
+    name: str  # appended to the model name
+    cell: Callable[[dict], str]  # from an ok row's metrics
+
+
+@dataclass
+class TableSpec:
+    title: str
+    columns: list[Column]
+    headline: str  # the metric the Ouro/MELT ratio divides
+    group_fields: tuple[str, ...] = ("phase", "seq_len", "batch_size", "dtype", "device")
+
+
+def _ms(key: str) -> Callable[[dict], str]:
+    return lambda m: f"{m[key]:,.2f} ms" if m.get(key) is not None else "-"
+
+
+SPECS = {
+    "memory": TableSpec(
+        "peak memory", [Column("", lambda m: format_bytes(m.get("peak_bytes"))),
+                        Column(" KV", lambda m: format_bytes(m.get("kv_cache_bytes")))], "peak_bytes"),
+    "latency": TableSpec(
+        "latency (median over timed runs)",
+        [Column(" prefill", _ms("prefill_ms")), Column(" decode/token", _ms("decode_ms_per_token_mean")),
+         Column(" tok/s", lambda m: f"{m['decode_tokens_per_s']:,.1f}" if "decode_tokens_per_s" in m else "-")],
+        "decode_ms_per_token_mean"),
+    "capacity": TableSpec(
+        "largest batch within the budget", [Column(" max batch", lambda m: str(m.get("max_batch", "-")))],
+        "max_batch", ("seq_len", "new_tokens", "dtype", "device", "memory_budget_bytes")),
+}
+
+
+def tables_for(kind: str, rows: list[ResultRow]) -> list[Table]:
+    spec = SPECS[kind]
+    rows = [row for row in latest_rows(rows) if row.kind == kind]
+    groups: dict[tuple, list[ResultRow]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.point.get(f) for f in spec.group_fields), []).append(row)
+    return [_table(spec, key, group) for key, group in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+
+
+def _table(spec: TableSpec, key: tuple, group: list[ResultRow]) -> Table:
+    models = list(dict.fromkeys(row.point["model"] for row in group))
+    pairs = [(m, melt_partner(m, models)) for m in models if melt_partner(m, models)]
+    described = ", ".join(f"{field} {_describe(field, value)}" for field, value in zip(spec.group_fields, key))
+    table = Table(title=f"{spec.title} | {described}")
+    table.add_column("loops", justify="right")
+    for model in models:
+        for column in spec.columns:
+            table.add_column(model + column.name, justify="right")
+    for ouro, melt in pairs:
+        table.add_column(f"{ouro}/{melt}", justify="right")
+    by_key = {(r.point["model"], r.point["loops"]): r for r in group}
+    for loops in sorted({r.point["loops"] for r in group}):
+        cells = [str(loops)]
+        for model in models:
+            row = by_key.get((model, loops))
+            for index, column in enumerate(spec.columns):
+                if row is None:
+                    cells.append("-")
+                elif row.status != "ok":
+                    cells.append(row.status.upper() if index == 0 else "-")
+                else:
+                    cells.append(column.cell(row.metrics))
+        for ouro, melt in pairs:
+            cells.append(_ratio(by_key.get((ouro, loops)), by_key.get((melt, loops)), spec.headline))
+        table.add_row(*cells)
+    return table
+
+
+def _describe(field: str, value) -> str:
+    return format_bytes(value) if field.endswith("_bytes") else str(value)
+
+
+def _ratio(a: ResultRow | None, b: ResultRow | None, metric: str) -> str:
+    if a is None or b is None or a.status != "ok" or b.status != "ok":
+        return "-"
+    x, y = a.metrics.get(metric), b.metrics.get(metric)
+    return f"{x / y:.2f}x" if x is not None and y else "-"

@@ -1,0 +1,136 @@
+"""Latency and capacity: structure and invariants, never absolute speed."""
+
+import pytest
+
+from melt_bench.capacity import Probe, find_max_batch, parse_bytes, probe_fits
+from melt_bench.cli import main
+from melt_bench.measure_latency import RunTiming, measure_latency_point, percentile, summarise
+from melt_bench.results import load_results
+from melt_bench.sweep_plan import SweepPoint
+
+SMALL = ["--models", "ouro-tiny,melt-tiny", "--seq-lens", "32", "--new-tokens", "4", "--device", "cpu",
+         "--dtype", "float32", "--no-progress"]
+
+
+def latency_point(**overrides):
+    fields = dict(command="latency", model="melt-tiny", loops=4, seq_len=32, batch_size=2, phase="decode",
+                  new_tokens=6, dtype="float32", device="cpu", warmup=1, timed_runs=3)
+    return SweepPoint(**{**fields, **overrides})
+
+
+def test_percentiles_and_summary_invariants():
+    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5], 90) == 5
+    runs = [RunTiming(10.0, [1.0, 2.0, 3.0, 10.0], [4] * 4), RunTiming(12.0, [1.0, 1.0, 1.0, 1.0], [4] * 4)]
+    m = summarise(runs, batch=3)
+    assert m["tokens_generated_per_run"] == 12 and m["ttft_ms"] == m["prefill_ms"] == 11.0
+    assert m["decode_ms_per_token_mean_min"] == 1.0 and m["decode_ms_per_token_mean_max"] == 4.0
+    assert m["decode_tokens_per_s_max"] == 3 * 4 / (4 / 1000)
+    assert m["loops_executed_mean"] == 4
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_latency_point_measures_positive_ordered_times(static_cache):
+    row = measure_latency_point(latency_point(static_cache=static_cache))
+    m = row["metrics"]
+    assert row["status"] == "ok", row["error"]
+    for key in ("prefill_ms", "decode_ms_per_token_mean", "decode_tokens_per_s", "e2e_tokens_per_s"):
+        assert 0 < m[f"{key}_min"] <= m[key] <= m[f"{key}_max"]
+    assert m["decode_ms_per_token_p50"] <= m["decode_ms_per_token_p90"]
+    assert m["e2e_tokens_per_s"] < m["decode_tokens_per_s"]  # the prefill counts in e2e
+    assert m["tokens_generated_per_run"] == 2 * 6 and m["loops_executed_mean"] == 4
+    assert m["timer"] == "perf_counter_ns" and m["first_run_s"] > 0
+
+
+@pytest.mark.parametrize("model", ["ouro-tiny", "melt-tiny"])
+def test_early_exit_loop_count_lies_in_range(model):
+    m = measure_latency_point(latency_point(model=model, early_exit=0.5))["metrics"]
+    assert 1 <= m["loops_executed_mean"] <= 4
+    assert 1 <= m["exit_loop_mean_per_sequence"] <= m["loops_executed_mean"]
+
+
+def test_latency_command_end_to_end(tmp_path):
+    out = tmp_path / "lat.jsonl"
+    assert main(["latency", "--loops", "1,3", "--batch-sizes", "1", "--warmup", "1", "--repeats", "2",
+                 "--early-exit", "threshold:0.9", "--static-cache", "--out", str(out), *SMALL]) == 0
+    frame = load_results(out)
+    assert len(frame) == 4 and set(frame.status) == {"ok"} and set(frame.kind) == {"latency"}
+    assert (frame.early_exit == 0.9).all() and frame.static_cache.all() and (frame.timed_runs == 2).all()
+    assert (frame.loops_executed_mean <= frame.loops).all()
+
+
+@pytest.mark.parametrize("args,needle", [(["--early-exit", "sometimes"], "--early-exit"),
+                                         (["--early-exit", "threshold:2"], "--early-exit"),
+                                         (["--repeats", "0"], "--repeats")])
+def test_latency_bad_input(args, needle, capsys):
+    assert main(["latency", *args, *SMALL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def fake_allocator(budget: int, base: int, per_sequence: int):
+    """A probe whose peak is base + batch * per_sequence; it OOMs past the budget."""
+    calls = []
+
+    def probe(batch: int) -> Probe:
+        calls.append(batch)
+        peak = base + batch * per_sequence
+        return probe_fits({"status": "ok" if peak <= budget else "oom", "metrics": {"peak_bytes": peak},
+                           "batch_size": batch}, budget)
+    return probe, calls
+
+
+@pytest.mark.parametrize("start", [1, 3, 37, 100, 5000])
+@pytest.mark.parametrize("budget", [1_000, 10_000, 123_457])
+def test_capacity_search_finds_the_exact_largest_batch(start, budget):
+    probe, calls = fake_allocator(budget, base=500, per_sequence=97)
+    result = find_max_batch(probe, start, limit=4096)
+    expected = max(0, (budget - 500) // 97)
+    assert result.max_batch == expected
+    assert 500 + result.max_batch * 97 <= budget < 500 + (result.max_batch + 1) * 97
+    assert len(calls) == len(set(calls)) <= 30  # terminates, no batch probed twice
+    assert all(p.fits == (500 + p.batch_size * 97 <= budget) for p in result.probes)
+
+
+def test_capacity_search_stops_at_the_limit_and_at_zero():
+    probe, _ = fake_allocator(10**12, base=0, per_sequence=1)
+    result = find_max_batch(probe, 1, limit=64)
+    assert result.max_batch == 64 and result.hit_limit
+    probe, calls = fake_allocator(100, base=200, per_sequence=1)
+    result = find_max_batch(probe, 16, limit=64)
+    assert result.max_batch == 0 and 1 in calls
+
+
+def test_probe_fits_needs_ok_and_peak_within_budget():
+    assert probe_fits({"status": "ok", "metrics": {"peak_bytes": 10}, "batch_size": 2}, 10).fits
+    assert not probe_fits({"status": "ok", "metrics": {"peak_bytes": 11}, "batch_size": 2}, 10).fits
+    assert not probe_fits({"status": "oom", "metrics": {"peak_bytes": 5}, "batch_size": 2}, 10).fits
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("1.5GB") == 1_500_000_000
+    assert parse_bytes("512") == 512 and parse_bytes("64 MiB") == 64 * 2**20
+    for bad in ("lots", "-1GiB", "0.1B", "80 GiBs"):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+
+
+def test_capacity_command_on_cpu(tmp_path):
+    out = tmp_path / "cap.jsonl"
+    assert main(["capacity", "--budget", "96MiB", "--loops", "1,8", "--max-batch", "64", "--out", str(out),
+                 "--models", "ouro-tiny,melt-tiny", "--seq-lens", "512", "--new-tokens", "4", "--device", "cpu",
+                 "--dtype", "float32", "--no-progress"]) == 0
+    frame = load_results(out)
+    assert set(frame.status) == {"ok"} and (frame.batch_size == 0).all()
+    assert (frame.memory_budget_bytes == 96 * 2**20).all()
+    for probes, best in zip(frame.probes, frame.max_batch):
+        assert all(p["peak_bytes"] <= 96 * 2**20 for p in probes if p["fits"])
+        assert any(p["fits"] and p["batch_size"] == best for p in probes) or best == 0
+    cap = frame.set_index(["model", "loops"]).max_batch
+    assert cap["ouro-tiny", 8] <= cap["ouro-tiny", 1]
+
+
+def test_capacity_budget_errors(capsys):
+    assert main(["capacity", "--budget", "auto", *SMALL]) == 2
+    assert "--budget auto needs a CUDA device" in capsys.readouterr().err
+    assert main(["capacity", "--budget", "lots", *SMALL]) == 2
+    assert "--budget" in capsys.readouterr().err
