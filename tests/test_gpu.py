@@ -85,6 +85,11 @@ def test_capacity_budget_caps_the_cuda_allocator():
     from melt_bench.measure_memory import measure_memory_point
     from melt_bench.sweep_plan import SweepPoint
 
+    from melt_bench.launcher import run_in_child
+
     point = SweepPoint("memory", "ouro-1.4b", 1, 128, 1, "decode", 4, "bfloat16", "cuda:0")
-    row = measure_memory_point(point, budget_bytes=2 * 2**30)  # the weights alone are 2.7 GiB
-    assert row["status"] == "oom"
+    # the weights alone are 2.7 GiB; in a child, so the cap does not stay on this process
+    over = run_in_child(measure_memory_point, (point, 10.0, None, 2 * 2**30), 300).value
+    fits = run_in_child(measure_memory_point, (point, 10.0, None, 8 * 2**30), 300).value
+    assert over["status"] == "oom" and fits["status"] == "ok"
+    assert fits["metrics"]["cuda_max_allocated_bytes"] <= 8 * 2**30
