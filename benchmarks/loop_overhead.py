@@ -5,7 +5,8 @@ Times prefill (one forward over the prompt) and per-token decode for:
   flat:   our code with L*T layers and 1 loop (same kernels, no loop machinery);
   llama:  transformers' LlamaForCausalLM with L*T layers (an independent implementation);
 and prints the ratios looped/flat and looped/llama (1.00 = no overhead). Weights are random;
-only the time matters. Timing: CUDA events on a GPU, perf_counter on a CPU; warm-up first.
+only the time matters. Timing: CUDA events on a GPU, perf_counter on a CPU; all models warmed up, then timed
+round-robin.
 
     python benchmarks/loop_overhead.py                      # small CPU config
     python benchmarks/loop_overhead.py --preset ouro-1.4b --device cuda --dtype bfloat16
@@ -42,29 +43,37 @@ def timer(device: torch.device):
     return run
 
 
-def time_model(model, loops_kwargs: dict, ids: torch.Tensor, new_tokens: int, repeats: int, device) -> tuple[float, float]:
-    """Median prefill ms and median decode ms/token over `repeats` runs (after one warm-up)."""
+def one_run(model, loops_kwargs: dict, ids: torch.Tensor, new_tokens: int, run) -> tuple[float, float]:
+    """One prefill and `new_tokens` decode steps; returns (prefill ms, decode ms per token)."""
+    cache = model.new_cache(capacity=ids.shape[1] + new_tokens, batch_size=ids.shape[0], **loops_kwargs) \
+        if hasattr(model, "new_cache") else None
+    state = {}
+
+    def do_prefill():
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **_fwd(loops_kwargs))
+        state["cache"], state["token"] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    def do_decode():
+        for _ in range(new_tokens):
+            out = model(state["token"], past_key_values=state["cache"], use_cache=True, **_fwd(loops_kwargs))
+            state["token"] = out.logits[:, -1:].argmax(-1)
+
+    return run(do_prefill), run(do_decode) / new_tokens
+
+
+def time_models(models: dict, ids: torch.Tensor, new_tokens: int, repeats: int, device) -> dict:
+    """Median prefill ms and decode ms/token per model. Every model is warmed up first, then the
+    timed runs go round-robin, so clock ramp-up and drift do not favour whoever runs last."""
     run = timer(device)
-    prefill, decode = [], []
-    for index in range(repeats + 1):
-        cache = model.new_cache(capacity=ids.shape[1] + new_tokens, batch_size=ids.shape[0], **loops_kwargs) \
-            if hasattr(model, "new_cache") else None
-        state = {}
-
-        def do_prefill():
-            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **_fwd(loops_kwargs))
-            state["cache"], state["token"] = out.past_key_values, out.logits[:, -1:].argmax(-1)
-
-        def do_decode():
-            for _ in range(new_tokens):
-                out = model(state["token"], past_key_values=state["cache"], use_cache=True, **_fwd(loops_kwargs))
-                state["token"] = out.logits[:, -1:].argmax(-1)
-
-        p, d = run(do_prefill), run(do_decode)
-        if index:
-            prefill.append(p)
-            decode.append(d / new_tokens)
-    return statistics.median(prefill), statistics.median(decode)
+    for model, loops_kwargs in models.values():
+        one_run(model, loops_kwargs, ids, new_tokens, run)
+    times = {name: ([], []) for name in models}
+    for _ in range(repeats):
+        for name, (model, loops_kwargs) in models.items():
+            prefill, decode = one_run(model, loops_kwargs, ids, new_tokens, run)
+            times[name][0].append(prefill)
+            times[name][1].append(decode)
+    return {name: (statistics.median(p), statistics.median(d)) for name, (p, d) in times.items()}
 
 
 def _fwd(loops_kwargs: dict) -> dict:
@@ -103,11 +112,8 @@ def main() -> None:
             head_dim=fields.get("head_dim"), max_position_embeddings=fields["max_position_embeddings"],
             rope_theta=fields.get("rope_theta", 10_000.0), attn_implementation="sdpa")).eval()
         ids = torch.randint(1, fields["vocab_size"], (1, args.seq), device=device)
-        results = {
-            "looped": time_model(looped, {"loops": loops}, ids, args.new_tokens, args.repeats, device),
-            "flat": time_model(flat, {"loops": 1}, ids, args.new_tokens, args.repeats, device),
-            "llama": time_model(llama, {}, ids, args.new_tokens, args.repeats, device),
-        }
+        models = {"looped": (looped, {"loops": loops}), "flat": (flat, {"loops": 1}), "llama": (llama, {})}
+        results = time_models(models, ids, args.new_tokens, args.repeats, device)
     print(f"config: hidden {fields['hidden_size']}, {layers} layers x {loops} loops (= {layers * loops} flat), "
           f"seq {args.seq}, {args.new_tokens} new tokens, {args.dtype} on {device}")
     for name, (prefill, decode) in results.items():
