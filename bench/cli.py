@@ -242,6 +242,47 @@ def capacity(
         _run_sweep_command("capacity", points, runner, out, resume, retry_failed, progress)
 
 
+@app.command()
+def accuracy(
+    tasks: str = typer.Option("gsm8k", help="lm-eval task names, comma-separated"),
+    loops: Optional[str] = typer.Option(None, help="loop counts (default: 1,2,4)"),
+    models: Optional[str] = _MODELS,
+    weights: Optional[str] = _WEIGHTS,
+    tokenizer: Optional[str] = typer.Option(None, help="tokenizer dir or hub id (default: the checkpoint's; a byte tokenizer for random weights)"),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="few-shot examples (default: the task's)"),
+    limit: Optional[int] = typer.Option(None, help="evaluate only the first N documents"),
+    batch_size: int = typer.Option(1, "--batch-size", help="sequences per forward / generate call"),
+    max_gen_toks: Optional[int] = typer.Option(None, "--max-gen-toks", help="generation cap (default: lm-eval's)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local task data: DIR/TASK/{train,test}.jsonl (default: the hub)"),
+    exit_mode: str = typer.Option("last", "--exit-mode", help="last | step:K | threshold:P | expected"),
+    dtype: Optional[str] = _DTYPE,
+    device: Optional[str] = _DEVICE,
+    out: Optional[Path] = _OUT,
+    resume: bool = _RESUME,
+) -> None:
+    """lm-eval tasks (gsm8k first) for each model across loop counts, with peak memory."""
+    from .accuracy import run_accuracy
+    from .sweep_options import OptionError, check_tasks, resolve_accuracy
+
+    flags = dict(tasks=tasks, loops=loops, models=models, weights=weights, num_fewshot=num_fewshot, limit=limit,
+                 batch_size=batch_size, max_gen_toks=max_gen_toks, data_dir=data_dir, exit_mode=exit_mode,
+                 dtype=dtype, device=device)
+    try:
+        points, notices = resolve_accuracy(flags)
+        check_tasks(sorted({p.task for p in points}), points[0].data_dir)
+    except OptionError as exc:
+        raise UserError(str(exc)) from exc
+    for notice in notices:
+        print(f"melt-bench: {notice}", file=sys.stderr)
+    store, meta = _open_store("accuracy", out, resume)
+    try:
+        ran, skipped = run_accuracy(points, store, meta, tokenizer)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from exc
+    _print_tables("accuracy", store, {p.point_id for p in points})
+    console.print(f"{ran} runs, {skipped} already recorded; results in {store.path}")
+
+
 def _resolve(command: str, flags: dict, suite: str | None):
     from .sweep_options import OptionError, resolve_sweep
 
@@ -296,26 +337,37 @@ def _dry_run(points, dry_run: bool) -> bool:
     return dry_run
 
 
-def _run_sweep_command(kind, points, runner, out, resume, retry_failed, progress) -> None:
+def _open_store(kind: str, out: Path | None, resume: bool):
+    """The results store for --out (refusing an existing file without --resume, and a corrupt or
+    foreign one always, before anything runs) and the run metadata."""
     from .envinfo import collect_env
     from .results import ResultsFileError, ResultsStore
-    from .summary_tables import tables_for
-    from .sweep import run_sweep
 
     out = out or Path("results") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     store = ResultsStore(out)
     if store.exists() and not resume:
         raise UserError(f"--out {out} already exists: pass --resume to continue it, or choose another file")
     try:
-        store.read()  # refuse a corrupt or foreign file before running anything
+        store.read()
     except ResultsFileError as exc:
         raise UserError(str(exc)) from exc
-    meta = collect_env(probe_cuda=False).to_dict()
-    status = run_sweep(kind, points, store, runner, meta, retry_failed, show_progress=progress)
-    planned = {point.point_id for point in points}
+    return store, collect_env(probe_cuda=False).to_dict()
+
+
+def _print_tables(kind: str, store, planned: set[str]) -> None:
+    from .summary_tables import tables_for
+
     for table in tables_for(kind, [row for row in store.read() if row.point_id in planned]):
         console.print(table)
-    console.print(f"{status.ran} points run, {status.skipped} already recorded; results in {out}")
+
+
+def _run_sweep_command(kind, points, runner, out, resume, retry_failed, progress) -> None:
+    from .sweep import run_sweep
+
+    store, meta = _open_store(kind, out, resume)
+    status = run_sweep(kind, points, store, runner, meta, retry_failed, show_progress=progress)
+    _print_tables(kind, store, {point.point_id for point in points})
+    console.print(f"{status.ran} points run, {status.skipped} already recorded; results in {store.path}")
 
 
 def main(argv: list[str] | None = None) -> int:

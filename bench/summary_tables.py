@@ -13,8 +13,8 @@ from .units import format_bytes
 
 
 def latest_rows(rows: list[ResultRow]) -> list[ResultRow]:
-    """The last row of each point (a retried point keeps only its newest outcome)."""
-    return list({row.point_id: row for row in rows}.values())
+    """The last row of each point and metric (a retried point keeps only its newest outcome)."""
+    return list({(row.point_id, row.point.get("metric"), row.point.get("filter")): row for row in rows}.values())
 
 
 def melt_partner(model: str, models: list[str]) -> str | None:
@@ -52,6 +52,10 @@ SPECS = {
         [Column(" prefill", _ms("prefill_ms")), Column(" decode/token", _ms("decode_ms_per_token_mean")),
          Column(" tok/s", lambda m: f"{m['decode_tokens_per_s']:,.1f}" if "decode_tokens_per_s" in m else "-")],
         "decode_ms_per_token_mean"),
+    "accuracy": TableSpec(
+        "accuracy", [Column("", lambda m: f"{m['value']:.4f} ± {m['stderr'] or 0:.4f}" if "value" in m else "-"),
+                     Column(" peak", lambda m: format_bytes(m.get("peak_bytes")))],
+        "value", ("task", "metric", "filter", "exit_mode", "num_fewshot", "limit")),
     "capacity": TableSpec(
         "largest batch within the budget", [Column(" max batch", lambda m: str(m.get("max_batch", "-")))],
         "max_batch", ("seq_len", "new_tokens", "dtype", "device", "memory_budget_bytes")),

@@ -128,3 +128,69 @@ def _validate(spec: SweepSpec) -> None:
         parse_dtype(spec.dtype)
     except ValueError as exc:
         raise OptionError(f"--dtype: {exc}") from exc
+
+
+def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
+    """AccuracyPoints from the accuracy command's flags (None = not given), and notices."""
+    from .accuracy import AccuracyPoint
+    from .lm_eval_adapter import exit_kwargs
+
+    notices = []
+    device = resolve_device(flags.get("device") or "auto")
+    defaults = CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
+    if flags.get("models") is None and device == "cpu":
+        notices.append("no CUDA device: using the tiny CPU presets ouro-tiny,melt-tiny (pass --models to choose)")
+    try:
+        models = as_name_list(flags.get("models") or defaults["models"], "--models")
+        loops = as_int_list(flags.get("loops") or "1,2,4", "--loops")
+        tasks = as_name_list(flags.get("tasks") or "gsm8k", "--tasks")
+    except RangeError as exc:
+        raise OptionError(str(exc)) from exc
+    dtype = flags.get("dtype") or defaults["dtype"]
+    spec = SweepSpec("accuracy", models, loops, [1], [1], dtype=dtype, device=device)
+    _validate(spec)
+    try:
+        exit_kwargs(flags.get("exit_mode") or "last")
+    except ValueError as exc:
+        raise OptionError(f"--exit-mode: {exc}") from exc
+    for name in ("num_fewshot", "limit", "max_gen_toks"):
+        value = flags.get(name)
+        if value is not None and value < (0 if name == "num_fewshot" else 1):
+            raise OptionError(f"--{name.replace('_', '-')}: {value} is out of range")
+    if (flags.get("batch_size") or 1) < 1:
+        raise OptionError(f"--batch-size: {flags['batch_size']} must be at least 1")
+    data_dir = flags.get("data_dir")
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            raise OptionError(f"--data-dir {data_dir}: no such directory")
+        data_dir = str(path.resolve())
+    weights = check_weights(flags.get("weights"))
+    points = [
+        AccuracyPoint(model, loop, task, flags.get("exit_mode") or "last", flags.get("num_fewshot"),
+                      flags.get("limit"), flags.get("batch_size") or 1, flags.get("max_gen_toks"), dtype,
+                      device, weights, data_dir)
+        for model in models for task in tasks for loop in loops
+    ]
+    return points, notices
+
+
+def check_tasks(tasks: list[str], data_dir: str | None) -> None:
+    """Every task must be one lm-eval knows; with --data-dir, its local files must be there and
+    well formed. Checked before anything runs or any results file is opened."""
+    import tempfile
+
+    from lm_eval.tasks import TaskManager
+
+    from .lm_eval_adapter import local_task_dir
+
+    if data_dir is not None:
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                local_task_dir(Path(data_dir), tasks, Path(scratch))
+            except (FileNotFoundError, ValueError) as exc:
+                raise OptionError(str(exc)) from exc
+    known = set(TaskManager().all_tasks)
+    unknown = [task for task in tasks if task not in known]
+    if unknown:
+        raise OptionError(f"--tasks: lm-eval knows no task {', '.join(repr(t) for t in unknown)}")
