@@ -123,6 +123,7 @@ _SUITE = typer.Option(None, help="suite name (suites/NAME.yaml) or YAML path; fl
 _TIMEOUT = typer.Option(None, "--point-timeout", help="seconds one point may take (default: 600)")
 _DRY_RUN = typer.Option(False, "--dry-run", help="list the points and exit")
 _PROGRESS = typer.Option(True, "--progress/--no-progress", help="show the progress bar")
+_REPORT = typer.Option(False, "--report", help="write an HTML report of the results file at the end (reports/)")
 
 
 @app.command()
@@ -145,6 +146,7 @@ def memory(
     nvml_interval_ms: float = typer.Option(10.0, "--nvml-interval-ms", help="NVML sampling interval"),
     dry_run: bool = _DRY_RUN,
     progress: bool = _PROGRESS,
+    report: bool = _REPORT,
 ) -> None:
     """Peak memory across loops x sequence lengths x batch sizes x models, every source measured."""
     from .measure_memory import measure_memory_point
@@ -159,7 +161,7 @@ def memory(
     points = resolved.spec.points()
     if not _dry_run(points, dry_run):
         runner = in_child(measure_memory_point, (nvml_interval_ms,), resolved.point_timeout)
-        _run_sweep_command("memory", points, runner, out, resume, retry_failed, progress)
+        _run_sweep_command("memory", points, runner, out, resume, retry_failed, progress, report)
 
 
 @app.command()
@@ -184,6 +186,7 @@ def latency(
     point_timeout: Optional[float] = _TIMEOUT,
     dry_run: bool = _DRY_RUN,
     progress: bool = _PROGRESS,
+    report: bool = _REPORT,
 ) -> None:
     """Prefill (time to first token), per-token decode latency and tokens/s across loops."""
     from .measure_latency import measure_latency_point
@@ -199,7 +202,7 @@ def latency(
     points = resolved.spec.points()
     if not _dry_run(points, dry_run):
         runner = in_child(measure_latency_point, (), resolved.point_timeout)
-        _run_sweep_command("latency", points, runner, out, resume, retry_failed, progress)
+        _run_sweep_command("latency", points, runner, out, resume, retry_failed, progress, report)
 
 
 @app.command()
@@ -220,6 +223,7 @@ def capacity(
     point_timeout: Optional[float] = _TIMEOUT,
     dry_run: bool = _DRY_RUN,
     progress: bool = _PROGRESS,
+    report: bool = _REPORT,
 ) -> None:
     """The largest batch that decodes N new tokens within a memory budget, searched by real runs."""
     from .capacity import search_capacity
@@ -239,7 +243,7 @@ def capacity(
             value = search_capacity(point, budget_bytes, resolved.point_timeout, max_batch)
             return ChildOutcome("ok", value=value, wall_s=time.monotonic() - started)
 
-        _run_sweep_command("capacity", points, runner, out, resume, retry_failed, progress)
+        _run_sweep_command("capacity", points, runner, out, resume, retry_failed, progress, report)
 
 
 @app.command()
@@ -259,6 +263,7 @@ def accuracy(
     device: Optional[str] = _DEVICE,
     out: Optional[Path] = _OUT,
     resume: bool = _RESUME,
+    report: bool = _REPORT,
 ) -> None:
     """lm-eval tasks (gsm8k first) for each model across loop counts, with peak memory."""
     from .accuracy import run_accuracy
@@ -281,6 +286,34 @@ def accuracy(
         raise UserError(str(exc)) from exc
     _print_tables("accuracy", store, {p.point_id for p in points})
     console.print(f"{ran} runs, {skipped} already recorded; results in {store.path}")
+    if report:
+        console.print(f"report written to {_write_report([store.path], None)}")
+
+
+@app.command()
+def report(
+    results: list[Path] = typer.Argument(..., help="results files (JSONL) to draw"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="HTML file (default: reports/<first file's name>.html)"),
+    compare: Optional[list[Path]] = typer.Option(None, "--compare", help="a second run's results, shown side by side with ratios"),
+) -> None:
+    """A self-contained HTML report (plots, tables, key ratios, provenance) from results files."""
+    path = _write_report(results, output, compare or None)
+    console.print(f"report written to {path}")
+
+
+def _write_report(results: list[Path], output: Path | None, compare: list[Path] | None = None) -> Path:
+    from .report import write_report
+    from .results import ResultsFileError, ResultsStore
+
+    for path in list(results) + list(compare or []):
+        if not path.is_file():
+            raise UserError(f"no results file {path}")
+        try:
+            ResultsStore(path).read()
+        except ResultsFileError as exc:
+            raise UserError(str(exc)) from exc
+    output = output or Path("reports") / f"{results[0].stem}.html"
+    return write_report(list(results), output, compare)
 
 
 def _resolve(command: str, flags: dict, suite: str | None):
@@ -361,13 +394,15 @@ def _print_tables(kind: str, store, planned: set[str]) -> None:
         console.print(table)
 
 
-def _run_sweep_command(kind, points, runner, out, resume, retry_failed, progress) -> None:
+def _run_sweep_command(kind, points, runner, out, resume, retry_failed, progress, report=False) -> None:
     from .sweep import run_sweep
 
     store, meta = _open_store(kind, out, resume)
     status = run_sweep(kind, points, store, runner, meta, retry_failed, show_progress=progress)
     _print_tables(kind, store, {point.point_id for point in points})
     console.print(f"{status.ran} points run, {status.skipped} already recorded; results in {store.path}")
+    if report:
+        console.print(f"report written to {_write_report([store.path], None)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,312 @@
+"""`melt-bench report`: one self-contained HTML file (plots as inline PNG, CSS and a few lines of
+JS inline, no network) from results files. matplotlib draws, pandas tabulates, Jinja2 (with
+autoescaping: every string from results is shown as text) lays out. A section appears only when
+its data does."""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
+from markupsafe import Markup  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .results import ResultsStore, rows_to_frame  # noqa: E402
+from .summary_tables import latest_rows  # noqa: E402
+from .units import format_bytes  # noqa: E402
+
+GiB = 2**30
+FAILED = ("oom", "timeout", "error")
+INTEGER_COLUMNS = ("loops", "seq_len", "batch_size", "new_tokens", "max_batch", "n_samples", "num_fewshot", "limit",
+                   "memory_budget_bytes")
+
+
+@dataclass
+class Figure:
+    caption: str
+    png_base64: str
+
+
+@dataclass
+class Section:
+    title: str
+    anchor: str
+    figures: list[Figure] = field(default_factory=list)
+    tables: list[Markup] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def load_frame(paths: list[Path]) -> pd.DataFrame:
+    """Latest row per point and metric from all files, with a `source` column."""
+    frames = []
+    for path in paths:
+        rows = latest_rows(ResultsStore(path).read())
+        frame = rows_to_frame(rows)
+        frame["source"] = str(path)
+        frames.append(frame)
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    for column in INTEGER_COLUMNS:  # kinds without a field leave NaN, which would make floats
+        if column in frame:
+            frame[column] = frame[column].astype("Int64")
+    return frame
+
+
+def png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def html_table(frame: pd.DataFrame) -> Markup:
+    """A sortable table; cell text escaped by pandas."""
+    table = frame.to_html(index=False, escape=True, classes="sortable", border=0, na_rep="-")
+    return Markup(f'<div class="scroll">{table}</div>')
+
+
+def _groups(frame: pd.DataFrame, keys: list[str]):
+    keys = [k for k in keys if k in frame]
+    return frame.groupby(keys, dropna=False, sort=True) if keys else [((), frame)]
+
+
+def _label(keys: tuple | str) -> str:
+    return ", ".join(str(k) for k in (keys if isinstance(keys, tuple) else (keys,)))
+
+
+def _line_plot(frame: pd.DataFrame, x: str, y: str, series: list[str], title: str, ylabel: str, scale=1.0,
+               mark_failures: bool = True) -> Figure:
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    ok = frame[frame.status == "ok"]
+    for key, part in _groups(ok, series):
+        part = part.sort_values(x)
+        ax.plot(part[x], part[y] / scale, marker="o", label=_label(key))
+    failed = frame[frame.status.isin(FAILED)]
+    if mark_failures and len(failed):
+        top = (ok[y].max() / scale) if len(ok) else 1.0
+        for status, part in failed.groupby("status"):
+            ax.scatter(part[x], [top * 1.05] * len(part), marker="x", s=60, color="#b3261e")
+            for value in part[x]:
+                ax.annotate(status.upper(), (value, top * 1.05), textcoords="offset points", xytext=(0, 6),
+                            ha="center", fontsize=7, color="#b3261e")
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return Figure(title, png(fig))
+
+
+def memory_section(frame: pd.DataFrame) -> Section | None:
+    mem = frame[frame.kind == "memory"]
+    if mem.empty:
+        return None
+    section = Section("Memory vs loops", "memory")
+    source = mem["peak_source"].dropna().iloc[0] if mem["peak_source"].notna().any() else "peak"
+    section.notes.append(f"Peak memory per point ({source}); OOM and timeout points marked at the top.")
+    for key, part in _groups(mem, ["phase", "batch_size", "dtype", "device"]):
+        title = f"peak memory vs loops | phase {key[0]}, batch {key[1]}, {key[2]}, {key[3]}"
+        section.figures.append(_line_plot(part, "loops", "peak_bytes", ["model", "seq_len"], title, "GiB", GiB))
+    table = mem[["model", "loops", "seq_len", "batch_size", "phase", "status"]].copy()
+    for column in ("peak_bytes", "kv_cache_bytes", "weights_bytes", "activation_peak_bytes",
+                   "nvml_device_peak_above_baseline_bytes", "rss_peak_above_baseline_bytes"):
+        if column in mem:
+            table[column.replace("_bytes", "")] = mem[column].map(lambda v: format_bytes(v) if pd.notna(v) else "-")
+    section.tables.append(html_table(table.sort_values(["model", "seq_len", "batch_size", "loops"])))
+    return section
+
+
+def seq_len_section(frame: pd.DataFrame) -> Section | None:
+    mem = frame[(frame.kind == "memory")]
+    if mem.empty or mem.seq_len.nunique() < 2:
+        return None
+    section = Section("Memory vs sequence length", "memory-seq")
+    for key, part in _groups(mem, ["phase", "batch_size"]):
+        title = f"peak memory vs sequence length | phase {key[0]}, batch {key[1]}"
+        section.figures.append(_line_plot(part, "seq_len", "peak_bytes", ["model", "loops"], title, "GiB", GiB))
+    return section
+
+
+def kv_section(frame: pd.DataFrame) -> Section | None:
+    mem = frame[(frame.kind == "memory") & (frame.status == "ok")]
+    if mem.empty or "kv_cache_bytes_predicted" not in mem:
+        return None
+    section = Section("KV cache: measured vs analytic", "kv")
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for model, part in mem.groupby("model"):
+        ax.scatter(part.kv_cache_bytes_predicted / GiB, part.kv_cache_bytes / GiB, label=str(model), s=18)
+    high = max(mem.kv_cache_bytes.max(), mem.kv_cache_bytes_predicted.max()) / GiB
+    ax.plot([0, high], [0, high], color="#888", linewidth=1, label="measured = analytic")
+    ax.set_xlabel("analytic KV (GiB)")
+    ax.set_ylabel("measured KV, from the cache objects (GiB)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    section.figures.append(Figure("KV cache bytes: measured vs analytic", png(fig)))
+    mismatched = int((mem.kv_cache_bytes != mem.kv_cache_bytes_predicted).sum())
+    section.notes.append(f"{len(mem) - mismatched} of {len(mem)} points match the analytic prediction to the byte.")
+    return section
+
+
+def latency_section(frame: pd.DataFrame) -> Section | None:
+    lat = frame[frame.kind == "latency"]
+    if lat.empty:
+        return None
+    section = Section("Latency vs loops", "latency")
+    for key, part in _groups(lat, ["batch_size", "device"]):
+        suffix = f"batch {key[0]}, {key[1]}"
+        section.figures.append(_line_plot(part, "loops", "prefill_ms", ["model", "seq_len"], f"prefill (time to first token) | {suffix}", "ms"))
+        section.figures.append(_line_plot(part, "loops", "decode_ms_per_token_mean", ["model", "seq_len"], f"decode latency per token | {suffix}", "ms / token"))
+        section.figures.append(_line_plot(part, "loops", "decode_tokens_per_s", ["model", "seq_len"], f"decode throughput | {suffix}", "tokens / s"))
+    columns = [c for c in ("model", "loops", "seq_len", "batch_size", "status", "prefill_ms", "decode_ms_per_token_mean",
+                           "decode_ms_per_token_p50", "decode_ms_per_token_p90", "decode_tokens_per_s",
+                           "e2e_tokens_per_s", "loops_executed_mean") if c in lat]
+    section.tables.append(html_table(lat[columns].round(3).sort_values(["model", "seq_len", "loops"])))
+    return section
+
+
+def capacity_section(frame: pd.DataFrame) -> Section | None:
+    cap = frame[frame.kind == "capacity"]
+    if cap.empty:
+        return None
+    section = Section("Capacity: largest batch within the budget", "capacity")
+    for key, part in _groups(cap, ["memory_budget_bytes", "device"]):
+        title = f"largest batch vs loops | budget {format_bytes(key[0])}, {key[1]}"
+        section.figures.append(_line_plot(part, "loops", "max_batch", ["model", "seq_len"], title, "sequences"))
+    table = cap[["model", "loops", "seq_len", "new_tokens", "status", "max_batch"]].copy()
+    table["budget"] = cap.memory_budget_bytes.map(format_bytes)
+    table["probes"] = cap.probes.map(lambda p: len(p) if isinstance(p, list) else 0)
+    section.tables.append(html_table(table.sort_values(["model", "seq_len", "loops"])))
+    return section
+
+
+def accuracy_section(frame: pd.DataFrame) -> Section | None:
+    acc = frame[(frame.kind == "accuracy") & (frame.status == "ok")] if "value" in frame else frame.iloc[0:0]
+    if acc.empty:
+        return None
+    section = Section("Accuracy vs loops", "accuracy")
+    for key, part in _groups(acc, ["task", "metric", "filter"]):
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        for model, series in part.groupby("model"):
+            series = series.sort_values("loops")
+            ax.errorbar(series.loops, series.value, yerr=series.stderr.fillna(0), marker="o", capsize=3, label=str(model))
+        ax.set_xlabel("loops")
+        ax.set_ylabel(str(key[1]))
+        ax.set_title(f"{_label(key)}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        section.figures.append(Figure(f"accuracy vs loops | {_label(key)}", png(fig)))
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        for model, series in part.groupby("model"):
+            ax.scatter(series.peak_bytes / GiB, series.value, label=str(model))
+            for _, row in series.iterrows():
+                ax.annotate(f"T={row.loops}", (row.peak_bytes / GiB, row.value), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.set_xlabel("peak memory during the evaluation (GiB)")
+        ax.set_ylabel(str(key[1]))
+        ax.set_title(f"accuracy vs peak memory | {_label(key)}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        section.figures.append(Figure(f"accuracy vs peak memory | {_label(key)}", png(fig)))
+    table = acc[["model", "loops", "task", "metric", "filter", "exit_mode", "value", "stderr", "n_samples"]].copy()
+    table["peak"] = acc.peak_bytes.map(format_bytes)
+    section.tables.append(html_table(table.round(4).sort_values(["task", "filter", "model", "loops"])))
+    return section
+
+
+def headlines(frame: pd.DataFrame) -> list[str]:
+    """The key Ouro/MELT ratios, at the largest loop count where both models finished."""
+    lines = []
+    pairs = [(m, "melt" + m[4:]) for m in frame.get("model", pd.Series(dtype=str)).dropna().unique()
+             if str(m).startswith("ouro") and "melt" + m[4:] in set(frame.model)]
+    for ouro, melt in pairs:
+        for kind, metric, phrase in (("memory", "peak_bytes", "peak memory"),
+                                     ("latency", "decode_ms_per_token_mean", "decode time per token")):
+            part = frame[(frame.kind == kind) & (frame.status == "ok") & frame.model.isin([ouro, melt])]
+            if part.empty or metric not in part:
+                continue
+            both = part.pivot_table(index=["loops", "seq_len", "batch_size"], columns="model", values=metric).dropna()
+            if ouro in both and melt in both and len(both):
+                (loops, seq, batch), row = max(both.iterrows(), key=lambda kv: kv[0])
+                ratio = row[ouro] / row[melt]
+                value = format_bytes if metric.endswith("bytes") else (lambda v: f"{v:,.2f} ms")
+                lines.append(f"At {loops} loops and {seq:,} tokens (batch {batch}), {ouro} needs {ratio:.2f}x "
+                             f"{melt}'s {phrase} ({value(row[ouro])} vs {value(row[melt])}).")
+        failed = frame[(frame.kind == "memory") & (frame.model == ouro) & (frame.status == "oom")]
+        if len(failed):
+            first = failed.sort_values("loops").iloc[0]
+            lines.append(f"{ouro} runs out of memory from {first.loops} loops at {first.seq_len:,} tokens, "
+                         f"batch {first.batch_size}.")
+    return lines
+
+
+def provenance(frame: pd.DataFrame, paths: list[Path]) -> list[Markup]:
+    wanted = {"source": "file", "meta.git_commit": "commit", "meta.melt_bench": "melt-bench", "meta.host": "host",
+              "meta.torch": "torch", "meta.transformers": "transformers", "meta.torch_cuda": "CUDA (torch)",
+              "meta.nvml.driver_version": "driver"}
+    columns = [c for c in wanted if c in frame]
+    table = frame[columns].drop_duplicates().rename(columns=wanted) if columns else pd.DataFrame()
+    if "meta.nvml.devices" in frame:
+        gpus = frame.groupby("source")["meta.nvml.devices"].first().map(
+            lambda devices: ", ".join(d["name"] for d in devices) if isinstance(devices, list) else "-")
+        table = table.merge(gpus.rename("GPU").reset_index().rename(columns={"source": "file"}), on="file", how="left")
+    counts = frame.groupby("source").agg(rows=("kind", "size"), kinds=("kind", lambda k: ", ".join(sorted(set(k)))),
+                                         first=("created_at", "min"), last=("created_at", "max")).reset_index()
+    return [html_table(counts.rename(columns={"source": "file"})), html_table(table)]
+
+
+def compare_section(frame: pd.DataFrame, other: pd.DataFrame) -> Section:
+    """The same points in two runs side by side, with new/old ratios."""
+    section = Section("Comparison with a second run", "compare")
+    keys = ["kind", "model", "loops", "seq_len", "batch_size", "phase"]
+    metrics = {"memory": "peak_bytes", "latency": "decode_ms_per_token_mean", "capacity": "max_batch",
+               "accuracy": "value"}
+    rows = []
+    for kind, metric in metrics.items():
+        a, b = frame[frame.kind == kind], other[other.kind == kind]
+        if a.empty or b.empty or metric not in a or metric not in b:
+            continue
+        extra = ["task", "metric", "filter"] if kind == "accuracy" else []
+        on = [k for k in keys + extra if k in a and k in b]
+        merged = a[on + [metric, "status"]].merge(b[on + [metric, "status"]], on=on, suffixes=(" (this)", " (other)"))
+        merged["metric"] = metric if kind != "accuracy" else merged.get("metric", metric)
+        merged["this/other"] = (merged[f"{metric} (this)"] / merged[f"{metric} (other)"]).round(3)
+        rows.append(merged.rename(columns={f"{metric} (this)": "this", f"{metric} (other)": "other"}))
+    if rows:
+        section.tables.append(html_table(pd.concat(rows, ignore_index=True)))
+    else:
+        section.notes.append("The two runs share no points.")
+    return section
+
+
+def build_report(paths: list[Path], compare: list[Path] | None = None, title: str | None = None) -> str:
+    frame = load_frame(paths)
+    sections = [s for s in (memory_section(frame), seq_len_section(frame), kv_section(frame),
+                            latency_section(frame), capacity_section(frame), accuracy_section(frame)) if s]
+    if compare:
+        sections.append(compare_section(frame, load_frame(compare)))
+    environment = Environment(loader=PackageLoader("melt_bench", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    return environment.get_template("report.html.j2").render(
+        title=title or "melt-bench report: " + ", ".join(p.name for p in paths),
+        generated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        version=__version__, sources=[str(p) for p in paths], headlines=headlines(frame),
+        sections=sections, provenance=provenance(frame, paths),
+    )
+
+
+def write_report(paths: list[Path], out: Path, compare: list[Path] | None = None) -> Path:
+    html = build_report(paths, compare)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(html, encoding="utf-8")
+    return out
+
+
+__all__ = ["build_report", "write_report"]

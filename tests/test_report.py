@@ -1,0 +1,162 @@
+"""The HTML report: sections from generated results, escaping, comparison, and a real browser."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from melt_bench.cli import main
+from melt_bench.report import build_report, write_report
+from melt_bench.results import ResultRow, ResultsStore
+
+GiB = 2**30
+EVIL = "<script>alert(1)</script>"
+
+
+def memory_row(model, loops, status="ok", seq=1024, batch=1, peak=None, meta=None):
+    point = dict(command="memory", model=model, loops=loops, seq_len=seq, batch_size=batch, phase="decode",
+                 new_tokens=8, dtype="bfloat16", device="cuda:0", weights=None, repeat=0)
+    kv = (loops if model.startswith("ouro") else 1) * GiB // 4
+    metrics = {} if status != "ok" else {
+        "peak_bytes": peak or 3 * GiB + kv, "peak_source": "torch.cuda.max_memory_allocated", "kv_cache_bytes": kv,
+        "kv_cache_bytes_predicted": kv, "weights_bytes": 3 * GiB, "activation_peak_bytes": 0}
+    return ResultRow("memory", f"{model}-{loops}-{seq}-{batch}", point, status,
+                     None if status == "ok" else "CUDA out of memory", metrics,
+                     meta or {"host": "gpu-box", "git_commit": "abc123", "torch": "2.11",
+                              "nvml": {"driver_version": "580", "devices": [{"name": "NVIDIA H100"}]}}, 1.0)
+
+
+def write_rows(path: Path, rows) -> Path:
+    store = ResultsStore(path)
+    for row in rows:
+        store.append(row)
+    return path
+
+
+def memory_file(tmp_path, name="mem.jsonl", models=("ouro-1.4b", "melt-1.4b")):
+    rows = [memory_row(m, t) for m in models for t in (1, 2, 4, 8)]
+    rows.append(memory_row("ouro-1.4b", 16, status="oom"))
+    rows.append(memory_row("melt-1.4b", 16))
+    rows += [memory_row(m, t, seq=4096) for m in models for t in (1, 4)]
+    return write_rows(tmp_path / name, rows)
+
+
+def test_memory_only_report_has_memory_sections_and_not_the_others(tmp_path):
+    html = build_report([memory_file(tmp_path)])
+    assert 'id="memory"' in html and 'id="memory-seq"' in html and 'id="kv"' in html and 'id="provenance"' in html
+    for absent in ('id="latency"', 'id="capacity"', 'id="accuracy"', 'id="compare"'):
+        assert absent not in html
+    assert "At 8 loops and 1,024 tokens (batch 1), ouro-1.4b needs 1.54x melt-1.4b&#39;s peak memory" in html
+    assert "runs out of memory from 16 loops" in html
+    assert html.count("data:image/png;base64,") >= 3 and ">oom<" in html
+    assert "NVIDIA H100" in html and "abc123" in html
+    assert "http://" not in html and "https://" not in html and "<link" not in html  # no network fetches
+
+
+def test_every_string_from_results_is_escaped(tmp_path):
+    rows = [memory_row(EVIL, 1, meta={"host": EVIL, "git_commit": "<b>x</b>"}), memory_row(EVIL, 2, status="oom")]
+    rows[1].error = EVIL
+    html = build_report([write_rows(tmp_path / "evil.jsonl", rows)])
+    assert EVIL not in html and "<b>x</b>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def latency_row(model, loops, decode_ms):
+    point = dict(command="latency", model=model, loops=loops, seq_len=512, batch_size=1, phase="decode",
+                 new_tokens=16, dtype="bfloat16", device="cuda:0", weights=None, repeat=0, warmup=1, timed_runs=3)
+    metrics = {"prefill_ms": 10.0 * loops, "decode_ms_per_token_mean": decode_ms, "decode_ms_per_token_p50": decode_ms,
+               "decode_ms_per_token_p90": decode_ms, "decode_tokens_per_s": 1000 / decode_ms,
+               "e2e_tokens_per_s": 900 / decode_ms, "loops_executed_mean": loops}
+    return ResultRow("latency", f"lat-{model}-{loops}", point, "ok", None, metrics, {"host": "h"}, 1.0)
+
+
+def capacity_row(model, loops, best):
+    point = dict(command="capacity", model=model, loops=loops, seq_len=4096, batch_size=0, phase="decode",
+                 new_tokens=8, dtype="bfloat16", device="cuda:0", weights=None, repeat=0, memory_budget_bytes=40 * GiB)
+    metrics = {"max_batch": best, "probes": [{"batch_size": best, "fits": True, "status": "ok", "peak_bytes": GiB}]}
+    return ResultRow("capacity", f"cap-{model}-{loops}", point, "ok", None, metrics, {"host": "h"}, 1.0)
+
+
+def accuracy_row(model, loops, value):
+    point = dict(command="accuracy", model=model, loops=loops, task="gsm8k", exit_mode="last", num_fewshot=5,
+                 limit=None, batch_size=1, max_gen_toks=None, dtype="bfloat16", device="cuda:0", weights=None,
+                 data_dir=None, metric="exact_match", filter="strict-match")
+    metrics = {"value": value, "stderr": 0.01, "n_samples": 100, "peak_bytes": (loops + 3) * GiB}
+    return ResultRow("accuracy", f"acc-{model}-{loops}", point, "ok", None, metrics, {"host": "h"}, 1.0)
+
+
+def full_files(tmp_path):
+    lat = write_rows(tmp_path / "lat.jsonl", [latency_row(m, t, t * (20 if m[0] == "o" else 25))
+                                             for m in ("ouro-1.4b", "melt-1.4b") for t in (1, 4)])
+    cap = write_rows(tmp_path / "cap.jsonl", [capacity_row("ouro-1.4b", 4, 5), capacity_row("melt-1.4b", 4, 21)])
+    acc = write_rows(tmp_path / "acc.jsonl", [accuracy_row(m, t, v) for m, t, v in
+                                             (("ouro-1.4b", 1, 0.4), ("ouro-1.4b", 4, 0.78), ("melt-1.4b", 4, 0.74))])
+    return [memory_file(tmp_path), lat, cap, acc]
+
+
+def test_full_report_and_comparison(tmp_path):
+    files = full_files(tmp_path)
+    other = memory_file(tmp_path / "old", models=("ouro-1.4b",)) if (tmp_path / "old").mkdir() is None else None
+    html = build_report(files, compare=[other])
+    for section in ("memory", "kv", "latency", "capacity", "accuracy", "compare", "provenance"):
+        assert f'id="{section}"' in html
+    assert "decode time per token" in html and "this/other" in html
+    assert html.count("<table") >= 6
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def render(page: Path, shot: Path) -> str:
+    """Open `page` in headless Chromium, save a screenshot, return its log (console messages included)."""
+    result = subprocess.run(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={shot.parent / 'chrome-profile'}", "--enable-logging=stderr", "--v=0",
+         "--window-size=1280,2000", f"--screenshot={shot}", page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120)
+    return result.stderr
+
+
+def console_errors(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "CONSOLE" in line and ("Uncaught" in line or "Error" in line)]
+
+
+def non_white_fraction(png: Path) -> float:
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(str(png))[..., :3]
+    return float((pixels.min(axis=-1) < 0.95).mean())
+
+
+@pytest.mark.skipif(chromium() is None, reason="Chromium is not installed (.ci/run installs Debian's chromium; "
+                                                 "it could not be installed on this machine)")
+def test_report_renders_in_a_real_browser(tmp_path):
+    broken = tmp_path / "broken.html"
+    broken.write_text("<html><body><p>x</p><script>undefinedFunction();</script></body></html>")
+    assert console_errors(render(broken, tmp_path / "broken.png")), "the console check must catch a broken page"
+    page = write_report(full_files(tmp_path), tmp_path / "report.html")
+    shot = tmp_path / "report.png"
+    log = render(page, shot)
+    assert shot.is_file() and not console_errors(log), console_errors(log)
+    assert non_white_fraction(shot) > 0.03  # not a blank page
+    shutil.copy(shot, Path(__file__).parent.parent / "reports" / "last-test-screenshot.png")
+
+
+def test_report_command_and_sweep_flag(tmp_path, monkeypatch, capsys):
+    files = full_files(tmp_path)
+    out = tmp_path / "r.html"
+    assert main(["report", *map(str, files), "-o", str(out)]) == 0
+    assert out.read_text().startswith("<!DOCTYPE html>")
+    assert main(["report", str(tmp_path / "missing.jsonl")]) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("garbage\n")
+    assert main(["report", str(bad)]) == 2
+    assert bad.read_text() == "garbage\n"
+    monkeypatch.chdir(tmp_path)
+    assert main(["memory", "--loops", "1", "--models", "ouro-tiny", "--seq-lens", "16", "--batch-sizes", "1",
+                 "--new-tokens", "2", "--device", "cpu", "--dtype", "float32", "--no-progress",
+                 "--out", "results/m.jsonl", "--report"]) == 0
+    assert (tmp_path / "reports" / "m.html").is_file()
