@@ -19,8 +19,11 @@ from transformers.cache_utils import Cache
 class LoopedKVCache(Cache):
     """K/V buffers of shape (batch, kv_heads, tokens, head_dim), one pair per slot."""
 
-    def __init__(self, num_slots: int, loops: int, capacity: int | None = None) -> None:
+    def __init__(self, num_slots: int, loops: int, capacity: int | None = None, functional: bool = False) -> None:
         super().__init__(layers=[])
+        # functional: writes never modify a tensor in place (training: autograd keeps the rows
+        # each loop attended to, though MELT rewrites a chunk's rows at every loop).
+        self.functional = functional
         self.num_slots = num_slots
         self.loops = loops  # the loop count the slots were laid out for
         self.capacity = capacity
@@ -51,6 +54,8 @@ class LoopedKVCache(Cache):
     def _write(self, buf: torch.Tensor | None, rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
         if buf is not None and buf.shape[0] != rows.shape[0]:
             raise ValueError(f"cache holds batch {buf.shape[0]}, forward got batch {rows.shape[0]}")
+        if self.functional:
+            return rows if buf is None or start == 0 else torch.cat([buf[:, :, :start], rows], dim=2)
         if buf is None or buf.shape[2] < end:
             size = end
             if self.capacity is not None:
@@ -123,3 +128,29 @@ class LoopedKVCache(Cache):
             f"LoopedKVCache(slots={self.num_slots}, loops={self.loops}, seq_len={self.seq_len}, "
             f"capacity={self.capacity}, nbytes={self.nbytes()})"
         )
+
+
+class TransitionKVCache:
+    """MELT's phase-1 ("interpolated transition") cache: Ouro's per-loop rows and MELT's shared
+    rows are both kept, and attention reads KV = alpha * KV_MELT + (1 - alpha) * KV_Ouro.
+    At alpha = 0 the model attends exactly as Ouro, at alpha = 1 exactly as MELT."""
+
+    def __init__(self, ouro: LoopedKVCache, melt: LoopedKVCache, alpha: float) -> None:
+        self.ouro, self.melt, self.alpha = ouro, melt, alpha
+
+    @property
+    def seq_len(self) -> int:
+        return self.melt.seq_len
+
+    @seq_len.setter
+    def seq_len(self, value: int) -> None:
+        self.ouro.seq_len = self.melt.seq_len = value
+
+    def update_mixed(
+        self, slots: tuple[int, int], ouro_rows: tuple[torch.Tensor, torch.Tensor],
+        melt_rows: tuple[torch.Tensor, torch.Tensor], start: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        k_o, v_o = self.ouro.update_slot(slots[0], *ouro_rows, start)
+        k_m, v_m = self.melt.update_slot(slots[1], *melt_rows, start)
+        a = self.alpha
+        return a * k_m + (1 - a) * k_o, a * v_m + (1 - a) * v_o

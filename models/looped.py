@@ -28,7 +28,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configs import MAX_LOOPS, OuroConfig
-from .kv_cache import LoopedKVCache
+from .kv_cache import LoopedKVCache, TransitionKVCache
 from .kv_policy import GateProjection, KVPolicy, kv_bytes_per_token, kv_policy_for
 
 
@@ -113,8 +113,8 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         attn: AttentionMask,
-        cache: LoopedKVCache | None,
-        slot: int,
+        cache: LoopedKVCache | TransitionKVCache | None,
+        slot: int | tuple[int, int],
         start: int,
         kv_state: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -125,7 +125,11 @@ class Attention(nn.Module):
         v = self.v_proj(kv_in).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
+        if isinstance(cache, TransitionKVCache):  # MELT phase-1 training: mix with Ouro's rows
+            k_o = apply_rope(self.k_proj(x).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            v_o = self.v_proj(x).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            k, v = cache.update_mixed(slot, (k_o, v_o), (k, v), start)
+        elif cache is not None:
             k, v = cache.update_slot(slot, k, v, start)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn.mask, is_causal=attn.is_causal,
@@ -158,10 +162,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm_2 = RMSNorm(config.hidden_size, eps)
 
     def forward(self, x, rope, attn, cache, slot, start, kv_state):
+        """Returns the new residual stream, the KV state (MELT's h) and the attention output."""
         h, kv_state = self.self_attn(self.input_layernorm(x), rope, attn, cache, slot, start, kv_state)
         x = x + self.input_layernorm_2(h)
         x = x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
-        return x, kv_state
+        return x, kv_state, h
 
 
 class LoopedPreTrainedModel(PreTrainedModel):
@@ -199,6 +204,7 @@ class LoopOutputs:
     hidden_per_loop: list[torch.Tensor] | None
     loops_run: int  # loops actually computed (fewer than asked when early stopping)
     exit_steps: torch.Tensor | None = None  # early stopping: each token's exit loop (0-based)
+    attention: dict[tuple[int, int], torch.Tensor] | None = None  # (loop, layer) -> attention output
 
 
 class EarlyStop:
@@ -260,14 +266,16 @@ class LoopedModel(LoopedPreTrainedModel):
         loops: int | None = None,
         keep_hidden_per_loop: bool = False,
         early_stop_threshold: float | None = None,
+        record_attention: bool = False,
     ) -> LoopOutputs:
         """`early_stop_threshold` stops computing loops once every token's cumulative exit
-        probability reaches it (one chunk only: decoding steps, or a prompt within chunk_size)."""
+        probability reaches it (one chunk only: decoding steps, or a prompt within chunk_size).
+        `record_attention` returns every (loop, layer)'s attention output (for distillation)."""
         loops = loops or self.config.total_ut_steps
         if not 1 <= loops <= MAX_LOOPS:
             raise ValueError(f"loops must lie in 1..{MAX_LOOPS}, got {loops}")
         cache = past_key_values
-        if cache is not None and cache.num_slots != self.policy.num_slots(loops):
+        if isinstance(cache, LoopedKVCache) and cache.num_slots != self.policy.num_slots(loops):
             raise ValueError(f"cache was laid out for {cache.loops} loops, forward asked for {loops}")
         bsz, seq = input_ids.shape
         if seq == 0:
@@ -280,12 +288,14 @@ class LoopedModel(LoopedPreTrainedModel):
             position_ids = _positions(attention_mask, past, seq, input_ids.device)
         chunk = self.policy.chunk_size or seq
         if cache is None and chunk < seq:
-            cache = self.new_cache(loops)  # chunks must see earlier chunks' final rows
+            # chunks must see earlier chunks' final rows; when training, through autograd
+            cache = LoopedKVCache(self.policy.num_slots(loops), loops, functional=self.training and torch.is_grad_enabled())
         if early_stop_threshold is not None and chunk < seq:
             raise ValueError(f"early stopping needs the input in one chunk ({seq} tokens > chunk_size {chunk})")
 
         x_all = self.embed_tokens(input_ids)
         last, gates, per_loop = [], [[] for _ in range(loops)], [[] for _ in range(loops)]
+        attention = {(t, i): [] for t in range(loops) for i in range(len(self.layers))}
         for c0 in range(0, seq, chunk):
             x = x_all[:, c0 : c0 + chunk]
             start = past + c0
@@ -295,7 +305,12 @@ class LoopedModel(LoopedPreTrainedModel):
             stop = EarlyStop(early_stop_threshold, loops) if early_stop_threshold is not None else None
             for loop in range(loops):
                 for i, layer in enumerate(self.layers):
-                    x, kv_states[i] = layer(x, rope, attn, cache, self.policy.slot(loop, i), start, kv_states[i])
+                    slot = self.policy.slot(loop, i)
+                    if isinstance(cache, TransitionKVCache):
+                        slot = (loop * len(self.layers) + i, slot)  # (Ouro's per-loop slot, MELT's)
+                    x, kv_states[i], attn_out = layer(x, rope, attn, cache, slot, start, kv_states[i])
+                    if record_attention:
+                        attention[(loop, i)].append(attn_out)
                 x = self.norm(x)
                 gates[loop].append(self.early_exit_gate(x).squeeze(-1))
                 if keep_hidden_per_loop:
@@ -315,6 +330,8 @@ class LoopedModel(LoopedPreTrainedModel):
             hidden_per_loop=[torch.cat(per_loop[loop], dim=1) for loop in ran] if keep_hidden_per_loop else None,
             loops_run=len(ran),
             exit_steps=stop.exit_steps if stop is not None else None,
+            attention={key: torch.cat(parts, dim=1) for key, parts in attention.items() if parts}
+            if record_attention else None,
         )
 
 
@@ -416,7 +433,7 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
             exit_at_step = self.config.early_exit_step
         if exit_at_step is not None and not 0 <= exit_at_step < loops:
             raise ValueError(f"exit_at_step must lie in 0..{loops - 1}, got {exit_at_step}")
-        if use_cache and not isinstance(past_key_values, LoopedKVCache):
+        if use_cache and not isinstance(past_key_values, (LoopedKVCache, TransitionKVCache)):
             # generate() hands us an empty DynamicCache; ours replaces it (never a filled one).
             if past_key_values is not None and past_key_values.get_seq_length() > 0:
                 raise ValueError("past_key_values must be a LoopedKVCache (see model.new_cache())")
