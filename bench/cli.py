@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -314,6 +315,65 @@ def _write_report(results: list[Path], output: Path | None, compare: list[Path] 
             raise UserError(str(exc)) from exc
     output = output or Path("reports") / f"{results[0].stem}.html"
     return write_report(list(results), output, compare)
+
+
+@app.command()
+def convert(
+    source: str = typer.Option(..., "--from", help="Ouro preset (e.g. ouro-1.4b) or checkpoint dir / hub id"),
+    out: Path = typer.Option(..., help="output directory: checkpoint.pt, train_log.jsonl, model/"),
+    data: str = typer.Option(..., help="training data: JSONL (text, or question+answer), text file, or hub id"),
+    chunk_size: int = typer.Option(500, "--chunk-size", help="MELT's training chunk (paper: 500)"),
+    transition_steps: int = typer.Option(500, "--transition-steps", help="phase 1 steps (paper: 500)"),
+    distill_steps: int = typer.Option(300, "--distill-steps", help="phase 2 steps (paper: 300)"),
+    lr_base: float = typer.Option(8e-6, "--lr-base", help="learning rate of the base weights (paper: 8e-6)"),
+    lr_gate: float = typer.Option(5e-4, "--lr-gate", help="learning rate of the gate (paper: 5e-4)"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    seq_len: int = typer.Option(512, "--seq-len", help="tokens per training sequence (longer ones are cut)"),
+    loops: Optional[int] = typer.Option(None, help="loops to train at (default: the model's total_ut_steps)"),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every"),
+    seed: int = typer.Option(0),
+    device: Optional[str] = _DEVICE,
+    dtype: str = typer.Option("float32", help="float32 | bfloat16"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt"),
+    progress: bool = _PROGRESS,
+) -> None:
+    """MELT's two-phase post-training (interpolated transition, then distillation) from Ouro."""
+    from .convert import CHECKPOINT, ConvertConfig, run_convert
+    from .sweep_options import OptionError, resolve_device
+
+    for name, value, least in (("--chunk-size", chunk_size, 1), ("--transition-steps", transition_steps, 0),
+                               ("--distill-steps", distill_steps, 0), ("--batch-size", batch_size, 1),
+                               ("--seq-len", seq_len, 2), ("--checkpoint-every", checkpoint_every, 1)):
+        if value < least:
+            raise UserError(f"{name}: {value} must be at least {least}")
+    if transition_steps + distill_steps == 0 or lr_base < 0 or lr_gate < 0:
+        raise UserError("--transition-steps + --distill-steps must be positive and learning rates non-negative")
+    if (out / CHECKPOINT).exists() and not resume:
+        raise UserError(f"--out {out} holds a checkpoint: pass --resume to continue it, or choose another directory")
+    if not Path(data).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", data):
+        raise UserError(f"--data {data}: no such file (and not a hub id like org/name)")
+    try:
+        resolved_device = resolve_device(device or "auto")
+        if Path(source).exists() or "/" in source:
+            from .sweep_options import check_weights
+
+            source = check_weights(source)
+        else:
+            from melt_bench.models import get_preset
+
+            if get_preset(source).family != "ouro":
+                raise OptionError(f"--from: {source!r} is not an Ouro model")
+    except (OptionError, ValueError) as exc:
+        raise UserError(str(exc).replace("--weights", "--from")) from exc
+    config = ConvertConfig(source=source, out=str(out), data=data, chunk_size=chunk_size,
+                           transition_steps=transition_steps, distill_steps=distill_steps, lr_base=lr_base,
+                           lr_gate=lr_gate, batch_size=batch_size, seq_len=seq_len, loops=loops,
+                           device=resolved_device, dtype=dtype, checkpoint_every=checkpoint_every, seed=seed)
+    try:
+        final = run_convert(config, resume=resume, progress=progress)
+    except ValueError as exc:  # malformed data
+        raise UserError(str(exc)) from exc
+    console.print(f"MELT model written to {final}")
 
 
 def _resolve(command: str, flags: dict, suite: str | None):
