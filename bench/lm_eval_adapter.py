@@ -69,7 +69,15 @@ class LoopedHFLM(HFLM):
         return super()._model_generate(context, max_length, stop, **generation_kwargs, **self.run_kwargs)
 
 
-REQUIRED_FIELDS = {"gsm8k": ("question", "answer")}  # the official format
+REQUIRED_FIELDS = {"gsm8k": ("question", "answer"), "addition": ("question", "answer")}
+
+
+def shipped_task(task: str) -> Path | None:
+    """melt-bench's own task YAMLs (suites/tasks/), e.g. the tiny `addition` task."""
+    from importlib import resources
+
+    path = resources.files("melt_bench.suites") / "tasks" / f"{task}.yaml"
+    return Path(str(path)) if path.is_file() else None
 
 
 def check_jsonl(path: Path, fields: tuple[str, ...]) -> None:
@@ -102,7 +110,7 @@ def local_task_dir(data_dir: Path, tasks: list[str], into: Path) -> Path:
             raise FileNotFoundError(f"--data-dir {data_dir}: no {task}/test.jsonl or test.jsonl there")
         for path in files.values():
             check_jsonl(path, REQUIRED_FIELDS.get(task, ()))
-        base = next(iter(sorted(builtin.rglob(f"{task}.yaml"))), None)
+        base = shipped_task(task) or next(iter(sorted(builtin.rglob(f"{task}.yaml"))), None)
         if base is None:
             raise FileNotFoundError(f"lm-eval has no task YAML named {task}.yaml to take prompts and metrics from")
         lines = [f"include: {base}", f"task: {task}", "dataset_path: json", "dataset_name: null",

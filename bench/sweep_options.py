@@ -190,7 +190,9 @@ def check_tasks(tasks: list[str], data_dir: str | None) -> None:
                 local_task_dir(Path(data_dir), tasks, Path(scratch))
             except (FileNotFoundError, ValueError) as exc:
                 raise OptionError(str(exc)) from exc
-    known = set(TaskManager().all_tasks)
+    from .lm_eval_adapter import shipped_task
+
+    known = set(TaskManager().all_tasks) | {task for task in tasks if shipped_task(task) and data_dir}
     unknown = [task for task in tasks if task not in known]
     if unknown:
         raise OptionError(f"--tasks: lm-eval knows no task {', '.join(repr(t) for t in unknown)}")
