@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from melt_bench.models import MeltForCausalLM, OuroForCausalLM, load_model
 from melt_bench.models.melt_transition import ATTENTION_WEIGHT, distillation_loss, transition_alpha, transition_logits
 
+from .jsonl import iter_jsonl
+
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
 
@@ -56,13 +58,9 @@ def load_texts(data: str) -> list[str]:
     if path.is_file():
         if path.suffix == ".jsonl":
             texts = []
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from exc
+            for number, row in iter_jsonl(path):
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{number}: not a JSON object")
                 if "text" in row:
                     texts.append(row["text"])
                 elif "question" in row and "answer" in row:

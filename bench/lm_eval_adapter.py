@@ -4,13 +4,14 @@ loaded weights, and local copies of task data for machines without the hub."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import lm_eval
 import torch
 from lm_eval.models.huggingface import HFLM
+
+from .jsonl import iter_jsonl
 
 EXIT_MODES = ("last", "step:K", "threshold:P", "expected")
 
@@ -82,17 +83,10 @@ def shipped_task(task: str) -> Path | None:
 
 def check_jsonl(path: Path, fields: tuple[str, ...]) -> None:
     """Every line a JSON object holding `fields`; ValueError naming the file and line if not."""
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from exc
-            missing = [f for f in fields if not isinstance(row, dict) or f not in row]
-            if missing:
-                raise ValueError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
+    for number, row in iter_jsonl(path):
+        missing = [f for f in fields if not isinstance(row, dict) or f not in row]
+        if missing:
+            raise ValueError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
 
 
 def local_task_dir(data_dir: Path, tasks: list[str], into: Path) -> Path:
