@@ -36,6 +36,7 @@ class ChildOutcome:
     value: Any = None
     error: str | None = None
     wall_s: float = 0.0
+    killed_by: str | None = None  # the signal that ended a crashed child, e.g. "SIGKILL"
 
 
 def _child_main(conn, target: Callable, args: tuple) -> None:
@@ -65,7 +66,9 @@ def run_in_child(target: Callable, args: tuple, timeout_s: float) -> ChildOutcom
             kind, value = receiver.recv()
         except EOFError:  # the child died without a word: a signal, os._exit, the OOM killer
             proc.join(timeout=10)
-            return ChildOutcome("crashed", error=_death_note(proc.exitcode), wall_s=time.monotonic() - started)
+            killed_by = signal.Signals(-proc.exitcode).name if proc.exitcode and proc.exitcode < 0 else None
+            return ChildOutcome("crashed", error=_death_note(proc.exitcode), wall_s=time.monotonic() - started,
+                                killed_by=killed_by)
     finally:
         receiver.close()
     proc.join(timeout=30)

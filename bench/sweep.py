@@ -36,7 +36,7 @@ def outcome_to_row(kind: str, point: SweepPoint, outcome: ChildOutcome, meta: di
         return ResultRow(kind, point.point_id, point.to_dict(), value["status"], value["error"],
                          value["metrics"], meta, outcome.wall_s)
     status = "timeout" if outcome.status == "timeout" else "error"
-    if outcome.error and "out-of-memory killer" in outcome.error:
+    if outcome.killed_by == "SIGKILL":  # what the OS out-of-memory killer sends
         status = "oom"
     return ResultRow(kind, point.point_id, point.to_dict(), status, outcome.error, {}, meta, outcome.wall_s)
 
