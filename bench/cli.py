@@ -357,14 +357,14 @@ def convert(
         if Path(source).exists() or "/" in source:
             from .sweep_options import check_weights
 
-            source = check_weights(source)
+            source = check_weights(source, "--from")
         else:
             from melt_bench.models import get_preset
 
             if get_preset(source).family != "ouro":
                 raise OptionError(f"--from: {source!r} is not an Ouro model")
     except (OptionError, ValueError) as exc:
-        raise UserError(str(exc).replace("--weights", "--from")) from exc
+        raise UserError(str(exc)) from exc
     config = ConvertConfig(source=source, out=str(out), data=data, chunk_size=chunk_size,
                            transition_steps=transition_steps, distill_steps=distill_steps, lr_base=lr_base,
                            lr_gate=lr_gate, batch_size=batch_size, seq_len=seq_len, loops=loops,

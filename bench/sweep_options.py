@@ -53,18 +53,18 @@ def resolve_device(text: str) -> str:
     return f"cuda:{index}"
 
 
-def check_weights(weights: str | None) -> str | None:
+def check_weights(weights: str | None, option: str = "--weights") -> str | None:
     """A local checkpoint directory (made absolute, as children may run elsewhere) or a hub id."""
     if weights is None:
         return None
     path = Path(weights).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise OptionError(f"--weights {weights}: no config.json in that directory")
+            raise OptionError(f"{option} {weights}: no config.json in that directory")
         return str(path.resolve())
     if _HUB_ID.match(weights) and not weights.startswith("."):
         return weights
-    raise OptionError(f"--weights {weights}: no such directory (and not a hub id like org/name)")
+    raise OptionError(f"{option} {weights}: no such directory (and not a hub id like org/name)")
 
 
 def resolve_sweep(command: str, flags: dict, suite: str | None) -> ResolvedSweep:
