@@ -116,6 +116,19 @@ def run_accuracy(
     return len(todo), len(points) - len(todo)
 
 
+KV_PROBE_TOKENS = 16
+
+
+def measured_kv_bytes_per_token(model, loops: int) -> int:
+    """KV-cache bytes per token the model holds at `loops` loops, measured: the storage bytes of
+    a cache sized to exactly KV_PROBE_TOKENS tokens after a forward over them (batch 1)."""
+    cache = model.new_cache(loops, capacity=KV_PROBE_TOKENS)
+    ids = torch.full((1, KV_PROBE_TOKENS), model.config.eos_token_id or 0, device=model.device)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, loops=loops, logits_to_keep=1)
+    return cache.nbytes() // KV_PROBE_TOKENS
+
+
 def _evaluate(lm, point: AccuracyPoint, task_manager, simple_evaluate, meta: dict) -> list[ResultRow]:
     device = torch.device(point.device)
     rss, allocator = RssTracker(), (CudaAllocatorTracker(torch.cuda, device) if device.type == "cuda" else None)
@@ -142,8 +155,10 @@ def _evaluate(lm, point: AccuracyPoint, task_manager, simple_evaluate, meta: dic
     memory["peak_source"] = "torch.cuda.max_memory_allocated" if allocator else "process RSS above baseline (in-process)"
     if status != "ok":
         return [ResultRow("accuracy", point.point_id, point.to_dict(), status, error, memory, meta, wall)]
+    kv = {"kv_bytes_per_token": measured_kv_bytes_per_token(lm.model, point.loops),
+          "kv_source": f"LoopedKVCache.nbytes() / {KV_PROBE_TOKENS} after a {KV_PROBE_TOKENS}-token forward"}
     return [
         ResultRow("accuracy", point.point_id, {**point.to_dict(), "metric": metric, "filter": filter_name}, "ok", None,
-                  {"value": value, "stderr": stderr, "n_samples": n, "eval_s": wall, **memory}, meta, wall)
+                  {"value": value, "stderr": stderr, "n_samples": n, "eval_s": wall, **memory, **kv}, meta, wall)
         for metric, filter_name, value, stderr, n in scores
     ]

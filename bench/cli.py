@@ -334,6 +334,11 @@ def convert(
     seed: int = typer.Option(0),
     device: Optional[str] = _DEVICE,
     dtype: str = typer.Option("float32", help="float32 | bfloat16"),
+    gradient_checkpointing: bool = typer.Option(
+        False, "--gradient-checkpointing", help="recompute each layer's MLP block in backward (less memory)"),
+    decode_chunks: bool = typer.Option(
+        False, "--decode-chunks", help="train every target token as a chunk of its own, as MELT decodes "
+        "(default: the paper's fixed chunks)"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt"),
     progress: bool = _PROGRESS,
 ) -> None:
@@ -368,7 +373,8 @@ def convert(
     config = ConvertConfig(source=source, out=str(out), data=data, chunk_size=chunk_size,
                            transition_steps=transition_steps, distill_steps=distill_steps, lr_base=lr_base,
                            lr_gate=lr_gate, batch_size=batch_size, seq_len=seq_len, loops=loops,
-                           device=resolved_device, dtype=dtype, checkpoint_every=checkpoint_every, seed=seed)
+                           device=resolved_device, dtype=dtype, checkpoint_every=checkpoint_every, seed=seed,
+                           gradient_checkpointing=gradient_checkpointing, decode_chunks=decode_chunks)
     try:
         final = run_convert(config, resume=resume, progress=progress)
     except ValueError as exc:  # malformed data

@@ -7,20 +7,36 @@ not reported; the LM loss is the plain choice). Phase 2 (`distill_steps`): KL to
 teacher plus 0.1 x the attention-output MSE over layers and loops. Separate learning rates for the
 base weights and the gate (paper: 8e-6 and 5e-4). Chunk-wise throughout (`chunk_size`).
 
+Choices of ours:
+- Both phases learn the target tokens only: every token of a `text` row, the answer of a
+  question/answer row (as in SFT: a teacher fine-tuned on answers has meaningless prompt
+  predictions, and their gradients wreck it), never padding.
+- `decode_chunks` (off by default: the paper's fixed chunks) trains every target token as a
+  chunk of its own, after the prompt's chunks: what MELT computes when it generates. Inside a
+  chunk tokens read each other's same-loop rows, while a generated token reads only final rows,
+  so a model trained in fixed chunks can be right under chunked processing and wrong when it
+  generates (the small-scale proof shows exactly that).
+- `gradient_checkpointing` recomputes each layer's MLP block in backward (about a quarter less
+  peak memory for Ouro-1.4B-sized models; attention is not recomputed, as it writes cache rows).
+
 Resumable: a checkpoint (model, optimiser, step, RNG states) is written atomically every
 `checkpoint_every` steps; batches are a pure function of (seed, step), so a resumed run sees
-exactly the batches an uninterrupted one would. A JSONL log gets one line per step."""
+exactly the batches an uninterrupted one would. A JSONL log gets one line per step: the losses,
+the step's wall time and, on CUDA, the allocator's peak during the step."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from melt_bench.models import MeltForCausalLM, OuroForCausalLM, load_model
 from melt_bench.models.melt_transition import ATTENTION_WEIGHT, distillation_loss, transition_alpha, transition_logits
@@ -49,11 +65,23 @@ class ConvertConfig:
     checkpoint_every: int = 50
     seed: int = 0
     attention_weight: float = ATTENTION_WEIGHT
+    gradient_checkpointing: bool = False  # recompute each layer's MLP block in backward
+    decode_chunks: bool = False  # targets one token per chunk, as MELT decodes (see batch_for_step)
 
 
-def load_texts(data: str) -> list[str]:
-    """Training texts: JSONL rows with `text`, or `question` + `answer` (GSM8K style); a plain
-    text file (one example per blank-line-separated block); else a hub dataset's train split."""
+@dataclass(frozen=True)
+class TrainingText:
+    """One training example: `prompt` is context only, `target` the tokens that are learned."""
+
+    prompt: str
+    target: str
+
+
+def load_texts(data: str) -> list[TrainingText]:
+    """Training examples: JSONL rows with `text` (every token a target), or `question` + `answer`
+    (GSM8K style: prompt 'Question: q\\nAnswer:', target ' a\\n', the format of the accuracy
+    tasks); a plain text file (one example per blank-line-separated block); else a hub dataset's
+    train split (`text`)."""
     path = Path(data)
     if path.is_file():
         if path.suffix == ".jsonl":
@@ -62,30 +90,76 @@ def load_texts(data: str) -> list[str]:
                 if not isinstance(row, dict):
                     raise ValueError(f"{path}:{number}: not a JSON object")
                 if "text" in row:
-                    texts.append(row["text"])
+                    texts.append(TrainingText("", row["text"]))
                 elif "question" in row and "answer" in row:
-                    texts.append(f"Question: {row['question']}\nAnswer: {row['answer']}")
+                    texts.append(TrainingText(f"Question: {row['question']}\nAnswer:", f" {row['answer']}\n"))
                 else:
                     raise ValueError(f"{path}:{number}: needs a 'text' field or 'question' and 'answer'")
             return texts
-        return [block for block in path.read_text(encoding="utf-8").split("\n\n") if block.strip()]
+        return [TrainingText("", block) for block in path.read_text(encoding="utf-8").split("\n\n") if block.strip()]
     from datasets import load_dataset
 
-    return [row["text"] for row in load_dataset(data, split="train")]
+    return [TrainingText("", row["text"]) for row in load_dataset(data, split="train")]
 
 
-def batch_for_step(tokenizer, texts: list[str], config: ConvertConfig, step: int) -> torch.Tensor:
-    """The step's batch: a pure function of (seed, step), right-padded with EOS to the longest."""
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (batch, seq)
+    tokens: torch.Tensor  # (batch, seq) bool: real tokens (not padding)
+    targets: torch.Tensor  # (batch, seq) bool: positions whose NEXT token is learned
+    chunk_starts: list[int] | None = None  # decode-like chunking (None: the model's chunk_size)
+    left_padded: bool = False
+
+    def to(self, device: str) -> "Batch":
+        return Batch(self.ids.to(device), self.tokens.to(device), self.targets.to(device), self.chunk_starts,
+                     self.left_padded)
+
+    def forward_kwargs(self) -> dict:
+        """What the models' forward needs to read this batch: the padding mask when padding is on
+        the left (right padding is invisible to causal attention), and the chunking."""
+        return {"attention_mask": self.tokens if self.left_padded else None, "chunk_starts": self.chunk_starts}
+
+
+def batch_for_step(tokenizer, texts: list[TrainingText], config: ConvertConfig, step: int) -> Batch:
+    """The step's batch: a pure function of (seed, step), padded with EOS. A row longer than
+    `seq_len` loses the start of its prompt, then the end of its target.
+
+    Normally right-padded and chunked by the model's chunk_size. With `decode_chunks`, prompts
+    are left-padded so every target starts at the same column P: columns before P are chunked by
+    chunk_size and every column from P on is a chunk of its own, which is how MELT runs at
+    inference (the prompt prefilled in chunks, then one token per decoding step), so targets are
+    learned in the regime they will be generated in. (Prefill chunks count from column 0, pads
+    included: the same split as inference when a prompt fits in one chunk.)"""
     rng = random.Random(config.seed * 1_000_003 + step)
     chosen = [texts[rng.randrange(len(texts))] for _ in range(config.batch_size)]
-    encoded = [tokenizer(text).input_ids[: config.seq_len] for text in chosen]
-    width = max(len(ids) for ids in encoded)
+    rows = []
+    for text in chosen:
+        target = tokenizer(text.target).input_ids[: config.seq_len]
+        prompt = tokenizer(text.prompt).input_ids if text.prompt else []
+        prompt = prompt[max(0, len(prompt) + len(target) - config.seq_len):]  # too long: keep its end
+        rows.append((prompt, target))
     pad = tokenizer.eos_token_id or 0
-    return torch.tensor([ids + [pad] * (width - len(ids)) for ids in encoded])
+    lead = max(len(p) for p, _ in rows) if config.decode_chunks else 0  # common target column
+    width = max(lead + len(t) if config.decode_chunks else len(p) + len(t) for p, t in rows)
+    batch = Batch(torch.full((len(rows), width), pad), torch.zeros(len(rows), width, dtype=torch.bool),
+                  torch.zeros(len(rows), width, dtype=torch.bool), left_padded=config.decode_chunks and
+                  any(len(p) < lead for p, _ in rows))
+    for i, (prompt, target) in enumerate(rows):
+        begin = lead - len(prompt) if config.decode_chunks else 0
+        ids = prompt + target
+        batch.ids[i, begin : begin + len(ids)] = torch.tensor(ids)
+        batch.tokens[i, begin : begin + len(ids)] = True
+        # position j predicts token j + 1: learned when j + 1 is a target token
+        batch.targets[i, max(begin + len(prompt), 1) - 1 : begin + len(ids) - 1] = True
+    if config.decode_chunks:  # prefill the prompts, then one target token per step
+        batch.chunk_starts = [*range(0, lead, config.chunk_size), *range(lead, width)]
+    return batch
 
 
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Next-token cross-entropy over the target tokens."""
+    targets = batch.ids[:, 1:][batch.targets[:, :-1]]
+    return F.cross_entropy(logits[:, :-1][batch.targets[:, :-1]].float(), targets)
 
 
 def _optimizer(melt: MeltForCausalLM, config: ConvertConfig) -> torch.optim.Optimizer:
@@ -121,6 +195,10 @@ def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | N
     tokenizer = load_tokenizer(None if is_preset else config.source, None)
     texts = load_texts(config.data)
     melt = MeltForCausalLM.from_ouro(teacher, chunk_size=config.chunk_size).train()
+    if config.gradient_checkpointing:
+        for layer in melt.model.layers:  # what gradient_checkpointing_enable() sets, on any transformers 5.x
+            layer.gradient_checkpointing = True
+            layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
     optimizer = _optimizer(melt, config)
     step = 0
     if resume and (out / CHECKPOINT).is_file():
@@ -137,23 +215,34 @@ def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | N
     with Progress(*columns, disable=not progress) as bar, open(out / LOG, "a", encoding="utf-8") as log:
         task = bar.add_task("convert", total=total, completed=step, losses="")
         while step < total and (stop_after is None or step < stop_after):
-            ids = batch_for_step(tokenizer, texts, config, step).to(config.device)
+            cuda = torch.device(config.device).type == "cuda"
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(config.device)
+            started = time.perf_counter()
+            batch = batch_for_step(tokenizer, texts, config, step).to(config.device)
             if step < config.transition_steps:
                 alpha = transition_alpha(step, config.transition_steps)
-                loss = lm_loss(transition_logits(melt, ids, alpha, loops), ids)
+                loss = lm_loss(transition_logits(melt, batch.ids, alpha, loops, **batch.forward_kwargs()), batch)
                 parts = {"phase": 1, "alpha": alpha, "loss": float(loss.detach())}
             else:
-                loss, parts = distillation_loss(melt, teacher, ids, loops, config.attention_weight)
+                loss, parts = distillation_loss(melt, teacher, batch.ids, loops, config.attention_weight,
+                                                kd_mask=batch.targets, token_mask=batch.tokens,
+                                                **batch.forward_kwargs())
                 parts = {"phase": 2, **parts}
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if cuda:
+                torch.cuda.synchronize(config.device)
+                parts["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(config.device)
+            parts["step_s"] = time.perf_counter() - started
             step += 1
             log.write(json.dumps({"step": step, **parts}) + "\n")
             log.flush()
             if step % config.checkpoint_every == 0 or step == total:
                 _save_checkpoint(out, melt, optimizer, step, config)
-            bar.update(task, completed=step, losses=" ".join(f"{k}={v:.4g}" for k, v in parts.items() if k != "phase"))
+            shown = {k: v for k, v in parts.items() if k in ("alpha", "loss", "kd", "attention_mse")}
+            bar.update(task, completed=step, losses=" ".join(f"{k}={v:.4g}" for k, v in shown.items()))
     if step >= total:
         final = out / "model"
         melt.save_pretrained(final)

@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 from markupsafe import Markup  # noqa: E402
@@ -199,27 +200,38 @@ def accuracy_section(frame: pd.DataFrame) -> Section | None:
             series = series.sort_values("loops")
             ax.errorbar(series.loops, series.value, yerr=series.stderr.fillna(0), marker="o", capsize=3, label=str(model))
         ax.set_xlabel("loops")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(str(key[1]))
         ax.set_title(f"{_label(key)}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         section.figures.append(Figure(f"accuracy vs loops | {_label(key)}", png(fig)))
-        fig, ax = plt.subplots(figsize=(7.5, 4.2))
-        for model, series in part.groupby("model"):
-            ax.scatter(series.peak_bytes / GiB, series.value, label=str(model))
-            for _, row in series.iterrows():
-                ax.annotate(f"T={row.loops}", (row.peak_bytes / GiB, row.value), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
-        ax.set_xlabel("peak memory during the evaluation (GiB)")
-        ax.set_ylabel(str(key[1]))
-        ax.set_title(f"accuracy vs peak memory | {_label(key)}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        section.figures.append(Figure(f"accuracy vs peak memory | {_label(key)}", png(fig)))
+        section.figures.append(_accuracy_scatter(part, key, "peak_bytes", GiB, "peak memory during the evaluation (GiB)",
+                                                 "accuracy vs peak memory"))
+        if part.get("kv_bytes_per_token") is not None and part.kv_bytes_per_token.notna().all():
+            section.figures.append(_accuracy_scatter(part, key, "kv_bytes_per_token", 1024,
+                                                     "KV cache per token, measured (KiB)", "accuracy vs KV bytes per token"))
     table = acc[["model", "loops", "task", "metric", "filter", "exit_mode", "value", "stderr", "n_samples"]].copy()
     table["peak"] = acc.peak_bytes.map(format_bytes)
+    if "kv_bytes_per_token" in acc:
+        table["KV/token"] = acc.kv_bytes_per_token.map(lambda v: format_bytes(v) if pd.notna(v) else "-")
     section.tables.append(html_table(table.round(4).sort_values(["task", "filter", "model", "loops"])))
     return section
+
+
+def _accuracy_scatter(part: pd.DataFrame, key, column: str, scale: float, xlabel: str, title: str) -> Figure:
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for model, series in part.groupby("model"):
+        ax.scatter(series[column] / scale, series.value, label=str(model))
+        for _, row in series.iterrows():
+            ax.annotate(f"T={row.loops}", (row[column] / scale, row.value), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(str(key[1]))
+    ax.set_title(f"{title} | {_label(key)}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return Figure(f"{title} | {_label(key)}", png(fig))
 
 
 def headlines(frame: pd.DataFrame) -> list[str]:

@@ -93,15 +93,36 @@ def _parse_line(path: Path, number: int, line: str) -> ResultRow:
     return ResultRow(**{"error": None, "wall_s": 0.0, **known})
 
 
+def model_labels(rows: list[ResultRow]) -> dict[tuple[str, str | None], str]:
+    """A display name per (model, weights): the model name, plus the end of the weights path
+    where one model name was run with several weights (a teacher's two MELT conversions, say)."""
+    weights: dict[str, set] = {}
+    for row in rows:
+        weights.setdefault(row.point.get("model"), set()).add(row.point.get("weights"))
+    labels = {}
+    for model, paths in weights.items():
+        for path in paths:
+            tail = "/".join(Path(path).parts[-2:]) if path else "random init"
+            labels[(model, path)] = model if len(paths) == 1 else f"{model} @ {tail}"
+    return labels
+
+
+def model_label(row: ResultRow, labels: dict[tuple[str, str | None], str]) -> str:
+    return labels[(row.point.get("model"), row.point.get("weights"))]
+
+
 def rows_to_frame(rows: list[ResultRow]):
-    """Flat DataFrame: point fields and metrics as columns, meta fields as `meta.*`."""
+    """Flat DataFrame: point fields and metrics as columns, meta fields as `meta.*`. `model` holds
+    the display name of `model_labels` (`model_name` the bare preset name)."""
     import pandas as pd
 
     records = []
+    labels = model_labels(rows)
     for row in rows:
         record = {"kind": row.kind, "point_id": row.point_id, "status": row.status, "error": row.error,
                   "wall_s": row.wall_s, "created_at": row.created_at}
         record.update(row.point)
+        record.update(model_name=row.point.get("model"), model=model_label(row, labels))
         record.update(row.metrics)
         record.update({f"meta.{key}": value for key, value in _flatten(row.meta).items()})
         records.append(record)

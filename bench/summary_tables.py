@@ -8,7 +8,7 @@ from typing import Callable
 
 from rich.table import Table
 
-from .results import ResultRow
+from .results import ResultRow, model_label, model_labels
 from .units import format_bytes
 
 
@@ -54,7 +54,8 @@ SPECS = {
         "decode_ms_per_token_mean"),
     "accuracy": TableSpec(
         "accuracy", [Column("", lambda m: f"{m['value']:.4f} ± {m['stderr'] or 0:.4f}" if "value" in m else "-"),
-                     Column(" peak", lambda m: format_bytes(m.get("peak_bytes")))],
+                     Column(" peak", lambda m: format_bytes(m.get("peak_bytes"))),
+                     Column(" KV/token", lambda m: format_bytes(m.get("kv_bytes_per_token")))],
         "value", ("task", "metric", "filter", "exit_mode", "num_fewshot", "limit")),
     "capacity": TableSpec(
         "largest batch within the budget", [Column(" max batch", lambda m: str(m.get("max_batch", "-")))],
@@ -72,7 +73,8 @@ def tables_for(kind: str, rows: list[ResultRow]) -> list[Table]:
 
 
 def _table(spec: TableSpec, key: tuple, group: list[ResultRow]) -> Table:
-    models = list(dict.fromkeys(row.point["model"] for row in group))
+    labels = model_labels(group)
+    models = list(dict.fromkeys(model_label(row, labels) for row in group))
     pairs = [(m, melt_partner(m, models)) for m in models if melt_partner(m, models)]
     described = ", ".join(f"{field} {_describe(field, value)}" for field, value in zip(spec.group_fields, key))
     table = Table(title=f"{spec.title} | {described}")
@@ -82,7 +84,7 @@ def _table(spec: TableSpec, key: tuple, group: list[ResultRow]) -> Table:
             table.add_column(model + column.name, justify="right")
     for ouro, melt in pairs:
         table.add_column(f"{ouro}/{melt}", justify="right")
-    by_key = {(r.point["model"], r.point["loops"]): r for r in group}
+    by_key = {(model_label(r, labels), r.point["loops"]): r for r in group}
     for loops in sorted({r.point["loops"] for r in group}):
         cells = [str(loops)]
         for model in models:

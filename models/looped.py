@@ -18,6 +18,7 @@ and parameter names are those of the official Ouro checkpoints, so their state d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -160,19 +161,28 @@ class DecoderLayer(nn.Module):
         self.input_layernorm_2 = RMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm_2 = RMSNorm(config.hidden_size, eps)
+        # set by PreTrainedModel.gradient_checkpointing_enable(); see forward
+        self.gradient_checkpointing = False
 
     def forward(self, x, rope, attn, cache, slot, start, kv_state):
         """Returns the new residual stream, the KV state (MELT's h) and the attention output."""
         h, kv_state = self.self_attn(self.input_layernorm(x), rope, attn, cache, slot, start, kv_state)
         x = x + self.input_layernorm_2(h)
-        x = x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
-        return x, kv_state, h
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # Only the MLP block is recomputed in backward: it holds most of a layer's activations
+            # (3 x intermediate_size per token) and has no side effects, while attention writes
+            # cache rows that a recomputation would write twice.
+            return x + self._gradient_checkpointing_func(self._mlp_block, x), kv_state, h
+        return x + self._mlp_block(x), kv_state, h
+
+    def _mlp_block(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
 
 
 class LoopedPreTrainedModel(PreTrainedModel):
     config_class = OuroConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
 
@@ -267,10 +277,13 @@ class LoopedModel(LoopedPreTrainedModel):
         keep_hidden_per_loop: bool = False,
         early_stop_threshold: float | None = None,
         record_attention: bool = False,
+        chunk_starts: Sequence[int] | None = None,
     ) -> LoopOutputs:
         """`early_stop_threshold` stops computing loops once every token's cumulative exit
         probability reaches it (one chunk only: decoding steps, or a prompt within chunk_size).
-        `record_attention` returns every (loop, layer)'s attention output (for distillation)."""
+        `record_attention` returns every (loop, layer)'s attention output (for distillation).
+        `chunk_starts` (0 first, increasing) replaces the fixed `chunk_size` split: training can
+        then chunk a sequence the way inference will (the prompt, then one token at a time)."""
         loops = loops or self.config.total_ut_steps
         if not 1 <= loops <= MAX_LOOPS:
             raise ValueError(f"loops must lie in 1..{MAX_LOOPS}, got {loops}")
@@ -286,20 +299,25 @@ class LoopedModel(LoopedPreTrainedModel):
             key_padding = attention_mask.bool()
         if position_ids is None:
             position_ids = _positions(attention_mask, past, seq, input_ids.device)
-        chunk = self.policy.chunk_size or seq
-        if cache is None and chunk < seq:
+        if chunk_starts is None:
+            chunk_starts = range(0, seq, self.policy.chunk_size or seq)
+        elif list(chunk_starts[:1]) != [0] or any(b <= a for a, b in zip(chunk_starts, chunk_starts[1:])) \
+                or chunk_starts[-1] >= seq:
+            raise ValueError(f"chunk_starts must start at 0 and increase within {seq} tokens, got {list(chunk_starts)}")
+        chunk_ends = [*chunk_starts[1:], seq]
+        if cache is None and len(chunk_ends) > 1:
             # chunks must see earlier chunks' final rows; when training, through autograd
             cache = LoopedKVCache(self.policy.num_slots(loops), loops, functional=self.training and torch.is_grad_enabled())
-        if early_stop_threshold is not None and chunk < seq:
-            raise ValueError(f"early stopping needs the input in one chunk ({seq} tokens > chunk_size {chunk})")
+        if early_stop_threshold is not None and len(chunk_ends) > 1:
+            raise ValueError(f"early stopping needs the input in one chunk ({seq} tokens > chunk_size {chunk_ends[0]})")
 
         x_all = self.embed_tokens(input_ids)
         last, gates, per_loop = [], [[] for _ in range(loops)], [[] for _ in range(loops)]
         attention = {(t, i): [] for t in range(loops) for i in range(len(self.layers))}
-        for c0 in range(0, seq, chunk):
-            x = x_all[:, c0 : c0 + chunk]
+        for c0, c1 in zip(chunk_starts, chunk_ends):
+            x = x_all[:, c0:c1]
             start = past + c0
-            rope = rope_cos_sin(position_ids[:, c0 : c0 + chunk], self.config.head_dim, self.config.rope_theta, x.dtype)
+            rope = rope_cos_sin(position_ids[:, c0:c1], self.config.head_dim, self.config.rope_theta, x.dtype)
             attn = chunk_attention_mask(start, x.shape[1], key_padding, x.device)
             kv_states: list[torch.Tensor | None] = [None] * len(self.layers)
             stop = EarlyStop(early_stop_threshold, loops) if early_stop_threshold is not None else None
@@ -419,12 +437,14 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         exit_threshold: float | None = None,
         use_weighted_exit: bool = False,
         early_stop_threshold: float | None = None,
+        chunk_starts: Sequence[int] | None = None,
         **kwargs,
     ) -> LoopedCausalLMOutput:
         """Logits from the last loop unless `exit_at_step` (0-based), `exit_threshold` or
         `use_weighted_exit` asks otherwise (the official Ouro keyword names and precedence); all
         loops run for those. `early_stop_threshold` really stops computing loops once every token
-        has exited (see EarlyStop). `loops` overrides config.total_ut_steps for this call (1..64)."""
+        has exited (see EarlyStop). `loops` overrides config.total_ut_steps for this call (1..64);
+        `chunk_starts` overrides the chunk split (see LoopedModel.forward)."""
         if input_ids is None:
             raise ValueError("input_ids is required")
         loops = loops or self.config.total_ut_steps
@@ -446,7 +466,7 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
             raise ValueError("early_stop_threshold cannot be combined with the post-hoc exit modes")
         out = self.model(
             input_ids, attention_mask, position_ids, past_key_values, loops,
-            keep_hidden_per_loop=needs_all_loops, early_stop_threshold=early_stop_threshold,
+            keep_hidden_per_loop=needs_all_loops, early_stop_threshold=early_stop_threshold, chunk_starts=chunk_starts,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         pdf = exit_distribution(out.gate_logits)[:, keep] if early_stop_threshold is None else None

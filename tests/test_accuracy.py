@@ -54,6 +54,8 @@ def test_accuracy_command_end_to_end_and_resume(tmp_path, capsys):
     assert len(frame) == 2 * 2 * 2  # models x loops x (strict-match, flexible-extract)
     assert set(frame["filter"]) == {"strict-match", "flexible-extract"} and set(frame.metric) == {"exact_match"}
     assert (frame.n_samples == 2).all() and frame.stderr.notna().all() and (frame.peak_bytes >= 0).all()
+    kv = frame.groupby(["model", "loops"]).kv_bytes_per_token.first()  # measured from a real cache
+    assert kv["ouro-tiny", 2] == 2 * kv["ouro-tiny", 1] and kv["melt-tiny", 2] == kv["melt-tiny", 1] == kv["ouro-tiny", 1]
     assert main(["accuracy", "--loops", "1,2", "--models", "ouro-tiny,melt-tiny", "--out", str(out), "--resume",
                  *RUN]) == 0
     assert "0 runs, 4 already recorded" in capsys.readouterr().out

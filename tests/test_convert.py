@@ -21,19 +21,41 @@ def config(out: Path, **overrides) -> ConvertConfig:
 
 def test_texts_and_deterministic_batches():
     texts = load_texts(str(DATA))
-    assert len(texts) == 10 and texts[0].startswith("Question: ")
+    assert len(texts) == 10 and texts[0].prompt.startswith("Question: ") and texts[0].prompt.endswith("\nAnswer:")
+    assert texts[0].target.startswith(" ") and "####" in texts[0].target
     from melt_bench.byte_tokenizer import byte_tokenizer
 
-    cfg, tok = config(Path("unused")), byte_tokenizer()
-    assert torch.equal(batch_for_step(tok, texts, cfg, 3), batch_for_step(tok, texts, cfg, 3))
-    assert batch_for_step(tok, texts, cfg, 3).shape[1] <= 40
+    cfg, tok = config(Path("unused"), seq_len=400), byte_tokenizer()
+    a, b = batch_for_step(tok, texts, cfg, 3), batch_for_step(tok, texts, cfg, 3)
+    assert all(torch.equal(x, y) for x, y in zip((a.ids, a.tokens, a.targets), (b.ids, b.tokens, b.targets)))
+    assert batch_for_step(tok, texts, config(Path("unused")), 3).ids.shape[1] <= 40
+
+
+def test_batches_learn_the_answer_and_never_the_padding(tmp_path):
+    from melt_bench.byte_tokenizer import byte_tokenizer
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"question": "1+1", "answer": "#### 2"}\n{"text": "abcdefghij"}\n')
+    texts, tok = load_texts(str(data)), byte_tokenizer()
+    batch = batch_for_step(tok, texts, config(tmp_path, data=str(data), batch_size=6, seq_len=64), 0)
+    for row in range(6):
+        ids = batch.ids[row][batch.tokens[row]].tolist()
+        learned = tok.decode(batch.ids[row, 1:][batch.targets[row, :-1]])  # the tokens the model must predict
+        if tok.decode(ids).startswith("Question"):
+            assert tok.decode(ids) == "Question: 1+1\nAnswer: #### 2\n" and learned == " #### 2\n"
+        else:
+            assert tok.decode(ids) == "abcdefghij" and learned == "bcdefghij"
+        assert not batch.targets[row][~batch.tokens[row]].any()
+    assert {tok.decode(batch.ids[r][batch.tokens[r]])[0] for r in range(6)} == {"Q", "a"}
+    short = batch_for_step(tok, texts[:1], config(tmp_path, data=str(data), batch_size=1, seq_len=10), 0)
+    assert tok.decode(short.ids[0]) == "r: #### 2\n"  # the prompt's start goes first, the answer stays
 
 
 def test_two_phases_end_to_end(tmp_path):
     final = run_convert(config(tmp_path), progress=False)
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [row["phase"] for row in log] == [1, 1, 2, 2] and [row["alpha"] for row in log[:2]] == [0.0, 1.0]
-    assert all(row["loss"] > 0 for row in log) and "kd" in log[2] and "attention_mse" in log[2]
+    assert all(row["loss"] > 0 and row["step_s"] > 0 for row in log) and "kd" in log[2] and "attention_mse" in log[2]
     melt = load_model("melt-tiny", weights=final)
     assert isinstance(melt, MeltForCausalLM) and melt.config.chunk_size == 16
     fresh = MeltForCausalLM.from_ouro(load_model("ouro-tiny"), chunk_size=16)
@@ -76,3 +98,34 @@ def test_existing_checkpoint_needs_resume_and_bad_data_is_one_line(tmp_path, cap
     argv = ["convert", "--from", "ouro-tiny", "--out", str(tmp_path / "p"), "--data", str(bad), "--device", "cpu",
             "--no-progress"]
     assert main(argv) == 2 and "bad.jsonl:1: needs a 'text' field" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chunk", [8, 32])
+def test_decode_chunks_train_targets_exactly_as_melt_generates_them(tmp_path, chunk):
+    """With --decode-chunks the training forward computes, for every target token, what
+    prefill-then-decode computes at inference (for a left-padded row when its prompt fits in one
+    prefill chunk: chunk 32 here; with chunk 8 the pads shift the prefill split)."""
+    from melt_bench.byte_tokenizer import byte_tokenizer
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"question": "12+34", "answer": "#### 46"}\n{"question": "1+1", "answer": "#### 2"}\n')
+    cfg = config(tmp_path, data=str(data), batch_size=4, seq_len=64, chunk_size=chunk, decode_chunks=True)
+    batch = batch_for_step(byte_tokenizer(), load_texts(str(data)), cfg, 0)
+    lead = int(batch.targets.float().argmax(dim=1).max()) + 1  # the common first target column
+    assert batch.targets.float().argmax(dim=1).eq(lead - 1).all()  # every row's targets start there
+    assert batch.chunk_starts == [*range(0, lead, chunk), *range(lead, batch.ids.shape[1])]
+    assert batch.left_padded and not batch.tokens.all()
+    melt = MeltForCausalLM.from_ouro(load_model("ouro-tiny"), chunk_size=chunk).eval()
+    with torch.no_grad():
+        trained = melt(batch.ids, use_cache=False, **batch.forward_kwargs()).logits
+        for row in range(batch.ids.shape[0]):
+            real = batch.tokens[row]
+            ids, start = batch.ids[row][real][None], int(real.float().argmax())
+            if start > 0 and chunk < lead:
+                continue
+            cache = melt.new_cache()
+            steps = [melt(ids[:, : lead - start], past_key_values=cache).logits]  # prefill the prompt
+            steps += [melt(ids[:, j : j + 1], past_key_values=cache).logits for j in range(lead - start, ids.shape[1])]
+            generated = torch.cat(steps, dim=1)
+            torch.testing.assert_close(trained[row][real][lead - start - 1 :], generated[0, lead - start - 1 :],
+                                       rtol=1e-4, atol=1e-5)

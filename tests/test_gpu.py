@@ -93,3 +93,23 @@ def test_capacity_budget_caps_the_cuda_allocator():
     fits = run_in_child(measure_memory_point, (point, 10.0, None, 8 * 2**30), 300).value
     assert over["status"] == "oom" and fits["status"] == "ok"
     assert fits["metrics"]["cuda_max_allocated_bytes"] <= 8 * 2**30
+
+
+@cuda
+def test_convert_on_cuda_in_bf16_and_checkpointing_lowers_the_peak(tmp_path):
+    import json
+    from pathlib import Path
+
+    from melt_bench.convert import ConvertConfig, run_convert
+
+    data = Path(__file__).parent / "data" / "gsm8k" / "train.jsonl"
+    peaks = {}
+    for checkpointing in (False, True):
+        out = tmp_path / str(checkpointing)
+        run_convert(ConvertConfig(source="ouro-tiny", out=str(out), data=str(data), chunk_size=64, transition_steps=1,
+                                  distill_steps=2, batch_size=8, seq_len=384, device="cuda", dtype="bfloat16",
+                                  checkpoint_every=10, gradient_checkpointing=checkpointing), progress=False)
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        assert all(row["loss"] == row["loss"] and row["step_s"] > 0 for row in log)  # finite, timed
+        peaks[checkpointing] = max(row["cuda_peak_allocated_bytes"] for row in log)
+    assert peaks[True] < peaks[False]

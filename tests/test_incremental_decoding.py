@@ -45,6 +45,19 @@ def test_melt_chunked_prefill_matches_full_forward(ids, loops):
     torch.testing.assert_close(torch.cat([first, rest], dim=1), full, rtol=1e-4, atol=1e-5)
 
 
+def test_explicit_chunk_starts_replace_the_chunk_size(ids):
+    model = make_melt(chunk_size=4)
+    by_size = model(ids, use_cache=False).logits
+    torch.testing.assert_close(model(ids, use_cache=False, chunk_starts=range(0, ids.shape[1], 4)).logits, by_size)
+    prefill_then_tokens = [0, 5, *range(8, ids.shape[1])]
+    inc, _ = decode_step_by_step(make_melt(chunk_size=5), ids, 8, 4)  # chunks [0, 5), [5, 8), then tokens
+    torch.testing.assert_close(model(ids, use_cache=False, chunk_starts=prefill_then_tokens).logits, inc,
+                               rtol=1e-4, atol=1e-5)
+    for bad in ([1, 4], [0, 4, 4], [0, ids.shape[1]]):
+        with pytest.raises(ValueError, match="chunk_starts"):
+            model(ids, use_cache=False, chunk_starts=bad)
+
+
 def test_melt_chunking_changes_results_when_the_gate_matters(ids):
     # Inside a chunk tokens read each other's loop-t rows, across chunks the final rows: the
     # chunk size is part of the model's semantics, so the two must differ.

@@ -1,7 +1,10 @@
 """MELT's two-phase post-training pieces: schedule, interpolated KV, losses, a real step."""
 
+from functools import partial
+
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from conftest import make_melt, make_ouro
 from melt_bench.models import MeltForCausalLM
@@ -53,6 +56,18 @@ def test_kd_and_attention_losses_on_hand_made_tensors():
         attention_alignment_loss(s, {(0, 0): t[(0, 0)]})
 
 
+def test_masks_pick_the_positions_the_losses_average_over():
+    teacher = torch.zeros(1, 3, 2)
+    student = torch.tensor([[[0.0, 5.0], [0.0, torch.log(torch.tensor(3.0))], [0.0, -7.0]]])
+    expected = 0.5 * torch.log(torch.tensor(2.0)) + 0.5 * torch.log(torch.tensor(2 / 3))
+    only_middle = torch.tensor([[False, True, False]])
+    assert kd_loss(student, teacher, only_middle).item() == pytest.approx(expected.item(), rel=1e-5)
+    s = {(0, 0): torch.tensor([[[1.0, 1.0], [3.0, 3.0], [0.0, 0.0]]])}
+    t = {(0, 0): torch.zeros(1, 3, 2)}
+    assert attention_alignment_loss(s, t, torch.tensor([[True, False, True]])).item() == pytest.approx(0.5)
+    assert attention_alignment_loss(s, t).item() == pytest.approx(10 / 3)
+
+
 def test_one_distillation_step_moves_the_gate_and_lowers_the_loss(pair, ids):
     teacher, melt = pair
     melt.train()
@@ -79,3 +94,18 @@ def test_transition_phase_trains_through_both_caches(pair, ids):
     torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
     grads = [p.grad for n, p in melt.named_parameters() if "kv_gate" in n]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(pair, ids):
+    teacher, melt = pair
+    grads = []
+    for checkpointing in (False, True):
+        for layer in melt.model.layers:
+            layer.gradient_checkpointing = checkpointing
+            layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        melt.train().zero_grad()
+        distillation_loss(melt, teacher, ids)[0].backward()
+        grads.append({n: p.grad.clone() for n, p in melt.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)

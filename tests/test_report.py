@@ -78,12 +78,30 @@ def capacity_row(model, loops, best):
     return ResultRow("capacity", f"cap-{model}-{loops}", point, "ok", None, metrics, {"host": "h"}, 1.0)
 
 
-def accuracy_row(model, loops, value):
+def accuracy_row(model, loops, value, weights=None, kv=None):
     point = dict(command="accuracy", model=model, loops=loops, task="gsm8k", exit_mode="last", num_fewshot=5,
-                 limit=None, batch_size=1, max_gen_toks=None, dtype="bfloat16", device="cuda:0", weights=None,
+                 limit=None, batch_size=1, max_gen_toks=None, dtype="bfloat16", device="cuda:0", weights=weights,
                  data_dir=None, metric="exact_match", filter="strict-match")
     metrics = {"value": value, "stderr": 0.01, "n_samples": 100, "peak_bytes": (loops + 3) * GiB}
-    return ResultRow("accuracy", f"acc-{model}-{loops}", point, "ok", None, metrics, {"host": "h"}, 1.0)
+    if kv is not None:
+        metrics["kv_bytes_per_token"] = kv
+    return ResultRow("accuracy", f"acc-{model}-{loops}-{weights}", point, "ok", None, metrics, {"host": "h"}, 1.0)
+
+
+def test_one_model_with_several_weights_is_several_series(tmp_path):
+    from melt_bench.summary_tables import tables_for
+
+    rows = [accuracy_row("ouro-tiny", 4, 0.9, "/w/teacher", kv=8192),
+            accuracy_row("melt-tiny", 4, 0.0, "/w/melt-fresh", kv=2048),
+            accuracy_row("melt-tiny", 4, 0.8, "/w/melt-converted/model", kv=2048)]
+    html = build_report([write_rows(tmp_path / "proof.jsonl", rows)])
+    assert "melt-tiny @ w/melt-fresh" in html and "melt-tiny @ melt-converted/model" in html
+    assert "accuracy vs KV bytes per token" in html and "8.00 KiB" in html
+    [table] = tables_for("accuracy", rows)
+    headers = [str(column.header) for column in table.columns]
+    assert "melt-tiny @ melt-converted/model" in headers and "melt-tiny @ w/melt-fresh KV/token" in headers
+    cells = {str(column.header): list(column.cells) for column in table.columns}
+    assert cells["melt-tiny @ melt-converted/model"][0].startswith("0.8000")
 
 
 def full_files(tmp_path):
