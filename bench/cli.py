@@ -343,6 +343,8 @@ def convert(
     progress: bool = _PROGRESS,
 ) -> None:
     """MELT's two-phase post-training (interpolated transition, then distillation) from Ouro."""
+    import torch
+
     from .convert import CHECKPOINT, ConvertConfig, run_convert
     from .sweep_options import OptionError, resolve_device
 
@@ -377,8 +379,13 @@ def convert(
                            gradient_checkpointing=gradient_checkpointing, decode_chunks=decode_chunks)
     try:
         final = run_convert(config, resume=resume, progress=progress)
-    except ValueError as exc:  # malformed data
+    except ValueError as exc:  # malformed data, or a resumption with other settings
         raise UserError(str(exc)) from exc
+    except torch.OutOfMemoryError as exc:
+        kept = f"the checkpoint in {out} is intact" if (out / CHECKPOINT).exists() else "no checkpoint was written yet"
+        advice = "lower --batch-size or --seq-len" + ("" if gradient_checkpointing else ", or add --gradient-checkpointing")
+        raise UserError(f"convert ran out of memory on {resolved_device} ({str(exc).splitlines()[0][:80]}); "
+                        f"{kept}; {advice}") from exc
     console.print(f"MELT model written to {final}")
 
 

@@ -15,7 +15,11 @@ Choices of ours:
   chunk of its own, after the prompt's chunks: what MELT computes when it generates. Inside a
   chunk tokens read each other's same-loop rows, while a generated token reads only final rows,
   so a model trained in fixed chunks can be right under chunked processing and wrong when it
-  generates (the small-scale proof shows exactly that).
+  generates (the small-scale proof shows exactly that). Its cost: autograd keeps every chunk's
+  K/V prefix, so activation memory grows with (sequence length x number of chunks): fine for
+  short answers, out of memory for Ouro-1.4B on GSM8K-length answers (batch 1 x 512 tokens,
+  answers of ~300 byte-level tokens, needed more than 80 GB on an H100, where fixed 500-token
+  chunks peak at 34 GiB at batch 4; both with gradient checkpointing).
 - `gradient_checkpointing` recomputes each layer's MLP block in backward (about a quarter less
   peak memory for Ouro-1.4B-sized models; attention is not recomputed, as it writes cache rows).
 
@@ -177,6 +181,17 @@ def _save_checkpoint(out: Path, melt, optimizer, step: int, config: ConvertConfi
     os.replace(tmp, out / CHECKPOINT)  # atomic: a kill leaves the old or the new checkpoint
 
 
+# Settings that may change between a run and its resumption: none of them changes the result.
+RESUMABLE_CHANGES = {"out", "device", "checkpoint_every", "gradient_checkpointing"}
+
+
+def _check_same_run(saved: dict, config: ConvertConfig) -> None:
+    changed = [f"{key}={saved.get(key)!r} -> {value!r}" for key, value in asdict(config).items()
+               if key not in RESUMABLE_CHANGES and saved.get(key) != value]
+    if changed:
+        raise ValueError(f"--resume: the checkpoint was trained with other settings ({', '.join(changed)})")
+
+
 def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> Path:
     """Train; returns the directory holding the final `save_pretrained` MELT model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -203,6 +218,7 @@ def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | N
     step = 0
     if resume and (out / CHECKPOINT).is_file():
         state = torch.load(out / CHECKPOINT, weights_only=False)
+        _check_same_run(state["config"], config)
         melt.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]

@@ -129,3 +129,25 @@ def test_decode_chunks_train_targets_exactly_as_melt_generates_them(tmp_path, ch
             generated = torch.cat(steps, dim=1)
             torch.testing.assert_close(trained[row][real][lead - start - 1 :], generated[0, lead - start - 1 :],
                                        rtol=1e-4, atol=1e-5)
+
+
+def test_resume_with_other_settings_is_refused_and_oom_is_one_line(tmp_path, capsys, monkeypatch):
+    run_convert(config(tmp_path / "o", transition_steps=1, distill_steps=1, checkpoint_every=1), stop_after=1,
+                progress=False)
+    before = (tmp_path / "o" / "checkpoint.pt").read_bytes()
+    argv = ["convert", "--from", "ouro-tiny", "--out", str(tmp_path / "o"), "--data", str(DATA), "--device", "cpu",
+            "--no-progress", "--resume", "--chunk-size", "16", "--transition-steps", "1", "--distill-steps", "1",
+            "--lr-base", "1e-4", "--lr-gate", "1e-2", "--batch-size", "2", "--seq-len", "40"]
+    assert main([*argv, "--lr-gate", "5e-3", "--gradient-checkpointing"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lr_gate=0.01 -> 0.005" in err[0] and "gradient_checkpointing" not in err[0]
+    assert (tmp_path / "o" / "checkpoint.pt").read_bytes() == before
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.\nmore text")
+
+    monkeypatch.setattr("melt_bench.convert.run_convert", out_of_memory)
+    assert main([*argv, "--gradient-checkpointing"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ran out of memory" in err[0] and "checkpoint in" in err[0] and "intact" in err[0]
+    assert "add --gradient-checkpointing" not in err[0]
