@@ -192,6 +192,16 @@ def _check_same_run(saved: dict, config: ConvertConfig) -> None:
         raise ValueError(f"--resume: the checkpoint was trained with other settings ({', '.join(changed)})")
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the log lines of steps after the checkpoint (a kill between logging and checkpointing
+    leaves some): the resumed run logs them again."""
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            path.write_text("".join(kept), encoding="utf-8")
+
+
 def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> Path:
     """Train; returns the directory holding the final `save_pretrained` MELT model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -224,6 +234,7 @@ def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | N
         step = state["step"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
+        _truncate_log(out / LOG, step)
     total = config.transition_steps + config.distill_steps
     loops = config.loops or teacher.config.total_ut_steps
     columns = (TextColumn("[bold]convert"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

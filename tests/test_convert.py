@@ -151,3 +151,34 @@ def test_resume_with_other_settings_is_refused_and_oom_is_one_line(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ran out of memory" in err[0] and "checkpoint in" in err[0] and "intact" in err[0]
     assert "add --gradient-checkpointing" not in err[0]
+
+
+def test_killed_process_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL a real `melt-bench convert` process once it has checkpointed, resume it, and get
+    the parameters (and the log's steps) of a run that was never interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["--from", "ouro-tiny", "--data", str(DATA), "--device", "cpu", "--no-progress", "--chunk-size", "16",
+            "--transition-steps", "20", "--distill-steps", "20", "--lr-base", "1e-4", "--lr-gate", "1e-2",
+            "--batch-size", "2", "--seq-len", "40", "--checkpoint-every", "3"]
+    command = [sys.executable, "-m", "melt_bench", "convert"]
+    killed = tmp_path / "killed"
+    child = subprocess.Popen([*command, "--out", str(killed), *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "model").exists()
+    assert subprocess.run([*command, "--out", str(killed), *args, "--resume"], capture_output=True).returncode == 0
+    whole = run_convert(config(tmp_path / "whole", transition_steps=20, distill_steps=20, checkpoint_every=3),
+                        progress=False)
+    a, b = load_model("melt-tiny", weights=whole).state_dict(), load_model("melt-tiny", weights=killed / "model").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (killed / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))
