@@ -8,6 +8,9 @@ teacher plus 0.1 x the attention-output MSE over layers and loops. Separate lear
 base weights and the gate (paper: 8e-6 and 5e-4). Chunk-wise throughout (`chunk_size`).
 
 Choices of ours:
+- The optimiser (not reported): AdamW, no weight decay, constant learning rates, no warm-up; the
+  teacher is the Ouro model the MELT starts from, frozen; both run `loops` loops (default: the
+  model's total_ut_steps), and the converted MELT is trained, so best used, at that loop count.
 - Both phases learn the target tokens only: every token of a `text` row, the answer of a
   question/answer row (as in SFT: a teacher fine-tuned on answers has meaningless prompt
   predictions, and their gradients wreck it), never padding.
