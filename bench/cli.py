@@ -328,7 +328,7 @@ def convert(
     lr_base: float = typer.Option(8e-6, "--lr-base", help="learning rate of the base weights (paper: 8e-6)"),
     lr_gate: float = typer.Option(5e-4, "--lr-gate", help="learning rate of the gate (paper: 5e-4)"),
     batch_size: int = typer.Option(8, "--batch-size"),
-    seq_len: int = typer.Option(512, "--seq-len", help="tokens per training sequence (longer ones are cut)"),
+    seq_len: int = typer.Option(512, "--seq-len", help="tokens per training sequence (a longer one loses its prompt's start first)"),
     loops: Optional[int] = typer.Option(None, help="loops to train at (default: the model's total_ut_steps)"),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every"),
     seed: int = typer.Option(0),
@@ -337,8 +337,8 @@ def convert(
     gradient_checkpointing: bool = typer.Option(
         False, "--gradient-checkpointing", help="recompute each layer's MLP block in backward (less memory)"),
     decode_chunks: bool = typer.Option(
-        False, "--decode-chunks", help="train every target token as a chunk of its own, as MELT decodes "
-        "(default: the paper's fixed chunks)"),
+        False, "--decode-chunks", help="train every target token as a chunk of its own, as MELT decodes; "
+        "memory grows with answer length squared (default: the paper's fixed chunks)"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt"),
     progress: bool = _PROGRESS,
 ) -> None:
