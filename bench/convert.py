@@ -38,12 +38,10 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from melt_bench.models import MeltForCausalLM, OuroForCausalLM, load_model
 from melt_bench.models.melt_transition import ATTENTION_WEIGHT, distillation_loss, transition_alpha, transition_logits
@@ -224,9 +222,7 @@ def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | N
     texts = load_texts(config.data)
     melt = MeltForCausalLM.from_ouro(teacher, chunk_size=config.chunk_size).train()
     if config.gradient_checkpointing:
-        for layer in melt.model.layers:  # what gradient_checkpointing_enable() sets, on any transformers 5.x
-            layer.gradient_checkpointing = True
-            layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        melt.checkpoint_mlp_blocks()
     optimizer = _optimizer(melt, config)
     step = 0
     if resume and (out / CHECKPOINT).is_file():
@@ -242,10 +238,10 @@ def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | N
     loops = config.loops or teacher.config.total_ut_steps
     columns = (TextColumn("[bold]convert"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[losses]}"))
+    cuda = torch.device(config.device).type == "cuda"
     with Progress(*columns, disable=not progress) as bar, open(out / LOG, "a", encoding="utf-8") as log:
         task = bar.add_task("convert", total=total, completed=step, losses="")
         while step < total and (stop_after is None or step < stop_after):
-            cuda = torch.device(config.device).type == "cuda"
             if cuda:
                 torch.cuda.reset_peak_memory_stats(config.device)
             started = time.perf_counter()

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -185,6 +187,14 @@ class LoopedPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
+
+    def checkpoint_mlp_blocks(self, enable: bool = True) -> None:
+        """Recompute every layer's MLP block in backward (what gradient_checkpointing_enable()
+        sets up, without depending on that method's name in this transformers version)."""
+        for module in self.modules():
+            if isinstance(module, DecoderLayer):
+                module.gradient_checkpointing = enable
+                module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
 
     def _init_weights(self, module: nn.Module) -> None:
         # transformers.initialization skips parameters already loaded from a checkpoint.

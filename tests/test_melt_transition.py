@@ -1,10 +1,7 @@
 """MELT's two-phase post-training pieces: schedule, interpolated KV, losses, a real step."""
 
-from functools import partial
-
 import pytest
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from conftest import make_melt, make_ouro
 from melt_bench.models import MeltForCausalLM
@@ -100,9 +97,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(pair, ids):
     teacher, melt = pair
     grads = []
     for checkpointing in (False, True):
-        for layer in melt.model.layers:
-            layer.gradient_checkpointing = checkpointing
-            layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        melt.checkpoint_mlp_blocks(checkpointing)
         melt.train().zero_grad()
         distillation_loss(melt, teacher, ids)[0].backward()
         grads.append({n: p.grad.clone() for n, p in melt.named_parameters() if p.grad is not None})
