@@ -40,6 +40,13 @@ class UserError(Exception):
 def models(
     dtype: str = typer.Option("bfloat16", help="dtype for the KV-byte columns"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    card: bool = typer.Option(False, "--card", help="predicted cost card: weights + KV + activation peak and the "
+                              "roofline decode time per token on this machine's device, per loop count"),
+    names: Optional[str] = typer.Option(None, "--models", help="--card: presets (default: all)"),
+    loops: str = typer.Option("1,2,4,8", help="--card: loop counts"),
+    seq_len: int = typer.Option(2048, "--seq-len", help="--card: prompt tokens"),
+    batch_size: int = typer.Option(1, "--batch-size", help="--card: sequences"),
+    device: str = typer.Option("auto", help="--card: where to measure the bandwidth (auto | cpu | cuda[:N])"),
 ) -> None:
     """List model presets: parameters, layers, loops, and KV-cache bytes per token."""
     from .model_card import preset_cards
@@ -49,6 +56,9 @@ def models(
         torch_dtype = parse_dtype(dtype)
     except ValueError as exc:
         raise UserError(f"--dtype: {exc}") from exc
+    if card:
+        _print_cost_card(torch_dtype, names, loops, seq_len, batch_size, device, as_json)
+        return
     cards = preset_cards(torch_dtype)
     if as_json:
         print(json.dumps([card.to_dict() for card in cards], indent=2))
@@ -68,6 +78,48 @@ def models(
         "KV B/token/loop: what each extra loop adds to the cache per token "
         "(Ouro: one more cache per layer; MELT: 0, its cache is shared by all loops)."
     )
+
+
+def _print_cost_card(dtype, names: str | None, loops: str, seq_len: int, batch_size: int, device: str,
+                     as_json: bool) -> None:
+    import torch
+
+    from melt_bench.models import PRESETS, UnknownPresetError, get_preset
+
+    from .device_ceilings import measure_bandwidth
+    from .model_card import cost_cards
+    from .ranges import RangeError, parse_int_list, parse_name_list
+    from .sweep_options import OptionError, resolve_device
+    from .units import format_bytes
+
+    try:
+        presets = parse_name_list(names, "--models") if names else list(PRESETS)
+        for name in presets:
+            get_preset(name)
+        loop_counts = parse_int_list(loops, "--loops")
+        where = resolve_device(device)
+    except (RangeError, UnknownPresetError, OptionError) as exc:
+        raise UserError(str(exc)) from exc
+    if seq_len < 1 or batch_size < 1:
+        raise UserError(f"--seq-len and --batch-size must be at least 1 (got {seq_len}, {batch_size})")
+    bandwidth, method = measure_bandwidth(torch.device(where))
+    cards = cost_cards(presets, loop_counts, seq_len, batch_size, dtype, bandwidth)
+    if as_json:
+        print(json.dumps({"device": where, "bandwidth_bytes_per_s": bandwidth, "bandwidth_method": method,
+                          "cards": [c.to_dict() for c in cards]}, indent=2))
+        return
+    table = Table(title=f"predicted costs | {seq_len:,}-token prompt, batch {batch_size}, {cards[0].dtype}; "
+                        f"roofline at {bandwidth / 1e9:,.1f} GB/s measured on {where} ({method})")
+    for column in ("preset", "loops", "weights", "KV", "activation peak", "predicted peak", "decode reads/token",
+                   "roofline ms/token"):
+        table.add_column(column, justify="left" if column == "preset" else "right")
+    for c in cards:
+        table.add_row(c.name, str(c.loops), format_bytes(c.weights_bytes), format_bytes(c.kv_cache_bytes),
+                      format_bytes(c.activation_peak_bytes), format_bytes(c.predicted_peak_bytes),
+                      format_bytes(c.decode_bytes_per_token), f"{c.roofline_decode_ms_per_token:,.3f}")
+    console.print(table)
+    console.print("Analytic (models/cost_model.py), not measured: the memory and latency commands measure; "
+                  "memory rows carry predicted_peak_bytes beside the measured peak.")
 
 
 @app.command()
@@ -125,6 +177,8 @@ _TIMEOUT = typer.Option(None, "--point-timeout", help="seconds one point may tak
 _DRY_RUN = typer.Option(False, "--dry-run", help="list the points and exit")
 _PROGRESS = typer.Option(True, "--progress/--no-progress", help="show the progress bar")
 _REPORT = typer.Option(False, "--report", help="write an HTML report of the results file at the end (reports/)")
+_PREFILL_CHUNK = typer.Option(None, "--prefill-chunk", help="Ouro-family models: prefill in chunks of N tokens "
+                              "(exact; default one chunk). MELT always chunks by its config's chunk_size")
 
 
 @app.command()
@@ -145,6 +199,7 @@ def memory(
     point_timeout: Optional[float] = _TIMEOUT,
     repeats: Optional[int] = typer.Option(None, help="measure each point this many times (default: 1)"),
     nvml_interval_ms: float = typer.Option(10.0, "--nvml-interval-ms", help="NVML sampling interval"),
+    prefill_chunk: Optional[int] = _PREFILL_CHUNK,
     dry_run: bool = _DRY_RUN,
     progress: bool = _PROGRESS,
     report: bool = _REPORT,
@@ -159,6 +214,7 @@ def memory(
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, repeats=repeats,
                  point_timeout=point_timeout)
     resolved = _resolve("memory", flags, suite)
+    resolved.spec.point_options = dict(prefill_chunk=_check_prefill_chunk(prefill_chunk))
     points = resolved.spec.points()
     if not _dry_run(points, dry_run):
         runner = in_child(measure_memory_point, (nvml_interval_ms,), resolved.point_timeout)
@@ -175,8 +231,12 @@ def latency(
     warmup: int = typer.Option(2, help="untimed runs before the timed ones (the first one's time is reported apart)"),
     repeats: int = typer.Option(5, help="timed runs per point; figures are medians with min and max"),
     early_exit: str = typer.Option("off", "--early-exit", help="off | threshold:P (stop the loop once every sequence's exit probability reaches P)"),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the layers' MLP and norms"),
-    static_cache: bool = typer.Option(False, "--static-cache", help="allocate the KV cache ahead at full size (default: a growing cache)"),
+    engine: str = typer.Option("eager", "--engine", help="eager | compiled: the same static-shape decode step, "
+                               "as is or through torch.compile (CUDA graphs on CUDA); forward: the model's "
+                               "forward() per token, as generate() calls it"),
+    static_cache: bool = typer.Option(False, "--static-cache", help="--engine forward: allocate the KV cache ahead "
+                                      "at full size (default: a growing cache; eager and compiled always do)"),
+    prefill_chunk: Optional[int] = _PREFILL_CHUNK,
     dtype: Optional[str] = _DTYPE,
     device: Optional[str] = _DEVICE,
     weights: Optional[str] = _WEIGHTS,
@@ -193,13 +253,20 @@ def latency(
     from .measure_latency import measure_latency_point
     from .sweep import in_child
 
+    from .measure_latency import ENGINES
+
     if warmup < 0 or repeats < 1:
         raise UserError(f"--warmup must be >= 0 and --repeats >= 1 (got {warmup}, {repeats})")
+    if engine not in ENGINES:
+        raise UserError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
+    if static_cache and engine != "forward":
+        raise UserError("--static-cache applies to --engine forward (eager and compiled always preallocate)")
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase="decode",
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout)
     resolved = _resolve("latency", flags, suite)
     resolved.spec.point_options = dict(warmup=warmup, timed_runs=repeats, early_exit=_parse_early_exit(early_exit),
-                                       compile=compile, static_cache=static_cache)
+                                       engine=engine, static_cache=static_cache,
+                                       prefill_chunk=_check_prefill_chunk(prefill_chunk))
     points = resolved.spec.points()
     if not _dry_run(points, dry_run):
         runner = in_child(measure_latency_point, (), resolved.point_timeout)
@@ -214,6 +281,7 @@ def capacity(
     models: Optional[str] = _MODELS,
     new_tokens: Optional[int] = _NEW_TOKENS,
     max_batch: int = typer.Option(4096, "--max-batch", help="largest batch the search tries"),
+    prefill_chunk: Optional[int] = _PREFILL_CHUNK,
     dtype: Optional[str] = _DTYPE,
     device: Optional[str] = _DEVICE,
     weights: Optional[str] = _WEIGHTS,
@@ -236,7 +304,8 @@ def capacity(
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout)
     resolved = _resolve("capacity", flags, suite)
     budget_bytes = _parse_budget(budget, resolved.spec.device)
-    resolved.spec.point_options = dict(batch_size=0, memory_budget_bytes=budget_bytes)
+    resolved.spec.point_options = dict(batch_size=0, memory_budget_bytes=budget_bytes,
+                                       prefill_chunk=_check_prefill_chunk(prefill_chunk))
     points = resolved.spec.points()
     if not _dry_run(points, dry_run):
         def runner(point):
@@ -306,15 +375,35 @@ def _write_report(results: list[Path], output: Path | None, compare: list[Path] 
     from .report import write_report
     from .results import ResultsFileError, ResultsStore
 
-    for path in list(results) + list(compare or []):
+    inputs = list(results) + list(compare or [])
+    for path in inputs:
         if not path.is_file():
             raise UserError(f"no results file {path}")
         try:
-            ResultsStore(path).read()
+            rows = ResultsStore(path).read()
         except ResultsFileError as exc:
             raise UserError(str(exc)) from exc
+        if not rows:
+            raise UserError(f"{path} holds no results rows: nothing to report")
     output = output or Path("reports") / f"{results[0].stem}.html"
-    return write_report(list(results), output, compare)
+    _check_writable(output, "-o")
+    if output.exists() and (any(output.resolve() == path.resolve() for path in inputs) or _is_results_file(output)):
+        raise UserError(f"-o {output} is a results file: a report never replaces results; choose another name")
+    try:
+        return write_report(list(results), output, compare)
+    except OSError as exc:
+        raise UserError(f"-o {output}: cannot write the report ({exc.strerror or exc})") from exc
+
+
+def _is_results_file(path: Path) -> bool:
+    """Whether `path` holds melt-bench results (its first line carries our schema)."""
+    from .results import SCHEMA
+
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return SCHEMA in handle.readline()
+    except OSError:
+        return False
 
 
 @app.command()
@@ -401,6 +490,12 @@ def _resolve(command: str, flags: dict, suite: str | None):
     return resolved
 
 
+def _check_prefill_chunk(tokens: int | None) -> int | None:
+    if tokens is not None and tokens < 1:
+        raise UserError(f"--prefill-chunk: {tokens} must be at least 1")
+    return tokens
+
+
 def _parse_early_exit(text: str) -> float | None:
     if text == "off":
         return None
@@ -450,14 +545,38 @@ def _open_store(kind: str, out: Path | None, resume: bool):
     from .results import ResultsFileError, ResultsStore
 
     out = out or Path("results") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    _check_writable(out, "--out")
     store = ResultsStore(out)
     if store.exists() and not resume:
         raise UserError(f"--out {out} already exists: pass --resume to continue it, or choose another file")
     try:
-        store.read()
+        kinds = {row.kind for row in store.read()}
     except ResultsFileError as exc:
         raise UserError(str(exc)) from exc
+    if kinds - {kind}:
+        raise UserError(f"--out {out} holds {', '.join(sorted(kinds))} results, not {kind}: a results file holds "
+                        f"one kind; choose another file")
     return store, collect_env(probe_cuda=False).to_dict()
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """Before anything runs: `path` can be created (or appended to) as a file. Creates missing
+    parent folders; writes nothing else."""
+    import tempfile
+
+    if path.is_dir() or str(path).endswith(os.sep):
+        raise UserError(f"{option} {path} is a directory: name a file, e.g. {Path(path) / 'results.jsonl'}")
+    parent = path.parent
+    for folder in [parent, *parent.parents]:
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{option} {path}: {folder} is a file, not a directory")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{option} {path}: the file is not writable")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot create a file in {parent} ({exc.strerror or exc})") from exc
 
 
 def _print_tables(kind: str, store, planned: set[str]) -> None:
@@ -480,6 +599,8 @@ def _run_sweep_command(kind, points, runner, out, resume, retry_failed, progress
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors (bad options included) become one line on stderr and exit code 2."""
+    from .sweep import SweepInterrupted
+
     args = sys.argv[1:] if argv is None else argv
     try:
         app(args=args or ["--help"], prog_name="melt-bench", standalone_mode=False)
@@ -489,8 +610,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"melt-bench: error: {exc.format_message()}", file=sys.stderr)
         return 2
-    except typer.Abort:
-        print("melt-bench: aborted", file=sys.stderr)
+    except (typer.Abort, KeyboardInterrupt):
+        print("melt-bench: interrupted", file=sys.stderr)
+        return 130
+    except SweepInterrupted as exc:
+        print(f"melt-bench: {exc}", file=sys.stderr)
         return 130
     except typer.Exit as exc:
         return exc.exit_code

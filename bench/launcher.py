@@ -40,6 +40,9 @@ class ChildOutcome:
 
 
 def _child_main(conn, target: Callable, args: tuple) -> None:
+    # Ctrl-C reaches the whole process group; the parent decides (it kills this child and keeps
+    # the rows already written), so the child neither dies half-way nor prints a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         value = target(*args)
     except BaseException as exc:  # report, never hang the parent
@@ -59,7 +62,12 @@ def run_in_child(target: Callable, args: tuple, timeout_s: float) -> ChildOutcom
     proc.start()
     sender.close()
     try:
-        if not receiver.poll(timeout_s):
+        try:
+            ready = receiver.poll(timeout_s)
+        except KeyboardInterrupt:
+            _kill(proc)
+            raise
+        if not ready:
             _kill(proc)
             return ChildOutcome("timeout", error=f"point exceeded its {timeout_s:g} s limit", wall_s=time.monotonic() - started)
         try:

@@ -1,10 +1,20 @@
 """One latency point, inside its own child process: prefill (= time to first token) and a decode
 loop we own, timed with CUDA events on a GPU (one synchronise at the end of a run, not one per
 step) and perf_counter_ns on a CPU. The model is loaded once, outside the timed region; warm-up
-runs are not counted, and the first of them is reported apart (it holds compile time)."""
+runs are not counted, and the first of them is reported apart (it holds compile time).
+
+Engines (`point.engine`): `eager` and `compiled` run the same static-shape step function
+(`models/decode_engine.py`), uncompiled or through torch.compile; `forward` calls the model's
+own HF forward() per token, as generate() does. Prefill is the model's forward in all three.
+
+Every row carries its roofline: the bytes and FLOPs the config implies (models/cost_model.py),
+the device's bandwidth and matmul rate measured in this child before the point, and the ratios
+(MBU, MFU). On NVIDIA GPUs it also carries energy per prefill and per token (bench/energy.py).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -12,10 +22,17 @@ from dataclasses import dataclass, field
 import torch
 
 from melt_bench.models import load_model
+from melt_bench.models import cost_model
+from melt_bench.models.decode_engine import DecodeEngine, StepOutput
 
-from .measure_memory import classify_failure
+from .device_ceilings import DeviceCeilings, measure_ceilings
+from .energy import EnergyMeter, energy_metrics, open_meter
+from .measure_memory import classify_failure, prefill_chunking
+from .memory_trackers import nvml_index_for
 from .sweep_plan import SweepPoint
 from .units import parse_dtype
+
+ENGINES = ("eager", "compiled", "forward")
 
 
 class Marks:
@@ -40,35 +57,61 @@ class Marks:
         return [(b - a) / 1e6 for a, b in zip(self.events, self.events[1:])]
 
 
+class ForwardDecoder:
+    """Decoding through the model's own forward() per token, as generate() does: a growing cache,
+    or with `static_cache` one allocated ahead at full size."""
+
+    def __init__(self, model, point: SweepPoint) -> None:
+        self.model, self.point = model, point
+        self.cache = None
+
+    def prefill(self, input_ids: torch.Tensor, chunk_starts=None) -> StepOutput:
+        point = self.point
+        self.cache = (
+            self.model.new_cache(point.loops, capacity=point.seq_len + point.new_tokens, batch_size=point.batch_size)
+            if point.static_cache else self.model.new_cache(point.loops)
+        )
+        logits = self.model(input_ids, past_key_values=self.cache, loops=point.loops, logits_to_keep=1,
+                            chunk_starts=chunk_starts).logits[:, -1]
+        return StepOutput(logits.argmax(-1, keepdim=True), logits, point.loops, None)
+
+    def step(self, token: torch.Tensor) -> StepOutput:
+        out = self.model(token, past_key_values=self.cache, loops=self.point.loops,
+                         early_stop_threshold=self.point.early_exit)
+        logits = out.logits[:, -1]
+        return StepOutput(logits.argmax(-1, keepdim=True), logits, out.loops_run, out.exit_steps)
+
+    def rewind(self, position: int) -> None:
+        self.cache.crop(position)
+
+
 @dataclass
 class RunTiming:
     prefill_ms: float
     step_ms: list[float]
     loops_run: list[int] = field(default_factory=list)  # per decode step (the batch's)
     exit_loops: list[float] = field(default_factory=list)  # per step, mean 1-based exit loop of the sequences
+    tokens: torch.Tensor | None = None  # (batch, 1 + new_tokens): the greedy picks, prefill's first
 
 
-def timed_run(model, point: SweepPoint, input_ids: torch.Tensor) -> RunTiming:
+def timed_run(decoder, point: SweepPoint, input_ids: torch.Tensor, chunk_starts=None) -> RunTiming:
     """Prefill, then exactly `new_tokens` greedy steps (EOS ignored)."""
-    cache = (
-        model.new_cache(point.loops, capacity=point.seq_len + point.new_tokens, batch_size=point.batch_size)
-        if point.static_cache else model.new_cache(point.loops)
-    )
     marks = Marks(input_ids.device.type == "cuda")
     timing = RunTiming(0.0, [])
     marks.mark()
-    logits = model(input_ids, past_key_values=cache, loops=point.loops, logits_to_keep=1).logits
+    out = decoder.prefill(input_ids, chunk_starts)
     marks.mark()
+    picks = [out.token]
     for _ in range(point.new_tokens):
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        out = model(token, past_key_values=cache, loops=point.loops, early_stop_threshold=point.early_exit)
-        logits = out.logits
+        out = decoder.step(out.token)
         marks.mark()
+        picks.append(out.token)
         timing.loops_run.append(out.loops_run)
         if out.exit_steps is not None:
             timing.exit_loops.append(float(out.exit_steps.float().mean()) + 1)
     intervals = marks.intervals_ms()
     timing.prefill_ms, timing.step_ms = intervals[0], intervals[1:]
+    timing.tokens = torch.cat(picks, dim=1).cpu()
     return timing
 
 
@@ -110,35 +153,124 @@ def summarise(runs: list[RunTiming], batch: int) -> dict:
     return metrics
 
 
-def measure_latency_point(point: SweepPoint) -> dict:
-    """Returns {"status", "error", "metrics"}; failures are data, never raised."""
+def output_fields(runs: list[RunTiming]) -> dict:
+    """The greedy tokens of the timed runs: a digest to compare engines by, and the ids of the
+    first run (to count identical tokens where digests differ)."""
+    tokens = torch.stack([run.tokens for run in runs]).to(torch.int64)
+    return {
+        "output_digest": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
+        "output_token_ids": runs[0].tokens.tolist(),
+        "output_runs_identical": all(torch.equal(run.tokens, runs[0].tokens) for run in runs),
+    }
+
+
+def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Fraction of positions where two runs' greedy tokens agree."""
+    flat_a = [t for row in a for t in row]
+    flat_b = [t for row in b for t in row]
+    if len(flat_a) != len(flat_b) or not flat_a:
+        raise ValueError("token lists of different shapes")
+    return sum(x == y for x, y in zip(flat_a, flat_b)) / len(flat_a)
+
+
+def roofline_fields(config, point: SweepPoint, metrics: dict, ceilings: DeviceCeilings) -> dict:
+    """Bytes and FLOPs the config implies for this point, and how close the measured times are
+    to the device's measured ceilings."""
+    dtype = parse_dtype(point.dtype)
+    loops = metrics["loops_executed_mean"]
+    context = point.seq_len + (point.new_tokens + 1) / 2  # mean rows attended over the decode steps
+    decode_bytes = cost_model.decode_bytes_per_token(config, loops, point.batch_size, context, dtype)
+    decode_flops = cost_model.decode_flops_per_token(config, loops, point.batch_size, context)
+    prefill_flops = cost_model.prefill_flops(config, point.loops, point.batch_size, point.seq_len)
+    step_s = metrics["decode_ms_per_token_mean"] / 1000
+    return {
+        "decode_bytes_per_token": decode_bytes,
+        "decode_flops_per_token": decode_flops,
+        "prefill_flops": prefill_flops,
+        "roofline_decode_ms_per_token": decode_bytes / ceilings.bandwidth_bytes_per_s * 1000,
+        "decode_bandwidth_achieved_bytes_per_s": decode_bytes / step_s,
+        "decode_mbu": decode_bytes / step_s / ceilings.bandwidth_bytes_per_s,
+        "prefill_mfu": prefill_flops / (metrics["prefill_ms"] / 1000) / ceilings.matmul_flops_per_s,
+        "roofline_source": "models/cost_model.py formulas over measured device ceilings",
+    }
+
+
+def make_decoder(model, point: SweepPoint):
+    if point.engine == "forward":
+        return ForwardDecoder(model, point)
+    return DecodeEngine(model, point.loops, point.batch_size, point.seq_len + point.new_tokens, point.engine,
+                        early_stop_threshold=point.early_exit)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_energy(meter: EnergyMeter, decoder, point: SweepPoint, input_ids: torch.Tensor, chunk_starts):
+    """Energy per prefill and per generated token, in windows of repeated runs after the timed ones."""
+    device = input_ids.device
+
+    def prefill_once() -> int:
+        decoder.prefill(input_ids, chunk_starts)
+        _sync(device)
+        return 1
+
+    prefill = meter.measure(prefill_once)
+    first = decoder.prefill(input_ids, chunk_starts)  # the prompt's rows, which each decode run rewinds to
+
+    def decode_once() -> int:
+        decoder.rewind(point.seq_len)
+        token = first.token
+        for _ in range(point.new_tokens):
+            token = decoder.step(token).token
+        _sync(device)
+        return point.new_tokens * point.batch_size
+
+    return prefill, meter.measure(decode_once)
+
+
+def measure_latency_point(point: SweepPoint, meter: EnergyMeter | str | None = None) -> dict:
+    """Returns {"status", "error", "metrics"}; failures are data, never raised. `meter` replaces
+    the NVML energy meter (tests pass fakes)."""
     metrics: dict = {"timer": "cuda events" if point.device.startswith("cuda") else "perf_counter_ns"}
     try:
         device = torch.device(point.device)
+        dtype = parse_dtype(point.dtype)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        model = load_model(point.model, point.weights, dtype=parse_dtype(point.dtype), device=device)
-        if point.compile:
-            # The fusion-friendly parts only: the cache bookkeeping in attention changes shape
-            # and slot every call and would recompile without end.
-            for layer in model.model.layers:
-                for name in ("mlp", "input_layernorm", "input_layernorm_2", "post_attention_layernorm",
-                             "post_attention_layernorm_2"):
-                    setattr(layer, name, torch.compile(getattr(layer, name), dynamic=True))
-            metrics["compile_scope"] = "mlp and norms (torch.compile, dynamic shapes)"
+        if meter is None:
+            meter = (open_meter(nvml_index_for(device.index or 0)) if device.type == "cuda"
+                     else "unavailable: no NVIDIA GPU (the point ran on the CPU)")
+        if isinstance(meter, EnergyMeter):
+            meter.measure_idle()  # before the model loads: the device as it idles
+        ceilings = measure_ceilings(device, dtype)
+        metrics.update(ceilings.to_metrics())
+        model = load_model(point.model, point.weights, dtype=dtype, device=device)
+        chunk_starts, metrics["prefill_chunk_tokens"] = prefill_chunking(model, point)
         generator = torch.Generator().manual_seed(0)
         input_ids = torch.randint(1, model.config.vocab_size, (point.batch_size, point.seq_len), generator=generator)
         input_ids = input_ids.to(device)
         runs = []
         with torch.inference_mode():
+            decoder = make_decoder(model, point)
+            metrics["engine"] = point.engine
+            metrics["engine_description"] = getattr(decoder, "description", "model.forward() per token")
+            metrics["prefill_engine"] = "eager: model.forward()"
             for index in range(point.warmup + point.timed_runs):
                 started = time.perf_counter()
-                run = timed_run(model, point, input_ids)
+                run = timed_run(decoder, point, input_ids, chunk_starts)
                 if index == 0:
                     metrics["first_run_s"] = time.perf_counter() - started
                 if index >= point.warmup:
                     runs.append(run)
-        metrics.update(summarise(runs, point.batch_size))
+            metrics.update(summarise(runs, point.batch_size))
+            metrics.update(output_fields(runs))
+            metrics.update(roofline_fields(model.config, point, metrics, ceilings))
+            windows = (None, None)
+            if isinstance(meter, EnergyMeter) and meter.available:
+                windows = measure_energy(meter, decoder, point, input_ids, chunk_starts)
+            metrics.update(energy_metrics(meter, *windows))
         return {"status": "ok", "error": None, "metrics": metrics}
     except Exception as exc:
         return {"status": classify_failure(exc), "error": f"{type(exc).__name__}: {exc}"[:2000], "metrics": metrics}

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from melt_bench.models import load_model, predict_kv_cache_bytes
+from melt_bench.models import cost_model, load_model, predict_kv_cache_bytes
 
 from .memory_trackers import CudaAllocatorTracker, NvmlSampler, RssTracker, nvml_index_for
 from .nvml import load_pynvml
@@ -37,19 +37,44 @@ def tensor_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-def run_phase(model, point: SweepPoint, input_ids: torch.Tensor):
+def prefill_chunking(model, point: SweepPoint) -> tuple[list[int] | None, int]:
+    """How the prompt is prefilled: (chunk_starts for forward(), tokens per chunk). An Ouro-family
+    model takes `point.prefill_chunk` (exact: each chunk reads the earlier tokens' rows of its own
+    loop, as one whole prefill does); MELT chunks by its config's chunk_size, which is part of the
+    model (its results depend on it)."""
+    own = model.model.policy.chunk_size
+    if own is not None:
+        return None, min(own, point.seq_len)
+    if point.prefill_chunk is None or point.prefill_chunk >= point.seq_len:
+        return None, point.seq_len
+    return list(range(0, point.seq_len, point.prefill_chunk)), point.prefill_chunk
+
+
+def predicted_peak(model, point: SweepPoint, chunk_tokens: int, tokens: int, dtype: torch.dtype) -> dict:
+    """The analytic peak: weights + KV + the activation model of models/cost_model.py."""
+    config = model.config
+    weights = cost_model.weights_bytes(config, dtype)
+    kv = predict_kv_cache_bytes(config, point.loops, point.batch_size, tokens, dtype)
+    activation = cost_model.activation_peak_bytes(config, point.batch_size, chunk_tokens, dtype)
+    return {"predicted_weights_bytes": weights, "predicted_activation_peak_bytes": activation,
+            "predicted_peak_bytes": weights + kv + activation,
+            "predicted_source": "models/cost_model.py: weights + analytic KV + activation model"}
+
+
+def run_phase(model, point: SweepPoint, input_ids: torch.Tensor, chunk_starts: list[int] | None = None):
     """Run the point's phase; return the KV cache it filled and how many tokens it holds.
     prefill and decode allocate the whole cache before the first forward (as serving engines
     do); generate uses the growing cache generate() gets by default."""
     loops = point.loops
     if point.phase == "prefill":
         cache = model.new_cache(loops, capacity=point.seq_len, batch_size=point.batch_size)
-        model(input_ids, past_key_values=cache, loops=loops, logits_to_keep=1)
+        model(input_ids, past_key_values=cache, loops=loops, logits_to_keep=1, chunk_starts=chunk_starts)
         return cache, point.seq_len
     if point.phase == "decode":
         # Our own greedy loop over a preallocated cache: a fixed number of tokens, EOS ignored.
         cache = model.new_cache(loops, capacity=point.seq_len + point.new_tokens, batch_size=point.batch_size)
-        logits = model(input_ids, past_key_values=cache, loops=loops, logits_to_keep=1).logits
+        logits = model(input_ids, past_key_values=cache, loops=loops, logits_to_keep=1,
+                       chunk_starts=chunk_starts).logits
         for _ in range(point.new_tokens):
             token = logits[:, -1].argmax(-1, keepdim=True)
             logits = model(token, past_key_values=cache, loops=loops).logits
@@ -121,13 +146,17 @@ def measure_memory_point(
             trackers.allocator.start()
         if trackers.nvml is not None:
             trackers.nvml.start()
+        chunk_starts, metrics["prefill_chunk_tokens"] = prefill_chunking(model, point)
+        if point.phase == "generate" and chunk_starts is not None:
+            raise ValueError("--prefill-chunk applies to the prefill and decode phases, not generate()")
         with torch.inference_mode():
-            cache, tokens = run_phase(model, point, input_ids)
+            cache, tokens = run_phase(model, point, input_ids, chunk_starts)
         metrics["kv_cache_bytes"] = cache.nbytes()
         metrics["kv_cache_tokens"] = tokens
         metrics["kv_cache_bytes_predicted"] = predict_kv_cache_bytes(
             model.config, point.loops, point.batch_size, tokens, dtype
         )
+        metrics.update(predicted_peak(model, point, metrics["prefill_chunk_tokens"], tokens, dtype))
     except Exception as exc:  # an OOM at one point is a data point
         status, error = classify_failure(exc), f"{type(exc).__name__}: {exc}"[:2000]
     finally:

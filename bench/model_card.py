@@ -48,3 +48,43 @@ def preset_cards(dtype: torch.dtype = torch.bfloat16) -> list[ModelCard]:
             )
         )
     return cards
+
+
+@dataclass
+class CostCard:
+    """Predicted costs of one preset at one loop count, before anything runs."""
+
+    name: str
+    loops: int
+    seq_len: int
+    batch_size: int
+    dtype: str
+    weights_bytes: int
+    kv_cache_bytes: int  # the prompt plus one generated token
+    activation_peak_bytes: int  # prefill of the prompt in the model's chunks (Ouro: one chunk)
+    predicted_peak_bytes: int
+    decode_bytes_per_token: float  # bytes one decode step reads
+    roofline_decode_ms_per_token: float  # those bytes at the measured bandwidth
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cost_cards(names: list[str], loops: list[int], seq_len: int, batch_size: int, dtype: torch.dtype,
+               bandwidth_bytes_per_s: float) -> list[CostCard]:
+    """Analytic weights, KV, activation peak and roofline decode time per (preset, loop count)."""
+    from melt_bench.models import cost_model, get_preset, predict_kv_cache_bytes
+
+    cards = []
+    for name in names:
+        config = get_preset(name).config()
+        chunk = min(getattr(config, "chunk_size", None) or seq_len, seq_len)
+        for loop_count in loops:
+            weights = cost_model.weights_bytes(config, dtype)
+            kv = predict_kv_cache_bytes(config, loop_count, batch_size, seq_len + 1, dtype)
+            activation = cost_model.activation_peak_bytes(config, batch_size, chunk, dtype)
+            read = cost_model.decode_bytes_per_token(config, loop_count, batch_size, seq_len + 1, dtype)
+            cards.append(CostCard(name, loop_count, seq_len, batch_size, str(dtype).removeprefix("torch."), weights,
+                                  kv, activation, weights + kv + activation, read,
+                                  read / bandwidth_bytes_per_s * 1000))
+    return cards

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -123,7 +124,25 @@ def memory_section(frame: pd.DataFrame) -> Section | None:
         if column in mem:
             table[column.replace("_bytes", "")] = mem[column].map(lambda v: format_bytes(v) if pd.notna(v) else "-")
     section.tables.append(html_table(table.sort_values(["model", "seq_len", "batch_size", "loops"])))
+    if "predicted_peak_bytes" in mem and mem.predicted_peak_bytes.notna().any():
+        section.figures.append(predicted_vs_measured(mem))
     return section
+
+
+def predicted_vs_measured(mem: pd.DataFrame) -> Figure:
+    """The analytic peak (weights + KV + activation model) against the measured one, per point."""
+    ok = mem[(mem.status == "ok") & mem.predicted_peak_bytes.notna()]
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for model, part in ok.groupby("model"):
+        ax.scatter(part.predicted_peak_bytes / GiB, part.peak_bytes / GiB, label=str(model), alpha=0.8)
+    top = max(ok.predicted_peak_bytes.max(), ok.peak_bytes.max()) / GiB * 1.05 if len(ok) else 1.0
+    ax.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=1, label="measured = predicted")
+    ax.set_xlabel("predicted peak (GiB)")
+    ax.set_ylabel("measured peak (GiB)")
+    ax.set_title("memory: predicted vs measured peak", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return Figure("memory: predicted vs measured peak", png(fig))
 
 
 def seq_len_section(frame: pd.DataFrame) -> Section | None:
@@ -162,15 +181,30 @@ def latency_section(frame: pd.DataFrame) -> Section | None:
     if lat.empty:
         return None
     section = Section("Latency vs loops", "latency")
-    for key, part in _groups(lat, ["batch_size", "device"]):
-        suffix = f"batch {key[0]}, {key[1]}"
-        section.figures.append(_line_plot(part, "loops", "prefill_ms", ["model", "seq_len"], f"prefill (time to first token) | {suffix}", "ms"))
-        section.figures.append(_line_plot(part, "loops", "decode_ms_per_token_mean", ["model", "seq_len"], f"decode latency per token | {suffix}", "ms / token"))
-        section.figures.append(_line_plot(part, "loops", "decode_tokens_per_s", ["model", "seq_len"], f"decode throughput | {suffix}", "tokens / s"))
-    columns = [c for c in ("model", "loops", "seq_len", "batch_size", "status", "prefill_ms", "decode_ms_per_token_mean",
+    section.notes.append("MBU: the bytes a decode step must read (weights once per loop, the lm head, the KV rows "
+                         "attended; models/cost_model.py) per measured step time, over the device bandwidth measured "
+                         "by a large copy in the same process. 100% is the roofline.")
+    keys = [k for k in ("batch_size", "device", "engine") if k in lat]
+    for key, part in _groups(lat, keys):
+        named = zip(keys, key if isinstance(key, tuple) else (key,))
+        suffix = ", ".join(f"{name.replace('_size', '')} {value}" for name, value in named if pd.notna(value))
+        for metric, title, unit, scale in (
+                ("prefill_ms", "prefill (time to first token)", "ms", 1.0),
+                ("decode_ms_per_token_mean", "decode latency per token", "ms / token", 1.0),
+                ("decode_tokens_per_s", "decode throughput", "tokens / s", 1.0),
+                ("decode_mbu", "decode bandwidth utilisation (MBU)", "% of measured bandwidth", 0.01)):
+            if metric in part and part[metric].notna().any():  # absent where every point failed
+                section.figures.append(_line_plot(part, "loops", metric, ["model", "seq_len"], f"{title} | {suffix}",
+                                                  unit, scale))
+    columns = [c for c in ("model", "engine", "loops", "seq_len", "batch_size", "status", "prefill_ms",
+                           "decode_ms_per_token_mean", "roofline_decode_ms_per_token", "decode_mbu", "prefill_mfu",
                            "decode_ms_per_token_p50", "decode_ms_per_token_p90", "decode_tokens_per_s",
-                           "e2e_tokens_per_s", "loops_executed_mean") if c in lat]
-    section.tables.append(html_table(lat[columns].round(3).sort_values(["model", "seq_len", "loops"])))
+                           "e2e_tokens_per_s", "loops_executed_mean", "energy_decode_j_per_token", "output_digest")
+               if c in lat]
+    table = lat[columns].round(3)
+    if "output_digest" in table:
+        table["output_digest"] = table.output_digest.map(lambda d: d[:12] if isinstance(d, str) else "-")
+    section.tables.append(html_table(table.sort_values(["model", "seq_len", "loops"])))
     return section
 
 
@@ -317,7 +351,10 @@ def build_report(paths: list[Path], compare: list[Path] | None = None, title: st
 def write_report(paths: list[Path], out: Path, compare: list[Path] | None = None) -> Path:
     html = build_report(paths, compare)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(html, encoding="utf-8")
+    # Written beside and renamed over: a failed write never leaves half a report in its place.
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(html, encoding="utf-8")
+    os.replace(partial, out)
     return out
 
 

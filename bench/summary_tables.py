@@ -36,6 +36,7 @@ class TableSpec:
     title: str
     columns: list[Column]
     headline: str  # the metric the Ouro/MELT ratio divides
+    headline_label: str  # how the ratio column names it
     group_fields: tuple[str, ...] = ("phase", "seq_len", "batch_size", "dtype", "device")
 
 
@@ -46,20 +47,22 @@ def _ms(key: str) -> Callable[[dict], str]:
 SPECS = {
     "memory": TableSpec(
         "peak memory", [Column("", lambda m: format_bytes(m.get("peak_bytes"))),
-                        Column(" KV", lambda m: format_bytes(m.get("kv_cache_bytes")))], "peak_bytes"),
+                        Column(" KV", lambda m: format_bytes(m.get("kv_cache_bytes")))], "peak_bytes", "peak"),
     "latency": TableSpec(
         "latency (median over timed runs)",
         [Column(" prefill", _ms("prefill_ms")), Column(" decode/token", _ms("decode_ms_per_token_mean")),
+         Column(" roofline/token", _ms("roofline_decode_ms_per_token")),
+         Column(" MBU", lambda m: f"{m['decode_mbu']:.1%}" if m.get("decode_mbu") is not None else "-"),
          Column(" tok/s", lambda m: f"{m['decode_tokens_per_s']:,.1f}" if "decode_tokens_per_s" in m else "-")],
-        "decode_ms_per_token_mean"),
+        "decode_ms_per_token_mean", "decode ms/token", ("phase", "seq_len", "batch_size", "dtype", "device", "engine")),
     "accuracy": TableSpec(
         "accuracy", [Column("", lambda m: f"{m['value']:.4f} ± {m['stderr'] or 0:.4f}" if "value" in m else "-"),
                      Column(" peak", lambda m: format_bytes(m.get("peak_bytes"))),
                      Column(" KV/token", lambda m: format_bytes(m.get("kv_bytes_per_token")))],
-        "value", ("task", "metric", "filter", "exit_mode", "num_fewshot", "limit")),
+        "value", "score", ("task", "metric", "filter", "exit_mode", "num_fewshot", "limit")),
     "capacity": TableSpec(
-        "largest batch within the budget", [Column(" max batch", lambda m: str(m.get("max_batch", "-")))],
-        "max_batch", ("seq_len", "new_tokens", "dtype", "device", "memory_budget_bytes")),
+        "largest batch within the budget", [Column(" max batch", lambda m: _max_batch(m))],
+        "max_batch", "max batch", ("seq_len", "new_tokens", "dtype", "device", "memory_budget_bytes")),
 }
 
 
@@ -83,7 +86,7 @@ def _table(spec: TableSpec, key: tuple, group: list[ResultRow]) -> Table:
         for column in spec.columns:
             table.add_column(model + column.name, justify="right")
     for ouro, melt in pairs:
-        table.add_column(f"{ouro}/{melt}", justify="right")
+        table.add_column(f"{ouro}/{melt} {spec.headline_label}", justify="right")
     by_key = {(model_label(r, labels), r.point["loops"]): r for r in group}
     for loops in sorted({r.point["loops"] for r in group}):
         cells = [str(loops)]
@@ -100,6 +103,13 @@ def _table(spec: TableSpec, key: tuple, group: list[ResultRow]) -> Table:
             cells.append(_ratio(by_key.get((ouro, loops)), by_key.get((melt, loops)), spec.headline))
         table.add_row(*cells)
     return table
+
+
+def _max_batch(metrics: dict) -> str:
+    """The search's answer; '>= N' when it stopped at --max-batch without a failure."""
+    if "max_batch" not in metrics:
+        return "-"
+    return f">= {metrics['max_batch']}" if metrics.get("hit_batch_limit") else str(metrics["max_batch"])
 
 
 def _describe(field: str, value) -> str:

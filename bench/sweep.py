@@ -13,6 +13,14 @@ from .results import ResultRow, ResultsStore
 from .sweep_plan import SweepPoint
 
 
+class SweepInterrupted(Exception):
+    """Ctrl-C during a sweep: the running point was stopped; every finished row is in the store."""
+
+    def __init__(self, recorded: int, planned: int, path) -> None:
+        super().__init__(f"interrupted: {recorded} of {planned} points recorded in {path}; "
+                         "run the same command with --resume to continue")
+
+
 @dataclass
 class SweepStatus:
     planned: int
@@ -66,8 +74,15 @@ def run_sweep(
     with progress:
         task = progress.add_task(kind, total=len(todo), last="")
         for point in todo:
-            progress.update(task, last=f"{point.model} loops={point.loops} seq={point.seq_len} batch={point.batch_size}")
-            outcome = run_point(point)
+            batch = point.batch_size or "searched"  # capacity points search their batch
+            progress.update(task, last=f"{point.model} loops={point.loops} seq={point.seq_len} batch={batch}")
+            try:
+                outcome = run_point(point)
+            except KeyboardInterrupt:
+                progress.stop()
+                planned_ids = {p.point_id for p in points}
+                recorded = len({row.point_id for row in store.read()} & planned_ids)
+                raise SweepInterrupted(recorded, len(points), store.path) from None
             row = outcome_to_row(kind, point, outcome, meta or {})
             store.append(row)
             if on_row is not None:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from .ranges import RangeError, parse_int_list, parse_name_list
 
 PHASES = ("prefill", "decode", "generate")
-_OPTIONAL = ("warmup", "timed_runs", "early_exit", "compile", "static_cache", "memory_budget_bytes")
+_OPTIONAL = ("warmup", "timed_runs", "early_exit", "engine", "static_cache", "memory_budget_bytes", "prefill_chunk")
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,15 @@ class SweepPoint:
     device: str
     weights: str | None = None
     repeat: int = 0
+    # Ouro-family models: prefill in chunks of this many tokens (None = one chunk; MELT chunks by
+    # its config's chunk_size)
+    prefill_chunk: int | None = None
     # latency only
     warmup: int = 0
     timed_runs: int = 0
     early_exit: float | None = None  # early-stop threshold, None = off
-    compile: bool = False
-    static_cache: bool = False
+    engine: str = "eager"  # eager | compiled (the same step function) | forward (the model's forward)
+    static_cache: bool = False  # forward engine: allocate the cache ahead
     # capacity only: the budget a batch must fit in (batch_size 0 = searched)
     memory_budget_bytes: int | None = None
 

@@ -4,9 +4,11 @@ Times prefill (one forward over the prompt) and per-token decode for:
   looped: our Ouro, L layers x T loops;
   flat:   our code with L*T layers and 1 loop (same kernels, no loop machinery);
   llama:  transformers' LlamaForCausalLM with L*T layers (an independent implementation);
-and prints the ratios looped/flat and looped/llama (1.00 = no overhead). Weights are random;
-only the time matters. Timing: CUDA events on a GPU, perf_counter on a CPU; all models warmed up, then timed
-round-robin.
+under each engine: `eager` (our static-shape decode step as is; Llama's forward over a
+StaticCache) and `compiled` (the same through torch.compile, CUDA graphs on CUDA). Prints the
+ratios looped/flat and looped/llama per engine (1.00 = no overhead) and compiled/eager. Weights
+are random; only the time matters. Timing: CUDA events on a GPU, perf_counter on a CPU; all
+models warmed up (compiled ones captured), then timed round-robin.
 
     python benchmarks/loop_overhead.py                      # small CPU config
     python benchmarks/loop_overhead.py --preset ouro-1.4b --device cuda --dtype bfloat16
@@ -19,9 +21,10 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from melt_bench.models import OuroConfig, OuroForCausalLM, get_preset
+from melt_bench.models.decode_engine import DecodeEngine
 from melt_bench.models.presets import default_dtype
 from melt_bench.units import parse_dtype
 
@@ -43,41 +46,68 @@ def timer(device: torch.device):
     return run
 
 
-def one_run(model, loops_kwargs: dict, ids: torch.Tensor, new_tokens: int, run) -> tuple[float, float]:
-    """One prefill and `new_tokens` decode steps; returns (prefill ms, decode ms per token)."""
-    cache = model.new_cache(capacity=ids.shape[1] + new_tokens, batch_size=ids.shape[0], **loops_kwargs) \
-        if hasattr(model, "new_cache") else None
-    state = {}
+class OursRunner:
+    """Prefill with the model's forward, decode through models/decode_engine.py."""
 
-    def do_prefill():
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **_fwd(loops_kwargs))
-        state["cache"], state["token"] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    def __init__(self, model, loops: int, ids: torch.Tensor, new_tokens: int, engine: str) -> None:
+        self.engine = DecodeEngine(model, loops, ids.shape[0], ids.shape[1] + new_tokens, engine)
+        self.ids, self.new_tokens = ids, new_tokens
 
-    def do_decode():
-        for _ in range(new_tokens):
-            out = model(state["token"], past_key_values=state["cache"], use_cache=True, **_fwd(loops_kwargs))
-            state["token"] = out.logits[:, -1:].argmax(-1)
+    def prefill(self) -> None:
+        self.token = self.engine.prefill(self.ids).token
 
-    return run(do_prefill), run(do_decode) / new_tokens
+    def decode(self) -> None:
+        for _ in range(self.new_tokens):
+            self.token = self.engine.step(self.token).token
 
 
-def time_models(models: dict, ids: torch.Tensor, new_tokens: int, repeats: int, device) -> dict:
-    """Median prefill ms and decode ms/token per model. Every model is warmed up first, then the
-    timed runs go round-robin, so clock ramp-up and drift do not favour whoever runs last."""
+def llama_step(model, token: torch.Tensor, cache, position: torch.Tensor) -> torch.Tensor:
+    logits = model(token, past_key_values=cache, cache_position=position, position_ids=position[None],
+                   use_cache=True).logits[:, -1]
+    return logits.argmax(-1, keepdim=True)
+
+
+class LlamaRunner:
+    """transformers' Llama over its StaticCache: eager forward, or the decode step compiled."""
+
+    def __init__(self, model, ids: torch.Tensor, new_tokens: int, engine: str) -> None:
+        self.model, self.ids, self.new_tokens = model, ids, new_tokens
+        self.cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new_tokens)
+        self.cuda_graphs = engine == "compiled" and ids.device.type == "cuda"
+        options = dict(mode="reduce-overhead") if self.cuda_graphs else {}
+        self.step = torch.compile(llama_step, fullgraph=True, dynamic=False, **options) if engine == "compiled" \
+            else llama_step
+
+    def prefill(self) -> None:
+        self.cache.reset()
+        positions = torch.arange(self.ids.shape[1], device=self.ids.device)
+        logits = self.model(self.ids, past_key_values=self.cache, cache_position=positions, use_cache=True,
+                            logits_to_keep=1).logits
+        self.token = logits[:, -1].argmax(-1, keepdim=True)
+
+    def decode(self) -> None:
+        for offset in range(self.new_tokens):
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            position = torch.tensor([self.ids.shape[1] + offset], device=self.ids.device)
+            self.token = self.step(self.model, self.token, self.cache, position).clone()
+
+
+def time_runners(runners: dict, repeats: int, device) -> dict:
+    """Median prefill ms and decode ms/token per runner. Every runner is warmed up first (twice:
+    the first run compiles, the second captures CUDA graphs), then the timed runs go
+    round-robin, so clock ramp-up and drift do not favour whoever runs last."""
     run = timer(device)
-    for model, loops_kwargs in models.values():
-        one_run(model, loops_kwargs, ids, new_tokens, run)
-    times = {name: ([], []) for name in models}
+    for runner in runners.values():
+        for _ in range(2):
+            runner.prefill()
+            runner.decode()
+    times = {name: ([], []) for name in runners}
     for _ in range(repeats):
-        for name, (model, loops_kwargs) in models.items():
-            prefill, decode = one_run(model, loops_kwargs, ids, new_tokens, run)
-            times[name][0].append(prefill)
-            times[name][1].append(decode)
+        for name, runner in runners.items():
+            times[name][0].append(run(runner.prefill))
+            times[name][1].append(run(runner.decode) / runner.new_tokens)
     return {name: (statistics.median(p), statistics.median(d)) for name, (p, d) in times.items()}
-
-
-def _fwd(loops_kwargs: dict) -> dict:
-    return {"loops": loops_kwargs["loops"]} if "loops" in loops_kwargs else {}
 
 
 def main() -> None:
@@ -91,7 +121,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--engines", default="eager,compiled", help="eager, compiled or both")
     args = parser.parse_args()
+    engines = args.engines.split(",")
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
     if args.preset:
         fields = get_preset(args.preset).fields
@@ -112,16 +144,25 @@ def main() -> None:
             head_dim=fields.get("head_dim"), max_position_embeddings=fields["max_position_embeddings"],
             rope_theta=fields.get("rope_theta", 10_000.0), attn_implementation="sdpa")).eval()
         ids = torch.randint(1, fields["vocab_size"], (1, args.seq), device=device)
-        models = {"looped": (looped, {"loops": loops}), "flat": (flat, {"loops": 1}), "llama": (llama, {})}
-        results = time_models(models, ids, args.new_tokens, args.repeats, device)
+        runners = {}
+        for engine in engines:
+            runners[("looped", engine)] = OursRunner(looped, loops, ids, args.new_tokens, engine)
+            runners[("flat", engine)] = OursRunner(flat, 1, ids, args.new_tokens, engine)
+            runners[("llama", engine)] = LlamaRunner(llama, ids, args.new_tokens, engine)
+        results = time_runners(runners, args.repeats, device)
     print(f"config: hidden {fields['hidden_size']}, {layers} layers x {loops} loops (= {layers * loops} flat), "
           f"seq {args.seq}, {args.new_tokens} new tokens, {args.dtype} on {device}")
-    for name, (prefill, decode) in results.items():
-        print(f"  {name:7s} prefill {prefill:9.2f} ms   decode {decode:8.3f} ms/token")
-    for other in ("flat", "llama"):
-        p = results["looped"][0] / results[other][0]
-        d = results["looped"][1] / results[other][1]
-        print(f"ratio looped/{other}: prefill {p:.2f}x, decode {d:.2f}x")
+    for (name, engine), (prefill, decode) in results.items():
+        print(f"  {name:7s} {engine:9s} prefill {prefill:9.2f} ms   decode {decode:8.3f} ms/token")
+    for engine in engines:
+        for other in ("flat", "llama"):
+            p = results[("looped", engine)][0] / results[(other, engine)][0]
+            d = results[("looped", engine)][1] / results[(other, engine)][1]
+            print(f"ratio looped/{other} ({engine}): prefill {p:.2f}x, decode {d:.2f}x")
+    if len(engines) == 2:
+        for name in ("looped", "flat", "llama"):
+            d = results[(name, engines[1])][1] / results[(name, engines[0])][1]
+            print(f"ratio {engines[1]}/{engines[0]} decode ({name}): {d:.2f}x")
 
 
 if __name__ == "__main__":

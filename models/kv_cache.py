@@ -32,15 +32,19 @@ class LoopedKVCache(Cache):
         self.seq_len = 0  # tokens whose rows are final (all loops done)
 
     def allocate(
-        self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str
+        self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
+        zero: bool = False,
     ) -> None:
         """Allocate every slot's buffers now, back to back (gpt-fast's setup_caches): no
-        allocation interleaves with activations later, so the allocator does not fragment."""
+        allocation interleaves with activations later, so the allocator does not fragment.
+        `zero` fills them with zeros: attention that reads the whole capacity under a mask
+        (the decode engine) must not meet NaN in rows it masks out (0 x NaN = NaN)."""
         if self.capacity is None:
             raise ValueError("only a cache with a capacity can be allocated ahead")
         shape = (batch, kv_heads, self.capacity, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(self.num_slots)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(self.num_slots)]
+        new = torch.zeros if zero else torch.empty
+        self.keys = [new(shape, dtype=dtype, device=device) for _ in range(self.num_slots)]
+        self.values = [new(shape, dtype=dtype, device=device) for _ in range(self.num_slots)]
 
     def update_slot(
         self, slot: int, key: torch.Tensor, value: torch.Tensor, start: int

@@ -25,6 +25,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -72,25 +73,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class AttentionMask:
-    """How one chunk's queries may attend: a boolean mask (True = attend) or SDPA's is_causal."""
+    """How one chunk's queries may attend: a mask (a boolean tensor, True = attend, or SDPA's
+    bottom-right causal bias) or SDPA's is_causal."""
 
-    mask: torch.Tensor | None
+    mask: torch.Tensor | CausalBias | None
     is_causal: bool
 
 
 def chunk_attention_mask(
-    start: int, q_len: int, key_padding: torch.Tensor | None, device: torch.device
+    start: int, q_len: int, key_padding: torch.Tensor | None, device: torch.device, fused: bool = True
 ) -> AttentionMask:
     """Causal mask for queries at cache positions [start, start+q_len) over keys [0, start+q_len).
 
+    Without padding no boolean mask is built: a first chunk is SDPA's `is_causal`, a later chunk
+    (cached prefix + its own causal block) the bottom-right-aligned `causal_lower_right` bias, so
+    SDPA keeps its fused kernels (`fused=False` materialises the same mask; tests compare them).
     `key_padding` (batch, start+q_len) is True for real tokens. A query may always see itself, so
     padded rows never attend to nothing (SDPA would return NaN that then leaks through V)."""
     kv_len = start + q_len
-    if key_padding is None:
+    if key_padding is None and fused:
         if q_len == 1:
             return AttentionMask(None, False)
         if start == 0:
             return AttentionMask(None, True)
+        return AttentionMask(causal_lower_right(q_len, kv_len), False)
     q_pos = torch.arange(start, kv_len, device=device)[:, None]
     k_pos = torch.arange(kv_len, device=device)[None, :]
     mask = (k_pos <= q_pos)[None, None]
@@ -111,6 +117,28 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
         self.kv_gate = gate  # None for Ouro; MELT's KVUpdateGate
 
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values (batch, heads, tokens, head_dim) with RoPE applied, and what
+        the keys/values were projected from (x for Ouro, MELT's gated state h)."""
+        bsz, q_len, _ = x.shape
+        kv_in = x if self.kv_gate is None else self.kv_gate(x, kv_state)
+        q = self.q_proj(x).view(bsz, q_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(kv_in).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(kv_in).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, kv_in
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionMask) -> torch.Tensor:
+        """SDPA over the given keys/values, then the output projection."""
+        bsz, _, q_len, _ = q.shape
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn.mask, is_causal=attn.is_causal,
+            scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -121,25 +149,16 @@ class Attention(nn.Module):
         start: int,
         kv_state: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        bsz, q_len, _ = x.shape
-        kv_in = x if self.kv_gate is None else self.kv_gate(x, kv_state)
-        q = self.q_proj(x).view(bsz, q_len, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(kv_in).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(kv_in).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v, kv_in = self.project(x, rope, kv_state)
         if isinstance(cache, TransitionKVCache):  # MELT phase-1 training: mix with Ouro's rows
+            bsz, q_len, _ = x.shape
+            cos, sin = rope
             k_o = apply_rope(self.k_proj(x).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
             v_o = self.v_proj(x).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
             k, v = cache.update_mixed(slot, (k_o, v_o), (k, v), start)
         elif cache is not None:
             k, v = cache.update_slot(slot, k, v, start)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn.mask, is_causal=attn.is_causal,
-            scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv_heads,
-        )
-        out = self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1))
-        return out, (kv_in if self.kv_gate is not None else None)
+        return self.attend(q, k, v, attn), (kv_in if self.kv_gate is not None else None)
 
 
 class MLP(nn.Module):
@@ -169,13 +188,17 @@ class DecoderLayer(nn.Module):
     def forward(self, x, rope, attn, cache, slot, start, kv_state):
         """Returns the new residual stream, the KV state (MELT's h) and the attention output."""
         h, kv_state = self.self_attn(self.input_layernorm(x), rope, attn, cache, slot, start, kv_state)
+        return self.after_attention(x, h), kv_state, h
+
+    def after_attention(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer once attention has produced `h`: both residual adds and the MLP."""
         x = x + self.input_layernorm_2(h)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             # Only the MLP block is recomputed in backward: it holds most of a layer's activations
             # (3 x intermediate_size per token) and has no side effects, while attention writes
             # cache rows that a recomputation would write twice.
-            return x + self._gradient_checkpointing_func(self._mlp_block, x), kv_state, h
-        return x + self._mlp_block(x), kv_state, h
+            return x + self._gradient_checkpointing_func(self._mlp_block, x)
+        return x + self._mlp_block(x)
 
     def _mlp_block(self, x: torch.Tensor) -> torch.Tensor:
         return self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))

@@ -28,3 +28,13 @@ def die_by_sigkill(point, *args):
 
 def raise_error(point, *args):
     raise RuntimeError("something broke")
+
+
+def write_rows(path, kind: str, count: int) -> None:
+    """A small results file of `kind` rows, as a finished sweep leaves it."""
+    from melt_bench.results import ResultRow, ResultsStore
+
+    store = ResultsStore(path)
+    for loops in range(1, count + 1):
+        point = {"model": "ouro-tiny", "loops": loops, "seq_len": 32, "batch_size": 1, "phase": "decode"}
+        store.append(ResultRow(kind, f"{kind}-{loops}", point, "ok", None, {"peak_bytes": 1000 * loops}, {}, 0.1))

@@ -113,3 +113,26 @@ def test_convert_on_cuda_in_bf16_and_checkpointing_lowers_the_peak(tmp_path):
         assert all(row["loss"] == row["loss"] and row["step_s"] > 0 for row in log)  # finite, timed
         peaks[checkpointing] = max(row["cuda_peak_allocated_bytes"] for row in log)
     assert peaks[True] < peaks[False]
+
+
+@cuda
+@pytest.mark.parametrize("model", ["ouro-tiny", "melt-tiny"])
+def test_compiled_engine_with_cuda_graphs_decodes_the_eager_tokens(model):
+    from dataclasses import replace
+
+    from melt_bench.measure_latency import measure_latency_point
+    from melt_bench.sweep_plan import SweepPoint
+
+    point = SweepPoint("latency", model, 4, 64, 2, "decode", 8, "float32", "cuda:0", warmup=2, timed_runs=3,
+                       engine="compiled")
+    compiled = measure_latency_point(point)
+    eager = measure_latency_point(replace(point, engine="eager"))
+    assert compiled["status"] == eager["status"] == "ok", (compiled["error"], eager["error"])
+    c, e = compiled["metrics"], eager["metrics"]
+    assert "CUDA graphs" in c["engine_description"]
+    assert c["output_digest"] == e["output_digest"]
+    assert 0 < c["decode_mbu"] < 1.5 and c["device_bandwidth_bytes_per_s"] > 1e11  # a GPU copies > 100 GB/s
+    if c["energy_source"].startswith("unavailable"):
+        assert c["energy_decode_j_per_token"] is None
+    else:
+        assert c["energy_decode_j_per_token"] is not None and c["energy_prefill_window_s"] >= 1.0

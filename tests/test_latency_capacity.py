@@ -51,7 +51,7 @@ def test_early_exit_loop_count_lies_in_range(model):
 def test_latency_command_end_to_end(tmp_path):
     out = tmp_path / "lat.jsonl"
     assert main(["latency", "--loops", "1,3", "--batch-sizes", "1", "--warmup", "1", "--repeats", "2",
-                 "--early-exit", "threshold:0.9", "--static-cache", "--out", str(out), *SMALL]) == 0
+                 "--early-exit", "threshold:0.9", "--engine", "forward", "--static-cache", "--out", str(out), *SMALL]) == 0
     frame = load_results(out)
     assert len(frame) == 4 and set(frame.status) == {"ok"} and set(frame.kind) == {"latency"}
     assert (frame.early_exit == 0.9).all() and frame.static_cache.all() and (frame.timed_runs == 2).all()
@@ -134,3 +134,43 @@ def test_capacity_budget_errors(capsys):
     assert "--budget auto needs a CUDA device" in capsys.readouterr().err
     assert main(["capacity", "--budget", "lots", *SMALL]) == 2
     assert "--budget" in capsys.readouterr().err
+
+
+def test_engines_agree_on_the_output_digest(tmp_path):
+    """eager (the step function) and forward (the model's own forward) decode the same tokens."""
+    rows = {}
+    for engine in ("eager", "forward"):
+        out = tmp_path / f"{engine}.jsonl"
+        assert main(["latency", "--loops", "2", "--batch-sizes", "2", "--warmup", "0", "--repeats", "2",
+                     "--engine", engine, "--out", str(out), *SMALL]) == 0
+        rows[engine] = load_results(out).set_index("model")
+    for model in ("ouro-tiny", "melt-tiny"):
+        eager, forward = rows["eager"].loc[model], rows["forward"].loc[model]
+        assert eager.engine == "eager" and forward.engine == "forward"
+        assert eager.output_digest == forward.output_digest and len(eager.output_digest) == 64
+        assert eager.output_runs_identical and len(eager.output_token_ids) == 2  # batch 2
+        assert len(eager.output_token_ids[0]) == 1 + 4  # prefill's pick + 4 new tokens
+
+
+@pytest.mark.parametrize("args,needle", [(["--engine", "turbo"], "--engine"),
+                                         (["--static-cache"], "--static-cache"),
+                                         (["--prefill-chunk", "0"], "--prefill-chunk")])
+def test_latency_engine_options_bad_input(args, needle, capsys, tmp_path):
+    out = tmp_path / "never.jsonl"
+    assert main(["latency", *args, "--out", str(out), *SMALL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and not out.exists()
+
+
+def test_memory_prefill_chunk_is_recorded_and_lowers_ouros_activation_prediction(tmp_path):
+    out = tmp_path / "mem.jsonl"
+    assert main(["memory", "--loops", "2", "--models", "ouro-tiny,melt-tiny", "--seq-lens", "64", "--batch-sizes", "1",
+                 "--new-tokens", "2", "--device", "cpu", "--no-progress", "--prefill-chunk", "16",
+                 "--out", str(out)]) == 0
+    frame = load_results(out).set_index("model")
+    ouro, melt = frame.loc["ouro-tiny"], frame.loc["melt-tiny"]
+    assert ouro.prefill_chunk == 16 and ouro.prefill_chunk_tokens == 16
+    assert melt.prefill_chunk_tokens == 64  # MELT chunks by its own chunk_size (500 > 64 tokens)
+    assert ouro.kv_cache_bytes == ouro.kv_cache_bytes_predicted
+    assert ouro.predicted_peak_bytes == ouro.predicted_weights_bytes + ouro.kv_cache_bytes_predicted \
+        + ouro.predicted_activation_peak_bytes

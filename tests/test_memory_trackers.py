@@ -132,10 +132,10 @@ def test_fake_oom_at_a_chosen_point_is_recorded(monkeypatch):
 
     real_run_phase = mm.run_phase
 
-    def run_phase(model, p, input_ids):
+    def run_phase(model, p, input_ids, *args):
         if p.loops == 8:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
-        return real_run_phase(model, p, input_ids)
+        return real_run_phase(model, p, input_ids, *args)
 
     monkeypatch.setattr(mm, "run_phase", run_phase)
     fake_cuda = FakeCuda(allocated=0, peak_allocated=GiB, peak_reserved=GiB)

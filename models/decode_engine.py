@@ -1,0 +1,163 @@
+"""A static-shape decode step for the looped models, after gpt-fast's `decode_one_token`.
+
+`decode_one_token` computes one whole decode step (embedding, every loop and layer, the final
+norm, the lm head and the greedy pick) over a preallocated cache whose shapes never change: the
+position is a tensor, cache rows are written with `index_copy_`, and attention reads the whole
+capacity with a mask of the positions written so far. Called as it is, it is the eager engine;
+through `torch.compile` (CUDA graphs on CUDA, `mode="reduce-overhead"`) it is the compiled
+engine: the same code either way, so one graph is captured per (batch, capacity, loops).
+
+Early stopping cannot be one graph (the number of loops depends on the gate), so it runs
+`run_loop`, one graph per loop, and checks the exit gate on the host between loops.
+
+The KV policy decides the slot each (loop, layer) writes, as in `LoopedModel.forward`, so Ouro
+and MELT (its gate inside the graph) share this code; the tests check that its logits equal the
+model's own forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .kv_cache import LoopedKVCache
+from .looped import AttentionMask, EarlyStop, LoopedForCausalLM, rope_cos_sin
+
+ENGINES = ("eager", "compiled")
+
+
+def run_loop(
+    model: LoopedForCausalLM, x: torch.Tensor, input_pos: torch.Tensor, keys: list[torch.Tensor],
+    values: list[torch.Tensor], kv_states: list[torch.Tensor | None], loop: int,
+) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
+    """One loop of the layer stack for the token at `input_pos` (a 1-element tensor): returns the
+    normed output, each layer's KV state (MELT's h, None for Ouro) and the exit-gate logit."""
+    base, config = model.model, model.config
+    capacity = keys[0].shape[2]
+    # Rows past the current position hold zeros or an earlier run's rows: masked out.
+    attn = AttentionMask((torch.arange(capacity, device=x.device) <= input_pos)[None, None, None], False)
+    rope = rope_cos_sin(input_pos[None], config.head_dim, config.rope_theta, x.dtype)
+    states: list[torch.Tensor | None] = []
+    for i, layer in enumerate(base.layers):
+        slot = base.policy.slot(loop, i)
+        q, k, v, kv_in = layer.self_attn.project(layer.input_layernorm(x), rope, kv_states[i])
+        keys[slot].index_copy_(2, input_pos, k)
+        values[slot].index_copy_(2, input_pos, v)
+        x = layer.after_attention(x, layer.self_attn.attend(q, keys[slot], values[slot], attn))
+        states.append(kv_in if layer.self_attn.kv_gate is not None else None)
+    x = base.norm(x)
+    return x, states, base.early_exit_gate(x).squeeze(-1)
+
+
+def greedy_head(model: LoopedForCausalLM, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the last position and the greedy next token (batch, 1)."""
+    logits = model.lm_head(x[:, -1])
+    return logits.argmax(-1, keepdim=True), logits
+
+
+def decode_one_token(
+    model: LoopedForCausalLM, token: torch.Tensor, input_pos: torch.Tensor, keys: list[torch.Tensor],
+    values: list[torch.Tensor], loops: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole decode step for `token` (batch, 1) at `input_pos`: (next token, logits)."""
+    x = model.model.embed_tokens(token)
+    states: list[torch.Tensor | None] = [None] * len(model.model.layers)
+    for loop in range(loops):
+        x, states, _ = run_loop(model, x, input_pos, keys, values, states, loop)
+    return greedy_head(model, x)
+
+
+@dataclass
+class StepOutput:
+    token: torch.Tensor  # (batch, 1), the greedy pick
+    logits: torch.Tensor  # (batch, vocab)
+    loops_run: int
+    exit_steps: torch.Tensor | None  # early stopping: each sequence's exit loop (0-based)
+
+
+class DecodeEngine:
+    """Prefill with the model's own forward (eager, chunked as the model or `chunk_starts` says),
+    then decode steps through `decode_one_token` over one preallocated, zeroed cache. Build one
+    per (model, loops, batch, capacity) and `reset()` it between runs: the compiled graphs are
+    tied to the cache's buffers."""
+
+    def __init__(
+        self, model: LoopedForCausalLM, loops: int, batch_size: int, capacity: int, engine: str = "eager",
+        early_stop_threshold: float | None = None,
+    ) -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        self.model, self.loops, self.engine = model, loops, engine
+        self.early_stop_threshold = early_stop_threshold
+        self.cache: LoopedKVCache = model.new_cache(loops, capacity=capacity)
+        self.cache.allocate(batch_size, model.config.num_key_value_heads, model.config.head_dim, model.dtype,
+                            model.device, zero=True)
+        self.input_pos = torch.zeros(1, dtype=torch.long, device=model.device)
+        self.cuda_graphs = engine == "compiled" and model.device.type == "cuda"
+        self._step, self._loop, self._head = decode_one_token, run_loop, greedy_head
+        if engine == "compiled":
+            self._compile()
+
+    def _compile(self) -> None:
+        for buffer in self.cache.keys + self.cache.values:
+            # Fixed addresses, so CUDA graphs replay over the cache instead of copying it in.
+            torch._dynamo.mark_static_address(buffer)
+        # One graph per loop when early stopping; dynamo's default limit of 8 would fall back
+        # to eager past loop 8.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * self.loops)
+        options = dict(mode="reduce-overhead") if self.cuda_graphs else {}
+        self._step = torch.compile(decode_one_token, fullgraph=True, dynamic=False, **options)
+        self._loop = torch.compile(run_loop, fullgraph=True, dynamic=False, **options)
+        self._head = torch.compile(greedy_head, fullgraph=True, dynamic=False, **options)
+
+    @property
+    def description(self) -> str:
+        if self.engine == "eager":
+            return "decode_one_token, eager"
+        graphs = "one graph per loop, exit check on the host" if self.early_stop_threshold else "one graph per step"
+        mode = 'mode="reduce-overhead" (CUDA graphs)' if self.cuda_graphs else "inductor (no CUDA graphs on CPU)"
+        return f"decode_one_token, torch.compile {mode}, {graphs}"
+
+    def reset(self) -> None:
+        self.rewind(0)
+
+    def rewind(self, position: int) -> None:
+        """Forget every token from `position` on (their rows are overwritten by the next steps)."""
+        self.cache.seq_len = position
+        self.input_pos.fill_(position)
+
+    def prefill(self, input_ids: torch.Tensor, chunk_starts: Sequence[int] | None = None) -> StepOutput:
+        """Fill the cache with the prompt (eager); returns the first generated token."""
+        self.reset()
+        out = self.model(input_ids, past_key_values=self.cache, loops=self.loops, logits_to_keep=1,
+                         chunk_starts=chunk_starts)
+        self.input_pos.fill_(self.cache.seq_len)
+        logits = out.logits[:, -1]
+        return StepOutput(logits.argmax(-1, keepdim=True), logits, self.loops, None)
+
+    def step(self, token: torch.Tensor) -> StepOutput:
+        """Decode one token for every sequence: writes its rows at the next position."""
+        position = self.cache.seq_len
+        keys, values = self.cache.keys, self.cache.values
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        if self.early_stop_threshold is None:
+            next_token, logits = self._step(self.model, token, self.input_pos, keys, values, self.loops)
+            loops_run, exit_steps = self.loops, None
+        else:
+            x = self.model.model.embed_tokens(token)
+            states: list[torch.Tensor | None] = [None] * len(self.model.model.layers)
+            stop = EarlyStop(self.early_stop_threshold, self.loops)
+            for loop in range(self.loops):
+                x, states, gate = self._loop(self.model, x, self.input_pos, keys, values, states, loop)
+                if stop.update(loop, gate, x):
+                    break
+            self.model.model.policy.fill_skipped_loops(self.cache, loop, self.loops, position, position + 1)
+            next_token, logits = self._head(self.model, stop.hidden)
+            loops_run, exit_steps = loop + 1, stop.exit_steps
+        self.cache.seq_len = position + 1
+        self.input_pos.add_(1)
+        # CUDA graphs reuse their output buffers on the next replay: keep copies.
+        return StepOutput(next_token.clone(), logits.clone(), loops_run, exit_steps)
