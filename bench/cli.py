@@ -355,7 +355,7 @@ def accuracy(
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from exc
     _print_tables("accuracy", store, {p.point_id for p in points})
-    console.print(f"{ran} runs, {skipped} already recorded; results in {store.path}")
+    console.print(f"{_count(ran, 'run')}, {skipped} already recorded; results in {store.path}")
     if report:
         console.print(f"report written to {_write_report([store.path], None)}")
 
@@ -530,11 +530,15 @@ def _parse_budget(text: str, device: str) -> int:
         return torch.cuda.get_device_properties(index).total_memory
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _dry_run(points, dry_run: bool) -> bool:
     if dry_run:
         for point in points:
             print(json.dumps({"point_id": point.point_id, **point.to_dict()}))
-        console.print(f"{len(points)} points")
+        console.print(_count(len(points), "point"))
     return dry_run
 
 
@@ -592,7 +596,7 @@ def _run_sweep_command(kind, points, runner, out, resume, retry_failed, progress
     store, meta = _open_store(kind, out, resume)
     status = run_sweep(kind, points, store, runner, meta, retry_failed, show_progress=progress)
     _print_tables(kind, store, {point.point_id for point in points})
-    console.print(f"{status.ran} points run, {status.skipped} already recorded; results in {store.path}")
+    console.print(f"{_count(status.ran, 'point')} run, {status.skipped} already recorded; results in {store.path}")
     if report:
         console.print(f"report written to {_write_report([store.path], None)}")
 

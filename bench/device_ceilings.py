@@ -28,7 +28,7 @@ class DeviceCeilings:
         return {f"device_{key}": value for key, value in asdict(self).items()}
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
+def device_timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
     """Seconds one call of `fn` takes on `device` (CUDA events on a GPU)."""
     if device.type == "cuda":
         def run(fn):
@@ -47,7 +47,7 @@ def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
 
 
 def median_seconds(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    run = _timer(device)
+    run = device_timer(device)
     for _ in range(warmup):
         run(fn)
     return statistics.median(run(fn) for _ in range(repeats))

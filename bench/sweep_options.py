@@ -9,6 +9,7 @@ from pathlib import Path
 
 from melt_bench.models import UnknownPresetError, get_preset
 
+from . import hub
 from .ranges import RangeError
 from .suite_loader import SuiteError, load_suite
 from .sweep_plan import PHASES, SweepSpec, as_int_list, as_name_list
@@ -63,6 +64,9 @@ def check_weights(weights: str | None, option: str = "--weights") -> str | None:
             raise OptionError(f"{option} {weights}: no config.json in that directory")
         return str(path.resolve())
     if _HUB_ID.match(weights) and not weights.startswith("."):
+        problem = hub.hub_problem(weights)
+        if problem:
+            raise OptionError(f"{option} {weights}: {problem}; pass a local checkpoint directory instead")
         return weights
     raise OptionError(f"{option} {weights}: no such directory (and not a hub id like org/name)")
 
@@ -165,6 +169,7 @@ def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
         if not path.is_dir():
             raise OptionError(f"--data-dir {data_dir}: no such directory")
         data_dir = str(path.resolve())
+
     weights = check_weights(flags.get("weights"))
     points = [
         AccuracyPoint(model, loop, task, flags.get("exit_mode") or "last", flags.get("num_fewshot"),
@@ -196,3 +201,7 @@ def check_tasks(tasks: list[str], data_dir: str | None) -> None:
     unknown = [task for task in tasks if task not in known]
     if unknown:
         raise OptionError(f"--tasks: lm-eval knows no task {', '.join(repr(t) for t in unknown)}")
+    if data_dir is None and (problem := hub.hub_problem()):
+        raise OptionError(f"--tasks {','.join(tasks)}: task data come from the hub and {problem}; pass "
+                          "--data-dir DIR with DIR/TASK/{train,test}.jsonl (e.g. ../shared/data), or set "
+                          "HF_DATASETS_OFFLINE=1 if they are cached")

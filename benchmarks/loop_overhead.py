@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
+from melt_bench.device_ceilings import device_timer
 from melt_bench.models import OuroConfig, OuroForCausalLM, get_preset
 from melt_bench.models.decode_engine import DecodeEngine
 from melt_bench.models.presets import default_dtype
@@ -30,20 +30,9 @@ from melt_bench.units import parse_dtype
 
 
 def timer(device: torch.device):
-    if device.type == "cuda":
-        def run(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
-    else:
-        def run(fn):
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1000
-    return run
+    """Milliseconds one call takes (CUDA events on a GPU)."""
+    seconds = device_timer(device)
+    return lambda fn: seconds(fn) * 1000
 
 
 class OursRunner:

@@ -120,3 +120,45 @@ def test_ctrl_c_stops_the_sweep_keeps_rows_and_exits_130(tmp_path):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and f"{len(rows)} of 32 points recorded" in lines[0] and "--resume" in lines[0], stderr
     assert stdout.strip() == ""
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """A machine whose hub is out of reach (the probe answers at once) and whose cache is empty."""
+    from melt_bench import hub
+
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda timeout_s=3.0: "huggingface.co:443 unreachable (test)")
+    monkeypatch.setattr(hub, "in_local_cache", lambda repo_id: False)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_an_unreachable_hub_id_stops_before_any_point(offline, tmp_path, capsys):
+    out = tmp_path / "m.jsonl"
+    assert main(["memory", "--loops", "1", *SWEEP, "--weights", "ByteDance/Ouro-1.4B", "--out", str(out)]) == 2
+    one_error_line(capsys, "pass a local checkpoint directory")
+    assert not out.exists()
+
+
+def test_hf_hub_offline_without_a_cached_copy_is_one_line(offline, tmp_path, capsys):
+    offline.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["latency", "--loops", "1", *SWEEP, "--weights", "ByteDance/Ouro-1.4B",
+                 "--out", str(tmp_path / "l.jsonl")]) == 2
+    one_error_line(capsys, "HF_HUB_OFFLINE is set")
+
+
+def test_a_cached_hub_id_passes_offline(offline):
+    from melt_bench import hub
+    from melt_bench.sweep_options import check_weights
+
+    offline.setattr(hub, "in_local_cache", lambda repo_id: True)
+    assert check_weights("ByteDance/Ouro-1.4B") == "ByteDance/Ouro-1.4B"
+
+
+def test_accuracy_without_data_dir_offline_names_data_dir(offline, tmp_path, capsys):
+    out = tmp_path / "a.jsonl"
+    assert main(["accuracy", "--tasks", "gsm8k", "--loops", "1", "--models", "ouro-tiny", "--device", "cpu",
+                 "--out", str(out)]) == 2
+    one_error_line(capsys, "--data-dir")
+    assert not out.exists()

@@ -85,7 +85,8 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path):
     assert 3 <= done_before < 12
     result = cli("memory", "--loops", "1..6", "--out", str(out), "--resume", *SMALL)
     assert result.returncode == 0, result.stderr
-    assert f"{12 - done_before} points run, {done_before} already recorded" in result.stdout
+    left = 12 - done_before
+    assert f"{left} point{'' if left == 1 else 's'} run, {done_before} already recorded" in result.stdout
     ids = [json.loads(line)["point_id"] for line in out.read_text().splitlines()]
     assert len(ids) == 12 and len(set(ids)) == 12
 

@@ -4,6 +4,7 @@ import pytest
 
 from melt_bench.ranges import RangeError, parse_int_list, parse_name_list
 from melt_bench.suite_loader import SuiteError, load_suite, shipped_suites
+from melt_bench import hub
 from melt_bench.sweep_options import OptionError, check_weights, resolve_sweep
 from melt_bench.sweep_plan import SweepPoint
 
@@ -71,7 +72,9 @@ def test_missing_suite_is_named():
         load_suite("no-such-suite")
 
 
-def test_weights_accepts_dirs_with_config_and_hub_ids(tmp_path):
+def test_weights_accepts_dirs_with_config_and_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda timeout_s=3.0: None)  # a reachable hub
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert check_weights("ByteDance/Ouro-1.4B") == "ByteDance/Ouro-1.4B"
     with pytest.raises(OptionError, match="no config.json"):
         check_weights(str(tmp_path))
