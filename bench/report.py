@@ -27,6 +27,7 @@ from .summary_tables import latest_rows  # noqa: E402
 from .units import format_bytes  # noqa: E402
 
 GiB = 2**30
+MARKERS = ("o", "s", "^", "D", "v", "P")
 FAILED = ("oom", "timeout", "error")
 INTEGER_COLUMNS = ("loops", "seq_len", "batch_size", "new_tokens", "max_batch", "n_samples", "num_fewshot", "limit",
                    "memory_budget_bytes")
@@ -71,6 +72,8 @@ def png(fig) -> str:
 
 def html_table(frame: pd.DataFrame) -> Markup:
     """A sortable table; cell text escaped by pandas."""
+    # A zero-width space after each underscore lets long headers wrap between words.
+    frame = frame.rename(columns=lambda name: str(name).replace("_", "_\u200b"))
     table = frame.to_html(index=False, escape=True, classes="sortable", border=0, na_rep="-")
     return Markup(f'<div class="scroll">{table}</div>')
 
@@ -88,9 +91,11 @@ def _line_plot(frame: pd.DataFrame, x: str, y: str, series: list[str], title: st
                mark_failures: bool = True) -> Figure:
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     ok = frame[frame.status == "ok"]
-    for key, part in _groups(ok, series):
+    for index, (key, part) in enumerate(_groups(ok, series)):
         part = part.sort_values(x)
-        ax.plot(part[x], part[y] / scale, marker="o", label=_label(key))
+        # Hollow markers of distinct shapes and shrinking sizes: series that coincide stay visible.
+        ax.plot(part[x], part[y] / scale, marker=MARKERS[index % len(MARKERS)], fillstyle="none",
+                markersize=max(9 - 1.5 * (index % 4), 4), label=_label(key))
     failed = frame[frame.status.isin(FAILED)]
     if mark_failures and len(failed):
         top = (ok[y].max() / scale) if len(ok) else 1.0
@@ -103,9 +108,20 @@ def _line_plot(frame: pd.DataFrame, x: str, y: str, series: list[str], title: st
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+    integer_axis(ax, frame[x])
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     return Figure(title, png(fig))
+
+
+def integer_axis(ax, values: pd.Series) -> None:
+    """Whole-number ticks (no 1.5 loops); one value gets a single tick with room either side."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    distinct = sorted(set(values.dropna()))
+    if len(distinct) == 1:
+        only = distinct[0]
+        ax.set_xlim(only - 1, only + 1)
+        ax.set_xticks([only])
 
 
 def memory_section(frame: pd.DataFrame) -> Section | None:
@@ -126,6 +142,11 @@ def memory_section(frame: pd.DataFrame) -> Section | None:
     section.tables.append(html_table(table.sort_values(["model", "seq_len", "batch_size", "loops"])))
     if "predicted_peak_bytes" in mem and mem.predicted_peak_bytes.notna().any():
         section.figures.append(predicted_vs_measured(mem))
+        if (mem.peak_source == "process RSS above baseline").any():
+            section.notes.append("Predicted peaks count tensors (weights, KV, activations). On a CPU the measured peak "
+                                 "is the process's resident set, which also holds the allocator's arenas and the "
+                                 "runtime's own memory, so it lies above the prediction; on a GPU the allocator peak "
+                                 "compares like with like.")
     return section
 
 
@@ -234,7 +255,7 @@ def accuracy_section(frame: pd.DataFrame) -> Section | None:
             series = series.sort_values("loops")
             ax.errorbar(series.loops, series.value, yerr=series.stderr.fillna(0), marker="o", capsize=3, label=str(model))
         ax.set_xlabel("loops")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        integer_axis(ax, part.loops)
         ax.set_ylabel(str(key[1]))
         ax.set_title(f"{_label(key)}", fontsize=10)
         ax.grid(alpha=0.3)

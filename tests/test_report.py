@@ -178,3 +178,32 @@ def test_report_command_and_sweep_flag(tmp_path, monkeypatch, capsys):
                  "--new-tokens", "2", "--device", "cpu", "--dtype", "float32", "--no-progress",
                  "--out", "results/m.jsonl", "--report"]) == 0
     assert (tmp_path / "reports" / "m.html").is_file()
+
+
+@pytest.mark.parametrize("loops,ticks,limits", [([1], [1], (0, 2)), ([4], [4], (3, 5))])
+def test_a_single_loop_count_gets_one_whole_tick(loops, ticks, limits):
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from melt_bench.report import integer_axis
+
+    fig, ax = plt.subplots()
+    ax.plot(loops, [1.0])
+    integer_axis(ax, pd.Series(loops))
+    assert list(ax.get_xticks()) == ticks and ax.get_xlim() == limits
+    plt.close(fig)
+
+
+def test_loop_axes_tick_whole_numbers_only():
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from melt_bench.report import integer_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3], [1.0, 2.0, 3.0])
+    integer_axis(ax, pd.Series([1, 2, 3]))
+    fig.canvas.draw()
+    visible = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert visible and all(float(t).is_integer() for t in visible)
+    plt.close(fig)
