@@ -250,10 +250,8 @@ def latency(
     report: bool = _REPORT,
 ) -> None:
     """Prefill (time to first token), per-token decode latency and tokens/s across loops."""
-    from .measure_latency import measure_latency_point
+    from .measure_latency import ENGINES, measure_latency_point
     from .sweep import in_child
-
-    from .measure_latency import ENGINES
 
     if warmup < 0 or repeats < 1:
         raise UserError(f"--warmup must be >= 0 and --repeats >= 1 (got {warmup}, {repeats})")

@@ -2,8 +2,7 @@
 same child process, just before it), for the roofline columns of latency rows.
 
   - bandwidth: a large device-to-device copy, counting bytes read plus bytes written;
-  - matmul rate: a large square product in the point's dtype (on a CPU, float32 when the point's
-    dtype is float32, else the point's dtype as well).
+  - matmul rate: a large square product in the point's dtype.
 Both are the median of several timed repetitions after a warm-up, on random data (never zeros).
 """
 

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from melt_bench.models import load_model
-from melt_bench.models import cost_model
-from melt_bench.models.decode_engine import DecodeEngine, StepOutput
+from melt_bench.models import cost_model, load_model
+from melt_bench.models.decode_engine import ENGINES as STEP_ENGINES, DecodeEngine, StepOutput
 
 from .device_ceilings import DeviceCeilings, measure_ceilings
 from .energy import EnergyMeter, energy_metrics, open_meter
@@ -32,7 +31,7 @@ from .memory_trackers import nvml_index_for
 from .sweep_plan import SweepPoint
 from .units import parse_dtype
 
-ENGINES = ("eager", "compiled", "forward")
+ENGINES = (*STEP_ENGINES, "forward")
 
 
 class Marks:
@@ -60,6 +59,8 @@ class Marks:
 class ForwardDecoder:
     """Decoding through the model's own forward() per token, as generate() does: a growing cache,
     or with `static_cache` one allocated ahead at full size."""
+
+    description = "model.forward() per token"
 
     def __init__(self, model, point: SweepPoint) -> None:
         self.model, self.point = model, point
@@ -255,7 +256,7 @@ def measure_latency_point(point: SweepPoint, meter: EnergyMeter | str | None = N
         with torch.inference_mode():
             decoder = make_decoder(model, point)
             metrics["engine"] = point.engine
-            metrics["engine_description"] = getattr(decoder, "description", "model.forward() per token")
+            metrics["engine_description"] = decoder.description
             metrics["prefill_engine"] = "eager: model.forward()"
             for index in range(point.warmup + point.timed_runs):
                 started = time.perf_counter()

@@ -169,7 +169,6 @@ def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
         if not path.is_dir():
             raise OptionError(f"--data-dir {data_dir}: no such directory")
         data_dir = str(path.resolve())
-
     weights = check_weights(flags.get("weights"))
     points = [
         AccuracyPoint(model, loop, task, flags.get("exit_mode") or "last", flags.get("num_fewshot"),
