@@ -1,24 +1,26 @@
 """Accuracy across loop counts: lm-eval tasks on our models, one results row per (model, loops,
-task, metric, filter), with the peak memory of the evaluation. Each model is loaded once; the
-loop count and exit mode change between runs on the same weights."""
+task, metric, filter), with the peak memory of the evaluation. Each point runs in a fresh child
+that loads the model, so its peak memory is its own whatever ran before it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from melt_bench.models import load_model
 
+from .launcher import ChildOutcome, run_in_child
+from .lm_eval_logs import lm_eval_output
 from .measure_memory import classify_failure
 from .memory_trackers import CudaAllocatorTracker, RssTracker
 from .results import ResultRow, ResultsStore
+from .sweep import SweepInterrupted
 from .units import parse_dtype
 
 
@@ -79,41 +81,73 @@ def run_accuracy(
     points: list[AccuracyPoint],
     store: ResultsStore,
     meta: dict,
+    task_manager,
     tokenizer_source: str | None = None,
-    on_point: Callable[[AccuracyPoint], None] | None = None,
+    log_path: Path | None = None,
+    show_progress: bool = True,
 ) -> tuple[int, int]:
-    """Evaluate every point not yet in `store`. Returns (run, skipped)."""
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    from .lm_eval_adapter import LoopedHFLM, distributed_rank, local_task_dir
+    """Evaluate every point not yet in `store`, each in a fresh child process that loads the
+    model, so that no point's peak memory depends on what ran before it in the same process.
+    Under `accelerate launch` every rank evaluates in its own process instead (the ranks form one
+    process group). lm-eval's output goes to `log_path`. Returns (run, skipped)."""
+    from .lm_eval_adapter import distributed_rank
 
     done = store.recorded_ids()
     todo = [p for p in points if p.point_id not in done]
-    by_model: dict[tuple, list[AccuracyPoint]] = {}
-    for point in todo:
-        by_model.setdefault((point.model, point.weights, point.dtype, point.device, point.batch_size), []).append(point)
-    with tempfile.TemporaryDirectory() as scratch:
-        data_dirs = {p.data_dir for p in todo if p.data_dir}
-        include = [str(local_task_dir(Path(d), sorted({p.task for p in todo}), Path(scratch) / str(i)))
-                   for i, d in enumerate(sorted(data_dirs))]
-        task_manager = TaskManager(include_path=include or None)
-        for (model_name, weights, dtype, device, batch_size), group in by_model.items():
-            local_rank, world = distributed_rank()
-            if world > 1 and device.startswith("cuda"):
-                device = f"cuda:{local_rank}"  # data parallel: one model copy per GPU
-            model = load_model(model_name, weights, dtype=parse_dtype(dtype), device=device)
-            tokenizer = load_tokenizer(weights, tokenizer_source)
-            lm = LoopedHFLM(model, tokenizer, loops=group[0].loops, batch_size=batch_size,
-                            max_length=model.config.max_position_embeddings)
-            for point in group:
-                lm.loops, lm.exit_mode = point.loops, point.exit_mode
-                for row in _evaluate(lm, point, task_manager, simple_evaluate, meta):
-                    store.append(row)
-                if on_point is not None:
-                    on_point(point)
-            del lm, model
+    rank, world = distributed_rank()
+    shown: set[str] = set()
+    progress = Progress(TextColumn("[bold]accuracy"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[last]}"), disable=not show_progress or rank != 0)
+    with progress:
+        bar = progress.add_task("accuracy", total=len(todo), last="")
+        for point in todo:
+            progress.update(bar, last=f"{point.model} loops={point.loops} {point.task} exit={point.exit_mode}")
+            args = (point, task_manager, tokenizer_source, meta, log_path)
+            if world > 1:
+                rows, warnings = evaluate_point(*args)
+            else:
+                try:
+                    outcome = run_in_child(evaluate_point, args, timeout_s=None)
+                except KeyboardInterrupt:
+                    progress.stop()
+                    recorded = len({row.point_id for row in store.read()} & {p.point_id for p in points})
+                    raise SweepInterrupted(recorded, len(points), store.path) from None
+                rows, warnings = outcome.value if outcome.status == "ok" else ([_failed_row(point, outcome, meta)], [])
+            for row in rows:
+                store.append(row)
+            for warning in warnings:
+                if warning not in shown:
+                    shown.add(warning)
+                    progress.console.print(f"lm-eval warning: {warning}", style="yellow", markup=False, highlight=False)
+            progress.advance(bar)
     return len(todo), len(points) - len(todo)
+
+
+def evaluate_point(point: AccuracyPoint, task_manager, tokenizer_source: str | None, meta: dict,
+                   log_path: Path | None) -> tuple[list[ResultRow], list[str]]:
+    """Load the point's model and evaluate it (in the child). Returns its rows and the
+    unexpected lm-eval warnings (the rest is in `log_path`)."""
+    from lm_eval import simple_evaluate
+
+    from .lm_eval_adapter import LoopedHFLM, distributed_rank
+
+    device = point.device
+    local_rank, world = distributed_rank()
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{local_rank}"  # data parallel: one model copy per GPU
+    with lm_eval_output(log_path, capture_stderr=world == 1) as warnings:
+        model = load_model(point.model, point.weights, dtype=parse_dtype(point.dtype), device=device)
+        tokenizer = load_tokenizer(point.weights, tokenizer_source)
+        lm = LoopedHFLM(model, tokenizer, loops=point.loops, exit_mode=point.exit_mode, batch_size=point.batch_size,
+                        max_length=model.config.max_position_embeddings)
+        rows = _evaluate(lm, point, task_manager, simple_evaluate, meta)
+    return rows, list(warnings)
+
+
+def _failed_row(point: AccuracyPoint, outcome: ChildOutcome, meta: dict) -> ResultRow:
+    """The row of a point whose child died (the OS out-of-memory killer sends SIGKILL)."""
+    status = "oom" if outcome.killed_by == "SIGKILL" else "error"
+    return ResultRow("accuracy", point.point_id, point.to_dict(), status, outcome.error, {}, meta, outcome.wall_s)
 
 
 KV_PROBE_TOKENS = 16
@@ -148,7 +182,9 @@ def _evaluate(lm, point: AccuracyPoint, task_manager, simple_evaluate, meta: dic
     except Exception as exc:
         scores, status, error = [], classify_failure(exc), f"{type(exc).__name__}: {exc}"[:2000]
     wall = time.perf_counter() - started
-    memory = {"rss_peak_above_baseline_bytes": rss.result().peak_above_baseline_bytes, "rss_source": rss.source}
+    rss_result = rss.result()
+    memory = {"rss_peak_above_baseline_bytes": rss_result.peak_above_baseline_bytes, "rss_source": rss_result.source,
+              "rss_malloc": rss_result.malloc}
     if allocator is not None:
         memory["cuda_max_allocated_bytes"] = allocator.result().max_allocated_bytes
     memory["peak_bytes"] = memory.get("cuda_max_allocated_bytes", memory["rss_peak_above_baseline_bytes"])

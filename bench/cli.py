@@ -334,24 +334,31 @@ def accuracy(
     report: bool = _REPORT,
 ) -> None:
     """lm-eval tasks (gsm8k first) for each model across loop counts, with peak memory."""
+    import tempfile
+
     from .accuracy import run_accuracy
+    from .lm_eval_logs import lm_eval_output, log_path_for
     from .sweep_options import OptionError, check_tasks, resolve_accuracy
 
     flags = dict(tasks=tasks, loops=loops, models=models, weights=weights, num_fewshot=num_fewshot, limit=limit,
                  batch_size=batch_size, max_gen_toks=max_gen_toks, data_dir=data_dir, exit_mode=exit_mode,
                  dtype=dtype, device=device)
-    try:
-        points, notices = resolve_accuracy(flags)
-        check_tasks(sorted({p.task for p in points}), points[0].data_dir)
-    except OptionError as exc:
-        raise UserError(str(exc)) from exc
-    for notice in notices:
-        print(f"melt-bench: {notice}", file=sys.stderr)
-    store, meta = _open_store("accuracy", out, resume)
-    try:
-        ran, skipped = run_accuracy(points, store, meta, tokenizer)
-    except FileNotFoundError as exc:
-        raise UserError(str(exc)) from exc
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            points, notices = resolve_accuracy(flags)
+            with lm_eval_output(None) as warnings:
+                task_manager = check_tasks(sorted({p.task for p in points}), points[0].data_dir, Path(scratch))
+        except OptionError as exc:
+            raise UserError(str(exc)) from exc
+        for line in [*notices, *(f"lm-eval warning: {w}" for w in warnings)]:
+            print(f"melt-bench: {line}", file=sys.stderr)
+        store, meta = _open_store("accuracy", out, resume)
+        log = log_path_for(store.path)
+        console.print(f"lm-eval's own output (progress, log lines): {log}", highlight=False)
+        try:
+            ran, skipped = run_accuracy(points, store, meta, task_manager, tokenizer, log)
+        except FileNotFoundError as exc:
+            raise UserError(str(exc)) from exc
     _print_tables("accuracy", store, {p.point_id for p in points})
     console.print(f"{_count(ran, 'run')}, {skipped} already recorded; results in {store.path}")
     if report:

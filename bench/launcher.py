@@ -53,8 +53,9 @@ def _child_main(conn, target: Callable, args: tuple) -> None:
         conn.close()
 
 
-def run_in_child(target: Callable, args: tuple, timeout_s: float) -> ChildOutcome:
-    """Run `target(*args)` in a fresh child; wait at most `timeout_s` (no busy-waiting)."""
+def run_in_child(target: Callable, args: tuple, timeout_s: float | None) -> ChildOutcome:
+    """Run `target(*args)` in a fresh child; wait at most `timeout_s` (None: as long as it takes;
+    no busy-waiting)."""
     ctx = child_context()
     receiver, sender = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child_main, args=(sender, target, args), daemon=True)
@@ -69,7 +70,8 @@ def run_in_child(target: Callable, args: tuple, timeout_s: float) -> ChildOutcom
             raise
         if not ready:
             _kill(proc)
-            return ChildOutcome("timeout", error=f"point exceeded its {timeout_s:g} s limit", wall_s=time.monotonic() - started)
+            return ChildOutcome("timeout", error=f"point exceeded its {timeout_s:g} s limit",
+                                wall_s=time.monotonic() - started)
         try:
             kind, value = receiver.recv()
         except EOFError:  # the child died without a word: a signal, os._exit, the OOM killer

@@ -185,6 +185,7 @@ def _collect_peaks(metrics: dict, trackers: Trackers) -> None:
     metrics["rss_peak_bytes"] = rss_result.peak_bytes
     metrics["rss_peak_above_baseline_bytes"] = rss_result.peak_above_baseline_bytes
     metrics["rss_source"] = rss_result.source
+    metrics["rss_malloc"] = rss_result.malloc
     if "cuda_max_allocated_bytes" in metrics and "kv_cache_bytes" in metrics:
         metrics["activation_peak_bytes"] = (
             metrics["cuda_max_allocated_bytes"] - metrics["weights_bytes"] - metrics["kv_cache_bytes"]

@@ -22,6 +22,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 from markupsafe import Markup  # noqa: E402
 
 from . import __version__  # noqa: E402
+from .repeats import combine_repeats  # noqa: E402
 from .results import ResultsStore, rows_to_frame  # noqa: E402
 from .summary_tables import latest_rows  # noqa: E402
 from .units import format_bytes  # noqa: E402
@@ -52,7 +53,7 @@ def load_frame(paths: list[Path]) -> pd.DataFrame:
     """Latest row per point and metric from all files, with a `source` column."""
     frames = []
     for path in paths:
-        rows = latest_rows(ResultsStore(path).read())
+        rows = combine_repeats(latest_rows(ResultsStore(path).read()))
         frame = rows_to_frame(rows)
         frame["source"] = str(path)
         frames.append(frame)
@@ -94,8 +95,12 @@ def _line_plot(frame: pd.DataFrame, x: str, y: str, series: list[str], title: st
     for index, (key, part) in enumerate(_groups(ok, series)):
         part = part.sort_values(x)
         # Hollow markers of distinct shapes and shrinking sizes: series that coincide stay visible.
-        ax.plot(part[x], part[y] / scale, marker=MARKERS[index % len(MARKERS)], fillstyle="none",
-                markersize=max(9 - 1.5 * (index % 4), 4), label=_label(key))
+        line, = ax.plot(part[x], part[y] / scale, marker=MARKERS[index % len(MARKERS)], fillstyle="none",
+                        markersize=max(9 - 1.5 * (index % 4), 4), label=_label(key))
+        low, high = f"{y}_repeat_min", f"{y}_repeat_max"
+        if low in part and part[low].notna().any():  # repeated points: bars span lowest to highest
+            spread = [(part[y] - part[low]).fillna(0) / scale, (part[high] - part[y]).fillna(0) / scale]
+            ax.errorbar(part[x], part[y] / scale, yerr=spread, fmt="none", ecolor=line.get_color(), capsize=3)
     failed = frame[frame.status.isin(FAILED)]
     if mark_failures and len(failed):
         top = (ok[y].max() / scale) if len(ok) else 1.0
@@ -131,6 +136,9 @@ def memory_section(frame: pd.DataFrame) -> Section | None:
     section = Section("Memory vs loops", "memory")
     source = mem["peak_source"].dropna().iloc[0] if mem["peak_source"].notna().any() else "peak"
     section.notes.append(f"Peak memory per point ({source}); OOM and timeout points marked at the top.")
+    if "repeats" in mem and mem.repeats.notna().any():
+        section.notes.append(f"Points measured {int(mem.repeats.max())} times, each in a fresh process: the median, "
+                             "with bars and a range column from the lowest to the highest repeat.")
     for key, part in _groups(mem, ["phase", "batch_size", "dtype", "device"]):
         title = f"peak memory vs loops | phase {key[0]}, batch {key[1]}, {key[2]}, {key[3]}"
         section.figures.append(_line_plot(part, "loops", "peak_bytes", ["model", "seq_len"], title, "GiB", GiB))
@@ -139,14 +147,19 @@ def memory_section(frame: pd.DataFrame) -> Section | None:
                    "nvml_device_peak_above_baseline_bytes", "rss_peak_above_baseline_bytes"):
         if column in mem:
             table[column.replace("_bytes", "")] = mem[column].map(lambda v: format_bytes(v) if pd.notna(v) else "-")
+        if column == "peak_bytes" and "peak_bytes_repeat_min" in mem:
+            table["peak range"] = [f"{format_bytes(low)} - {format_bytes(high)}" if pd.notna(low) else "-"
+                                   for low, high in zip(mem.peak_bytes_repeat_min, mem.peak_bytes_repeat_max)]
+            table["repeats"] = mem.repeats
     section.tables.append(html_table(table.sort_values(["model", "seq_len", "batch_size", "loops"])))
     if "predicted_peak_bytes" in mem and mem.predicted_peak_bytes.notna().any():
         section.figures.append(predicted_vs_measured(mem))
         if (mem.peak_source == "process RSS above baseline").any():
             section.notes.append("Predicted peaks count tensors (weights, KV, activations). On a CPU the measured peak "
-                                 "is the process's resident set, which also holds the allocator's arenas and the "
-                                 "runtime's own memory, so it lies above the prediction; on a GPU the allocator peak "
-                                 "compares like with like.")
+                                 "is the process's resident set above its start (glibc set to return freed blocks of "
+                                 "64 KiB or more at once, so it follows the tensors held), which also holds what the "
+                                 "runtime loads and allocates on first use, so it lies above the prediction by a "
+                                 "constant; on a GPU the allocator peak compares like with like.")
     return section
 
 

@@ -8,6 +8,7 @@ from typing import Callable
 
 from rich.table import Table
 
+from .repeats import combine_repeats, spread_text
 from .results import ResultRow, model_label, model_labels
 from .units import format_bytes
 
@@ -41,12 +42,16 @@ class TableSpec:
 
 
 def _ms(key: str) -> Callable[[dict], str]:
-    return lambda m: f"{m[key]:,.2f} ms" if m.get(key) is not None else "-"
+    return lambda m: f"{m[key]:,.2f} ms{spread_text(m, key)}" if m.get(key) is not None else "-"
+
+
+def _bytes(key: str) -> Callable[[dict], str]:
+    return lambda m: format_bytes(m.get(key)) + spread_text(m, key) if m.get(key) is not None else "-"
 
 
 SPECS = {
     "memory": TableSpec(
-        "peak memory", [Column("", lambda m: format_bytes(m.get("peak_bytes"))),
+        "peak memory", [Column("", _bytes("peak_bytes")),
                         Column(" KV", lambda m: format_bytes(m.get("kv_cache_bytes")))], "peak_bytes", "peak"),
     "latency": TableSpec(
         "latency (median over timed runs)",
@@ -57,7 +62,7 @@ SPECS = {
         "decode_ms_per_token_mean", "decode ms/token", ("phase", "seq_len", "batch_size", "dtype", "device", "engine")),
     "accuracy": TableSpec(
         "accuracy", [Column("", lambda m: f"{m['value']:.4f} ± {m['stderr'] or 0:.4f}" if "value" in m else "-"),
-                     Column(" peak", lambda m: format_bytes(m.get("peak_bytes"))),
+                     Column(" peak", _bytes("peak_bytes")),
                      Column(" KV/token", lambda m: format_bytes(m.get("kv_bytes_per_token")))],
         "value", "score", ("task", "metric", "filter", "exit_mode", "num_fewshot", "limit")),
     "capacity": TableSpec(
@@ -68,7 +73,7 @@ SPECS = {
 
 def tables_for(kind: str, rows: list[ResultRow]) -> list[Table]:
     spec = SPECS[kind]
-    rows = [row for row in latest_rows(rows) if row.kind == kind]
+    rows = combine_repeats([row for row in latest_rows(rows) if row.kind == kind])
     groups: dict[tuple, list[ResultRow]] = {}
     for row in rows:
         groups.setdefault(tuple(row.point.get(f) for f in spec.group_fields), []).append(row)
@@ -80,7 +85,9 @@ def _table(spec: TableSpec, key: tuple, group: list[ResultRow]) -> Table:
     models = list(dict.fromkeys(model_label(row, labels) for row in group))
     pairs = [(m, melt_partner(m, models)) for m in models if melt_partner(m, models)]
     described = ", ".join(f"{field} {_describe(field, value)}" for field, value in zip(spec.group_fields, key))
-    table = Table(title=f"{spec.title} | {described}")
+    repeats = max(row.metrics.get("repeats", 1) for row in group)
+    note = f" (median of {repeats} repeats, ± half their range)" if repeats > 1 else ""
+    table = Table(title=f"{spec.title}{note} | {described}")
     table.add_column("loops", justify="right")
     for model in models:
         for column in spec.columns:
@@ -109,7 +116,9 @@ def _max_batch(metrics: dict) -> str:
     """The search's answer; '>= N' when it stopped at --max-batch without a failure."""
     if "max_batch" not in metrics:
         return "-"
-    return f">= {metrics['max_batch']}" if metrics.get("hit_batch_limit") else str(metrics["max_batch"])
+    text = f">= {metrics['max_batch']}" if metrics.get("hit_batch_limit") else str(metrics["max_batch"])
+    low, high = metrics.get("max_batch_repeat_min"), metrics.get("max_batch_repeat_max")
+    return text + (f" ({low}-{high})" if low is not None and low != high else "")
 
 
 def _describe(field: str, value) -> str:

@@ -18,9 +18,11 @@ from .units import parse_dtype
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 CUDA_DEFAULTS = {"models": "ouro-1.4b,melt-1.4b", "seq_lens": "2048", "batch_sizes": "1", "dtype": "bfloat16"}
-# Sized so the KV cache stands out of a CPU process's RSS noise and 1..16 loops take about a
-# minute on 2 cores; float32 because bf16 matmuls are slow on most CPUs.
-CPU_DEFAULTS = {"models": "ouro-tiny,melt-tiny", "seq_lens": "2048", "batch_sizes": "4", "dtype": "float32"}
+# Sized so 1..16 loops, each point measured twice, take about a minute on 2 cores (the KV cache
+# grows 2 MiB a loop, far above the RSS spread); float32 because bf16 matmuls are slow on most CPUs.
+CPU_DEFAULTS = {"models": "ouro-tiny,melt-tiny", "seq_lens": "2048", "batch_sizes": "2", "dtype": "float32"}
+# A CPU memory figure is a process's resident set: two fresh processes per point show its spread.
+CPU_MEMORY_DEFAULTS = {"repeats": 2}
 COMMON_DEFAULTS = {"loops": "1..16", "phase": "decode", "new_tokens": 32, "repeats": 1, "point_timeout": 600.0}
 
 
@@ -82,6 +84,8 @@ def resolve_sweep(command: str, flags: dict, suite: str | None) -> ResolvedSweep
     notices = []
     device = resolve_device(str(settings.get("device", "auto")))
     machine_defaults = CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
+    if command == "memory" and device == "cpu":
+        machine_defaults = {**machine_defaults, **CPU_MEMORY_DEFAULTS}
     if "models" not in settings and device == "cpu":
         notices.append("no CUDA device: using the tiny CPU presets ouro-tiny,melt-tiny (pass --models to choose)")
     settings = {**COMMON_DEFAULTS, **machine_defaults, **settings}
@@ -179,28 +183,26 @@ def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
     return points, notices
 
 
-def check_tasks(tasks: list[str], data_dir: str | None) -> None:
+def check_tasks(tasks: list[str], data_dir: str | None, scratch: Path):
     """Every task must be one lm-eval knows; with --data-dir, its local files must be there and
-    well formed. Checked before anything runs or any results file is opened."""
-    import tempfile
-
+    well formed (their task YAMLs are written into `scratch`). Checked before anything runs or
+    any results file is opened. Returns the lm-eval TaskManager the run evaluates with."""
     from lm_eval.tasks import TaskManager
 
     from .lm_eval_adapter import local_task_dir
 
+    include = None
     if data_dir is not None:
-        with tempfile.TemporaryDirectory() as scratch:
-            try:
-                local_task_dir(Path(data_dir), tasks, Path(scratch))
-            except (FileNotFoundError, ValueError) as exc:
-                raise OptionError(str(exc)) from exc
-    from .lm_eval_adapter import shipped_task
-
-    known = set(TaskManager().all_tasks) | {task for task in tasks if shipped_task(task) and data_dir}
-    unknown = [task for task in tasks if task not in known]
+        try:
+            include = [str(local_task_dir(Path(data_dir), tasks, scratch))]
+        except (FileNotFoundError, ValueError) as exc:
+            raise OptionError(str(exc)) from exc
+    manager = TaskManager(include_path=include)
+    unknown = [task for task in tasks if task not in set(manager.all_tasks)]
     if unknown:
         raise OptionError(f"--tasks: lm-eval knows no task {', '.join(repr(t) for t in unknown)}")
     if data_dir is None and (problem := hub.hub_problem()):
         raise OptionError(f"--tasks {','.join(tasks)}: task data come from the hub and {problem}; pass "
                           "--data-dir DIR with DIR/TASK/{train,test}.jsonl (e.g. ../shared/data), or set "
                           "HF_DATASETS_OFFLINE=1 if they are cached")
+    return manager

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from melt_bench import accuracy as accuracy_module
-from melt_bench.accuracy import AccuracyPoint, metric_rows, run_accuracy
+from melt_bench.accuracy import AccuracyPoint, evaluate_point, metric_rows
 from melt_bench.byte_tokenizer import byte_tokenizer
 from melt_bench.cli import main
 from melt_bench.lm_eval_adapter import LoopedHFLM, exit_kwargs, local_task_dir
 from melt_bench.models import load_model
-from melt_bench.results import ResultsStore, load_results
+from melt_bench.results import load_results
+from melt_bench.sweep_options import check_tasks
 
 DATA = Path(__file__).parent / "data"
 RUN = ["--limit", "2", "--num-fewshot", "1", "--max-gen-toks", "8", "--data-dir", str(DATA), "--device", "cpu",
@@ -94,11 +95,12 @@ def test_exact_match_equals_the_fraction_answered_right(tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(accuracy_module, "load_model", oracle_load_model)
-    store = ResultsStore(tmp_path / "acc.jsonl")
-    points = [AccuracyPoint("ouro-tiny", loops, "gsm8k", num_fewshot=1, limit=4, batch_size=2, dtype="float32",
-                            data_dir=str(DATA)) for loops in (1, 3)]
-    assert run_accuracy(points, store, {}) == (2, 0)
-    rows = store.read()
+    task_manager = check_tasks(["gsm8k"], str(DATA), tmp_path / "tasks")
+    rows = []
+    for loops in (1, 3):  # what each point's child runs, here in this process to reach the oracle
+        point = AccuracyPoint("ouro-tiny", loops, "gsm8k", num_fewshot=1, limit=4, batch_size=2, dtype="float32",
+                              data_dir=str(DATA))
+        rows += evaluate_point(point, task_manager, None, {}, tmp_path / "lm-eval.log")[0]
     assert {(r.point["filter"], r.metrics["value"]) for r in rows} == {("strict-match", 0.75), ("flexible-extract", 0.75)}
     assert set(seen_loops) == {1, 3}
 

@@ -2,10 +2,12 @@
 before the fix."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -107,7 +109,7 @@ def test_ctrl_c_stops_the_sweep_keeps_rows_and_exits_130(tmp_path):
     """A real SIGINT to the sweep's process group, as a terminal sends it."""
     out = tmp_path / "sweep.jsonl"
     command = [sys.executable, "-m", "melt_bench", "memory", "--loops", "1..16", "--models", "ouro-tiny,melt-tiny",
-               "--seq-lens", "512", "--batch-sizes", "4", "--device", "cpu", "--no-progress", "--out", str(out)]
+               "--seq-lens", "512", "--batch-sizes", "4", "--device", "cpu", "--repeats", "1", "--no-progress", "--out", str(out)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
@@ -162,3 +164,99 @@ def test_accuracy_without_data_dir_offline_names_data_dir(offline, tmp_path, cap
                  "--out", str(out)]) == 2
     one_error_line(capsys, "--data-dir")
     assert not out.exists()
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def run_accuracy_cli(models: str, out: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """The accuracy command as a user runs it, from a folder that is no git checkout."""
+    command = [sys.executable, "-m", "melt_bench", "accuracy", "--tasks", "gsm8k", "--data-dir", str(DATA),
+               "--loops", "2", "--limit", "2", "--num-fewshot", "1", "--max-gen-toks", "4", "--models", models,
+               "--device", "cpu", "--dtype", "float32", "--out", str(out)]
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(cwd.parent)}  # git must not find a repository above
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_accuracy_peaks_do_not_depend_on_model_order_and_lm_eval_stays_in_its_log(tmp_path):
+    """Item 5: swapping the model order gives the same peaks (each point in a fresh child);
+    item 8: outside a checkout stderr holds neither git's complaint nor lm-eval's log lines."""
+    peaks = {}
+    for order in ("ouro-tiny,melt-tiny", "melt-tiny,ouro-tiny"):
+        out = tmp_path / f"{order.split(',')[0]}-first.jsonl"
+        done = run_accuracy_cli(order, out, tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "fatal" not in done.stderr and "Running generate_until" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines() == [], done.stderr
+        log = out.with_name(out.stem + ".lm-eval.log").read_text()
+        assert "Running generate_until" in log and "not a git repository" in log
+        peaks[order] = {row.point["model"]: row.metrics["peak_bytes"] for row in ResultsStore(out).read()}
+    first, second = peaks.values()
+    for model in ("ouro-tiny", "melt-tiny"):
+        assert abs(first[model] - second[model]) <= 0.03 * max(first[model], second[model]), peaks
+
+
+def test_unexpected_lm_eval_warnings_reach_the_terminal_expected_ones_only_the_log(tmp_path):
+    import logging
+
+    from melt_bench.lm_eval_logs import lm_eval_output
+
+    log = tmp_path / "x.lm-eval.log"
+    with lm_eval_output(log) as warnings:
+        logging.getLogger("lm_eval.models").warning("Passed an already-initialized model through `pretrained`, ...")
+        logging.getLogger("lm_eval.tasks").warning("dataset revision is deprecated")
+        logging.getLogger("lm_eval.evaluator").info("Building contexts")
+    assert warnings == ["dataset revision is deprecated"]
+    text = log.read_text()
+    assert "already-initialized" in text and "deprecated" in text and "Building contexts" in text
+    assert logging.getLogger("lm_eval").handlers == [] or all(
+        not isinstance(h, logging.FileHandler) for h in logging.getLogger("lm_eval").handlers)
+
+
+def test_cpu_memory_repeats_are_stable_and_show_their_spread(tmp_path, capsys):
+    """Item 6: the default CPU preset (2048 tokens x batch 2), one point in three fresh processes."""
+    out = tmp_path / "m.jsonl"
+    assert main(["memory", "--loops", "8", "--models", "ouro-tiny", "--device", "cpu", "--repeats", "3",
+                 "--no-progress", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    peaks = [row.metrics["peak_bytes"] for row in ResultsStore(out).read()]
+    assert len(peaks) == 3
+    assert (max(peaks) - min(peaks)) / sorted(peaks)[1] < 0.01, peaks  # glibc's default: 3-10%
+    assert "median of 3 repeats" in table and re.search(r"MiB ±\d+\.\d%", table)
+    assert all(row.metrics["rss_malloc"].startswith("glibc mallopt") for row in ResultsStore(out).read())
+
+
+def test_the_default_cpu_memory_sweep_repeats_each_point():
+    from melt_bench.sweep_options import resolve_sweep
+
+    assert resolve_sweep("memory", {"device": "cpu"}, None).spec.repeats == 2
+    assert resolve_sweep("latency", {"device": "cpu"}, None).spec.repeats == 1
+    assert resolve_sweep("memory", {"device": "cpu", "repeats": 1}, None).spec.repeats == 1
+
+
+def test_repeats_fold_into_a_median_with_their_range_and_a_failure_marks_the_point(tmp_path):
+    from melt_bench.repeats import combine_repeats
+    from melt_bench.report import build_report
+    from melt_bench.results import ResultRow
+
+    def row(loops, repeat, peak, status="ok"):
+        point = {"model": "ouro-tiny", "loops": loops, "seq_len": 32, "batch_size": 1, "phase": "decode",
+                 "dtype": "float32", "device": "cpu", "repeat": repeat}
+        metrics = {"peak_bytes": peak, "peak_source": "process RSS above baseline"} if status == "ok" else {}
+        return ResultRow("memory", f"p{loops}-{repeat}", point, status, None if status == "ok" else "boom",
+                         metrics, {}, 1.0)
+
+    rows = [row(1, 0, 300), row(1, 1, 100), row(1, 2, 200), row(1, 3, 400), row(2, 0, 500), row(2, 1, 0, "oom")]
+    combined = {r.point["loops"]: r for r in combine_repeats(rows)}
+    one, two = combined[1], combined[2]
+    assert one.status == "ok" and one.metrics["peak_bytes"] == 200  # the lower middle: a value some repeat measured
+    assert (one.metrics["peak_bytes_repeat_min"], one.metrics["peak_bytes_repeat_max"], one.metrics["repeats"]) \
+        == (100, 400, 4)
+    assert "repeat" not in one.point
+    assert two.status == "oom" and "1 of 2 repeats failed" in two.error
+    path = tmp_path / "m.jsonl"
+    store = ResultsStore(path)
+    for r in rows:
+        store.append(r)
+    html = build_report([path])
+    assert "peak range" in html and "measured 4 times" in html

@@ -165,7 +165,7 @@ def test_latency_engine_options_bad_input(args, needle, capsys, tmp_path):
 def test_memory_prefill_chunk_is_recorded_and_lowers_ouros_activation_prediction(tmp_path):
     out = tmp_path / "mem.jsonl"
     assert main(["memory", "--loops", "2", "--models", "ouro-tiny,melt-tiny", "--seq-lens", "64", "--batch-sizes", "1",
-                 "--new-tokens", "2", "--device", "cpu", "--no-progress", "--prefill-chunk", "16",
+                 "--new-tokens", "2", "--device", "cpu", "--repeats", "1", "--no-progress", "--prefill-chunk", "16",
                  "--out", str(out)]) == 0
     frame = load_results(out).set_index("model")
     ouro, melt = frame.loc["ouro-tiny"], frame.loc["melt-tiny"]

@@ -18,7 +18,7 @@ from melt_bench.sweep import in_child, run_sweep
 from melt_bench.sweep_options import resolve_sweep
 
 SMALL = ["--models", "ouro-tiny,melt-tiny", "--seq-lens", "32", "--batch-sizes", "2", "--new-tokens", "4",
-         "--device", "cpu", "--dtype", "float32", "--no-progress"]
+         "--device", "cpu", "--dtype", "float32", "--repeats", "1", "--no-progress"]
 
 
 def cli(*args, cwd=None):
@@ -94,7 +94,7 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path):
 def test_retry_failed_reruns_only_failures(tmp_path):
     store = ResultsStore(tmp_path / "rows.jsonl")
     spec = resolve_sweep("memory", {"models": "ouro-tiny", "loops": "1,2", "seq_lens": "16", "batch_sizes": "1",
-                                    "new_tokens": 2, "device": "cpu", "dtype": "float32"}, None).spec
+                                    "new_tokens": 2, "device": "cpu", "dtype": "float32", "repeats": 1}, None).spec
     run_sweep("memory", spec.points(), store, in_child(sweep_helpers.raise_error), {}, show_progress=False)
     status = run_sweep("memory", spec.points(), store, in_child(sweep_helpers.oom_at_loops_3), {},
                        retry_failed=True, show_progress=False)
