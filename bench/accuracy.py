@@ -40,10 +40,14 @@ class AccuracyPoint:
     device: str = "cpu"
     weights: str | None = None
     data_dir: str | None = None
+    kv_policy: str | None = None  # Ouro-family models: a training-free KV policy (None = the model's own)
 
     @property
     def point_id(self) -> str:
-        blob = json.dumps({"command": "accuracy", **asdict(self)}, sort_keys=True).encode()
+        fields = asdict(self)
+        if fields["kv_policy"] is None:  # left out at its default, so ids from before the field stay
+            del fields["kv_policy"]
+        blob = json.dumps({"command": "accuracy", **fields}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -101,7 +105,8 @@ def run_accuracy(
     with progress:
         bar = progress.add_task("accuracy", total=len(todo), last="")
         for point in todo:
-            progress.update(bar, last=f"{point.model} loops={point.loops} {point.task} exit={point.exit_mode}")
+            policy = f" kv={point.kv_policy}" if point.kv_policy else ""
+            progress.update(bar, last=f"{point.model}{policy} loops={point.loops} {point.task} exit={point.exit_mode}")
             args = (point, task_manager, tokenizer_source, meta, log_path)
             if world > 1:
                 rows, warnings = evaluate_point(*args)
@@ -136,7 +141,8 @@ def evaluate_point(point: AccuracyPoint, task_manager, tokenizer_source: str | N
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{local_rank}"  # data parallel: one model copy per GPU
     with lm_eval_output(log_path, capture_stderr=world == 1) as warnings:
-        model = load_model(point.model, point.weights, dtype=parse_dtype(point.dtype), device=device)
+        model = load_model(point.model, point.weights, dtype=parse_dtype(point.dtype), device=device,
+                           kv_policy=point.kv_policy)
         tokenizer = load_tokenizer(point.weights, tokenizer_source)
         lm = LoopedHFLM(model, tokenizer, loops=point.loops, exit_mode=point.exit_mode, batch_size=point.batch_size,
                         max_length=model.config.max_position_embeddings)
@@ -192,7 +198,9 @@ def _evaluate(lm, point: AccuracyPoint, task_manager, simple_evaluate, meta: dic
     if status != "ok":
         return [ResultRow("accuracy", point.point_id, point.to_dict(), status, error, memory, meta, wall)]
     kv = {"kv_bytes_per_token": measured_kv_bytes_per_token(lm.model, point.loops),
-          "kv_source": f"LoopedKVCache.nbytes() / {KV_PROBE_TOKENS} after a {KV_PROBE_TOKENS}-token forward"}
+          "kv_source": f"LoopedKVCache.nbytes() / {KV_PROBE_TOKENS} after a {KV_PROBE_TOKENS}-token forward",
+          "exited_early_fraction": lm.exited_early_fraction, "exit_tokens": lm.exit_counts[1],
+          "kv_policy": lm.model.model.policy.name}
     return [
         ResultRow("accuracy", point.point_id, {**point.to_dict(), "metric": metric, "filter": filter_name}, "ok", None,
                   {"value": value, "stderr": stderr, "n_samples": n, "eval_s": wall, **memory, **kv}, meta, wall)

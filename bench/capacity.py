@@ -93,12 +93,16 @@ def find_max_batch(probe: Callable[[int], Probe], start: int, limit: int = 4096)
     return result
 
 
-def analytic_start(model: str, loops: int, tokens: int, dtype: str, budget_bytes: int) -> int:
+def analytic_start(model: str, loops: int, tokens: int, dtype: str, budget_bytes: int,
+                   kv_policy: str | None = None) -> int:
     """Where the search starts: the batch whose weights + KV cache alone fill the budget."""
     preset = get_preset(model)
     torch_dtype = parse_dtype(dtype)
     weights = count_parameters(preset) * torch.empty((), dtype=torch_dtype).element_size()
-    per_sequence = kv_bytes_per_token(preset.config(), loops, torch_dtype) * tokens
+    config = preset.config()
+    if kv_policy is not None:
+        config.kv_policy = kv_policy
+    per_sequence = kv_bytes_per_token(config, loops, torch_dtype) * tokens
     return max(1, (budget_bytes - weights) // max(per_sequence, 1))
 
 
@@ -123,7 +127,8 @@ def search_capacity(point, budget_bytes: int, timeout_s: float, limit: int = 409
             return Probe(batch, False, "timeout" if outcome.status == "timeout" else "error", None)
         return probe_fits({**outcome.value, "batch_size": batch}, budget_bytes)
 
-    start = analytic_start(point.model, point.loops, point.seq_len + point.new_tokens, point.dtype, budget_bytes)
+    start = analytic_start(point.model, point.loops, point.seq_len + point.new_tokens, point.dtype, budget_bytes,
+                           point.kv_policy)
     result = find_max_batch(probe, start, limit)
     failed = [p for p in result.probes if p.status not in ("ok", "oom")]
     status = "error" if failed and result.max_batch == 0 else "ok"

@@ -78,6 +78,16 @@ def models(
         "KV B/token/loop: what each extra loop adds to the cache per token "
         "(Ouro: one more cache per layer; MELT: 0, its cache is shared by all loops)."
     )
+    ouro_family = [c for c in cards if len(c.kv_bytes_per_token_by_policy) > 1]
+    policies = Table(title=f"training-free KV policies (--kv-policy) on Ouro-family presets: KV bytes per token at "
+                           f"the trained loop count, {dtype}")
+    policies.add_column("KV policy")
+    for c in ouro_family:
+        policies.add_column(f"{c.name} ({c.loops} loops)", justify="right")
+    for policy in ouro_family[0].kv_bytes_per_token_by_policy if ouro_family else []:
+        policies.add_row(policy, *(f"{c.kv_bytes_per_token_by_policy[policy]:,} "
+                                   f"({format_bytes(c.kv_bytes_per_token_by_policy[policy])})" for c in ouro_family))
+    console.print(policies)
 
 
 def _print_cost_card(dtype, names: str | None, loops: str, seq_len: int, batch_size: int, device: str,
@@ -177,6 +187,9 @@ _TIMEOUT = typer.Option(None, "--point-timeout", help="seconds one point may tak
 _DRY_RUN = typer.Option(False, "--dry-run", help="list the points and exit")
 _PROGRESS = typer.Option(True, "--progress/--no-progress", help="show the progress bar")
 _REPORT = typer.Option(False, "--report", help="write an HTML report of the results file at the end (reports/)")
+_KV_POLICY = typer.Option(None, "--kv-policy", help="training-free KV policies for Ouro-family models: "
+                          "per-loop,last-loop,mean,first-loop,modulo:N,first-then-shared:S (default: each "
+                          "model's own; MELT keeps its gated policy)")
 _PREFILL_CHUNK = typer.Option(None, "--prefill-chunk", help="Ouro-family models: prefill in chunks of N tokens "
                               "(exact; default one chunk). MELT always chunks by its config's chunk_size")
 
@@ -200,6 +213,7 @@ def memory(
     repeats: Optional[int] = typer.Option(None, help="measure each point this many times (default: 1)"),
     nvml_interval_ms: float = typer.Option(10.0, "--nvml-interval-ms", help="NVML sampling interval"),
     prefill_chunk: Optional[int] = _PREFILL_CHUNK,
+    kv_policy: Optional[str] = _KV_POLICY,
     dry_run: bool = _DRY_RUN,
     progress: bool = _PROGRESS,
     report: bool = _REPORT,
@@ -212,7 +226,7 @@ def memory(
         raise UserError(f"--nvml-interval-ms: {nvml_interval_ms:g} must be positive")
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase=phase,
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, repeats=repeats,
-                 point_timeout=point_timeout)
+                 point_timeout=point_timeout, kv_policy=kv_policy)
     resolved = _resolve("memory", flags, suite)
     resolved.spec.point_options = dict(prefill_chunk=_check_prefill_chunk(prefill_chunk))
     points = resolved.spec.points()
@@ -237,6 +251,7 @@ def latency(
     static_cache: bool = typer.Option(False, "--static-cache", help="--engine forward: allocate the KV cache ahead "
                                       "at full size (default: a growing cache; eager and compiled always do)"),
     prefill_chunk: Optional[int] = _PREFILL_CHUNK,
+    kv_policy: Optional[str] = _KV_POLICY,
     dtype: Optional[str] = _DTYPE,
     device: Optional[str] = _DEVICE,
     weights: Optional[str] = _WEIGHTS,
@@ -260,7 +275,8 @@ def latency(
     if static_cache and engine != "forward":
         raise UserError("--static-cache applies to --engine forward (eager and compiled always preallocate)")
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase="decode",
-                 new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout)
+                 new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
+                 kv_policy=kv_policy)
     resolved = _resolve("latency", flags, suite)
     resolved.spec.point_options = dict(warmup=warmup, timed_runs=repeats, early_exit=_parse_early_exit(early_exit),
                                        engine=engine, static_cache=static_cache,
@@ -280,6 +296,7 @@ def capacity(
     new_tokens: Optional[int] = _NEW_TOKENS,
     max_batch: int = typer.Option(4096, "--max-batch", help="largest batch the search tries"),
     prefill_chunk: Optional[int] = _PREFILL_CHUNK,
+    kv_policy: Optional[str] = _KV_POLICY,
     dtype: Optional[str] = _DTYPE,
     device: Optional[str] = _DEVICE,
     weights: Optional[str] = _WEIGHTS,
@@ -299,7 +316,8 @@ def capacity(
     if max_batch < 1:
         raise UserError(f"--max-batch: {max_batch} must be at least 1")
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes="1", phase="decode",
-                 new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout)
+                 new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
+                 kv_policy=kv_policy)
     resolved = _resolve("capacity", flags, suite)
     budget_bytes = _parse_budget(budget, resolved.spec.device)
     resolved.spec.point_options = dict(batch_size=0, memory_budget_bytes=budget_bytes,
@@ -326,7 +344,9 @@ def accuracy(
     batch_size: int = typer.Option(1, "--batch-size", help="sequences per forward / generate call"),
     max_gen_toks: Optional[int] = typer.Option(None, "--max-gen-toks", help="generation cap (default: lm-eval's)"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local task data: DIR/TASK/{train,test}.jsonl (default: the hub)"),
-    exit_mode: str = typer.Option("last", "--exit-mode", help="last | step:K | threshold:P | expected"),
+    exit_mode: str = typer.Option("last", "--exit-mode", help="last | step:K | threshold:P | expected | official "
+                                  "(the released Ouro code's default rule, in the model's dtype)"),
+    kv_policy: Optional[str] = _KV_POLICY,
     dtype: Optional[str] = _DTYPE,
     device: Optional[str] = _DEVICE,
     out: Optional[Path] = _OUT,
@@ -342,7 +362,7 @@ def accuracy(
 
     flags = dict(tasks=tasks, loops=loops, models=models, weights=weights, num_fewshot=num_fewshot, limit=limit,
                  batch_size=batch_size, max_gen_toks=max_gen_toks, data_dir=data_dir, exit_mode=exit_mode,
-                 dtype=dtype, device=device)
+                 dtype=dtype, device=device, kv_policy=kv_policy)
     with tempfile.TemporaryDirectory() as scratch:
         try:
             points, notices = resolve_accuracy(flags)

@@ -13,16 +13,19 @@ from lm_eval.models.huggingface import HFLM
 
 from .jsonl import iter_jsonl
 
-EXIT_MODES = ("last", "step:K", "threshold:P", "expected")
+EXIT_MODES = ("last", "step:K", "threshold:P", "expected", "official")
 
 
 def exit_kwargs(mode: str) -> dict:
     """'last' -> {}; 'step:2' -> exit after loop 2 (exit_at_step=1); 'threshold:0.9';
-    'expected' (exit-probability-weighted logits). The official Ouro keyword names."""
+    'expected' (exit-probability-weighted logits); 'official' (the released code's default rule,
+    early_exit_threshold in the model's dtype). The official Ouro keyword names."""
     if mode == "last":
         return {}
     if mode == "expected":
         return {"use_weighted_exit": True}
+    if mode == "official":
+        return {"official_exit": True}
     kind, _, value = mode.partition(":")
     try:
         if kind == "step" and int(value) >= 1:
@@ -50,12 +53,28 @@ class LoopedHFLM(HFLM):
         super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", **kwargs)
         self.loops = loops
         self.exit_mode = exit_mode
+        # per-token exits seen by the forwards (threshold and official modes): [early, all]
+        self.exit_counts = [0, 0]
+        self.model.register_forward_hook(self._count_exits)
         rank, world = distributed_rank()
         if world > 1:
             from accelerate import Accelerator
 
             self.accelerator = Accelerator()
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+
+    def _count_exits(self, module, args, output) -> None:
+        steps = getattr(output, "exit_steps", None)
+        if steps is not None:
+            self.exit_counts[0] += int((steps < self.loops - 1).sum())
+            self.exit_counts[1] += steps.numel()
+
+    @property
+    def exited_early_fraction(self) -> float | None:
+        """Of the positions whose logits the evaluation used, the fraction that exited before the
+        last loop (None where the exit mode has no per-token exit)."""
+        early, total = self.exit_counts
+        return early / total if total else None
 
     @property
     def run_kwargs(self) -> dict:

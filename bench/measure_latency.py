@@ -247,7 +247,8 @@ def measure_latency_point(point: SweepPoint, meter: EnergyMeter | str | None = N
             meter.measure_idle()  # before the model loads: the device as it idles
         ceilings = measure_ceilings(device, dtype)
         metrics.update(ceilings.to_metrics())
-        model = load_model(point.model, point.weights, dtype=dtype, device=device)
+        model = load_model(point.model, point.weights, dtype=dtype, device=device, kv_policy=point.kv_policy)
+        metrics["kv_policy"] = model.model.policy.name  # the policy the point ran under
         chunk_starts, metrics["prefill_chunk_tokens"] = prefill_chunking(model, point)
         generator = torch.Generator().manual_seed(0)
         input_ids = torch.randint(1, model.config.vocab_size, (point.batch_size, point.seq_len), generator=generator)

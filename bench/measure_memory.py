@@ -137,7 +137,8 @@ def measure_memory_point(
         if trackers.nvml is not None:
             metrics["nvml_after_cuda_init_bytes"] = trackers.nvml.used_bytes()
         dtype = parse_dtype(point.dtype)
-        model = load_model(point.model, point.weights, dtype=dtype, device=device)
+        model = load_model(point.model, point.weights, dtype=dtype, device=device, kv_policy=point.kv_policy)
+        metrics["kv_policy"] = model.model.policy.name  # the policy the point ran under
         metrics["weights_bytes"] = tensor_bytes(model)
         generator = torch.Generator().manual_seed(0)
         input_ids = torch.randint(1, model.config.vocab_size, (point.batch_size, point.seq_len), generator=generator)

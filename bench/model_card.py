@@ -25,9 +25,28 @@ class ModelCard:
     dtype: str
     kv_bytes_per_token_per_loop: int  # what one more loop adds per token
     kv_bytes_per_token_at_loops: int  # at the trained loop count
+    # at the trained loop count, per KV policy the preset can run (Ouro family: every
+    # training-free one; MELT: its own)
+    kv_bytes_per_token_by_policy: dict[str, int]
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# The policies `models` lists, with the slot counts the CLI's examples use.
+LISTED_POLICIES = ("per-loop", "last-loop", "mean", "first-loop", "modulo:2", "first-then-shared:2")
+
+
+def policy_kv_bytes(config, loops: int, dtype: torch.dtype) -> dict[str, int]:
+    """KV bytes per token at `loops` under each policy the config's family can run."""
+    if config.kv_policy not in LISTED_POLICIES:  # MELT: its own gated policy only
+        return {config.kv_policy: kv_bytes_per_token(config, loops, dtype)}
+    out = {}
+    for policy in LISTED_POLICIES:
+        variant = config.__class__(**config.to_diff_dict())
+        variant.kv_policy = policy
+        out[policy] = kv_bytes_per_token(variant, loops, dtype)
+    return out
 
 
 def preset_cards(dtype: torch.dtype = torch.bfloat16) -> list[ModelCard]:
@@ -45,6 +64,7 @@ def preset_cards(dtype: torch.dtype = torch.bfloat16) -> list[ModelCard]:
                 kv_bytes_per_token_per_loop=kv_bytes_per_token(config, loops + 1, dtype)
                 - kv_bytes_per_token(config, loops, dtype),
                 kv_bytes_per_token_at_loops=kv_bytes_per_token(config, loops, dtype),
+                kv_bytes_per_token_by_policy=policy_kv_bytes(config, loops, dtype),
             )
         )
     return cards

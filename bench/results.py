@@ -108,7 +108,9 @@ def model_labels(rows: list[ResultRow]) -> dict[tuple[str, str | None], str]:
 
 
 def model_label(row: ResultRow, labels: dict[tuple[str, str | None], str]) -> str:
-    return labels[(row.point.get("model"), row.point.get("weights"))]
+    """The display name; a training-free KV policy run on the model follows it in parentheses."""
+    label = labels[(row.point.get("model"), row.point.get("weights"))]
+    return f"{label} ({row.point['kv_policy']})" if row.point.get("kv_policy") else label
 
 
 def rows_to_frame(rows: list[ResultRow]):

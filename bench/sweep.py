@@ -75,7 +75,8 @@ def run_sweep(
         task = progress.add_task(kind, total=len(todo), last="")
         for point in todo:
             batch = point.batch_size or "searched"  # capacity points search their batch
-            progress.update(task, last=f"{point.model} loops={point.loops} seq={point.seq_len} batch={batch}")
+            policy = f" kv={point.kv_policy}" if point.kv_policy else ""
+            progress.update(task, last=f"{point.model}{policy} loops={point.loops} seq={point.seq_len} batch={batch}")
             try:
                 outcome = run_point(point)
             except KeyboardInterrupt:

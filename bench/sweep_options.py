@@ -103,6 +103,7 @@ def resolve_sweep(command: str, flags: dict, suite: str | None) -> ResolvedSweep
             weights=check_weights(settings.get("weights")),
             repeats=int(settings["repeats"]),
         )
+        spec.kv_policies = resolve_kv_policies(settings.get("kv_policy"), spec.models)
     except RangeError as exc:
         raise OptionError(str(exc)) from exc
     _validate(spec)
@@ -112,6 +113,31 @@ def resolve_sweep(command: str, flags: dict, suite: str | None) -> ResolvedSweep
     if timeout <= 0:
         raise OptionError(f"--point-timeout: {timeout:g} must be positive")
     return ResolvedSweep(spec, timeout, notices)
+
+
+def resolve_kv_policies(value: object, models: list[str]) -> list[str | None]:
+    """--kv-policy's names made canonical ('modulo:2', ...), or [None] (each model's own). They
+    apply to Ouro-family models; a list of MELT models only is refused (MELT keeps its gate)."""
+    from melt_bench.models.kv_policy import UnknownKVPolicyError, parse_kv_policy
+
+    if value is None:
+        return [None]
+    try:
+        names = [parse_kv_policy(name) for name in as_name_list(value, "--kv-policy")]
+    except UnknownKVPolicyError as exc:
+        raise OptionError(f"--kv-policy: {exc}") from exc
+    if "shared-gated" in names:
+        raise OptionError("--kv-policy shared-gated is MELT's own policy, which needs its trained gate: "
+                          "run a MELT model instead")
+    for model in models:
+        try:
+            get_preset(model)
+        except UnknownPresetError as exc:
+            raise OptionError(f"--models: {exc}") from exc
+    if all(get_preset(model).family == "melt" for model in models):
+        raise OptionError(f"--kv-policy {value}: {', '.join(models)} keep MELT's own gated policy; training-free "
+                          "KV policies apply to Ouro-family models")
+    return list(dict.fromkeys(names))
 
 
 def _validate(spec: SweepSpec) -> None:
@@ -174,11 +200,15 @@ def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
             raise OptionError(f"--data-dir {data_dir}: no such directory")
         data_dir = str(path.resolve())
     weights = check_weights(flags.get("weights"))
+    try:
+        spec.kv_policies = resolve_kv_policies(flags.get("kv_policy"), models)
+    except RangeError as exc:
+        raise OptionError(str(exc)) from exc
     points = [
         AccuracyPoint(model, loop, task, flags.get("exit_mode") or "last", flags.get("num_fewshot"),
                       flags.get("limit"), flags.get("batch_size") or 1, flags.get("max_gen_toks"), dtype,
-                      device, weights, data_dir)
-        for model in models for task in tasks for loop in loops
+                      device, weights, data_dir, kv_policy=policy)
+        for model in models for policy in spec.policies_for(model) for task in tasks for loop in loops
     ]
     return points, notices
 

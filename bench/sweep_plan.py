@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from .ranges import RangeError, parse_int_list, parse_name_list
 
 PHASES = ("prefill", "decode", "generate")
-_OPTIONAL = ("warmup", "timed_runs", "early_exit", "engine", "static_cache", "memory_budget_bytes", "prefill_chunk")
+_OPTIONAL = ("warmup", "timed_runs", "early_exit", "engine", "static_cache", "memory_budget_bytes", "prefill_chunk",
+             "kv_policy")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class SweepPoint:
     # Ouro-family models: prefill in chunks of this many tokens (None = one chunk; MELT chunks by
     # its config's chunk_size)
     prefill_chunk: int | None = None
+    # Ouro-family models: run under this training-free KV policy (None = the model's own)
+    kv_policy: str | None = None
     # latency only
     warmup: int = 0
     timed_runs: int = 0
@@ -67,6 +70,8 @@ class SweepSpec:
     device: str = "cpu"
     weights: str | None = None
     repeats: int = 1
+    # training-free KV policies for Ouro-family models ([None]: each model's own; MELT always)
+    kv_policies: list[str | None] = field(default_factory=lambda: [None])
     point_options: dict = field(default_factory=dict)  # command-specific SweepPoint fields
 
     def points(self) -> list[SweepPoint]:
@@ -74,13 +79,20 @@ class SweepSpec:
         return [
             replace(
                 SweepPoint(self.command, model, loops, seq, batch, self.phase, self.new_tokens, self.dtype,
-                           self.device, self.weights, repeat),
+                           self.device, self.weights, repeat, kv_policy=policy),
                 **self.point_options,
             )
-            for model, seq, batch, repeat, loops in itertools.product(
-                self.models, self.seq_lens, self.batch_sizes, range(self.repeats), self.loops
+            for model in self.models for policy in self.policies_for(model)
+            for seq, batch, repeat, loops in itertools.product(
+                self.seq_lens, self.batch_sizes, range(self.repeats), self.loops
             )
         ]
+
+    def policies_for(self, model: str) -> list[str | None]:
+        """MELT keeps its own gated policy; Ouro-family models take every asked-for policy."""
+        from melt_bench.models import get_preset
+
+        return [None] if get_preset(model).family == "melt" else self.kv_policies
 
 
 def as_int_list(value: object, option: str) -> list[int]:

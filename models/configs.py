@@ -14,7 +14,7 @@ class OuroConfig(PreTrainedConfig):
     """Ouro / LoopLM config; field names and defaults follow ByteDance/Ouro-1.4B's config.json."""
 
     model_type = "ouro"
-    kv_policy = "per_loop"  # one KV cache per (loop, layer): see kv_policy.py
+    kv_policy = "per-loop"  # one KV cache per (loop, layer); a training-free policy may be set: kv_policy.py
 
     def __init__(
         self,
@@ -79,7 +79,7 @@ class MeltConfig(OuroConfig):
     """MELT config: Ouro's fields plus the gated shared KV cache's choices (see melt.py)."""
 
     model_type = "melt"
-    kv_policy = "shared_gated"  # one KV cache per layer, shared by all loops
+    kv_policy = "shared-gated"  # one KV cache per layer, shared by all loops
 
     def __init__(
         self,

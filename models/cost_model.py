@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .configs import OuroConfig
+from .kv_policy import parse_kv_policy
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -29,7 +30,7 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 def _is_melt(config: OuroConfig) -> bool:
-    return getattr(config, "kv_policy", "per_loop") == "shared_gated"
+    return parse_kv_policy(getattr(config, "kv_policy", "per-loop")) == "shared-gated"
 
 
 def gate_loops(config: OuroConfig, loops: float) -> float:

@@ -30,16 +30,18 @@ ENGINES = ("eager", "compiled")
 
 def run_loop(
     model: LoopedForCausalLM, x: torch.Tensor, input_pos: torch.Tensor, keys: list[torch.Tensor],
-    values: list[torch.Tensor], kv_states: list[torch.Tensor | None], loop: int,
-) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
+    values: list[torch.Tensor], kv_states: list[torch.Tensor | None], loop: int, kept: list | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor, list | None]:
     """One loop of the layer stack for the token at `input_pos` (a 1-element tensor): returns the
-    normed output, each layer's KV state (MELT's h, None for Ouro) and the exit-gate logit."""
+    normed output, each layer's KV state (MELT's h, None for Ouro), the exit-gate logit and, for
+    policies that keep a combination of the loops' rows, each layer's running combination."""
     base, config = model.model, model.config
     capacity = keys[0].shape[2]
     # Rows past the current position hold zeros or an earlier run's rows: masked out.
     attn = AttentionMask((torch.arange(capacity, device=x.device) <= input_pos)[None, None, None], False)
     rope = rope_cos_sin(input_pos[None], config.head_dim, config.rope_theta, x.dtype)
     states: list[torch.Tensor | None] = []
+    folded = [] if base.policy.reduces_loops else None
     for i, layer in enumerate(base.layers):
         slot = base.policy.slot(loop, i)
         q, k, v, kv_in = layer.self_attn.project(layer.input_layernorm(x), rope, kv_states[i])
@@ -47,8 +49,23 @@ def run_loop(
         values[slot].index_copy_(2, input_pos, v)
         x = layer.after_attention(x, layer.self_attn.attend(q, keys[slot], values[slot], attn))
         states.append(kv_in if layer.self_attn.kv_gate is not None else None)
+        if folded is not None:
+            folded.append(base.policy.accumulate(kept[i] if kept else None, loop, k, v))
     x = base.norm(x)
-    return x, states, base.early_exit_gate(x).squeeze(-1)
+    return x, states, base.early_exit_gate(x).squeeze(-1), folded
+
+
+def write_kept_rows(model: LoopedForCausalLM, input_pos: torch.Tensor, keys: list[torch.Tensor],
+                    values: list[torch.Tensor], kept: list | None, loops_run: int) -> None:
+    """The rows the policy keeps for the token once its loops are done (mean, first loop)."""
+    policy = model.model.policy
+    if kept is None:
+        return
+    for i, acc in enumerate(kept):
+        k, v = policy.final(acc, loops_run)
+        slot = policy.slot(0, i)
+        keys[slot].index_copy_(2, input_pos, k.to(keys[slot].dtype))
+        values[slot].index_copy_(2, input_pos, v.to(values[slot].dtype))
 
 
 def greedy_head(model: LoopedForCausalLM, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,8 +81,10 @@ def decode_one_token(
     """A whole decode step for `token` (batch, 1) at `input_pos`: (next token, logits)."""
     x = model.model.embed_tokens(token)
     states: list[torch.Tensor | None] = [None] * len(model.model.layers)
+    kept = None
     for loop in range(loops):
-        x, states, _ = run_loop(model, x, input_pos, keys, values, states, loop)
+        x, states, _, kept = run_loop(model, x, input_pos, keys, values, states, loop, kept)
+    write_kept_rows(model, input_pos, keys, values, kept, loops)
     return greedy_head(model, x)
 
 
@@ -150,10 +169,12 @@ class DecodeEngine:
             x = self.model.model.embed_tokens(token)
             states: list[torch.Tensor | None] = [None] * len(self.model.model.layers)
             stop = EarlyStop(self.early_stop_threshold, self.loops)
+            kept = None
             for loop in range(self.loops):
-                x, states, gate = self._loop(self.model, x, self.input_pos, keys, values, states, loop)
+                x, states, gate, kept = self._loop(self.model, x, self.input_pos, keys, values, states, loop, kept)
                 if stop.update(loop, gate, x):
                     break
+            write_kept_rows(self.model, self.input_pos, keys, values, kept, loop + 1)
             self.model.model.policy.fill_skipped_loops(self.cache, loop, self.loops, position, position + 1)
             next_token, logits = self._head(self.model, stop.hidden)
             loops_run, exit_steps = loop + 1, stop.exit_steps

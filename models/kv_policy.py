@@ -1,10 +1,16 @@
 """The one place where Ouro and MELT differ: what happens to keys and values across loops.
 
-A KV policy answers three questions for the shared looped stack (looped.py):
+A KV policy answers four questions for the shared looped stack (looped.py):
   - which cache slot a (loop, layer) writes: Ouro keeps one per loop and layer, MELT one per layer;
+  - what a finished token keeps there (its last loop's rows, or a combination of its loops');
   - what the layer projects keys/values from: Ouro the layer input x, MELT a gated state h;
   - whether the sequence is processed in chunks (MELT: earlier tokens' rows must be final).
 Everything else (embeddings, layers, RoPE, norms, the loop, early exit) is shared.
+
+Besides Ouro's and MELT's own, the training-free cross-loop sharing policies run on Ouro weights
+unchanged (the rivals MELT's trained gate must beat): last-loop, mean, first-loop, modulo:N and
+first-then-shared:S, each with its source and memory formula in its docstring. Every policy's
+analytic KV bytes (`kv_bytes_per_token`) equal the bytes its cache holds.
 """
 
 from __future__ import annotations
@@ -15,10 +21,27 @@ from torch import nn
 from .configs import OuroConfig
 
 
-class KVPolicy:
-    """Ouro's per-loop KV cache: slot = loop * num_layers + layer, so KV grows linearly in loops."""
+Row = tuple[torch.Tensor, torch.Tensor]  # one layer's keys and values for the tokens being processed
 
-    name = "per_loop"
+
+class KVPolicy:
+    """Ouro's per-loop KV cache: slot = loop * num_layers + layer, so KV grows linearly in loops.
+
+    Source: the Ouro paper and its released code (one cache per loop and layer); Continuous Depth
+    Batching (arXiv 2608.09444, `looped_cdb/kv_cache_policy.py`) calls this layout
+    `depth_indexed`, and its early-exit fill below (skipped loops take the exit loop's rows) is
+    CDB's `last_exited`.
+    KV bytes per token = loops x layers x 2 x kv_heads x head_dim x itemsize.
+
+    Every policy answers: how many slots a cache needs, which slot a (loop, layer) writes (and
+    reads: a loop attends over its slot, which holds finished tokens' kept rows and the current
+    tokens' rows of this loop), and, for policies that keep a combination of a token's loops
+    (`reduces_loops`), how its kept row is built once the token's loops are done.
+    """
+
+    name = "per-loop"
+    reduces_loops = False  # True: the kept row combines the loops' rows (accumulate / final)
+    training_free = True  # runs on Ouro weights unchanged
 
     def __init__(self, config: OuroConfig) -> None:
         self.num_layers = config.num_hidden_layers
@@ -36,6 +59,14 @@ class KVPolicy:
     def chunk_size(self) -> int | None:
         return None
 
+    def accumulate(self, acc: Row | None, loop: int, keys: torch.Tensor, values: torch.Tensor) -> Row | None:
+        """Fold loop `loop`'s rows of the tokens being processed into `acc` (reduces_loops only)."""
+        return None
+
+    def final(self, acc: Row | None, loops_run: int) -> Row | None:
+        """The rows a token keeps once its `loops_run` loops are done; None: what the slot holds."""
+        return None
+
     def fill_skipped_loops(self, cache, last_loop: int, loops: int, start: int, end: int) -> None:
         """After early stopping at `last_loop`, tokens [start, end) have no rows in the slots of
         later loops; copy their last computed loop's rows there, so later tokens attending at
@@ -45,13 +76,119 @@ class KVPolicy:
             keys = cache.keys[src][:, :, start:end]
             values = cache.values[src][:, :, start:end]
             for loop in range(last_loop + 1, loops):
-                cache.update_slot(self.slot(loop, layer), keys, values, start)
+                dst = self.slot(loop, layer)
+                if dst != src:
+                    cache.update_slot(dst, keys, values, start)
+
+
+class LastLoopKVPolicy(KVPolicy):
+    """One row per (layer, token) that every loop overwrites: a finished token keeps its last
+    loop's keys/values. A prompt processed as one chunk attends exactly as Ouro (each loop reads
+    that loop's rows of the prompt); decoding tokens read the prompt's last-loop rows.
+
+    Source: the Ouro paper's decode-time KV reuse ("last loop's cache only", its Table 14);
+    CDB's `single` layout (one slot, every recursion writes it) is the same slot arithmetic.
+    KV bytes per token = layers x 2 x kv_heads x head_dim x itemsize, whatever the loops."""
+
+    name = "last-loop"
+
+    def num_slots(self, loops: int) -> int:
+        return self.num_layers
+
+    def slot(self, loop: int, layer: int) -> int:
+        return layer
+
+    def fill_skipped_loops(self, cache, last_loop: int, loops: int, start: int, end: int) -> None:
+        pass  # the one row already holds the last computed loop's keys/values
+
+
+class MeanKVPolicy(LastLoopKVPolicy):
+    """A finished token keeps the mean of its loops' keys/values (over the loops it ran). While
+    its loops run, each loop reads the token's rows of that loop, as in Ouro.
+
+    Source: the Ouro paper's "average of the loops' KV" (its Table 14). KV bytes per token as
+    `last-loop`; while a chunk runs, a float32 running sum of its rows is held besides (activation
+    memory, counted by the measured peaks, not by the KV formula)."""
+
+    name = "mean"
+    reduces_loops = True
+
+    def accumulate(self, acc: Row | None, loop: int, keys: torch.Tensor, values: torch.Tensor) -> Row | None:
+        if acc is None:  # a copy: the rows may be a view of cache rows the next loop overwrites
+            return keys.to(torch.float32, copy=True), values.to(torch.float32, copy=True)
+        return acc[0] + keys.float(), acc[1] + values.float()
+
+    def final(self, acc: Row | None, loops_run: int) -> Row | None:
+        return None if acc is None else (acc[0] / loops_run, acc[1] / loops_run)
+
+
+class FirstLoopKVPolicy(LastLoopKVPolicy):
+    """A finished token keeps its first loop's keys/values; while its loops run, each loop reads
+    the token's rows of that loop. The collapse case: it shows what a bad policy looks like.
+
+    Source: the Ouro paper's "first loop only" (its Table 14: GSM8K about 18.7 vs 78.9). KV
+    bytes per token as `last-loop`; a chunk's first-loop rows are held besides while it runs."""
+
+    name = "first-loop"
+    reduces_loops = True
+
+    def accumulate(self, acc: Row | None, loop: int, keys: torch.Tensor, values: torch.Tensor) -> Row | None:
+        return (keys.clone(), values.clone()) if acc is None else acc
+
+    def final(self, acc: Row | None, loops_run: int) -> Row | None:
+        return acc
+
+
+class ModuloKVPolicy(KVPolicy):
+    """N slots per layer; loop t writes (and reads) slot t mod N, so a finished token keeps, in
+    slot s, its rows of the last loop t with t mod N = s. N >= loops is `per-loop`; N = 1 has
+    `last-loop`'s slot arithmetic.
+
+    Source: Huginn's recurrent-depth cache (`seal-rg/recurrent-pretraining`,
+    `HuginnDynamicCache`, mode `compress-sN`). KV bytes per token = min(N, loops) x layers x 2 x
+    kv_heads x head_dim x itemsize."""
+
+    def __init__(self, config: OuroConfig, slots: int) -> None:
+        super().__init__(config)
+        self.slots = slots
+        self.name = f"modulo:{slots}"
+
+    def num_slots(self, loops: int) -> int:
+        return min(self.slots, loops) * self.num_layers
+
+    def slot(self, loop: int, layer: int) -> int:
+        return (loop % self.slots) * self.num_layers + layer
+
+
+class FirstThenSharedKVPolicy(KVPolicy):
+    """S slots per layer: loop t writes (and reads) slot min(t, S - 1), i.e. the first S - 1
+    loops keep private slots and every later loop shares the last one (S = 2: the first loop's
+    rows, then one shared slot that ends with the last loop's rows).
+
+    Source: Continuous Depth Batching (arXiv 2608.09444), public code
+    `ZH-Haoran/continuous-depth-batching`, `src/looped_cdb/kv_cache_policy.py`:
+    `kv_slot_for_step` returns min(recurrent_step, slots_per_layer - 1) for `first_then_shared`,
+    default 2 slots. Early exit: skipped loops take the exit loop's rows (as every layout here).
+    KV bytes per token = min(S, loops) x layers x 2 x kv_heads x head_dim x itemsize."""
+
+    def __init__(self, config: OuroConfig, slots: int = 2) -> None:
+        super().__init__(config)
+        self.slots = slots
+        self.name = f"first-then-shared:{slots}"
+
+    def num_slots(self, loops: int) -> int:
+        return min(self.slots, loops) * self.num_layers
+
+    def slot(self, loop: int, layer: int) -> int:
+        return min(loop, self.slots - 1) * self.num_layers + layer
 
 
 class SharedGatedKVPolicy(KVPolicy):
-    """MELT's shared cache: one slot per layer, rewritten at every loop from a gated state."""
+    """MELT's shared cache: one slot per layer, rewritten at every loop from a gated state
+    (the gate's weights are MELT's own: not training-free, not for Ouro weights)."""
 
-    name = "shared_gated"
+    name = "shared-gated"
+    training_free = False
 
     def __init__(self, config: OuroConfig) -> None:
         super().__init__(config)
@@ -103,15 +240,41 @@ class KVUpdateGate(nn.Module):
         return z * h_prev + (1 - z) * x
 
 
-POLICIES: dict[str, type[KVPolicy]] = {
-    KVPolicy.name: KVPolicy,
-    SharedGatedKVPolicy.name: SharedGatedKVPolicy,
-}
+# The training-free policies, by the name `--kv-policy` takes; "NAME:N" passes N slots.
+TRAINING_FREE_POLICIES = ("per-loop", "last-loop", "mean", "first-loop", "modulo:N", "first-then-shared:S")
+_PLAIN = {cls.name: cls for cls in (KVPolicy, LastLoopKVPolicy, MeanKVPolicy, FirstLoopKVPolicy, SharedGatedKVPolicy)}
+_WITH_SLOTS = {"modulo": ModuloKVPolicy, "first-then-shared": FirstThenSharedKVPolicy}
+_LEGACY = {"per_loop": "per-loop", "shared_gated": "shared-gated"}  # names of earlier releases
+
+
+class UnknownKVPolicyError(ValueError):
+    pass
+
+
+def parse_kv_policy(spec: str) -> str:
+    """The canonical name of a policy spec ('modulo:2', 'first-then-shared' -> 'first-then-shared:2');
+    UnknownKVPolicyError naming the choices otherwise."""
+    spec = _LEGACY.get(spec, spec)
+    if spec in _PLAIN:
+        return spec
+    kind, sep, count = spec.partition(":")
+    if kind == "first-then-shared" and not sep:
+        return "first-then-shared:2"
+    if kind in _WITH_SLOTS and count.isdigit() and int(count) >= 1:
+        if kind == "first-then-shared" and int(count) < 2:
+            raise UnknownKVPolicyError(f"KV policy {spec!r}: first-then-shared needs at least 2 slots")
+        return f"{kind}:{int(count)}"
+    raise UnknownKVPolicyError(f"unknown KV policy {spec!r}; choose from {', '.join(TRAINING_FREE_POLICIES)} "
+                               "(N, S: slots per layer)")
 
 
 def kv_policy_for(config: OuroConfig) -> KVPolicy:
-    """The KV policy a config asks for (its class attribute `kv_policy`)."""
-    return POLICIES[config.kv_policy](config)
+    """The KV policy a config asks for (`config.kv_policy`, a class default or set per model)."""
+    name = parse_kv_policy(config.kv_policy)
+    if name in _PLAIN:
+        return _PLAIN[name](config)
+    kind, _, count = name.partition(":")
+    return _WITH_SLOTS[kind](config, int(count))
 
 
 def kv_bytes_per_token(config: OuroConfig, loops: int, dtype: torch.dtype) -> int:

@@ -33,7 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configs import MAX_LOOPS, OuroConfig
 from .kv_cache import LoopedKVCache, TransitionKVCache
-from .kv_policy import GateProjection, KVPolicy, kv_bytes_per_token, kv_policy_for
+from .kv_policy import GateProjection, KVPolicy, kv_bytes_per_token, kv_policy_for, parse_kv_policy
 
 
 class RMSNorm(nn.Module):
@@ -352,7 +352,10 @@ class LoopedModel(LoopedPreTrainedModel):
             start = past + c0
             rope = rope_cos_sin(position_ids[:, c0:c1], self.config.head_dim, self.config.rope_theta, x.dtype)
             attn = chunk_attention_mask(start, x.shape[1], key_padding, x.device)
+            end = start + x.shape[1]
             kv_states: list[torch.Tensor | None] = [None] * len(self.layers)
+            # policies that keep a combination of a token's loops fold each loop's rows in here
+            kept = [None] * len(self.layers) if self.policy.reduces_loops and cache is not None else None
             stop = EarlyStop(early_stop_threshold, loops) if early_stop_threshold is not None else None
             for loop in range(loops):
                 for i, layer in enumerate(self.layers):
@@ -360,6 +363,9 @@ class LoopedModel(LoopedPreTrainedModel):
                     if isinstance(cache, TransitionKVCache):
                         slot = (loop * len(self.layers) + i, slot)  # (Ouro's per-loop slot, MELT's)
                     x, kv_states[i], attn_out = layer(x, rope, attn, cache, slot, start, kv_states[i])
+                    if kept is not None:
+                        rows = cache.keys[slot][:, :, start:end], cache.values[slot][:, :, start:end]
+                        kept[i] = self.policy.accumulate(kept[i], loop, *rows)
                     if record_attention:
                         attention[(loop, i)].append(attn_out)
                 x = self.norm(x)
@@ -368,9 +374,14 @@ class LoopedModel(LoopedPreTrainedModel):
                     per_loop[loop].append(x)
                 if stop is not None and stop.update(loop, gates[loop][-1], x):
                     if cache is not None:
-                        self.policy.fill_skipped_loops(cache, loop, loops, start, start + x.shape[1])
+                        self.policy.fill_skipped_loops(cache, loop, loops, start, end)
                     x = stop.hidden
                     break
+            if kept is not None:
+                for i, acc in enumerate(kept):
+                    keys, values = self.policy.final(acc, loop + 1)
+                    dtype = cache.keys[self.policy.slot(0, i)].dtype
+                    cache.update_slot(self.policy.slot(0, i), keys.to(dtype), values.to(dtype), start)
             last.append(x)
             if cache is not None:
                 cache.seq_len = start + x.shape[1]
@@ -417,6 +428,27 @@ def threshold_exit_steps(pdf: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(reached.any(-1), steps, torch.full_like(steps, pdf.shape[-1] - 1))
 
 
+def official_exit_steps(gate_logits: list[torch.Tensor], threshold: float) -> torch.Tensor:
+    """The released Ouro code's default exit rule, op for op in the gates' own dtype: the exit
+    distribution (as exit_distribution, without the float32 cast), its cumulative sum, and per
+    token the first loop where it reaches `threshold` (the config's early_exit_threshold, 1.0),
+    else the last loop. In bf16 sigmoid(g) rounds to exactly 1.0 for g above about 6, so such a
+    token exits at that loop even at threshold 1.0; in float32 that needs g above about 17."""
+    remaining = torch.ones_like(gate_logits[0])
+    pdf = []
+    for t, logit in enumerate(gate_logits):
+        lam = torch.sigmoid(logit)
+        if t < len(gate_logits) - 1:
+            pdf.append(lam * remaining)
+            remaining = remaining * (1.0 - lam)
+        else:
+            pdf.append(remaining)
+    reached = torch.cumsum(torch.stack(pdf, dim=2), dim=2) >= threshold
+    steps = torch.argmax(reached.float(), dim=2)
+    steps[~reached.any(dim=2)] = len(gate_logits) - 1
+    return steps
+
+
 @dataclass
 class LoopedCausalLMOutput(CausalLMOutputWithPast):
     """CausalLMOutputWithPast plus the exit distribution (batch, seq, loops), for threshold exit
@@ -452,6 +484,22 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
     ) -> LoopedKVCache:
         return self.model.new_cache(loops, capacity, batch_size)
 
+    def use_kv_policy(self, name: str) -> None:
+        """Run these weights under another training-free KV policy ('last-loop', 'mean',
+        'modulo:2', ...: kv_policy.py). Only for Ouro-family models: MELT keeps its gated policy,
+        whose gate is part of its weights; caches made before the switch no longer fit."""
+        canonical = parse_kv_policy(name)
+        if not self.model.policy.training_free:
+            raise ValueError(f"KV policy {canonical!r} asked of a {self.model.policy.name} model: MELT keeps its "
+                             "own gated policy (training-free policies apply to Ouro-family models)")
+        previous = self.config.kv_policy
+        self.config.kv_policy = canonical
+        policy = kv_policy_for(self.config)
+        if not policy.training_free:
+            self.config.kv_policy = previous
+            raise ValueError(f"KV policy {canonical!r} needs MELT's trained gate: load a MELT model instead")
+        self.model.policy = policy
+
     def kv_bytes_per_token(self, loops: int | None = None, dtype: torch.dtype | None = None) -> int:
         """Analytic KV-cache bytes per token at `loops` loops in `dtype` (default: the model's)."""
         return kv_bytes_per_token(self.config, loops or self.config.total_ut_steps, dtype or self.dtype)
@@ -471,13 +519,16 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         use_weighted_exit: bool = False,
         early_stop_threshold: float | None = None,
         chunk_starts: Sequence[int] | None = None,
+        official_exit: bool = False,
         **kwargs,
     ) -> LoopedCausalLMOutput:
         """Logits from the last loop unless `exit_at_step` (0-based), `exit_threshold` or
         `use_weighted_exit` asks otherwise (the official Ouro keyword names and precedence); all
         loops run for those. `early_stop_threshold` really stops computing loops once every token
         has exited (see EarlyStop). `loops` overrides config.total_ut_steps for this call (1..64);
-        `chunk_starts` overrides the chunk split (see LoopedModel.forward)."""
+        `chunk_starts` overrides the chunk split (see LoopedModel.forward). `official_exit` applies
+        the released code's default rule (config.early_exit_threshold, in the model's dtype; see
+        official_exit_steps) and nothing else."""
         if input_ids is None:
             raise ValueError("input_ids is required")
         loops = loops or self.config.total_ut_steps
@@ -494,7 +545,10 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         elif not use_cache:
             past_key_values = None
 
-        needs_all_loops = exit_at_step is not None or exit_threshold is not None or use_weighted_exit
+        post_hoc = exit_at_step is not None or exit_threshold is not None or use_weighted_exit
+        if official_exit and (post_hoc or early_stop_threshold is not None):
+            raise ValueError("official_exit is the released code's own rule: combine it with no other exit mode")
+        needs_all_loops = post_hoc or official_exit
         if early_stop_threshold is not None and needs_all_loops:
             raise ValueError("early_stop_threshold cannot be combined with the post-hoc exit modes")
         out = self.model(
@@ -506,8 +560,12 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         exit_steps = out.exit_steps[:, keep] if out.exit_steps is not None else None
         if exit_at_step is not None:
             logits = self.lm_head(out.hidden_per_loop[exit_at_step][:, keep])
-        elif exit_threshold is not None:
-            exit_steps = threshold_exit_steps(pdf, exit_threshold)
+        elif exit_threshold is not None or official_exit:
+            if official_exit:
+                threshold = 1.0 if self.config.early_exit_threshold is None else self.config.early_exit_threshold
+                exit_steps = official_exit_steps([g[:, keep] for g in out.gate_logits], threshold)
+            else:
+                exit_steps = threshold_exit_steps(pdf, exit_threshold)
             stacked = torch.stack([h[:, keep] for h in out.hidden_per_loop], dim=2)
             index = exit_steps[..., None, None].expand(-1, -1, 1, stacked.shape[-1])
             logits = self.lm_head(stacked.gather(2, index).squeeze(2))

@@ -5,10 +5,11 @@ Loads the released checkpoints (config.json + safetensors, official key names) w
 `OuroForCausalLM.from_pretrained(path_or_hub_id)`; no remote code is ever run.
 
 One deliberate difference from the released remote code: that code applies the config's
-`early_exit_threshold` (1.0) to every forward, which picks the last loop unless a gate's
-cumulative exit probability rounds to exactly 1.0 in floating point; here logits come from the
-last loop unless the caller asks for an exit mode (`exit_threshold=...` reproduces the official
-rule exactly).
+`early_exit_threshold` (1.0) to every forward, computing the exit distribution in the model's
+dtype, so in bf16 a token whose gate logit exceeds about 6 (sigmoid rounds to 1.0) exits at that
+loop; here logits come from the last loop unless the caller asks for an exit mode.
+`official_exit=True` reproduces the released rule bit for bit in the model's dtype;
+`exit_threshold=1.0` computes in float32 and so does not (in bf16 the two differ).
 """
 
 from __future__ import annotations

@@ -94,9 +94,18 @@ def load_model(
     weights: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    kv_policy: str | None = None,
 ) -> LoopedForCausalLM:
     """The preset's model: random weights, or `weights` (a local directory or hub id) loaded with
-    `from_pretrained`. A MELT preset given Ouro weights is built with `MeltForCausalLM.from_ouro`."""
+    `from_pretrained`. A MELT preset given Ouro weights is built with `MeltForCausalLM.from_ouro`.
+    `kv_policy` runs an Ouro-family model under a training-free KV policy (kv_policy.py)."""
+    model = _load(name, weights, dtype, device)
+    if kv_policy is not None:
+        model.use_kv_policy(kv_policy)
+    return model
+
+
+def _load(name: str, weights: str | Path | None, dtype: torch.dtype, device: str | torch.device) -> LoopedForCausalLM:
     preset = get_preset(name)
     cls = model_class(preset.family)
     if weights is None:

@@ -75,8 +75,8 @@ def test_exact_match_equals_the_fraction_answered_right(tmp_path, monkeypatch):
     wrong = list(answers)[1]  # the second document gets a wrong number
     tokenizer = byte_tokenizer()
 
-    def oracle_load_model(name, weights=None, dtype=None, device=None):
-        model = load_model(name, weights, dtype=dtype, device=device)
+    def oracle_load_model(name, weights=None, dtype=None, device=None, kv_policy=None):
+        model = load_model(name, weights, dtype=dtype, device=device, kv_policy=kv_policy)
 
         def generate(input_ids=None, attention_mask=None, loops=None, **kwargs):
             seen_loops.append(loops)
@@ -142,3 +142,23 @@ def test_accuracy_bad_input(args, needle, capsys):
     assert main(["accuracy", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_official_exit_mode_records_the_fraction_of_tokens_that_exited_early(tmp_path, monkeypatch):
+    def saturated_gate(name, weights=None, dtype=None, device=None, kv_policy=None):
+        model = load_model(name, weights, dtype=dtype, device=device, kv_policy=kv_policy)
+        with torch.no_grad():
+            model.model.early_exit_gate.bias.fill_(30.0)  # sigmoid is exactly 1.0: exit at loop 1
+        return model
+
+    monkeypatch.setattr(accuracy_module, "load_model", saturated_gate)
+    task_manager = check_tasks(["gsm8k"], str(DATA), tmp_path / "tasks")
+    fractions = {}
+    for mode in ("official", "last"):
+        point = AccuracyPoint("ouro-tiny", 3, "gsm8k", exit_mode=mode, num_fewshot=0, limit=2, max_gen_toks=3,
+                              dtype="float32", data_dir=str(DATA), kv_policy="last-loop")
+        rows, _ = evaluate_point(point, task_manager, None, {}, tmp_path / "lm-eval.log")
+        assert rows and all(row.status == "ok" for row in rows)
+        fractions[mode] = rows[0].metrics["exited_early_fraction"]
+        assert rows[0].metrics["kv_policy"] == "last-loop"
+    assert fractions == {"official": 1.0, "last": None}
