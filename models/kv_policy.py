@@ -139,7 +139,21 @@ class FirstLoopKVPolicy(LastLoopKVPolicy):
         return acc
 
 
-class ModuloKVPolicy(KVPolicy):
+class FixedSlotsKVPolicy(KVPolicy):
+    """A fixed number of slots per layer that several loops share (`slot()` says which)."""
+
+    kind = ""
+
+    def __init__(self, config: OuroConfig, slots: int) -> None:
+        super().__init__(config)
+        self.slots = slots
+        self.name = f"{self.kind}:{slots}"
+
+    def num_slots(self, loops: int) -> int:
+        return min(self.slots, loops) * self.num_layers
+
+
+class ModuloKVPolicy(FixedSlotsKVPolicy):
     """N slots per layer; loop t writes (and reads) slot t mod N, so a finished token keeps, in
     slot s, its rows of the last loop t with t mod N = s. N >= loops is `per-loop`; N = 1 has
     `last-loop`'s slot arithmetic.
@@ -148,19 +162,13 @@ class ModuloKVPolicy(KVPolicy):
     `HuginnDynamicCache`, mode `compress-sN`). KV bytes per token = min(N, loops) x layers x 2 x
     kv_heads x head_dim x itemsize."""
 
-    def __init__(self, config: OuroConfig, slots: int) -> None:
-        super().__init__(config)
-        self.slots = slots
-        self.name = f"modulo:{slots}"
-
-    def num_slots(self, loops: int) -> int:
-        return min(self.slots, loops) * self.num_layers
+    kind = "modulo"
 
     def slot(self, loop: int, layer: int) -> int:
         return (loop % self.slots) * self.num_layers + layer
 
 
-class FirstThenSharedKVPolicy(KVPolicy):
+class FirstThenSharedKVPolicy(FixedSlotsKVPolicy):
     """S slots per layer: loop t writes (and reads) slot min(t, S - 1), i.e. the first S - 1
     loops keep private slots and every later loop shares the last one (S = 2: the first loop's
     rows, then one shared slot that ends with the last loop's rows).
@@ -171,13 +179,7 @@ class FirstThenSharedKVPolicy(KVPolicy):
     default 2 slots. Early exit: skipped loops take the exit loop's rows (as every layout here).
     KV bytes per token = min(S, loops) x layers x 2 x kv_heads x head_dim x itemsize."""
 
-    def __init__(self, config: OuroConfig, slots: int = 2) -> None:
-        super().__init__(config)
-        self.slots = slots
-        self.name = f"first-then-shared:{slots}"
-
-    def num_slots(self, loops: int) -> int:
-        return min(self.slots, loops) * self.num_layers
+    kind = "first-then-shared"
 
     def slot(self, loop: int, layer: int) -> int:
         return min(loop, self.slots - 1) * self.num_layers + layer
