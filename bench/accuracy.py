@@ -15,12 +15,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from melt_bench.models import load_model
 
-from .launcher import ChildOutcome, run_in_child
+from .launcher import run_in_child
 from .lm_eval_logs import lm_eval_output
 from .measure_memory import classify_failure
 from .memory_trackers import CudaAllocatorTracker, RssTracker
 from .results import ResultRow, ResultsStore
-from .sweep import SweepInterrupted
+from .sweep import SweepInterrupted, outcome_to_row
 from .units import parse_dtype
 
 
@@ -115,9 +115,9 @@ def run_accuracy(
                     outcome = run_in_child(evaluate_point, args, timeout_s=None)
                 except KeyboardInterrupt:
                     progress.stop()
-                    recorded = len({row.point_id for row in store.read()} & {p.point_id for p in points})
-                    raise SweepInterrupted(recorded, len(points), store.path) from None
-                rows, warnings = outcome.value if outcome.status == "ok" else ([_failed_row(point, outcome, meta)], [])
+                    raise SweepInterrupted(store, points) from None
+                rows, warnings = outcome.value if outcome.status == "ok" else \
+                    ([outcome_to_row("accuracy", point, outcome, meta)], [])
             for row in rows:
                 store.append(row)
             for warning in warnings:
@@ -148,12 +148,6 @@ def evaluate_point(point: AccuracyPoint, task_manager, tokenizer_source: str | N
                         max_length=model.config.max_position_embeddings)
         rows = _evaluate(lm, point, task_manager, simple_evaluate, meta)
     return rows, list(warnings)
-
-
-def _failed_row(point: AccuracyPoint, outcome: ChildOutcome, meta: dict) -> ResultRow:
-    """The row of a point whose child died (the OS out-of-memory killer sends SIGKILL)."""
-    status = "oom" if outcome.killed_by == "SIGKILL" else "error"
-    return ResultRow("accuracy", point.point_id, point.to_dict(), status, outcome.error, {}, meta, outcome.wall_s)
 
 
 KV_PROBE_TOKENS = 16

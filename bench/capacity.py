@@ -99,10 +99,7 @@ def analytic_start(model: str, loops: int, tokens: int, dtype: str, budget_bytes
     preset = get_preset(model)
     torch_dtype = parse_dtype(dtype)
     weights = count_parameters(preset) * torch.empty((), dtype=torch_dtype).element_size()
-    config = preset.config()
-    if kv_policy is not None:
-        config.kv_policy = kv_policy
-    per_sequence = kv_bytes_per_token(config, loops, torch_dtype) * tokens
+    per_sequence = kv_bytes_per_token(preset.config(), loops, torch_dtype, kv_policy) * tokens
     return max(1, (budget_bytes - weights) // max(per_sequence, 1))
 
 

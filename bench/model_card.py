@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from melt_bench.models import PRESETS, count_parameters, kv_bytes_per_token
+from melt_bench.models import PRESETS, count_parameters, kv_bytes_per_token, kv_policy_for
 
 
 @dataclass
@@ -39,14 +39,9 @@ LISTED_POLICIES = ("per-loop", "last-loop", "mean", "first-loop", "modulo:2", "f
 
 def policy_kv_bytes(config, loops: int, dtype: torch.dtype) -> dict[str, int]:
     """KV bytes per token at `loops` under each policy the config's family can run."""
-    if config.kv_policy not in LISTED_POLICIES:  # MELT: its own gated policy only
+    if not kv_policy_for(config).training_free:  # MELT: its own gated policy only
         return {config.kv_policy: kv_bytes_per_token(config, loops, dtype)}
-    out = {}
-    for policy in LISTED_POLICIES:
-        variant = config.__class__(**config.to_diff_dict())
-        variant.kv_policy = policy
-        out[policy] = kv_bytes_per_token(variant, loops, dtype)
-    return out
+    return {policy: kv_bytes_per_token(config, loops, dtype, policy) for policy in LISTED_POLICIES}
 
 
 def preset_cards(dtype: torch.dtype = torch.bfloat16) -> list[ModelCard]:

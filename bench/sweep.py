@@ -16,8 +16,9 @@ from .sweep_plan import SweepPoint
 class SweepInterrupted(Exception):
     """Ctrl-C during a sweep: the running point was stopped; every finished row is in the store."""
 
-    def __init__(self, recorded: int, planned: int, path) -> None:
-        super().__init__(f"interrupted: {recorded} of {planned} points recorded in {path}; "
+    def __init__(self, store: ResultsStore, planned: list) -> None:
+        recorded = len({row.point_id for row in store.read()} & {point.point_id for point in planned})
+        super().__init__(f"interrupted: {recorded} of {len(planned)} points recorded in {store.path}; "
                          "run the same command with --resume to continue")
 
 
@@ -81,9 +82,7 @@ def run_sweep(
                 outcome = run_point(point)
             except KeyboardInterrupt:
                 progress.stop()
-                planned_ids = {p.point_id for p in points}
-                recorded = len({row.point_id for row in store.read()} & planned_ids)
-                raise SweepInterrupted(recorded, len(points), store.path) from None
+                raise SweepInterrupted(store, points) from None
             row = outcome_to_row(kind, point, outcome, meta or {})
             store.append(row)
             if on_row is not None:

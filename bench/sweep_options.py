@@ -103,10 +103,10 @@ def resolve_sweep(command: str, flags: dict, suite: str | None) -> ResolvedSweep
             weights=check_weights(settings.get("weights")),
             repeats=int(settings["repeats"]),
         )
-        spec.kv_policies = resolve_kv_policies(settings.get("kv_policy"), spec.models)
     except RangeError as exc:
         raise OptionError(str(exc)) from exc
     _validate(spec)
+    spec.kv_policies = resolve_kv_policies(settings.get("kv_policy"), spec.models)
     if spec.phase == "prefill":
         spec.new_tokens = 0  # irrelevant to a prefill: keep point ids independent of it
     timeout = float(settings["point_timeout"])
@@ -124,16 +124,13 @@ def resolve_kv_policies(value: object, models: list[str]) -> list[str | None]:
         return [None]
     try:
         names = [parse_kv_policy(name) for name in as_name_list(value, "--kv-policy")]
+    except RangeError as exc:
+        raise OptionError(str(exc)) from exc
     except UnknownKVPolicyError as exc:
         raise OptionError(f"--kv-policy: {exc}") from exc
     if "shared-gated" in names:
         raise OptionError("--kv-policy shared-gated is MELT's own policy, which needs its trained gate: "
                           "run a MELT model instead")
-    for model in models:
-        try:
-            get_preset(model)
-        except UnknownPresetError as exc:
-            raise OptionError(f"--models: {exc}") from exc
     if all(get_preset(model).family == "melt" for model in models):
         raise OptionError(f"--kv-policy {value}: {', '.join(models)} keep MELT's own gated policy; training-free "
                           "KV policies apply to Ouro-family models")
@@ -200,10 +197,7 @@ def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
             raise OptionError(f"--data-dir {data_dir}: no such directory")
         data_dir = str(path.resolve())
     weights = check_weights(flags.get("weights"))
-    try:
-        spec.kv_policies = resolve_kv_policies(flags.get("kv_policy"), models)
-    except RangeError as exc:
-        raise OptionError(str(exc)) from exc
+    spec.kv_policies = resolve_kv_policies(flags.get("kv_policy"), models)
     points = [
         AccuracyPoint(model, loop, task, flags.get("exit_mode") or "last", flags.get("num_fewshot"),
                       flags.get("limit"), flags.get("batch_size") or 1, flags.get("max_gen_toks"), dtype,

@@ -270,18 +270,20 @@ def parse_kv_policy(spec: str) -> str:
                                "(N, S: slots per layer)")
 
 
-def kv_policy_for(config: OuroConfig) -> KVPolicy:
-    """The KV policy a config asks for (`config.kv_policy`, a class default or set per model)."""
-    name = parse_kv_policy(config.kv_policy)
+def kv_policy_for(config: OuroConfig, name: str | None = None) -> KVPolicy:
+    """The KV policy `name` asks for, else the config's (`config.kv_policy`, a class default or
+    set per model), laid out for the config's layers."""
+    name = parse_kv_policy(name or config.kv_policy)
     if name in _PLAIN:
         return _PLAIN[name](config)
     kind, _, count = name.partition(":")
     return _WITH_SLOTS[kind](config, int(count))
 
 
-def kv_bytes_per_token(config: OuroConfig, loops: int, dtype: torch.dtype) -> int:
-    """Analytic KV-cache bytes one token costs at `loops` loops (K and V, all slots)."""
-    slots = kv_policy_for(config).num_slots(loops)
+def kv_bytes_per_token(config: OuroConfig, loops: int, dtype: torch.dtype, policy: str | None = None) -> int:
+    """Analytic KV-cache bytes one token costs at `loops` loops (K and V, all slots), under
+    `policy` (default: the config's)."""
+    slots = kv_policy_for(config, policy).num_slots(loops)
     itemsize = torch.empty((), dtype=dtype).element_size()
     return slots * 2 * config.num_key_value_heads * config.head_dim * itemsize
 

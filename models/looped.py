@@ -492,12 +492,10 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         if not self.model.policy.training_free:
             raise ValueError(f"KV policy {canonical!r} asked of a {self.model.policy.name} model: MELT keeps its "
                              "own gated policy (training-free policies apply to Ouro-family models)")
-        previous = self.config.kv_policy
-        self.config.kv_policy = canonical
-        policy = kv_policy_for(self.config)
+        policy = kv_policy_for(self.config, canonical)
         if not policy.training_free:
-            self.config.kv_policy = previous
             raise ValueError(f"KV policy {canonical!r} needs MELT's trained gate: load a MELT model instead")
+        self.config.kv_policy = canonical
         self.model.policy = policy
 
     def kv_bytes_per_token(self, loops: int | None = None, dtype: torch.dtype | None = None) -> int:
