@@ -210,7 +210,7 @@ def memory(
     retry_failed: bool = _RETRY,
     suite: Optional[str] = _SUITE,
     point_timeout: Optional[float] = _TIMEOUT,
-    repeats: Optional[int] = typer.Option(None, help="measure each point this many times (default: 1)"),
+    repeats: Optional[int] = typer.Option(None, help="measure each point this many times, each in a fresh process (default: 2 on CPU, 1 on CUDA)"),
     nvml_interval_ms: float = typer.Option(10.0, "--nvml-interval-ms", help="NVML sampling interval"),
     prefill_chunk: Optional[int] = _PREFILL_CHUNK,
     kv_policy: Optional[str] = _KV_POLICY,
