@@ -17,7 +17,7 @@ from melt_bench.models import load_model
 
 from .launcher import run_in_child
 from .lm_eval_logs import lm_eval_output
-from .measure_memory import classify_failure
+from .measure_memory import classify_failure, kv_metrics
 from .memory_trackers import CudaAllocatorTracker, RssTracker
 from .results import ResultRow, ResultsStore
 from .sweep import SweepInterrupted, outcome_to_row
@@ -41,12 +41,15 @@ class AccuracyPoint:
     weights: str | None = None
     data_dir: str | None = None
     kv_policy: str | None = None  # Ouro-family models: a training-free KV policy (None = the model's own)
+    decode_reads: str | None = None  # MELT models: "final" or "chunk" (None = the config's)
+    score_continuation_as: str = "chunk"  # log-likelihood tasks: "chunk" (one forward) | "decode"
 
     @property
     def point_id(self) -> str:
         fields = asdict(self)
-        if fields["kv_policy"] is None:  # left out at its default, so ids from before the field stay
-            del fields["kv_policy"]
+        for name, default in (("kv_policy", None), ("decode_reads", None), ("score_continuation_as", "chunk")):
+            if fields[name] == default:  # left out at its default, so ids from before the field stay
+                del fields[name]
         blob = json.dumps({"command": "accuracy", **fields}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -106,6 +109,7 @@ def run_accuracy(
         bar = progress.add_task("accuracy", total=len(todo), last="")
         for point in todo:
             policy = f" kv={point.kv_policy}" if point.kv_policy else ""
+            policy += f" reads={point.decode_reads}" if point.decode_reads else ""
             progress.update(bar, last=f"{point.model}{policy} loops={point.loops} {point.task} exit={point.exit_mode}")
             args = (point, task_manager, tokenizer_source, meta, log_path)
             if world > 1:
@@ -142,9 +146,10 @@ def evaluate_point(point: AccuracyPoint, task_manager, tokenizer_source: str | N
         device = f"cuda:{local_rank}"  # data parallel: one model copy per GPU
     with lm_eval_output(log_path, capture_stderr=world == 1) as warnings:
         model = load_model(point.model, point.weights, dtype=parse_dtype(point.dtype), device=device,
-                           kv_policy=point.kv_policy)
+                           kv_policy=point.kv_policy, decode_reads=point.decode_reads)
         tokenizer = load_tokenizer(point.weights, tokenizer_source)
-        lm = LoopedHFLM(model, tokenizer, loops=point.loops, exit_mode=point.exit_mode, batch_size=point.batch_size,
+        lm = LoopedHFLM(model, tokenizer, loops=point.loops, exit_mode=point.exit_mode,
+                        score_continuation_as=point.score_continuation_as, batch_size=point.batch_size,
                         max_length=model.config.max_position_embeddings)
         rows = _evaluate(lm, point, task_manager, simple_evaluate, meta)
     return rows, list(warnings)
@@ -155,12 +160,38 @@ KV_PROBE_TOKENS = 16
 
 def measured_kv_bytes_per_token(model, loops: int) -> int:
     """KV-cache bytes per token the model holds at `loops` loops, measured: the storage bytes of
-    a cache sized to exactly KV_PROBE_TOKENS tokens after a forward over them (batch 1)."""
+    a cache sized to exactly KV_PROBE_TOKENS tokens after a forward over them (batch 1), less
+    MELT's open-chunk side buffer, which is per sequence (measured_side_buffer_bytes)."""
     cache = model.new_cache(loops, capacity=KV_PROBE_TOKENS)
     ids = torch.full((1, KV_PROBE_TOKENS), model.config.eos_token_id or 0, device=model.device)
     with torch.no_grad():
         model(ids, past_key_values=cache, loops=loops, logits_to_keep=1)
-    return cache.nbytes() // KV_PROBE_TOKENS
+    return (cache.nbytes() - cache.side_nbytes()) // KV_PROBE_TOKENS
+
+
+def measured_side_buffer_bytes(model, loops: int) -> int:
+    """Bytes of the open-chunk side buffer one sequence holds at `loops` loops, at full size (a
+    cache of one chunk's capacity, allocated; 0 where decoded tokens read final rows)."""
+    chunk = model.model.policy.open_chunk
+    return 0 if chunk is None else model.new_cache(loops, capacity=chunk, batch_size=1).side_nbytes()
+
+
+def gather_from_ranks(value):
+    """Under accelerate launch: every rank's `value`, in rank order (all ranks must call this);
+    None in a single process."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def responses_hash(results: dict, task: str) -> str:
+    """SHA-256 of every scored document's id and filtered responses, in document order: equal
+    hashes mean the same documents got the same answers (one process or several)."""
+    samples = sorted(((s["doc_id"], s["filter"], s["filtered_resps"]) for s in results["samples"][task]),
+                     key=lambda item: (item[0], item[1]))
+    return hashlib.sha256(json.dumps(samples, default=str).encode()).hexdigest()
 
 
 def _evaluate(lm, point: AccuracyPoint, task_manager, simple_evaluate, meta: dict) -> list[ResultRow]:
@@ -170,15 +201,15 @@ def _evaluate(lm, point: AccuracyPoint, task_manager, simple_evaluate, meta: dic
     if allocator is not None:
         allocator.start()
     started = time.perf_counter()
+    results = None
     try:
+        # samples logged: their responses' hash says which answers produced the score
         results = simple_evaluate(
             model=lm, tasks=[point.task], num_fewshot=point.num_fewshot, limit=point.limit,
-            task_manager=task_manager, log_samples=False,
+            task_manager=task_manager, log_samples=True,
             gen_kwargs=f"max_gen_toks={point.max_gen_toks}" if point.max_gen_toks else None,
         )
-        if results is None:  # a non-zero rank under accelerate launch: rank 0 writes the rows
-            return []
-        scores, status, error = metric_rows(results, point.task), "ok", None
+        scores, status, error = (metric_rows(results, point.task) if results else []), "ok", None
     except Exception as exc:
         scores, status, error = [], classify_failure(exc), f"{type(exc).__name__}: {exc}"[:2000]
     wall = time.perf_counter() - started
@@ -189,12 +220,24 @@ def _evaluate(lm, point: AccuracyPoint, task_manager, simple_evaluate, meta: dic
         memory["cuda_max_allocated_bytes"] = allocator.result().max_allocated_bytes
     memory["peak_bytes"] = memory.get("cuda_max_allocated_bytes", memory["rss_peak_above_baseline_bytes"])
     memory["peak_source"] = "torch.cuda.max_memory_allocated" if allocator else "process RSS above baseline (in-process)"
+    per_rank = gather_from_ranks(memory["peak_bytes"])  # every rank takes part; rank 0 keeps the list
+    if results is None and status == "ok":  # a non-zero rank under accelerate launch: rank 0 writes the rows
+        return []
+    if per_rank is not None:
+        memory.update(peak_bytes_per_rank=per_rank, peak_bytes=max(per_rank), ranks=len(per_rank),
+                      peak_source=memory["peak_source"] + ", the largest of the ranks")
+    if status == "ok":
+        memory["responses_sha256"] = responses_hash(results, point.task)
     if status != "ok":
         return [ResultRow("accuracy", point.point_id, point.to_dict(), status, error, memory, meta, wall)]
     kv = {"kv_bytes_per_token": measured_kv_bytes_per_token(lm.model, point.loops),
+          "kv_side_buffer_bytes_per_sequence": measured_side_buffer_bytes(lm.model, point.loops),
           "kv_source": f"LoopedKVCache.nbytes() / {KV_PROBE_TOKENS} after a {KV_PROBE_TOKENS}-token forward",
           "exited_early_fraction": lm.exited_early_fraction, "exit_tokens": lm.exit_counts[1],
-          "kv_policy": lm.model.model.policy.name}
+          # log-likelihood requests and how their continuations were scored (none: the task generates)
+          "loglikelihood_requests": lm.loglikelihood_requests,
+          "continuation_scored_as": point.score_continuation_as if lm.loglikelihood_requests else None,
+          **kv_metrics(lm.model)}
     return [
         ResultRow("accuracy", point.point_id, {**point.to_dict(), "metric": metric, "filter": filter_name}, "ok", None,
                   {"value": value, "stderr": stderr, "n_samples": n, "eval_s": wall, **memory, **kv}, meta, wall)

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from melt_bench.models import count_parameters, get_preset, kv_bytes_per_token
+from melt_bench.models.kv_policy import kv_side_buffer_bytes
 
 from .units import parse_dtype
 
@@ -94,12 +95,16 @@ def find_max_batch(probe: Callable[[int], Probe], start: int, limit: int = 4096)
 
 
 def analytic_start(model: str, loops: int, tokens: int, dtype: str, budget_bytes: int,
-                   kv_policy: str | None = None) -> int:
+                   kv_policy: str | None = None, decode_reads: str | None = None) -> int:
     """Where the search starts: the batch whose weights + KV cache alone fill the budget."""
     preset = get_preset(model)
     torch_dtype = parse_dtype(dtype)
     weights = count_parameters(preset) * torch.empty((), dtype=torch_dtype).element_size()
-    per_sequence = kv_bytes_per_token(preset.config(), loops, torch_dtype, kv_policy) * tokens
+    config = preset.config()
+    if decode_reads is not None:
+        config.decode_reads = decode_reads
+    per_sequence = (kv_bytes_per_token(config, loops, torch_dtype, kv_policy) * tokens
+                    + kv_side_buffer_bytes(config, loops, torch_dtype, tokens))
     return max(1, (budget_bytes - weights) // max(per_sequence, 1))
 
 
@@ -110,22 +115,25 @@ def probe_fits(row: dict, budget_bytes: int) -> Probe:
     return Probe(row["batch_size"], fits, row["status"], peak)
 
 
-def search_capacity(point, budget_bytes: int, timeout_s: float, limit: int = 4096) -> dict:
-    """Run the search for one (model, loops, seq_len) point; returns the row's status/metrics."""
+def search_capacity(point, budget_bytes: int, timeout_s: float, limit: int = 4096, gpu: str | None = None) -> dict:
+    """Run the search for one (model, loops, seq_len) point; returns the row's status/metrics.
+    Every probe runs in a fresh child (pinned to `gpu` when given: --gpus, Ray)."""
     from dataclasses import asdict, replace
 
+    from .executors import run_pinned
     from .launcher import run_in_child
     from .measure_memory import measure_memory_point
 
     def probe(batch: int) -> Probe:
         memory_point = replace(point, command="memory", batch_size=batch, memory_budget_bytes=None)
-        outcome = run_in_child(measure_memory_point, (memory_point, 10.0, None, budget_bytes), timeout_s)
+        outcome = run_in_child(run_pinned, (gpu, measure_memory_point, memory_point, 10.0, None, budget_bytes),
+                               timeout_s)
         if outcome.status != "ok":
             return Probe(batch, False, "timeout" if outcome.status == "timeout" else "error", None)
         return probe_fits({**outcome.value, "batch_size": batch}, budget_bytes)
 
     start = analytic_start(point.model, point.loops, point.seq_len + point.new_tokens, point.dtype, budget_bytes,
-                           point.kv_policy)
+                           point.kv_policy, point.decode_reads)
     result = find_max_batch(probe, start, limit)
     failed = [p for p in result.probes if p.status not in ("ok", "oom")]
     status = "error" if failed and result.max_batch == 0 else "ok"

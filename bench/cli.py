@@ -190,6 +190,17 @@ _REPORT = typer.Option(False, "--report", help="write an HTML report of the resu
 _KV_POLICY = typer.Option(None, "--kv-policy", help="training-free KV policies for Ouro-family models: "
                           "per-loop,last-loop,mean,first-loop,modulo:N,first-then-shared:S (default: each "
                           "model's own; MELT keeps its gated policy)")
+_GPUS = typer.Option(None, "--gpus", help="run up to one point per GPU at a time, each in a child pinned to its "
+                     "GPU: 0,1,2,3 or all (CUDA sweeps; default: one point at a time)")
+_EXECUTOR = typer.Option("local", "--executor", help="local (this machine) | ray (Ray tasks across a cluster; "
+                         'pip install "melt-bench[ray]")')
+_RAY_ADDRESS = typer.Option(None, "--ray-address", help="--executor ray: the cluster to join (default: "
+                            "RAY_ADDRESS, else a local Ray instance)")
+_ALLOW_BUSY = typer.Option(False, "--allow-busy-gpus", help="run on GPUs where other processes run (warned; "
+                           "their memory and time mix with the points')")
+_DECODE_READS = typer.Option(None, "--decode-reads", help="MELT models: final (decoded tokens read earlier tokens' "
+                             "final rows) | chunk (they continue the prompt's chunk grid, the open chunk's rows "
+                             "kept per loop in a side buffer); a comma list is an axis (default: the config's)")
 _PREFILL_CHUNK = typer.Option(None, "--prefill-chunk", help="Ouro-family models: prefill in chunks of N tokens "
                               "(exact; default one chunk). MELT always chunks by its config's chunk_size")
 
@@ -214,9 +225,14 @@ def memory(
     nvml_interval_ms: float = typer.Option(10.0, "--nvml-interval-ms", help="NVML sampling interval"),
     prefill_chunk: Optional[int] = _PREFILL_CHUNK,
     kv_policy: Optional[str] = _KV_POLICY,
+    decode_reads: Optional[str] = _DECODE_READS,
     dry_run: bool = _DRY_RUN,
     progress: bool = _PROGRESS,
     report: bool = _REPORT,
+    gpus: Optional[str] = _GPUS,
+    executor: str = _EXECUTOR,
+    ray_address: Optional[str] = _RAY_ADDRESS,
+    allow_busy_gpus: bool = _ALLOW_BUSY,
 ) -> None:
     """Peak memory across loops x sequence lengths x batch sizes x models, every source measured."""
     from .measure_memory import measure_memory_point
@@ -226,13 +242,15 @@ def memory(
         raise UserError(f"--nvml-interval-ms: {nvml_interval_ms:g} must be positive")
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase=phase,
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, repeats=repeats,
-                 point_timeout=point_timeout, kv_policy=kv_policy)
+                 point_timeout=point_timeout, kv_policy=kv_policy, decode_reads=decode_reads)
     resolved = _resolve("memory", flags, suite)
     resolved.spec.point_options = dict(prefill_chunk=_check_prefill_chunk(prefill_chunk))
     points = resolved.spec.points()
-    if not _dry_run(points, dry_run):
+    placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
+    if not _dry_run(points, dry_run, out, placement):
         runner = in_child(measure_memory_point, (nvml_interval_ms,), resolved.point_timeout)
-        _run_sweep_command("memory", points, runner, out, resume, retry_failed, progress, report)
+        _run_sweep_command("memory", points, runner, out, resume, retry_failed, progress, report,
+                           _executor(placement, resolved.spec.device))
 
 
 @app.command()
@@ -252,6 +270,7 @@ def latency(
                                       "at full size (default: a growing cache; eager and compiled always do)"),
     prefill_chunk: Optional[int] = _PREFILL_CHUNK,
     kv_policy: Optional[str] = _KV_POLICY,
+    decode_reads: Optional[str] = _DECODE_READS,
     dtype: Optional[str] = _DTYPE,
     device: Optional[str] = _DEVICE,
     weights: Optional[str] = _WEIGHTS,
@@ -263,6 +282,10 @@ def latency(
     dry_run: bool = _DRY_RUN,
     progress: bool = _PROGRESS,
     report: bool = _REPORT,
+    gpus: Optional[str] = _GPUS,
+    executor: str = _EXECUTOR,
+    ray_address: Optional[str] = _RAY_ADDRESS,
+    allow_busy_gpus: bool = _ALLOW_BUSY,
 ) -> None:
     """Prefill (time to first token), per-token decode latency and tokens/s across loops."""
     from .measure_latency import ENGINES, measure_latency_point
@@ -276,15 +299,17 @@ def latency(
         raise UserError("--static-cache applies to --engine forward (eager and compiled always preallocate)")
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase="decode",
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
-                 kv_policy=kv_policy)
+                 kv_policy=kv_policy, decode_reads=decode_reads)
     resolved = _resolve("latency", flags, suite)
     resolved.spec.point_options = dict(warmup=warmup, timed_runs=repeats, early_exit=_parse_early_exit(early_exit),
                                        engine=engine, static_cache=static_cache,
                                        prefill_chunk=_check_prefill_chunk(prefill_chunk))
     points = resolved.spec.points()
-    if not _dry_run(points, dry_run):
+    placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
+    if not _dry_run(points, dry_run, out, placement):
         runner = in_child(measure_latency_point, (), resolved.point_timeout)
-        _run_sweep_command("latency", points, runner, out, resume, retry_failed, progress, report)
+        _run_sweep_command("latency", points, runner, out, resume, retry_failed, progress, report,
+                           _executor(placement, resolved.spec.device))
 
 
 @app.command()
@@ -297,6 +322,7 @@ def capacity(
     max_batch: int = typer.Option(4096, "--max-batch", help="largest batch the search tries"),
     prefill_chunk: Optional[int] = _PREFILL_CHUNK,
     kv_policy: Optional[str] = _KV_POLICY,
+    decode_reads: Optional[str] = _DECODE_READS,
     dtype: Optional[str] = _DTYPE,
     device: Optional[str] = _DEVICE,
     weights: Optional[str] = _WEIGHTS,
@@ -308,6 +334,10 @@ def capacity(
     dry_run: bool = _DRY_RUN,
     progress: bool = _PROGRESS,
     report: bool = _REPORT,
+    gpus: Optional[str] = _GPUS,
+    executor: str = _EXECUTOR,
+    ray_address: Optional[str] = _RAY_ADDRESS,
+    allow_busy_gpus: bool = _ALLOW_BUSY,
 ) -> None:
     """The largest batch that decodes N new tokens within a memory budget, searched by real runs."""
     from .capacity import search_capacity
@@ -317,19 +347,23 @@ def capacity(
         raise UserError(f"--max-batch: {max_batch} must be at least 1")
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes="1", phase="decode",
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
-                 kv_policy=kv_policy)
+                 kv_policy=kv_policy, decode_reads=decode_reads)
     resolved = _resolve("capacity", flags, suite)
     budget_bytes = _parse_budget(budget, resolved.spec.device)
     resolved.spec.point_options = dict(batch_size=0, memory_budget_bytes=budget_bytes,
                                        prefill_chunk=_check_prefill_chunk(prefill_chunk))
     points = resolved.spec.points()
-    if not _dry_run(points, dry_run):
-        def runner(point):
+    placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
+    if not _dry_run(points, dry_run, out, placement):
+        timeout_s = resolved.point_timeout
+
+        def runner(point, gpu=None):
             started = time.monotonic()
-            value = search_capacity(point, budget_bytes, resolved.point_timeout, max_batch)
+            value = search_capacity(point, budget_bytes, timeout_s, max_batch, gpu)
             return ChildOutcome("ok", value=value, wall_s=time.monotonic() - started)
 
-        _run_sweep_command("capacity", points, runner, out, resume, retry_failed, progress, report)
+        _run_sweep_command("capacity", points, runner, out, resume, retry_failed, progress, report,
+                           _executor(placement, resolved.spec.device))
 
 
 @app.command()
@@ -347,6 +381,11 @@ def accuracy(
     exit_mode: str = typer.Option("last", "--exit-mode", help="last | step:K | threshold:P | expected | official "
                                   "(the released Ouro code's default rule, in the model's dtype)"),
     kv_policy: Optional[str] = _KV_POLICY,
+    decode_reads: Optional[str] = _DECODE_READS,
+    score_continuation_as: str = typer.Option(
+        "chunk", "--score-continuation-as", help="log-likelihood tasks: chunk (context + continuation in one "
+        "forward: for MELT the continuation reads its chunk's same-loop rows) | decode (each continuation token as "
+        "generation computes it); equal for Ouro-family models"),
     dtype: Optional[str] = _DTYPE,
     device: Optional[str] = _DEVICE,
     out: Optional[Path] = _OUT,
@@ -362,7 +401,8 @@ def accuracy(
 
     flags = dict(tasks=tasks, loops=loops, models=models, weights=weights, num_fewshot=num_fewshot, limit=limit,
                  batch_size=batch_size, max_gen_toks=max_gen_toks, data_dir=data_dir, exit_mode=exit_mode,
-                 dtype=dtype, device=device, kv_policy=kv_policy)
+                 dtype=dtype, device=device, kv_policy=kv_policy, decode_reads=decode_reads,
+                 score_continuation_as=score_continuation_as)
     with tempfile.TemporaryDirectory() as scratch:
         try:
             points, notices = resolve_accuracy(flags)
@@ -453,6 +493,14 @@ def convert(
     decode_chunks: bool = typer.Option(
         False, "--decode-chunks", help="train every target token as a chunk of its own, as MELT decodes; "
         "memory grows with answer length squared (default: the paper's fixed chunks)"),
+    pack_to: Optional[int] = typer.Option(
+        None, "--pack-to", help="pack examples into sequences of N tokens, EOS between them, attending across "
+        "(paper: 10,000-token sequences; default: one example per row, --seq-len)"),
+    tokens_per_step: Optional[int] = typer.Option(
+        None, "--tokens-per-step", help="accumulate gradients over micro-batches of --batch-size rows up to N "
+        "token positions per step (paper: 320,000; default: one micro-batch)"),
+    gate: str = typer.Option("elementwise", "--gate", help="MELT's gate: elementwise (the paper's) | scalar | mean "
+                             "| ema | last (the paper's ablation)"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt"),
     progress: bool = _PROGRESS,
 ) -> None:
@@ -464,11 +512,18 @@ def convert(
 
     for name, value, least in (("--chunk-size", chunk_size, 1), ("--transition-steps", transition_steps, 0),
                                ("--distill-steps", distill_steps, 0), ("--batch-size", batch_size, 1),
-                               ("--seq-len", seq_len, 2), ("--checkpoint-every", checkpoint_every, 1)):
-        if value < least:
+                               ("--seq-len", seq_len, 2), ("--checkpoint-every", checkpoint_every, 1),
+                               ("--pack-to", pack_to, 2), ("--tokens-per-step", tokens_per_step, 1)):
+        if value is not None and value < least:
             raise UserError(f"{name}: {value} must be at least {least}")
     if transition_steps + distill_steps == 0 or lr_base < 0 or lr_gate < 0:
         raise UserError("--transition-steps + --distill-steps must be positive and learning rates non-negative")
+    if pack_to is not None and decode_chunks:
+        raise UserError("--pack-to and --decode-chunks do not combine: packed sequences are chunked by --chunk-size")
+    from melt_bench.models.configs import GATES
+
+    if gate not in GATES:
+        raise UserError(f"--gate: {gate!r} is not one of {', '.join(GATES)}")
     if (out / CHECKPOINT).exists() and not resume:
         raise UserError(f"--out {out} holds a checkpoint: pass --resume to continue it, or choose another directory")
     if not Path(data).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", data):
@@ -490,7 +545,8 @@ def convert(
                            transition_steps=transition_steps, distill_steps=distill_steps, lr_base=lr_base,
                            lr_gate=lr_gate, batch_size=batch_size, seq_len=seq_len, loops=loops,
                            device=resolved_device, dtype=dtype, checkpoint_every=checkpoint_every, seed=seed,
-                           gradient_checkpointing=gradient_checkpointing, decode_chunks=decode_chunks)
+                           gradient_checkpointing=gradient_checkpointing, decode_chunks=decode_chunks,
+                           pack_to=pack_to, tokens_per_step=tokens_per_step, gate=gate)
     try:
         final = run_convert(config, resume=resume, progress=progress)
     except ValueError as exc:  # malformed data, or a resumption with other settings
@@ -559,11 +615,16 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def _dry_run(points, dry_run: bool) -> bool:
+def _dry_run(points, dry_run: bool, out: Path | None = None, placement: dict | None = None) -> bool:
+    """--dry-run: list the points, then how many there are and, timed from the rows already in
+    --out, about how long the pending ones take on the chosen workers."""
     if dry_run:
+        from .sweep_estimate import estimate_wall_time, planned_workers
+
         for point in points:
             print(json.dumps({"point_id": point.point_id, **point.to_dict()}))
         console.print(_count(len(points), "point"))
+        console.print(estimate_wall_time(points, out, planned_workers(placement or {})))
     return dry_run
 
 
@@ -615,11 +676,24 @@ def _print_tables(kind: str, store, planned: set[str]) -> None:
         console.print(table)
 
 
-def _run_sweep_command(kind, points, runner, out, resume, retry_failed, progress, report=False) -> None:
+def _executor(placement: dict, device: str):
+    """The executor of --gpus / --executor / --ray-address (executors.py); one line on a bad one."""
+    from .executors import ExecutorError, make_executor
+
+    try:
+        return make_executor(placement["gpus"], placement["executor"], placement["ray_address"],
+                             placement["allow_busy_gpus"], device,
+                             warn=lambda line: print(f"melt-bench: warning: {line}", file=sys.stderr))
+    except ExecutorError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def _run_sweep_command(kind, points, runner, out, resume, retry_failed, progress, report=False,
+                       executor=None) -> None:
     from .sweep import run_sweep
 
     store, meta = _open_store(kind, out, resume)
-    status = run_sweep(kind, points, store, runner, meta, retry_failed, show_progress=progress)
+    status = run_sweep(kind, points, store, runner, meta, retry_failed, show_progress=progress, executor=executor)
     _print_tables(kind, store, {point.point_id for point in points})
     console.print(f"{_count(status.ran, 'point')} run, {status.skipped} already recorded; results in {store.path}")
     if report:

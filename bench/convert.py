@@ -25,6 +25,24 @@ Choices of ours:
   chunks peak at 34 GiB at batch 4; both with gradient checkpointing).
 - `gradient_checkpointing` recomputes each layer's MLP block in backward (about a quarter less
   peak memory for Ouro-1.4B-sized models; attention is not recomputed, as it writes cache rows).
+- `pack_to` packs examples into sequences of that many tokens, so a step crosses many chunk
+  boundaries (the paper trains on 10,000-token sequences, about 20 chunks of 500): examples are
+  joined with one EOS token between them and attend across the boundary (GPT-style packing: a
+  later example's chunk reads the earlier ones' final rows, as a long document's would); an
+  example that does not fit in what is left of a sequence starts the next one (never split, so
+  its answer keeps its target mask); the rest of a sequence is EOS padding, not learned.
+- `tokens_per_step` accumulates gradients over micro-batches of `batch_size` rows until a step
+  has seen that many token positions (the paper: 320,000): ceil(tokens_per_step / (batch_size x
+  sequence width)) micro-batches, each a pure function of (seed, step, micro-batch).
+- `gate` picks MELT's gate or one of the paper's ablation variants (kv_policy.py).
+- Data parallel (`accelerate launch -m melt_bench convert ...` on GPUs; `ACCELERATE_USE_CPU=true
+  torchrun --nproc_per_node N -m melt_bench convert ...` on CPUs, gloo): a step's micro-batches
+  (their count rounded up to a multiple of the ranks) are dealt round-robin to the ranks, each
+  loss divided by the step's micro-batch count, and the gradients summed across ranks with one
+  all-reduce: the arithmetic of one process accumulating all of them, whatever the number of
+  ranks (the batches are a function of (seed, step, micro-batch), not of the rank). Every rank
+  holds the whole model and optimiser (DDP's layout; sharding them, FSDP, is not implemented);
+  rank 0 alone writes the log, the checkpoints and the model, and any number of ranks resumes.
 
 Resumable: a checkpoint (model, optimiser, step, RNG states) is written atomically every
 `checkpoint_every` steps; batches are a pure function of (seed, step), so a resumed run sees
@@ -37,7 +55,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -72,6 +90,9 @@ class ConvertConfig:
     attention_weight: float = ATTENTION_WEIGHT
     gradient_checkpointing: bool = False  # recompute each layer's MLP block in backward
     decode_chunks: bool = False  # targets one token per chunk, as MELT decodes (see batch_for_step)
+    pack_to: int | None = None  # pack examples into sequences of this many tokens (see pack_rows)
+    tokens_per_step: int | None = None  # gradient accumulation up to this many token positions per step
+    gate: str = "elementwise"  # MeltConfig.gate: elementwise | scalar | mean | ema | last
 
 
 @dataclass(frozen=True)
@@ -125,7 +146,78 @@ class Batch:
         return {"attention_mask": self.tokens if self.left_padded else None, "chunk_starts": self.chunk_starts}
 
 
-def batch_for_step(tokenizer, texts: list[TrainingText], config: ConvertConfig, step: int) -> Batch:
+Row = tuple[list[int], list[int]]  # one tokenized example: (prompt ids, target ids)
+
+
+def pack_rows(rows: list[Row], pack_to: int) -> list[list[Row]]:
+    """Rows in order, packed greedily into sequences of at most `pack_to` tokens, one separator
+    token between neighbours: a row that does not fit in what is left starts the next sequence,
+    so no row is split or dropped (a row longer than `pack_to` must be cut before)."""
+    packed: list[list[Row]] = []
+    used = pack_to + 1  # nothing open yet
+    for prompt, target in rows:
+        size = len(prompt) + len(target)
+        if size > pack_to:
+            raise ValueError(f"a row of {size} tokens cannot be packed into {pack_to}")
+        if used + 1 + size > pack_to:
+            packed.append([])
+            used = -1  # the first row needs no separator
+        packed[-1].append((prompt, target))
+        used += 1 + size
+    return packed
+
+
+def _fit(tokenizer, text: TrainingText, limit: int) -> Row:
+    """Tokenize; a row longer than `limit` loses the start of its prompt, then the end of its target."""
+    target = tokenizer(text.target).input_ids[:limit]
+    prompt = tokenizer(text.prompt).input_ids if text.prompt else []
+    return prompt[max(0, len(prompt) + len(target) - limit):], target
+
+
+def _rng(config: ConvertConfig, step: int, micro: int) -> random.Random:
+    # micro-batch 0 keeps the seeding of runs without accumulation
+    return random.Random(config.seed * 1_000_003 + step + micro * 1_000_000_007)
+
+
+def packed_batch(tokenizer, texts: list[TrainingText], config: ConvertConfig, step: int, micro: int = 0) -> Batch:
+    """`batch_size` sequences of exactly `pack_to` tokens, filled with examples drawn as
+    batch_for_step draws them (the draw that would open one sequence too many is not used)."""
+    rng, pad = _rng(config, step, micro), tokenizer.eos_token_id or 0
+    width = config.pack_to
+    batch = Batch(torch.full((config.batch_size, width), pad), torch.zeros(config.batch_size, width, dtype=torch.bool),
+                  torch.zeros(config.batch_size, width, dtype=torch.bool))
+    rows: list[Row] = []
+    while True:
+        row = _fit(tokenizer, texts[rng.randrange(len(texts))], width)
+        if len(pack_rows([*rows, row], width)) > config.batch_size:
+            break
+        rows.append(row)
+    for i, sequence in enumerate(pack_rows(rows, width)):
+        at = 0
+        for prompt, target in sequence:
+            if at:  # the separator: a real token, not a target
+                batch.tokens[i, at] = True
+                at += 1
+            ids = prompt + target
+            batch.ids[i, at:at + len(ids)] = torch.tensor(ids)
+            batch.tokens[i, at:at + len(ids)] = True
+            # position j predicts token j + 1: learned when j + 1 is a target token
+            batch.targets[i, max(at + len(prompt), 1) - 1:at + len(ids) - 1] = True
+            at += len(ids)
+    return batch
+
+
+def micro_batches(config: ConvertConfig, ranks: int = 1) -> int:
+    """Micro-batches per optimiser step: enough for `tokens_per_step` token positions, rounded up
+    to a multiple of the data-parallel ranks (every rank runs as many)."""
+    count = 1
+    if config.tokens_per_step is not None:
+        per_micro = config.batch_size * (config.pack_to or config.seq_len)
+        count = max(1, -(-config.tokens_per_step // per_micro))
+    return -(-count // ranks) * ranks
+
+
+def batch_for_step(tokenizer, texts: list[TrainingText], config: ConvertConfig, step: int, micro: int = 0) -> Batch:
     """The step's batch: a pure function of (seed, step), padded with EOS. A row longer than
     `seq_len` loses the start of its prompt, then the end of its target.
 
@@ -134,15 +226,13 @@ def batch_for_step(tokenizer, texts: list[TrainingText], config: ConvertConfig, 
     chunk_size and every column from P on is a chunk of its own, which is how MELT runs at
     inference (the prompt prefilled in chunks, then one token per decoding step), so targets are
     learned in the regime they will be generated in. (Prefill chunks count from column 0, pads
-    included: the same split as inference when a prompt fits in one chunk.)"""
-    rng = random.Random(config.seed * 1_000_003 + step)
+    included: the same split as inference when a prompt fits in one chunk.) With `pack_to`, the
+    batch is packed_batch's."""
+    if config.pack_to:
+        return packed_batch(tokenizer, texts, config, step, micro)
+    rng = _rng(config, step, micro)
     chosen = [texts[rng.randrange(len(texts))] for _ in range(config.batch_size)]
-    rows = []
-    for text in chosen:
-        target = tokenizer(text.target).input_ids[: config.seq_len]
-        prompt = tokenizer(text.prompt).input_ids if text.prompt else []
-        prompt = prompt[max(0, len(prompt) + len(target) - config.seq_len):]  # too long: keep its end
-        rows.append((prompt, target))
+    rows = [_fit(tokenizer, text, config.seq_len) for text in chosen]
     pad = tokenizer.eos_token_id or 0
     lead = max(len(p) for p, _ in rows) if config.decode_chunks else 0  # common target column
     width = max(lead + len(t) if config.decode_chunks else len(p) + len(t) for p, t in rows)
@@ -187,6 +277,8 @@ RESUMABLE_CHANGES = {"out", "device", "checkpoint_every", "gradient_checkpointin
 
 
 def _check_same_run(saved: dict, config: ConvertConfig) -> None:
+    # a checkpoint written before a setting existed ran it at its default
+    saved = {**asdict(ConvertConfig(source="", out="", data="")), **saved}
     changed = [f"{key}={saved.get(key)!r} -> {value!r}" for key, value in asdict(config).items()
                if key not in RESUMABLE_CHANGES and saved.get(key) != value]
     if changed:
@@ -203,6 +295,55 @@ def _truncate_log(path: Path, step: int) -> None:
             path.write_text("".join(kept), encoding="utf-8")
 
 
+def train_step(melt, teacher, tokenizer, texts: list[TrainingText], config: ConvertConfig, step: int,
+               loops: int, rank: int = 0, ranks: int = 1) -> dict:
+    """Forward and backward over this rank's share of the step's micro-batches (gradients summed,
+    each loss divided by the step's micro-batch count), then the gradients summed across ranks;
+    returns the log line's losses, averaged over all micro-batches, and the token positions seen."""
+    count, logged, tokens = micro_batches(config, ranks), [], 0
+    for micro in range(rank, count, ranks):
+        batch = batch_for_step(tokenizer, texts, config, step, micro).to(config.device)
+        if step < config.transition_steps:
+            alpha = transition_alpha(step, config.transition_steps)
+            loss = lm_loss(transition_logits(melt, batch.ids, alpha, loops, **batch.forward_kwargs()), batch)
+            parts = {"phase": 1, "alpha": alpha, "loss": float(loss.detach())}
+        else:
+            loss, parts = distillation_loss(melt, teacher, batch.ids, loops, config.attention_weight,
+                                            kd_mask=batch.targets, token_mask=batch.tokens, **batch.forward_kwargs())
+            parts = {"phase": 2, **parts}
+        (loss / count).backward()
+        logged.append(parts)
+        tokens += batch.ids.numel()
+    summed = {key: sum(p[key] for p in logged) for key in logged[0] if key not in ("phase", "alpha")}
+    if ranks > 1:
+        sum_across_ranks(melt, summed, tokens)
+        tokens = summed.pop("tokens")
+    merged = {**{key: logged[0][key] for key in ("phase", "alpha") if key in logged[0]},
+              **{key: value / count for key, value in summed.items()}}
+    if count > 1:
+        merged.update(micro_batches=count, tokens=tokens)
+    if ranks > 1:
+        merged["ranks"] = ranks
+    return merged
+
+
+def sum_across_ranks(model, summed: dict, tokens: int) -> None:
+    """One all-reduce (sum) of every gradient, flattened into one buffer as DDP's buckets are, and
+    one of the logged sums and token count (`summed` gets `tokens`); every rank calls it alike."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(reduced)
+    keys = sorted(summed)
+    totals = torch.tensor([float(summed[key]) for key in keys] + [float(tokens)], dtype=torch.float64)
+    dist.all_reduce(totals)
+    summed.update({key: float(value) for key, value in zip(keys, totals[:-1])}, tokens=int(totals[-1]))
+
+
 def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> Path:
     """Train; returns the directory holding the final `save_pretrained` MELT model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -210,6 +351,9 @@ def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | N
     from .accuracy import load_tokenizer
     from .units import parse_dtype
 
+    rank, ranks = _process_group(config)
+    if ranks > 1 and torch.device(config.device).type == "cuda":
+        config = replace(config, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -220,7 +364,7 @@ def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | N
     teacher.requires_grad_(False)
     tokenizer = load_tokenizer(None if is_preset else config.source, None)
     texts = load_texts(config.data)
-    melt = MeltForCausalLM.from_ouro(teacher, chunk_size=config.chunk_size).train()
+    melt = MeltForCausalLM.from_ouro(teacher, chunk_size=config.chunk_size, gate=config.gate).train()
     if config.gradient_checkpointing:
         melt.checkpoint_mlp_blocks()
     optimizer = _optimizer(melt, config)
@@ -239,39 +383,47 @@ def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | N
     columns = (TextColumn("[bold]convert"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[losses]}"))
     cuda = torch.device(config.device).type == "cuda"
-    with Progress(*columns, disable=not progress) as bar, open(out / LOG, "a", encoding="utf-8") as log:
+    with Progress(*columns, disable=not progress or rank != 0) as bar, open(out / LOG, "a", encoding="utf-8") as log:
         task = bar.add_task("convert", total=total, completed=step, losses="")
         while step < total and (stop_after is None or step < stop_after):
             if cuda:
                 torch.cuda.reset_peak_memory_stats(config.device)
             started = time.perf_counter()
-            batch = batch_for_step(tokenizer, texts, config, step).to(config.device)
-            if step < config.transition_steps:
-                alpha = transition_alpha(step, config.transition_steps)
-                loss = lm_loss(transition_logits(melt, batch.ids, alpha, loops, **batch.forward_kwargs()), batch)
-                parts = {"phase": 1, "alpha": alpha, "loss": float(loss.detach())}
-            else:
-                loss, parts = distillation_loss(melt, teacher, batch.ids, loops, config.attention_weight,
-                                                kd_mask=batch.targets, token_mask=batch.tokens,
-                                                **batch.forward_kwargs())
-                parts = {"phase": 2, **parts}
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            parts = train_step(melt, teacher, tokenizer, texts, config, step, loops, rank, ranks)
             optimizer.step()
             if cuda:
                 torch.cuda.synchronize(config.device)
                 parts["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(config.device)
             parts["step_s"] = time.perf_counter() - started
             step += 1
-            log.write(json.dumps({"step": step, **parts}) + "\n")
-            log.flush()
-            if step % config.checkpoint_every == 0 or step == total:
-                _save_checkpoint(out, melt, optimizer, step, config)
+            if rank == 0:  # one writer: the log, the checkpoints, the model
+                log.write(json.dumps({"step": step, **parts}) + "\n")
+                log.flush()
+                if step % config.checkpoint_every == 0 or step == total:
+                    _save_checkpoint(out, melt, optimizer, step, config)
             shown = {k: v for k, v in parts.items() if k in ("alpha", "loss", "kd", "attention_mse")}
             bar.update(task, completed=step, losses=" ".join(f"{k}={v:.4g}" for k, v in shown.items()))
     if step >= total:
         final = out / "model"
-        melt.save_pretrained(final)
-        tokenizer.save_pretrained(final)
+        if rank == 0:
+            melt.save_pretrained(final)
+            tokenizer.save_pretrained(final)
         return final
     return out
+
+
+def _process_group(config: ConvertConfig) -> tuple[int, int]:
+    """(rank, ranks): under accelerate launch / torchrun, accelerate's PartialState joins the
+    process group (NCCL on GPUs, gloo on CPUs); (0, 1) in a single process."""
+    from .lm_eval_adapter import distributed_rank
+
+    _, world = distributed_rank()
+    if world == 1:
+        return 0, 1
+    from accelerate import PartialState
+
+    state = PartialState(cpu=torch.device(config.device).type == "cpu")  # CPU: gloo
+    if state.num_processes != world:
+        raise ValueError(f"{world} processes were launched but accelerate joined {state.num_processes}")
+    return state.process_index, state.num_processes

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 _PRELOAD = ["torch", "melt_bench.models", "melt_bench.measure_memory"]
 _context = None
+_live: set = set()  # children running now (several at once under --gpus)
+_live_lock = threading.Lock()
 
 
 def child_context():
@@ -61,6 +64,8 @@ def run_in_child(target: Callable, args: tuple, timeout_s: float | None) -> Chil
     proc = ctx.Process(target=_child_main, args=(sender, target, args), daemon=True)
     started = time.monotonic()
     proc.start()
+    with _live_lock:
+        _live.add(proc)
     sender.close()
     try:
         try:
@@ -81,6 +86,8 @@ def run_in_child(target: Callable, args: tuple, timeout_s: float | None) -> Chil
                                 killed_by=killed_by)
     finally:
         receiver.close()
+        with _live_lock:
+            _live.discard(proc)
     proc.join(timeout=30)
     if proc.is_alive():
         _kill(proc)
@@ -88,6 +95,15 @@ def run_in_child(target: Callable, args: tuple, timeout_s: float | None) -> Chil
     if kind == "raised":
         return ChildOutcome("crashed", error=value, wall_s=wall)
     return ChildOutcome("ok", value=value, wall_s=wall)
+
+
+def kill_children() -> None:
+    """End every child still running (an interrupted multi-GPU sweep); their points report crashed."""
+    with _live_lock:
+        running = list(_live)
+    for proc in running:
+        if proc.is_alive():
+            proc.kill()
 
 
 def _kill(proc) -> None:

@@ -14,6 +14,12 @@ from lm_eval.models.huggingface import HFLM
 from .jsonl import iter_jsonl
 
 EXIT_MODES = ("last", "step:K", "threshold:P", "expected", "official")
+# How a log-likelihood request's continuation is scored: "chunk" in one forward over context +
+# continuation (for MELT: the continuation sits in the context's last chunk, reading its same-loop
+# rows), "decode" token by token as generation would compute it (each continuation token a chunk
+# of its own after the context's chunks, unless MELT's decode_reads="chunk" continues the grid).
+# For Ouro-family models the two are equal (a per-token cache is exact).
+CONTINUATION_SCORING = ("chunk", "decode")
 
 
 def exit_kwargs(mode: str) -> dict:
@@ -49,10 +55,15 @@ class LoopedHFLM(HFLM):
     its own GPU; HFLM does not wire that up for a model passed as an object, so we do: requests
     are sharded by rank and lm-eval gathers the results on rank 0."""
 
-    def __init__(self, model, tokenizer, loops: int, exit_mode: str = "last", **kwargs) -> None:
+    def __init__(self, model, tokenizer, loops: int, exit_mode: str = "last", score_continuation_as: str = "chunk",
+                 **kwargs) -> None:
         super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", **kwargs)
+        if score_continuation_as not in CONTINUATION_SCORING:
+            raise ValueError(f"score_continuation_as must be one of {', '.join(CONTINUATION_SCORING)}")
         self.loops = loops
         self.exit_mode = exit_mode
+        self.score_continuation_as = score_continuation_as
+        self.loglikelihood_requests = 0  # requests scored (0: the task only generates)
         # per-token exits seen by the forwards (threshold and official modes): [early, all]
         self.exit_counts = [0, 0]
         self.model.register_forward_hook(self._count_exits)
@@ -60,7 +71,7 @@ class LoopedHFLM(HFLM):
         if world > 1:
             from accelerate import Accelerator
 
-            self.accelerator = Accelerator()
+            self.accelerator = Accelerator(cpu=self.model.device.type == "cpu")  # CPU ranks: gloo
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
 
     def _count_exits(self, module, args, output) -> None:
@@ -84,9 +95,43 @@ class LoopedHFLM(HFLM):
         with torch.no_grad():
             return self.model(inps, use_cache=False, **self.run_kwargs).logits
 
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        self.loglikelihood_requests += len(requests)
+        if self.score_continuation_as == "chunk":
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        return [self._score_as_decoded(*request) for request in requests]
+
+    def _score_as_decoded(self, request_str, context_enc: list[int], continuation_enc: list[int]) -> tuple[float, bool]:
+        """(log-probability of the continuation, whether greedy decoding yields it), each
+        continuation token computed as when it is generated after the context (one request per
+        forward: rows differ in where the context ends)."""
+        tokens = (context_enc + continuation_enc)[-(self.max_length + 1):]
+        context = len(tokens) - len(continuation_enc)
+        ids = torch.tensor([tokens[:-1]], device=self.device)
+        with torch.no_grad():
+            logits = self.model(ids, use_cache=False, chunk_starts=decoding_chunk_starts(self.model, context, ids.shape[1]),
+                                **self.run_kwargs).logits
+        scored = torch.log_softmax(logits[0, context - 1:].float(), dim=-1)
+        target = torch.tensor(continuation_enc, device=scored.device)
+        answer = (float(scored.gather(1, target[:, None]).sum()), bool((scored.argmax(-1) == target).all()))
+        if request_str is not None:
+            self.cache_hook.add_partial("loglikelihood", request_str, answer)
+        return answer
+
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
         # HFLM passes the left-padding attention mask in generation_kwargs; our forward honours it.
         return super()._model_generate(context, max_length, stop, **generation_kwargs, **self.run_kwargs)
+
+
+def decoding_chunk_starts(model, context: int, length: int) -> list[int] | None:
+    """The chunk split under which one forward over `length` tokens computes what prefilling the
+    first `context` and then decoding one token at a time computes: MELT reading final rows
+    prefills in chunk_size chunks, then one chunk per token; MELT continuing the chunk grid, and
+    every Ouro-family model, need no split of their own (None)."""
+    policy = model.model.policy
+    if policy.chunk_size is None or policy.open_chunk is not None:
+        return None
+    return [*range(0, context, policy.chunk_size), *range(context, length)]
 
 
 REQUIRED_FIELDS = {"gsm8k": ("question", "answer"), "addition": ("question", "answer")}

@@ -26,7 +26,7 @@ from melt_bench.models.decode_engine import ENGINES as STEP_ENGINES, DecodeEngin
 
 from .device_ceilings import DeviceCeilings, measure_ceilings
 from .energy import EnergyMeter, energy_metrics, open_meter
-from .measure_memory import classify_failure, prefill_chunking
+from .measure_memory import classify_failure, kv_metrics, prefill_chunking
 from .memory_trackers import nvml_index_for
 from .sweep_plan import SweepPoint
 from .units import parse_dtype
@@ -247,8 +247,9 @@ def measure_latency_point(point: SweepPoint, meter: EnergyMeter | str | None = N
             meter.measure_idle()  # before the model loads: the device as it idles
         ceilings = measure_ceilings(device, dtype)
         metrics.update(ceilings.to_metrics())
-        model = load_model(point.model, point.weights, dtype=dtype, device=device, kv_policy=point.kv_policy)
-        metrics["kv_policy"] = model.model.policy.name  # the policy the point ran under
+        model = load_model(point.model, point.weights, dtype=dtype, device=device, kv_policy=point.kv_policy,
+                           decode_reads=point.decode_reads)
+        metrics.update(kv_metrics(model))  # the policy (and MELT's decode reads) the point ran under
         chunk_starts, metrics["prefill_chunk_tokens"] = prefill_chunking(model, point)
         generator = torch.Generator().manual_seed(0)
         input_ids = torch.randint(1, model.config.vocab_size, (point.batch_size, point.seq_len), generator=generator)

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from melt_bench.models import cost_model, load_model, predict_kv_cache_bytes
+from melt_bench.models.kv_policy import kv_side_buffer_bytes
 
 from .memory_trackers import CudaAllocatorTracker, NvmlSampler, RssTracker, nvml_index_for
 from .nvml import load_pynvml
@@ -50,6 +51,15 @@ def prefill_chunking(model, point: SweepPoint) -> tuple[list[int] | None, int]:
     return list(range(0, point.seq_len, point.prefill_chunk)), point.prefill_chunk
 
 
+def kv_metrics(model) -> dict:
+    """How the point's keys/values were kept: the KV policy it ran under and, for MELT, its chunk
+    size and what decoded tokens read (decode_reads)."""
+    metrics = {"kv_policy": model.model.policy.name}
+    if hasattr(model.config, "decode_reads"):
+        metrics.update(chunk_size=model.config.chunk_size, decode_reads=model.config.decode_reads)
+    return metrics
+
+
 def predicted_peak(model, point: SweepPoint, chunk_tokens: int, tokens: int, dtype: torch.dtype) -> dict:
     """The analytic peak: weights + KV + the activation model of models/cost_model.py."""
     config = model.config
@@ -86,7 +96,8 @@ def run_phase(model, point: SweepPoint, input_ids: torch.Tensor, chunk_starts: l
             max_new_tokens=point.new_tokens, min_new_tokens=point.new_tokens,
             return_dict_in_generate=True, pad_token_id=model.config.pad_token_id,
         )
-        cache = out.past_key_values
+        # transformers >= 5.24 names the field `cache` (`past_key_values` before)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         return cache, cache.seq_len
     raise ValueError(f"unknown phase {point.phase!r}")
 
@@ -137,8 +148,9 @@ def measure_memory_point(
         if trackers.nvml is not None:
             metrics["nvml_after_cuda_init_bytes"] = trackers.nvml.used_bytes()
         dtype = parse_dtype(point.dtype)
-        model = load_model(point.model, point.weights, dtype=dtype, device=device, kv_policy=point.kv_policy)
-        metrics["kv_policy"] = model.model.policy.name  # the policy the point ran under
+        model = load_model(point.model, point.weights, dtype=dtype, device=device, kv_policy=point.kv_policy,
+                           decode_reads=point.decode_reads)
+        metrics.update(kv_metrics(model))  # the policy (and MELT's decode reads) the point ran under
         metrics["weights_bytes"] = tensor_bytes(model)
         generator = torch.Generator().manual_seed(0)
         input_ids = torch.randint(1, model.config.vocab_size, (point.batch_size, point.seq_len), generator=generator)
@@ -157,6 +169,10 @@ def measure_memory_point(
         metrics["kv_cache_bytes_predicted"] = predict_kv_cache_bytes(
             model.config, point.loops, point.batch_size, tokens, dtype
         )
+        # MELT's open-chunk side buffer (decode_reads="chunk"), inside kv_cache_bytes and apart
+        metrics["kv_side_buffer_bytes"] = cache.side_nbytes()
+        metrics["kv_side_buffer_bytes_predicted"] = point.batch_size * kv_side_buffer_bytes(
+            model.config, point.loops, dtype, tokens)
         metrics.update(predicted_peak(model, point, metrics["prefill_chunk_tokens"], tokens, dtype))
     except Exception as exc:  # an OOM at one point is a data point
         status, error = classify_failure(exc), f"{type(exc).__name__}: {exc}"[:2000]

@@ -22,6 +22,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 from markupsafe import Markup  # noqa: E402
 
 from . import __version__  # noqa: E402
+from .pareto import matched_memory, pareto_mask, verdicts  # noqa: E402
 from .repeats import combine_repeats  # noqa: E402
 from .results import ResultsStore, rows_to_frame  # noqa: E402
 from .summary_tables import latest_rows  # noqa: E402
@@ -277,8 +278,11 @@ def accuracy_section(frame: pd.DataFrame) -> Section | None:
         section.figures.append(_accuracy_scatter(part, key, "peak_bytes", GiB, "peak memory during the evaluation (GiB)",
                                                  "accuracy vs peak memory"))
         if part.get("kv_bytes_per_token") is not None and part.kv_bytes_per_token.notna().all():
-            section.figures.append(_accuracy_scatter(part, key, "kv_bytes_per_token", 1024,
-                                                     "KV cache per token, measured (KiB)", "accuracy vs KV bytes per token"))
+            section.figures.append(_pareto_figure(part, key))
+            matched = matched_memory(part)
+            if len(matched):
+                section.notes.extend(verdicts(matched, str(key[1])))
+                section.tables.append(html_table(matched.round(4)))
     table = acc[["model", "loops", "task", "metric", "filter", "exit_mode", "value", "stderr", "n_samples"]].copy()
     table["peak"] = acc.peak_bytes.map(format_bytes)
     if "kv_bytes_per_token" in acc:
@@ -300,6 +304,29 @@ def _accuracy_scatter(part: pd.DataFrame, key, column: str, scale: float, xlabel
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return Figure(f"{title} | {_label(key)}", png(fig))
+
+
+def _pareto_figure(part: pd.DataFrame, key) -> Figure:
+    """Accuracy against measured KV bytes per token, one point per model (and KV policy) and loop
+    count; the points no other beats are joined by the frontier line and ringed."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for index, (model, series) in enumerate(part.groupby("model")):
+        ax.scatter(series.kv_bytes_per_token / 1024, series.value, marker=MARKERS[index % len(MARKERS)],
+                   facecolors="none", edgecolors=f"C{index % 10}", s=max(70 - 12 * (index % 4), 25), label=str(model))
+        for _, row in series.iterrows():
+            ax.annotate(f"T={row.loops}", (row.kv_bytes_per_token / 1024, row.value), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    front = part[pareto_mask(part.kv_bytes_per_token, part.value)].sort_values(["kv_bytes_per_token", "value"])
+    ax.step(front.kv_bytes_per_token / 1024, front.value, where="post", color="black", lw=1, alpha=0.6,
+            label="Pareto frontier")
+    ax.scatter(front.kv_bytes_per_token / 1024, front.value, s=160, facecolors="none", edgecolors="black", lw=0.8)
+    ax.set_xlabel("KV cache per token, measured (KiB)")
+    ax.set_ylabel(str(key[1]))
+    title = f"accuracy vs KV bytes per token (Pareto) | {_label(key)}"
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return Figure(title, png(fig))
 
 
 def headlines(frame: pd.DataFrame) -> list[str]:

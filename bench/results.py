@@ -108,9 +108,14 @@ def model_labels(rows: list[ResultRow]) -> dict[tuple[str, str | None], str]:
 
 
 def model_label(row: ResultRow, labels: dict[tuple[str, str | None], str]) -> str:
-    """The display name; a training-free KV policy run on the model follows it in parentheses."""
+    """The display name; a training-free KV policy run on the model, or the decode_reads mode a
+    MELT was asked to run with, follows it in parentheses."""
     label = labels[(row.point.get("model"), row.point.get("weights"))]
-    return f"{label} ({row.point['kv_policy']})" if row.point.get("kv_policy") else label
+    if row.point.get("kv_policy"):
+        label = f"{label} ({row.point['kv_policy']})"
+    if row.point.get("decode_reads"):
+        label = f"{label} ({row.point['decode_reads']} reads)"
+    return label
 
 
 def rows_to_frame(rows: list[ResultRow]):

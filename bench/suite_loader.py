@@ -10,7 +10,7 @@ import yaml
 
 SUITE_KEYS = {
     "name", "description", "models", "loops", "seq_lens", "batch_sizes", "phase", "new_tokens",
-    "dtype", "device", "weights", "repeats", "point_timeout", "kv_policy",
+    "dtype", "device", "weights", "repeats", "point_timeout", "kv_policy", "decode_reads",
 }
 
 

@@ -8,7 +8,8 @@ from typing import Callable
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .launcher import ChildOutcome, run_in_child
+from .executors import PointRunner, SerialExecutor
+from .launcher import ChildOutcome
 from .results import ResultRow, ResultsStore
 from .sweep_plan import SweepPoint
 
@@ -50,9 +51,17 @@ def outcome_to_row(kind: str, point: SweepPoint, outcome: ChildOutcome, meta: di
     return ResultRow(kind, point.point_id, point.to_dict(), status, outcome.error, {}, meta, outcome.wall_s)
 
 
-def in_child(measure: Callable[..., dict], args: tuple = (), timeout_s: float = 600.0) -> Callable[[SweepPoint], ChildOutcome]:
-    """A point runner: `measure(point, *args)` in a fresh child process, within `timeout_s`."""
-    return lambda point: run_in_child(measure, (point, *args), timeout_s)
+def in_child(measure: Callable[..., dict], args: tuple = (), timeout_s: float = 600.0) -> PointRunner:
+    """A point runner: `measure(point, *args)` in a fresh child process, within `timeout_s`
+    (pinned to a GPU when an executor passes one)."""
+    return PointRunner(measure, args, timeout_s)
+
+
+def point_label(point: SweepPoint) -> str:
+    batch = point.batch_size or "searched"  # capacity points search their batch
+    policy = f" kv={point.kv_policy}" if point.kv_policy else ""
+    policy += f" reads={point.decode_reads}" if point.decode_reads else ""
+    return f"{point.model}{policy} loops={point.loops} seq={point.seq_len} batch={batch}"
 
 
 def run_sweep(
@@ -64,8 +73,11 @@ def run_sweep(
     retry_failed: bool = False,
     show_progress: bool = True,
     on_row: Callable[[ResultRow], None] | None = None,
+    executor=None,
 ) -> SweepStatus:
-    """Run every point not yet in `store` through `run_point` (usually `in_child(...)`)."""
+    """Run every point not yet in `store` through `run_point` (usually `in_child(...)`), on
+    `executor` (executors.py; default one at a time here). This thread alone appends rows."""
+    executor = executor or SerialExecutor()
     todo = pending_points(points, store, retry_failed)
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -74,18 +86,17 @@ def run_sweep(
     )
     with progress:
         task = progress.add_task(kind, total=len(todo), last="")
-        for point in todo:
-            batch = point.batch_size or "searched"  # capacity points search their batch
-            policy = f" kv={point.kv_policy}" if point.kv_policy else ""
-            progress.update(task, last=f"{point.model}{policy} loops={point.loops} seq={point.seq_len} batch={batch}")
-            try:
-                outcome = run_point(point)
-            except KeyboardInterrupt:
-                progress.stop()
-                raise SweepInterrupted(store, points) from None
-            row = outcome_to_row(kind, point, outcome, meta or {})
-            store.append(row)
-            if on_row is not None:
-                on_row(row)
-            progress.advance(task)
+        finished = executor.run(todo, run_point)
+        try:
+            for done in finished:
+                row = outcome_to_row(kind, done.point, done.outcome, meta or {})
+                row.metrics.update(done.placement)  # which GPU / node ran it
+                store.append(row)
+                if on_row is not None:
+                    on_row(row)
+                progress.update(task, advance=1, last=f"done: {point_label(done.point)}")
+        except KeyboardInterrupt:
+            finished.close()
+            progress.stop()
+            raise SweepInterrupted(store, points) from None
     return SweepStatus(planned=len(points), skipped=len(points) - len(todo), ran=len(todo))

@@ -107,6 +107,7 @@ def resolve_sweep(command: str, flags: dict, suite: str | None) -> ResolvedSweep
         raise OptionError(str(exc)) from exc
     _validate(spec)
     spec.kv_policies = resolve_kv_policies(settings.get("kv_policy"), spec.models)
+    spec.decode_reads = resolve_decode_reads(settings.get("decode_reads"), spec.models)
     if spec.phase == "prefill":
         spec.new_tokens = 0  # irrelevant to a prefill: keep point ids independent of it
     timeout = float(settings["point_timeout"])
@@ -137,6 +138,26 @@ def resolve_kv_policies(value: object, models: list[str]) -> list[str | None]:
     return list(dict.fromkeys(names))
 
 
+def resolve_decode_reads(value: object, models: list[str]) -> list[str | None]:
+    """--decode-reads' modes (final, chunk), or [None] (each MELT config's own). They apply to
+    MELT models; a list without one is refused."""
+    from melt_bench.models.configs import DECODE_READS
+
+    if value is None:
+        return [None]
+    try:
+        modes = as_name_list(value, "--decode-reads")
+    except RangeError as exc:
+        raise OptionError(str(exc)) from exc
+    unknown = [mode for mode in modes if mode not in DECODE_READS]
+    if unknown:
+        raise OptionError(f"--decode-reads: {unknown[0]!r} is not one of {', '.join(DECODE_READS)}")
+    if not any(get_preset(model).family == "melt" for model in models):
+        raise OptionError(f"--decode-reads {value}: {', '.join(models)} are not MELT models (decode_reads is how "
+                          "MELT's decoded tokens read its shared cache)")
+    return list(dict.fromkeys(modes))
+
+
 def _validate(spec: SweepSpec) -> None:
     from melt_bench.models import MAX_LOOPS
 
@@ -164,7 +185,7 @@ def _validate(spec: SweepSpec) -> None:
 def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
     """AccuracyPoints from the accuracy command's flags (None = not given), and notices."""
     from .accuracy import AccuracyPoint
-    from .lm_eval_adapter import exit_kwargs
+    from .lm_eval_adapter import CONTINUATION_SCORING, exit_kwargs
 
     notices = []
     device = resolve_device(flags.get("device") or "auto")
@@ -198,11 +219,17 @@ def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
         data_dir = str(path.resolve())
     weights = check_weights(flags.get("weights"))
     spec.kv_policies = resolve_kv_policies(flags.get("kv_policy"), models)
+    spec.decode_reads = resolve_decode_reads(flags.get("decode_reads"), models)
+    scoring = flags.get("score_continuation_as") or "chunk"
+    if scoring not in CONTINUATION_SCORING:
+        raise OptionError(f"--score-continuation-as: {scoring!r} is not one of {', '.join(CONTINUATION_SCORING)}")
     points = [
         AccuracyPoint(model, loop, task, flags.get("exit_mode") or "last", flags.get("num_fewshot"),
                       flags.get("limit"), flags.get("batch_size") or 1, flags.get("max_gen_toks"), dtype,
-                      device, weights, data_dir, kv_policy=policy)
-        for model in models for policy in spec.policies_for(model) for task in tasks for loop in loops
+                      device, weights, data_dir, kv_policy=policy, decode_reads=reads,
+                      score_continuation_as=scoring)
+        for model in models for policy in spec.policies_for(model) for reads in spec.decode_reads_for(model)
+        for task in tasks for loop in loops
     ]
     return points, notices
 

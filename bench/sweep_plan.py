@@ -11,7 +11,7 @@ from .ranges import RangeError, parse_int_list, parse_name_list
 
 PHASES = ("prefill", "decode", "generate")
 _OPTIONAL = ("warmup", "timed_runs", "early_exit", "engine", "static_cache", "memory_budget_bytes", "prefill_chunk",
-             "kv_policy")
+             "kv_policy", "decode_reads")
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class SweepPoint:
     prefill_chunk: int | None = None
     # Ouro-family models: run under this training-free KV policy (None = the model's own)
     kv_policy: str | None = None
+    # MELT models: what decoded tokens read, "final" or "chunk" (None = the config's)
+    decode_reads: str | None = None
     # latency only
     warmup: int = 0
     timed_runs: int = 0
@@ -72,6 +74,8 @@ class SweepSpec:
     repeats: int = 1
     # training-free KV policies for Ouro-family models ([None]: each model's own; MELT always)
     kv_policies: list[str | None] = field(default_factory=lambda: [None])
+    # MELT's decode_reads modes ([None]: each model's config; Ouro-family models always)
+    decode_reads: list[str | None] = field(default_factory=lambda: [None])
     point_options: dict = field(default_factory=dict)  # command-specific SweepPoint fields
 
     def points(self) -> list[SweepPoint]:
@@ -79,10 +83,10 @@ class SweepSpec:
         return [
             replace(
                 SweepPoint(self.command, model, loops, seq, batch, self.phase, self.new_tokens, self.dtype,
-                           self.device, self.weights, repeat, kv_policy=policy),
+                           self.device, self.weights, repeat, kv_policy=policy, decode_reads=reads),
                 **self.point_options,
             )
-            for model in self.models for policy in self.policies_for(model)
+            for model in self.models for policy in self.policies_for(model) for reads in self.decode_reads_for(model)
             for seq, batch, repeat, loops in itertools.product(
                 self.seq_lens, self.batch_sizes, range(self.repeats), self.loops
             )
@@ -93,6 +97,12 @@ class SweepSpec:
         from melt_bench.models import get_preset
 
         return [None] if get_preset(model).family == "melt" else self.kv_policies
+
+    def decode_reads_for(self, model: str) -> list[str | None]:
+        """decode_reads is MELT's: Ouro-family models run once."""
+        from melt_bench.models import get_preset
+
+        return self.decode_reads if get_preset(model).family == "melt" else [None]
 
 
 def as_int_list(value: object, option: str) -> list[int]:

@@ -38,3 +38,12 @@ def format_count(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.3f} {unit}"
     return str(n)
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration for people: '42 s', '12.5 min', '3.2 h'."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -8,6 +8,8 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 MAX_LOOPS = 64
+DECODE_READS = ("final", "chunk")  # MeltConfig.decode_reads
+GATES = ("elementwise", "scalar", "mean", "ema", "last")  # MeltConfig.gate: the paper's ablation (kv_policy.py)
 
 
 class OuroConfig(PreTrainedConfig):
@@ -86,13 +88,25 @@ class MeltConfig(OuroConfig):
         chunk_size: int | None = 500,
         first_loop_state: str = "input",
         gate_bias_init: float = -6.0,
+        decode_reads: str = "final",
+        gate: str = "elementwise",
         **kwargs: Any,
     ) -> None:
         if first_loop_state not in ("input", "zeros"):
             raise ValueError(f"first_loop_state must be 'input' or 'zeros', got {first_loop_state!r}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        if decode_reads not in DECODE_READS:
+            raise ValueError(f"decode_reads must be one of {', '.join(DECODE_READS)}, got {decode_reads!r}")
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
+        if decode_reads == "chunk" and chunk_size is None:
+            raise ValueError("decode_reads='chunk' continues the chunk grid: it needs a chunk_size")
         self.chunk_size = chunk_size
+        # "final": a decoded token reads earlier tokens' final rows; "chunk": it continues the
+        # chunk grid, reading its open chunk's same-loop rows (kept in a bounded side buffer)
+        self.decode_reads = decode_reads
+        self.gate = gate  # how a loop's state combines with the token's earlier loops (kv_policy.py)
         self.first_loop_state = first_loop_state
         self.gate_bias_init = gate_bias_init
         super().__init__(**kwargs)

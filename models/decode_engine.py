@@ -31,10 +31,12 @@ ENGINES = ("eager", "compiled")
 def run_loop(
     model: LoopedForCausalLM, x: torch.Tensor, input_pos: torch.Tensor, keys: list[torch.Tensor],
     values: list[torch.Tensor], kv_states: list[torch.Tensor | None], loop: int, kept: list | None = None,
+    side: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor, list | None]:
     """One loop of the layer stack for the token at `input_pos` (a 1-element tensor): returns the
     normed output, each layer's KV state (MELT's h, None for Ouro), the exit-gate logit and, for
-    policies that keep a combination of the loops' rows, each layer's running combination."""
+    policies that keep a combination of the loops' rows, each layer's running combination.
+    `side` (MELT, decode_reads="chunk"): the cache's open-chunk buffers (see open_chunk_window)."""
     base, config = model.model, model.config
     capacity = keys[0].shape[2]
     # Rows past the current position hold zeros or an earlier run's rows: masked out.
@@ -42,9 +44,17 @@ def run_loop(
     rope = rope_cos_sin(input_pos[None], config.head_dim, config.rope_theta, x.dtype)
     states: list[torch.Tensor | None] = []
     folded = [] if base.policy.reduces_loops else None
+    if side is not None:
+        window, offset = open_chunk_window(base.policy.open_chunk, input_pos, side[0][0].shape[2], capacity)
     for i, layer in enumerate(base.layers):
         slot = base.policy.slot(loop, i)
-        q, k, v, kv_in = layer.self_attn.project(layer.input_layernorm(x), rope, kv_states[i])
+        q, k, v, kv_in = layer.self_attn.project(layer.input_layernorm(x), rope, kv_states[i], loop)
+        if side is not None:  # the open chunk's earlier tokens read as they did at this loop
+            buffered = loop * len(keys) + slot
+            keys[slot].index_copy_(2, window, side[0][buffered])
+            values[slot].index_copy_(2, window, side[1][buffered])
+            side[0][buffered].index_copy_(2, offset, k)
+            side[1][buffered].index_copy_(2, offset, v)
         keys[slot].index_copy_(2, input_pos, k)
         values[slot].index_copy_(2, input_pos, v)
         x = layer.after_attention(x, layer.self_attn.attend(q, keys[slot], values[slot], attn))
@@ -53,6 +63,18 @@ def run_loop(
             folded.append(base.policy.accumulate(kept[i] if kept else None, loop, k, v))
     x = base.norm(x)
     return x, states, base.early_exit_gate(x).squeeze(-1), folded
+
+
+def open_chunk_window(
+    chunk: int, input_pos: torch.Tensor, rows: int, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static-shape indices for decode_reads="chunk": the cache positions the side buffer's `rows`
+    rows map to (the open chunk from its start, clamped into the capacity) and the token's offset
+    in it. Copying all of them keeps shapes fixed; rows past the token are masked out and are
+    rewritten before anyone reads them, and a clamped duplicate lands at or past the token."""
+    offset = input_pos % chunk
+    window = (input_pos - offset + torch.arange(rows, device=input_pos.device)).clamp(max=capacity - 1)
+    return window, offset
 
 
 def write_kept_rows(model: LoopedForCausalLM, input_pos: torch.Tensor, keys: list[torch.Tensor],
@@ -76,14 +98,14 @@ def greedy_head(model: LoopedForCausalLM, x: torch.Tensor) -> tuple[torch.Tensor
 
 def decode_one_token(
     model: LoopedForCausalLM, token: torch.Tensor, input_pos: torch.Tensor, keys: list[torch.Tensor],
-    values: list[torch.Tensor], loops: int,
+    values: list[torch.Tensor], loops: int, side: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole decode step for `token` (batch, 1) at `input_pos`: (next token, logits)."""
     x = model.model.embed_tokens(token)
     states: list[torch.Tensor | None] = [None] * len(model.model.layers)
     kept = None
     for loop in range(loops):
-        x, states, _, kept = run_loop(model, x, input_pos, keys, values, states, loop, kept)
+        x, states, _, kept = run_loop(model, x, input_pos, keys, values, states, loop, kept, side)
     write_kept_rows(model, input_pos, keys, values, kept, loops)
     return greedy_head(model, x)
 
@@ -120,7 +142,7 @@ class DecodeEngine:
             self._compile()
 
     def _compile(self) -> None:
-        for buffer in self.cache.keys + self.cache.values:
+        for buffer in self.cache.keys + self.cache.values + self.cache.chunk_keys + self.cache.chunk_values:
             # Fixed addresses, so CUDA graphs replay over the cache instead of copying it in.
             torch._dynamo.mark_static_address(buffer)
         # One graph per loop when early stopping; dynamo's default limit of 8 would fall back
@@ -162,8 +184,9 @@ class DecodeEngine:
         keys, values = self.cache.keys, self.cache.values
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
+        side = (self.cache.chunk_keys, self.cache.chunk_values) if self.cache.open_chunk else None
         if self.early_stop_threshold is None:
-            next_token, logits = self._step(self.model, token, self.input_pos, keys, values, self.loops)
+            next_token, logits = self._step(self.model, token, self.input_pos, keys, values, self.loops, side)
             loops_run, exit_steps = self.loops, None
         else:
             x = self.model.model.embed_tokens(token)
@@ -171,11 +194,15 @@ class DecodeEngine:
             stop = EarlyStop(self.early_stop_threshold, self.loops)
             kept = None
             for loop in range(self.loops):
-                x, states, gate, kept = self._loop(self.model, x, self.input_pos, keys, values, states, loop, kept)
+                x, states, gate, kept = self._loop(self.model, x, self.input_pos, keys, values, states, loop, kept,
+                                                   side)
                 if stop.update(loop, gate, x):
                     break
             write_kept_rows(self.model, self.input_pos, keys, values, kept, loop + 1)
             self.model.model.policy.fill_skipped_loops(self.cache, loop, self.loops, position, position + 1)
+            for later in range(loop + 1, self.loops) if side else ():  # skipped loops keep the last rows
+                for i in range(len(self.model.model.layers)):
+                    self.cache.save_open_chunk(later, self.model.model.policy.slot(later, i), position, position + 1)
             next_token, logits = self._head(self.model, stop.hidden)
             loops_run, exit_steps = loop + 1, stop.exit_steps
         self.cache.seq_len = position + 1

@@ -8,6 +8,12 @@ Two modes, both exact about what they hold:
     DynamicCache does with `torch.cat`.
 A write at a position already written overwrites it in place; MELT relies on that to rewrite a
 token's row at every loop. It subclasses transformers' `Cache` so `generate()` accepts it.
+
+MELT with decode_reads="chunk" (`open_chunk` = its chunk size C) also keeps a side buffer: the
+rows of the open (unfinished) chunk's tokens at every loop, C rows per (loop, slot) at most.
+Before a later piece of that chunk runs loop t, `restore_open_chunk` puts the loop-t rows back
+into the slot, so the piece reads what one chunked forward would have shown it; after the last
+loop the slot holds final rows again. The buffer counts in `nbytes()` (`side_nbytes()` apart).
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from transformers.cache_utils import Cache
 class LoopedKVCache(Cache):
     """K/V buffers of shape (batch, kv_heads, tokens, head_dim), one pair per slot."""
 
-    def __init__(self, num_slots: int, loops: int, capacity: int | None = None, functional: bool = False) -> None:
+    def __init__(
+        self, num_slots: int, loops: int, capacity: int | None = None, functional: bool = False,
+        open_chunk: int | None = None,
+    ) -> None:
         super().__init__(layers=[])
         # functional: writes never modify a tensor in place (training: autograd keeps the rows
         # each loop attended to, though MELT rewrites a chunk's rows at every loop).
@@ -30,6 +39,17 @@ class LoopedKVCache(Cache):
         self.keys: list[torch.Tensor | None] = [None] * num_slots
         self.values: list[torch.Tensor | None] = [None] * num_slots
         self.seq_len = 0  # tokens whose rows are final (all loops done)
+        self.open_chunk = open_chunk  # chunk size C of the side buffer; None: no side buffer
+        sides = loops * num_slots if open_chunk else 0
+        self.chunk_keys: list[torch.Tensor | None] = [None] * sides  # index loop * num_slots + slot
+        self.chunk_values: list[torch.Tensor | None] = [None] * sides
+
+    @property
+    def side_rows(self) -> int | None:
+        """Rows per (loop, slot) a preallocated side buffer holds: min(C, capacity)."""
+        if self.open_chunk is None:
+            return None
+        return self.open_chunk if self.capacity is None else min(self.open_chunk, self.capacity)
 
     def allocate(
         self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
@@ -45,27 +65,57 @@ class LoopedKVCache(Cache):
         new = torch.zeros if zero else torch.empty
         self.keys = [new(shape, dtype=dtype, device=device) for _ in range(self.num_slots)]
         self.values = [new(shape, dtype=dtype, device=device) for _ in range(self.num_slots)]
+        side = (batch, kv_heads, self.side_rows or 0, head_dim)
+        self.chunk_keys = [new(side, dtype=dtype, device=device) for _ in self.chunk_keys]
+        self.chunk_values = [new(side, dtype=dtype, device=device) for _ in self.chunk_values]
 
     def update_slot(
         self, slot: int, key: torch.Tensor, value: torch.Tensor, start: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write key/value rows at positions [start, start + n) of `slot`; return rows [0, start + n)."""
         end = start + key.shape[2]
-        self.keys[slot] = self._write(self.keys[slot], key, start, end)
-        self.values[slot] = self._write(self.values[slot], value, start, end)
+        self.keys[slot] = self._write(self.keys[slot], key, start, end, self.capacity)
+        self.values[slot] = self._write(self.values[slot], value, start, end, self.capacity)
         return self.keys[slot][:, :, :end], self.values[slot][:, :, :end]
 
-    def _write(self, buf: torch.Tensor | None, rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def open_chunk_start(self, start: int) -> int:
+        """Where the chunk holding cache position `start` begins (on the grid of C from 0)."""
+        return start - start % self.open_chunk
+
+    def restore_open_chunk(self, loop: int, slot: int, start: int) -> None:
+        """Before loop `loop` of a piece starting at `start` inside an open chunk: the earlier
+        tokens of that chunk get their loop-`loop` rows back in `slot` (the side buffer's)."""
+        begin = self.open_chunk_start(start)
+        if begin == start:
+            return
+        side = loop * self.num_slots + slot
+        self.keys[slot][:, :, begin:start] = self.chunk_keys[side][:, :, :start - begin]
+        self.values[slot][:, :, begin:start] = self.chunk_values[side][:, :, :start - begin]
+
+    def save_open_chunk(self, loop: int, slot: int, start: int, end: int) -> None:
+        """After loop `loop` wrote rows [start, end) of `slot` (one piece, inside one chunk):
+        keep them in the side buffer at their offsets in the chunk."""
+        begin, side = self.open_chunk_start(start), loop * self.num_slots + slot
+        if end - begin > self.open_chunk:
+            raise ValueError(f"a piece [{start}, {end}) crosses the chunk grid of {self.open_chunk}")
+        keys, values = self.keys[slot][:, :, start:end], self.values[slot][:, :, start:end]
+        rows = None if self.capacity is None else self.side_rows  # growing: exactly the offsets written
+        self.chunk_keys[side] = self._write(self.chunk_keys[side], keys, start - begin, end - begin, rows)
+        self.chunk_values[side] = self._write(self.chunk_values[side], values, start - begin, end - begin, rows)
+
+    def _write(
+        self, buf: torch.Tensor | None, rows: torch.Tensor, start: int, end: int, capacity: int | None
+    ) -> torch.Tensor:
         if buf is not None and buf.shape[0] != rows.shape[0]:
             raise ValueError(f"cache holds batch {buf.shape[0]}, forward got batch {rows.shape[0]}")
         if self.functional:
             return rows if buf is None or start == 0 else torch.cat([buf[:, :, :start], rows], dim=2)
         if buf is None or buf.shape[2] < end:
             size = end
-            if self.capacity is not None:
-                if end > self.capacity:
-                    raise ValueError(f"KV cache capacity {self.capacity} tokens exceeded (need {end})")
-                size = self.capacity
+            if capacity is not None:
+                if end > capacity:
+                    raise ValueError(f"KV cache capacity {capacity} tokens exceeded (need {end})")
+                size = capacity
             grown = rows.new_empty(rows.shape[0], rows.shape[1], size, rows.shape[3])
             if buf is not None:
                 grown[:, :, :start] = buf[:, :, :start]
@@ -75,8 +125,12 @@ class LoopedKVCache(Cache):
 
     # --- exact accounting --------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes of device memory the cache's buffers hold right now."""
-        return sum(t.untyped_storage().nbytes() for t in self.keys + self.values if t is not None)
+        """Bytes of device memory the cache's buffers hold right now (side buffer included)."""
+        return sum(t.untyped_storage().nbytes() for t in self.keys + self.values if t is not None) + self.side_nbytes()
+
+    def side_nbytes(self) -> int:
+        """Bytes the open-chunk side buffer holds (0 without one)."""
+        return sum(t.untyped_storage().nbytes() for t in self.chunk_keys + self.chunk_values if t is not None)
 
     def allocated_slots(self) -> int:
         return sum(t is not None for t in self.keys)
@@ -107,6 +161,8 @@ class LoopedKVCache(Cache):
     def reset(self) -> None:
         self.keys = [None] * self.num_slots
         self.values = [None] * self.num_slots
+        self.chunk_keys = [None] * len(self.chunk_keys)
+        self.chunk_values = [None] * len(self.chunk_values)
         self.seq_len = 0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -117,6 +173,8 @@ class LoopedKVCache(Cache):
     def _map_batch(self, fn) -> None:
         self.keys = [None if t is None else fn(t) for t in self.keys]
         self.values = [None if t is None else fn(t) for t in self.values]
+        self.chunk_keys = [None if t is None else fn(t) for t in self.chunk_keys]
+        self.chunk_values = [None if t is None else fn(t) for t in self.chunk_values]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -59,6 +59,12 @@ class KVPolicy:
     def chunk_size(self) -> int | None:
         return None
 
+    @property
+    def open_chunk(self) -> int | None:
+        """Chunk size C when decoding continues the chunk grid (MELT's decode_reads="chunk"): the
+        open chunk's rows of every loop are kept in a side buffer of C rows per (loop, slot)."""
+        return None
+
     def accumulate(self, acc: Row | None, loop: int, keys: torch.Tensor, values: torch.Tensor) -> Row | None:
         """Fold loop `loop`'s rows of the tokens being processed into `acc` (reduces_loops only)."""
         return None
@@ -195,6 +201,7 @@ class SharedGatedKVPolicy(KVPolicy):
     def __init__(self, config: OuroConfig) -> None:
         super().__init__(config)
         self._chunk_size = getattr(config, "chunk_size", None)
+        self._decode_reads = getattr(config, "decode_reads", "final")
 
     def num_slots(self, loops: int) -> int:
         return self.num_layers
@@ -203,11 +210,15 @@ class SharedGatedKVPolicy(KVPolicy):
         return layer
 
     def make_gate(self, config: OuroConfig) -> nn.Module | None:
-        return KVUpdateGate(config.hidden_size, config.first_loop_state)
+        return GATE_CLASSES[getattr(config, "gate", "elementwise")](config.hidden_size, config.first_loop_state)
 
     @property
     def chunk_size(self) -> int | None:
         return self._chunk_size
+
+    @property
+    def open_chunk(self) -> int | None:
+        return self._chunk_size if self._decode_reads == "chunk" else None
 
     def fill_skipped_loops(self, cache, last_loop: int, loops: int, start: int, end: int) -> None:
         pass  # one shared row per token: it already holds the last computed loop's keys/values
@@ -217,29 +228,107 @@ class GateProjection(nn.Linear):
     """A gate weight (W_z or U_z); its own type so weight init can tell it from other Linears."""
 
 
-class KVUpdateGate(nn.Module):
-    """GRU-style element-wise update gate (no reset gate, no tanh), one per layer:
+class GateLogit(nn.Module):
+    """One learned number per layer, a logit (EMA's decay); init: the config's gate_bias_init."""
 
-        z_t = sigmoid(x_t W_z + b_z + h_{t-1} U_z)
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit = nn.Parameter(torch.zeros(1))
+
+
+# MELT's gate and the paper's ablation of it (the notes: AMC23 after phase 1, element-wise 77.7,
+# single scalar 66.9, mean of loops 68.8, EMA 68.6, last loop only 69.7). Each maps the layer's
+# normed input x_t at loop t and the token's state h_{t-1} to h_t, which keys/values come from.
+# The equations of the four variants are our reading of those names (the paper's method text is
+# not available). `loop` is t, 0-based; h_prev is None at the first loop.
+
+class KVUpdateGate(nn.Module):
+    """`elementwise` (MELT): a GRU-style update gate (no reset gate, no tanh), one per layer:
+
+        z_t = sigmoid(x_t W_z + b_z + h_{t-1} U_z)          W_z, U_z: hidden x hidden
         h_t = z_t * h_{t-1} + (1 - z_t) * x_t
 
-    t is the loop. First loop: `first_loop_state="input"` takes h_1 = x_1 (z unused), "zeros"
-    takes h_0 = 0, i.e. h_1 = (1 - z_1) * x_1.
+    First loop: `first_loop_state="input"` takes h_1 = x_1 (z unused), "zeros" takes h_0 = 0,
+    i.e. h_1 = (1 - z_1) * x_1. Parameters per layer: 2 hidden^2 + hidden.
     """
 
-    def __init__(self, hidden_size: int, first_loop_state: str = "input") -> None:
+    def __init__(self, hidden_size: int, first_loop_state: str = "input", width: int | None = None) -> None:
         super().__init__()
-        self.w_z = GateProjection(hidden_size, hidden_size, bias=True)
-        self.u_z = GateProjection(hidden_size, hidden_size, bias=False)
+        width = width or hidden_size
+        self.w_z = GateProjection(hidden_size, width, bias=True)
+        self.u_z = GateProjection(hidden_size, width, bias=False)
         self.first_loop_state = first_loop_state
 
-    def forward(self, x: torch.Tensor, h_prev: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h_prev: torch.Tensor | None, loop: int = 0) -> torch.Tensor:
         if h_prev is None:
             if self.first_loop_state == "input":
                 return x
             h_prev = torch.zeros_like(x)
         z = torch.sigmoid(self.w_z(x) + self.u_z(h_prev))
         return z * h_prev + (1 - z) * x
+
+
+class ScalarGate(KVUpdateGate):
+    """`scalar`: the same update with ONE gate value per token and layer, shared by all hidden
+    dimensions:
+
+        z_t = sigmoid(x_t w_z + b_z + h_{t-1} u_z)          w_z, u_z: hidden x 1
+        h_t = z_t * h_{t-1} + (1 - z_t) * x_t
+
+    Parameters per layer: 2 hidden + 1."""
+
+    def __init__(self, hidden_size: int, first_loop_state: str = "input") -> None:
+        super().__init__(hidden_size, first_loop_state, width=1)
+
+
+class MeanGate(nn.Module):
+    """`mean`: the token's state is the mean of its loops' inputs so far, no parameters:
+
+        h_t = h_{t-1} + (x_t - h_{t-1}) / t                 (h_1 = x_1)
+
+    Keys and values are linear in h, so a finished token keeps the mean of its loops' rows."""
+
+    def __init__(self, hidden_size: int, first_loop_state: str = "input") -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor, h_prev: torch.Tensor | None, loop: int = 0) -> torch.Tensor:
+        return x if h_prev is None else h_prev + (x - h_prev) / (loop + 1)
+
+
+class EmaGate(GateLogit):
+    """`ema`: an exponential moving average over loops with one learned decay per layer:
+
+        beta = sigmoid(b),   h_t = beta * h_{t-1} + (1 - beta) * x_t
+
+    First loop as `elementwise` (h_1 = x_1, or h_0 = 0 with "zeros"). Parameters per layer: 1."""
+
+    def __init__(self, hidden_size: int, first_loop_state: str = "input") -> None:
+        super().__init__()
+        self.first_loop_state = first_loop_state
+
+    def forward(self, x: torch.Tensor, h_prev: torch.Tensor | None, loop: int = 0) -> torch.Tensor:
+        if h_prev is None:
+            if self.first_loop_state == "input":
+                return x
+            h_prev = torch.zeros_like(x)
+        beta = torch.sigmoid(self.logit).to(x.dtype)
+        return beta * h_prev + (1 - beta) * x
+
+
+class LastGate(nn.Module):
+    """`last`: no gate, h_t = x_t: every loop rewrites the row with its own keys/values, so a
+    finished token keeps its last loop's (the `last-loop` policy's sharing, in MELT's chunks).
+    No parameters."""
+
+    def __init__(self, hidden_size: int, first_loop_state: str = "input") -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor, h_prev: torch.Tensor | None, loop: int = 0) -> torch.Tensor:
+        return x
+
+
+GATE_CLASSES = {"elementwise": KVUpdateGate, "scalar": ScalarGate, "mean": MeanGate, "ema": EmaGate,
+                "last": LastGate}
 
 
 # The training-free policies, by the name `--kv-policy` takes; "NAME:N" passes N slots.
@@ -270,6 +359,12 @@ def parse_kv_policy(spec: str) -> str:
                                "(N, S: slots per layer)")
 
 
+def is_training_free(name: str) -> bool:
+    """Whether the policy `name` runs on Ouro weights unchanged (False for MELT's trained gate)."""
+    name = parse_kv_policy(name)
+    return (_PLAIN.get(name) or _WITH_SLOTS[name.partition(":")[0]]).training_free
+
+
 def kv_policy_for(config: OuroConfig, name: str | None = None) -> KVPolicy:
     """The KV policy `name` asks for, else the config's (`config.kv_policy`, a class default or
     set per model), laid out for the config's layers."""
@@ -288,8 +383,20 @@ def kv_bytes_per_token(config: OuroConfig, loops: int, dtype: torch.dtype, polic
     return slots * 2 * config.num_key_value_heads * config.head_dim * itemsize
 
 
+def kv_side_buffer_bytes(config: OuroConfig, loops: int, dtype: torch.dtype, tokens: int) -> int:
+    """Analytic bytes of the open-chunk side buffer one sequence of `tokens` tokens holds (MELT
+    with decode_reads="chunk": min(C, tokens) rows per loop and layer, K and V; 0 otherwise)."""
+    chunk = kv_policy_for(config).open_chunk
+    if chunk is None:
+        return 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    rows = loops * kv_policy_for(config).num_slots(loops) * min(chunk, tokens)
+    return rows * 2 * config.num_key_value_heads * config.head_dim * itemsize
+
+
 def predict_kv_cache_bytes(
     config: OuroConfig, loops: int, batch: int, tokens: int, dtype: torch.dtype
 ) -> int:
-    """Analytic bytes a cache holding `tokens` tokens for `batch` sequences must hold."""
-    return batch * tokens * kv_bytes_per_token(config, loops, dtype)
+    """Analytic bytes a cache holding `tokens` tokens for `batch` sequences must hold (the rows
+    kept per token, plus MELT's open-chunk side buffer where decoding continues the chunk grid)."""
+    return batch * (tokens * kv_bytes_per_token(config, loops, dtype) + kv_side_buffer_bytes(config, loops, dtype, tokens))

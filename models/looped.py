@@ -31,9 +31,9 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configs import MAX_LOOPS, OuroConfig
+from .configs import DECODE_READS, MAX_LOOPS, OuroConfig
 from .kv_cache import LoopedKVCache, TransitionKVCache
-from .kv_policy import GateProjection, KVPolicy, kv_bytes_per_token, kv_policy_for, parse_kv_policy
+from .kv_policy import GateLogit, GateProjection, KVPolicy, kv_bytes_per_token, kv_policy_for, parse_kv_policy
 
 
 class RMSNorm(nn.Module):
@@ -118,12 +118,12 @@ class Attention(nn.Module):
         self.kv_gate = gate  # None for Ouro; MELT's KVUpdateGate
 
     def project(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_state: torch.Tensor | None
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_state: torch.Tensor | None, loop: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values (batch, heads, tokens, head_dim) with RoPE applied, and what
-        the keys/values were projected from (x for Ouro, MELT's gated state h)."""
+        the keys/values were projected from (x for Ouro, MELT's gated state h at loop `loop`)."""
         bsz, q_len, _ = x.shape
-        kv_in = x if self.kv_gate is None else self.kv_gate(x, kv_state)
+        kv_in = x if self.kv_gate is None else self.kv_gate(x, kv_state, loop)
         q = self.q_proj(x).view(bsz, q_len, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(kv_in).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(kv_in).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -148,8 +148,9 @@ class Attention(nn.Module):
         slot: int | tuple[int, int],
         start: int,
         kv_state: torch.Tensor | None,
+        loop: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q, k, v, kv_in = self.project(x, rope, kv_state)
+        q, k, v, kv_in = self.project(x, rope, kv_state, loop)
         if isinstance(cache, TransitionKVCache):  # MELT phase-1 training: mix with Ouro's rows
             bsz, q_len, _ = x.shape
             cos, sin = rope
@@ -185,9 +186,9 @@ class DecoderLayer(nn.Module):
         # set by PreTrainedModel.gradient_checkpointing_enable(); see forward
         self.gradient_checkpointing = False
 
-    def forward(self, x, rope, attn, cache, slot, start, kv_state):
+    def forward(self, x, rope, attn, cache, slot, start, kv_state, loop=0):
         """Returns the new residual stream, the KV state (MELT's h) and the attention output."""
-        h, kv_state = self.self_attn(self.input_layernorm(x), rope, attn, cache, slot, start, kv_state)
+        h, kv_state = self.self_attn(self.input_layernorm(x), rope, attn, cache, slot, start, kv_state, loop)
         return self.after_attention(x, h), kv_state, h
 
     def after_attention(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -227,6 +228,8 @@ class LoopedPreTrainedModel(PreTrainedModel):
             init.zeros_(module.weight)
             if module.bias is not None:
                 init.constant_(module.bias, getattr(self.config, "gate_bias_init", 0.0))
+        elif isinstance(module, GateLogit):  # the ema gate's decay logit: starts as last-loop too
+            init.constant_(module.logit, getattr(self.config, "gate_bias_init", 0.0))
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, nn.Linear):
@@ -295,7 +298,7 @@ class LoopedModel(LoopedPreTrainedModel):
         """An empty cache laid out for `loops` loops, sized to `capacity` tokens if given; with
         `batch_size` too, every buffer is allocated now, on the model's device and dtype."""
         loops = loops or self.config.total_ut_steps
-        cache = LoopedKVCache(self.policy.num_slots(loops), loops, capacity)
+        cache = LoopedKVCache(self.policy.num_slots(loops), loops, capacity, open_chunk=self.policy.open_chunk)
         if batch_size is not None:
             cache.allocate(batch_size, self.config.num_key_value_heads, self.config.head_dim, self.dtype, self.device)
         return cache
@@ -332,7 +335,12 @@ class LoopedModel(LoopedPreTrainedModel):
             key_padding = attention_mask.bool()
         if position_ids is None:
             position_ids = _positions(attention_mask, past, seq, input_ids.device)
-        if chunk_starts is None:
+        # decode_reads="chunk": pieces follow the grid of C cache positions from 0, and a piece
+        # inside an open chunk reads that chunk's earlier rows of its own loop (side buffer)
+        grid = cache.open_chunk if isinstance(cache, LoopedKVCache) and not cache.functional else None
+        if chunk_starts is None and grid:
+            chunk_starts = [0, *range(grid - past % grid, seq, grid)]
+        elif chunk_starts is None:
             chunk_starts = range(0, seq, self.policy.chunk_size or seq)
         elif list(chunk_starts[:1]) != [0] or any(b <= a for a, b in zip(chunk_starts, chunk_starts[1:])) \
                 or chunk_starts[-1] >= seq:
@@ -362,7 +370,11 @@ class LoopedModel(LoopedPreTrainedModel):
                     slot = self.policy.slot(loop, i)
                     if isinstance(cache, TransitionKVCache):
                         slot = (loop * len(self.layers) + i, slot)  # (Ouro's per-loop slot, MELT's)
-                    x, kv_states[i], attn_out = layer(x, rope, attn, cache, slot, start, kv_states[i])
+                    if grid:
+                        cache.restore_open_chunk(loop, slot, start)
+                    x, kv_states[i], attn_out = layer(x, rope, attn, cache, slot, start, kv_states[i], loop)
+                    if grid:
+                        cache.save_open_chunk(loop, slot, start, end)
                     if kept is not None:
                         rows = cache.keys[slot][:, :, start:end], cache.values[slot][:, :, start:end]
                         kept[i] = self.policy.accumulate(kept[i], loop, *rows)
@@ -375,6 +387,9 @@ class LoopedModel(LoopedPreTrainedModel):
                 if stop is not None and stop.update(loop, gates[loop][-1], x):
                     if cache is not None:
                         self.policy.fill_skipped_loops(cache, loop, loops, start, end)
+                    for later in range(loop + 1, loops) if grid else ():  # skipped loops: the last rows
+                        for i in range(len(self.layers)):
+                            cache.save_open_chunk(later, self.policy.slot(later, i), start, end)
                     x = stop.hidden
                     break
             if kept is not None:
@@ -449,6 +464,10 @@ def official_exit_steps(gate_logits: list[torch.Tensor], threshold: float) -> to
     return steps
 
 
+# transformers 5.24 renamed the output's cache field from past_key_values to cache
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 @dataclass
 class LoopedCausalLMOutput(CausalLMOutputWithPast):
     """CausalLMOutputWithPast plus the exit distribution (batch, seq, loops), for threshold exit
@@ -498,6 +517,19 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         self.config.kv_policy = canonical
         self.model.policy = policy
 
+    def use_decode_reads(self, mode: str) -> None:
+        """What MELT's decoded tokens read: "final" (earlier tokens' final rows) or "chunk" (they
+        continue the chunk grid, reading the open chunk's same-loop rows; see kv_cache.py). Caches
+        made before the switch no longer fit."""
+        if not hasattr(self.config, "decode_reads"):
+            raise ValueError(f"decode_reads={mode!r} asked of a {self.model.policy.name} model: it is MELT's choice")
+        if mode not in DECODE_READS:
+            raise ValueError(f"decode_reads must be one of {', '.join(DECODE_READS)}, got {mode!r}")
+        if mode == "chunk" and self.config.chunk_size is None:
+            raise ValueError("decode_reads='chunk' continues the chunk grid: this model has no chunk_size")
+        self.config.decode_reads = mode
+        self.model.policy = kv_policy_for(self.config)
+
     def kv_bytes_per_token(self, loops: int | None = None, dtype: torch.dtype | None = None) -> int:
         """Analytic KV-cache bytes per token at `loops` loops in `dtype` (default: the model's)."""
         return kv_bytes_per_token(self.config, loops or self.config.total_ut_steps, dtype or self.dtype)
@@ -518,6 +550,7 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         early_stop_threshold: float | None = None,
         chunk_starts: Sequence[int] | None = None,
         official_exit: bool = False,
+        cache: LoopedKVCache | None = None,
         **kwargs,
     ) -> LoopedCausalLMOutput:
         """Logits from the last loop unless `exit_at_step` (0-based), `exit_threshold` or
@@ -526,9 +559,14 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         has exited (see EarlyStop). `loops` overrides config.total_ut_steps for this call (1..64);
         `chunk_starts` overrides the chunk split (see LoopedModel.forward). `official_exit` applies
         the released code's default rule (config.early_exit_threshold, in the model's dtype; see
-        official_exit_steps) and nothing else."""
+        official_exit_steps) and nothing else. `cache` is `past_key_values` under the name
+        transformers' generate() passes from 5.24 on."""
         if input_ids is None:
             raise ValueError("input_ids is required")
+        if cache is not None:
+            if past_key_values is not None:
+                raise ValueError("pass the KV cache as past_key_values or as cache, not both")
+            past_key_values = cache
         loops = loops or self.config.total_ut_steps
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if exit_at_step is None:
@@ -580,6 +618,6 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
         return LoopedCausalLMOutput(
-            loss=loss, logits=logits, past_key_values=past_key_values, exit_pdf=pdf, exit_steps=exit_steps,
-            loops_run=out.loops_run,
+            loss=loss, logits=logits, exit_pdf=pdf, exit_steps=exit_steps, loops_run=out.loops_run,
+            **{_CACHE_FIELD: past_key_values},
         )

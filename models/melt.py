@@ -19,10 +19,15 @@ final-loop value, which is what later tokens read.
 Choices the notes leave open (config fields, MeltConfig):
   - first_loop_state="input": h_1 = x_1 (z ignored at t = 1); "zeros": h_0 = 0.
   - chunk_size=500 (the paper's training chunk): the sequence is processed in chunks, parallel
-    inside a chunk and sequential across chunks, at training and at prefill alike; decoding is
-    chunks of one token. None = the whole input as one chunk. Results depend on the chunking
-    (a chunk's tokens see each other's loop-t rows, not their final rows), so compare runs with
-    equal chunk sizes.
+    inside a chunk and sequential across chunks, at training and at prefill alike. None = the
+    whole input as one chunk. Results depend on the chunking (a chunk's tokens see each other's
+    loop-t rows, not their final rows), so compare runs with equal chunk sizes.
+  - decode_reads="final": decoding is chunks of one token, reading earlier tokens' final rows;
+    "chunk": decoding continues the chunk grid (the open chunk's loop-t rows come from a side
+    buffer of at most chunk_size x loops rows per layer, kv_cache.py), so generation computes
+    exactly what fixed-chunk training computed.
+  - gate="elementwise" (the equations above); "scalar", "mean", "ema", "last" are the paper's
+    gate ablation, as we read its names (kv_policy.py).
   - gate init: the notes report none. `from_ouro` copies every Ouro weight and sets W_z = U_z = 0,
     b_z = gate_bias_init (-6, z ~ 0.0025), so h_t ~ x_t: a fresh MELT rewrites each row with the
     current loop's keys/values, i.e. starts as Ouro with last-loop KV reuse at decode (the best
@@ -48,7 +53,8 @@ class MeltForCausalLM(LoopedForCausalLM):
     @classmethod
     def from_ouro(cls, ouro: OuroForCausalLM, **melt_fields) -> "MeltForCausalLM":
         """A MELT model with all of `ouro`'s weights and a freshly initialised gate.
-        `melt_fields` sets MeltConfig's own fields (chunk_size, first_loop_state, gate_bias_init)."""
+        `melt_fields` sets MeltConfig's own fields (chunk_size, first_loop_state, gate_bias_init,
+        decode_reads, gate)."""
         config = melt_config_from(ouro.config, **melt_fields)
         melt = cls(config).to(device=ouro.device, dtype=ouro.dtype)
         missing, unexpected = melt.load_state_dict(ouro.state_dict(), strict=False)

@@ -95,13 +95,17 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     kv_policy: str | None = None,
+    decode_reads: str | None = None,
 ) -> LoopedForCausalLM:
     """The preset's model: random weights, or `weights` (a local directory or hub id) loaded with
     `from_pretrained`. A MELT preset given Ouro weights is built with `MeltForCausalLM.from_ouro`.
-    `kv_policy` runs an Ouro-family model under a training-free KV policy (kv_policy.py)."""
+    `kv_policy` runs an Ouro-family model under a training-free KV policy (kv_policy.py);
+    `decode_reads` sets what a MELT model's decoded tokens read ("final" or "chunk")."""
     model = _load(name, weights, dtype, device)
     if kv_policy is not None:
         model.use_kv_policy(kv_policy)
+    if decode_reads is not None:
+        model.use_decode_reads(decode_reads)
     return model
 
 

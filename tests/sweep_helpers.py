@@ -38,3 +38,25 @@ def write_rows(path, kind: str, count: int) -> None:
     for loops in range(1, count + 1):
         point = {"model": "ouro-tiny", "loops": loops, "seq_len": 32, "batch_size": 1, "phase": "decode"}
         store.append(ResultRow(kind, f"{kind}-{loops}", point, "ok", None, {"peak_bytes": 1000 * loops}, {}, 0.1))
+
+
+def where_am_i(point, hold_s=0.0):
+    """A fake point that reports the GPU its child was pinned to, the NVML index melt-bench's
+    samplers would read for cuda:0, and when it ran (to see points overlap)."""
+    from melt_bench.memory_trackers import nvml_index_for
+
+    started = time.time()
+    time.sleep(hold_s)
+    metrics = {"visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "nvml_index": nvml_index_for(0),
+               "started": started, "ended": time.time(), "pid": os.getpid()}
+    return {"status": "ok", "error": None, "metrics": metrics}
+
+
+def kill_the_worker_at_loops_2(point, gpu=None):
+    """A point runner (as executors call it) that kills its own process, a Ray worker, at the
+    point with 2 loops: the node or worker dying mid-point."""
+    from melt_bench.launcher import ChildOutcome
+
+    if point.loops == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return ChildOutcome("ok", value={"status": "ok", "error": None, "metrics": {"pid": os.getpid()}}, wall_s=0.01)

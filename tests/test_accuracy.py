@@ -75,8 +75,8 @@ def test_exact_match_equals_the_fraction_answered_right(tmp_path, monkeypatch):
     wrong = list(answers)[1]  # the second document gets a wrong number
     tokenizer = byte_tokenizer()
 
-    def oracle_load_model(name, weights=None, dtype=None, device=None, kv_policy=None):
-        model = load_model(name, weights, dtype=dtype, device=device, kv_policy=kv_policy)
+    def oracle_load_model(name, weights=None, dtype=None, device=None, **settings):
+        model = load_model(name, weights, dtype=dtype, device=device, **settings)
 
         def generate(input_ids=None, attention_mask=None, loops=None, **kwargs):
             seen_loops.append(loops)
@@ -145,8 +145,8 @@ def test_accuracy_bad_input(args, needle, capsys):
 
 
 def test_official_exit_mode_records_the_fraction_of_tokens_that_exited_early(tmp_path, monkeypatch):
-    def saturated_gate(name, weights=None, dtype=None, device=None, kv_policy=None):
-        model = load_model(name, weights, dtype=dtype, device=device, kv_policy=kv_policy)
+    def saturated_gate(name, weights=None, dtype=None, device=None, **settings):
+        model = load_model(name, weights, dtype=dtype, device=device, **settings)
         with torch.no_grad():
             model.model.early_exit_gate.bias.fill_(30.0)  # sigmoid is exactly 1.0: exit at loop 1
         return model

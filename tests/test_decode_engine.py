@@ -43,7 +43,9 @@ def max_diff(a, b):
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-MODELS = {"ouro": make_ouro, "melt": functools.partial(make_melt, chunk_size=5)}
+MODELS = {"ouro": make_ouro, "melt": functools.partial(make_melt, chunk_size=5),
+          # decoding continues the prompt's chunk grid: 12 prompt tokens, then chunk [10, 15) fills, [15, 20) opens
+          "melt-chunk-reads": functools.partial(make_melt, chunk_size=5, decode_reads="chunk")}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -79,8 +81,8 @@ def test_engine_refuses_an_unknown_engine():
         DecodeEngine(make_ouro(), 2, 1, 8, "turbo")
 
 
-# Compiling costs seconds per graph on a CPU: three cases, tiny shapes.
-@pytest.mark.parametrize("name,threshold", [("ouro", None), ("melt", None), ("ouro", 0.5)])
+# Compiling costs seconds per graph on a CPU: four cases, tiny shapes.
+@pytest.mark.parametrize("name,threshold", [("ouro", None), ("melt", None), ("ouro", 0.5), ("melt-chunk-reads", None)])
 def test_compiled_engine_gives_the_eager_tokens_and_logits(name, threshold, ids):
     model = MODELS[name]()
     capacity = ids.shape[1] + NEW_TOKENS

@@ -1,0 +1,77 @@
+"""Accuracy against KV memory: which points no other point beats (the Pareto frontier), and, at
+each trained-gate point (MELT), the best a training-free KV policy does with no more KV bytes per
+token. Reads the accuracy rows of the results DataFrame (`model`, `loops`, `value`,
+`kv_bytes_per_token` and the metric `kv_policy`: the policy a point ran under)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+from melt_bench.models import PRESETS
+from melt_bench.models.kv_policy import is_training_free
+
+
+def pareto_mask(cost: Sequence[float], value: Sequence[float]) -> list[bool]:
+    """True for each point that no other point dominates: none costs no more and scores no less
+    while being strictly better in one of the two (equal points are all kept)."""
+    points = list(zip(cost, value))
+    return [not any(c <= ci and v >= vi and (c < ci or v > vi) for c, v in points) for ci, vi in points]
+
+
+def training_free_column(frame: pd.DataFrame) -> pd.Series:
+    """Per row: True where the point ran a training-free KV policy, False for a trained gate
+    (MELT). Rows written before policies were recorded fall back on the preset's family."""
+    def one(row) -> bool:
+        policy = row.get("kv_policy")
+        if isinstance(policy, str):
+            return is_training_free(policy)
+        return PRESETS[row.model_name].family != "melt" if row.get("model_name") in PRESETS else True
+    return frame.apply(one, axis=1) if len(frame) else pd.Series(dtype=bool)
+
+
+def matched_memory(frame: pd.DataFrame) -> pd.DataFrame:
+    """For every trained-gate point, the best training-free point (any model, policy and loop
+    count) whose measured KV bytes per token are at most the trained point's: one row each with
+    both values and the difference (training-free minus trained). Empty when either side is."""
+    frame = frame[frame.kv_bytes_per_token.notna() & frame.value.notna()]
+    free = training_free_column(frame)
+    trained, rivals = frame[~free], frame[free]
+    rows = []
+    for _, point in trained.sort_values(["model", "loops"]).iterrows():
+        within = rivals[rivals.kv_bytes_per_token <= point.kv_bytes_per_token]
+        if within.empty:
+            continue
+        # the best value; among equals the smaller memory, then the fewer loops
+        best = within.sort_values(["value", "kv_bytes_per_token", "loops"], ascending=[False, True, True]).iloc[0]
+        rows.append({"trained": point.model, "loops": point.loops, "value": point.value,
+                     "stderr": _stderr(point), "KV/token": int(point.kv_bytes_per_token),
+                     "best training-free": best.model, "its loops": best.loops, "its value": best.value,
+                     "its stderr": _stderr(best), "its KV/token": int(best.kv_bytes_per_token),
+                     "difference": best.value - point.value})
+    return pd.DataFrame(rows)
+
+
+def _stderr(row) -> float:
+    stderr = row.get("stderr")
+    return float(stderr) if stderr is not None and pd.notna(stderr) else 0.0
+
+
+def verdicts(matched: pd.DataFrame, metric: str = "value") -> list[str]:
+    """One plain sentence per trained model, at its best point (highest value, fewest loops):
+    whether a training-free policy matches it with no more KV memory. "Matches" means within the
+    larger of the two standard errors."""
+    lines = []
+    for model, rows in matched.groupby("trained", sort=True):
+        row = rows.sort_values(["value", "loops"], ascending=[False, True]).iloc[0]
+        gap, noise = row["difference"], max(row["stderr"], row["its stderr"])
+        outcome = ("matches it" if abs(gap) <= noise else "beats it" if gap > 0 else "falls short")
+        lines.append(f"{model} at {_loops(row.loops)}: {metric} {row.value:.3f} with {row['KV/token']:,} KV bytes per "
+                     f"token. The best training-free point with no more KV memory, {row['best training-free']} at "
+                     f"{_loops(row['its loops'])}, scores {row['its value']:.3f} ({gap:+.3f}): it {outcome}.")
+    return lines
+
+
+def _loops(count: int) -> str:
+    return f"{count} loop" if count == 1 else f"{count} loops"

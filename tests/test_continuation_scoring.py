@@ -1,0 +1,74 @@
+"""--score-continuation-as: a log-likelihood continuation scored in one forward ("chunk") or as
+generation computes it ("decode"); equal for Ouro, different for MELT reading final rows, equal
+again when MELT's decoding continues the chunk grid."""
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from melt_bench.accuracy import AccuracyPoint
+from melt_bench.byte_tokenizer import byte_tokenizer
+from melt_bench.cli import main
+from melt_bench.lm_eval_adapter import LoopedHFLM
+from melt_bench.models import load_model
+
+CONTEXT, CONTINUATION = "Question: 12+30?\nAnswer:", " #### 42"
+
+
+def scores(model, mode: str) -> tuple[float, bool]:
+    lm = LoopedHFLM(model, byte_tokenizer(), loops=3, score_continuation_as=mode, batch_size=1, max_length=512)
+    [answer] = lm.loglikelihood([Instance("loglikelihood", {}, (CONTEXT, CONTINUATION), 0)])
+    assert lm.loglikelihood_requests == 1
+    return answer
+
+
+def decoded_logprob(model) -> float:
+    """The reference: prefill the context, then feed the continuation one token at a time."""
+    lm = LoopedHFLM(model, byte_tokenizer(), loops=3, batch_size=1, max_length=512)
+    context, continuation = lm._encode_pair(CONTEXT, CONTINUATION)
+    cache = model.new_cache(3)
+    with torch.no_grad():
+        logits = [model(torch.tensor([context]), past_key_values=cache, loops=3).logits[0, -1]]
+        for token in continuation[:-1]:
+            logits.append(model(torch.tensor([[token]]), past_key_values=cache, loops=3).logits[0, -1])
+    return sum(float(torch.log_softmax(row.float(), -1)[token]) for row, token in zip(logits, continuation))
+
+
+def melt(decode_reads: str = "final"):
+    model = load_model("melt-tiny", decode_reads=decode_reads)
+    with torch.no_grad():  # a gate that matters
+        for layer in model.model.layers:
+            layer.self_attn.kv_gate.w_z.weight.normal_(std=0.3)
+            layer.self_attn.kv_gate.w_z.bias.zero_()
+    return model
+
+
+def test_melt_reading_final_rows_is_scored_as_decoded_only_in_decode_mode():
+    model = melt()
+    by_decode, by_chunk = scores(model, "decode"), scores(model, "chunk")
+    assert by_decode[0] == pytest.approx(decoded_logprob(model), abs=1e-4)
+    assert abs(by_chunk[0] - by_decode[0]) > 1e-3  # one forward reads the chunk's same-loop rows instead
+
+
+def test_ouro_and_chunk_grid_melt_score_alike_either_way():
+    ouro = load_model("ouro-tiny")
+    assert scores(ouro, "decode")[0] == pytest.approx(scores(ouro, "chunk")[0], abs=1e-4)
+    assert scores(ouro, "decode")[0] == pytest.approx(decoded_logprob(ouro), abs=1e-4)
+    grid = melt("chunk")
+    assert scores(grid, "decode")[0] == pytest.approx(scores(grid, "chunk")[0], abs=1e-4)
+    assert scores(grid, "chunk")[0] == pytest.approx(decoded_logprob(grid), abs=1e-4)
+
+
+def test_the_default_keeps_point_ids_and_a_bad_mode_is_one_line(capsys):
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    point = AccuracyPoint("melt-tiny", 2, "gsm8k")
+    assert point.point_id != AccuracyPoint("melt-tiny", 2, "gsm8k", score_continuation_as="decode").point_id
+    # the id of a point from before the new fields: results written then still --resume
+    older = {k: v for k, v in asdict(point).items() if k not in ("kv_policy", "decode_reads", "score_continuation_as")}
+    assert point.point_id == hashlib.sha256(json.dumps({"command": "accuracy", **older}, sort_keys=True).encode()).hexdigest()[:16]
+    assert main(["accuracy", "--models", "melt-tiny", "--score-continuation-as", "greedy", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--score-continuation-as: 'greedy' is not one of chunk, decode" in err[0]

@@ -1,0 +1,65 @@
+"""Data parallel on CPU, two processes over gloo (torchrun with ACCELERATE_USE_CPU, which is what
+accelerate launch does on GPUs): conversion equals one process accumulating the same global
+batch; accuracy scores the same documents once each, with one set of rows and every rank's peak."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from melt_bench.convert import ConvertConfig, micro_batches
+from melt_bench.models import load_model
+from melt_bench.results import ResultsStore
+
+DATA = Path(__file__).parent / "data"
+CONVERT = ["convert", "--from", "ouro-tiny", "--data", str(DATA / "gsm8k" / "train.jsonl"), "--device", "cpu",
+           "--no-progress", "--chunk-size", "16", "--transition-steps", "2", "--distill-steps", "2",
+           "--batch-size", "2", "--seq-len", "40", "--tokens-per-step", "160", "--lr-base", "1e-3", "--lr-gate", "1e-2"]
+ACCURACY = ["accuracy", "--tasks", "gsm8k", "--models", "ouro-tiny", "--loops", "2", "--limit", "5", "--num-fewshot",
+            "0", "--max-gen-toks", "6", "--data-dir", str(DATA), "--device", "cpu", "--dtype", "float32"]
+
+
+def melt_bench(args, ranks: int, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+                str(29400 + os.getpid() % 500), "-m", "melt_bench"] if ranks > 1 else [sys.executable, "-m", "melt_bench"]
+    result = subprocess.run([*launcher, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_micro_batches_round_up_to_the_ranks():
+    config = ConvertConfig(source="ouro-tiny", out="x", data="d", batch_size=2, seq_len=40, tokens_per_step=200)
+    assert micro_batches(config) == 3 and micro_batches(config, ranks=2) == 4 and micro_batches(config, ranks=3) == 3
+
+
+def test_two_ranks_convert_exactly_as_one_process_with_the_same_global_batch(tmp_path):
+    melt_bench([*CONVERT, "--out", str(tmp_path / "one")], 1, tmp_path)
+    melt_bench([*CONVERT, "--out", str(tmp_path / "two")], 2, tmp_path)
+    one = load_model("melt-tiny", weights=tmp_path / "one" / "model").state_dict()
+    two = load_model("melt-tiny", weights=tmp_path / "two" / "model").state_dict()
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+    logs = [[json.loads(line) for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]
+    assert len(logs[1]) == 4 and [row["ranks"] for row in logs[1]] == [2] * 4  # one writer
+    for a, b in zip(*logs):
+        assert (a["micro_batches"], a["tokens"]) == (b["micro_batches"], b["tokens"]) == (2, 160)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_two_ranks_score_the_same_documents_once_with_one_set_of_rows(tmp_path):
+    melt_bench([*ACCURACY, "--out", str(tmp_path / "one.jsonl")], 1, tmp_path)
+    melt_bench([*ACCURACY, "--out", str(tmp_path / "two.jsonl")], 2, tmp_path)
+    one, two = ResultsStore(tmp_path / "one.jsonl").read(), ResultsStore(tmp_path / "two.jsonl").read()
+    assert len(two) == len(one) == 2  # strict-match and flexible-extract, written once
+    for a, b in zip(one, two):
+        assert (a.metrics["value"], a.metrics["n_samples"]) == (b.metrics["value"], b.metrics["n_samples"])
+        assert a.metrics["responses_sha256"] == b.metrics["responses_sha256"]  # the same answers to the same documents
+        assert b.metrics["ranks"] == 2 and len(b.metrics["peak_bytes_per_rank"]) == 2
+        assert b.metrics["peak_bytes"] == max(b.metrics["peak_bytes_per_rank"]) and "ranks" not in a.metrics

@@ -1,0 +1,83 @@
+"""Accuracy against KV memory: the Pareto frontier, the matched-memory comparison of trained-gate
+points with training-free ones, its plain verdicts, and their place in the report."""
+
+import pandas as pd
+
+from melt_bench.pareto import matched_memory, pareto_mask, training_free_column, verdicts
+from melt_bench.report import build_report
+from melt_bench.results import ResultRow, ResultsStore, rows_to_frame
+
+
+def test_frontier_keeps_only_undominated_points_and_ties():
+    cost = [1, 1, 2, 4, 4, 8]
+    value = [0.0, 0.5, 0.5, 1.0, 0.9, 1.0]
+    # (1, 0.0) loses to (1, 0.5); (2, 0.5) to (1, 0.5); (4, 0.9) to (4, 1.0); (8, 1.0) to (4, 1.0)
+    assert pareto_mask(cost, value) == [False, True, False, True, False, False]
+    assert pareto_mask([2, 2], [0.7, 0.7]) == [True, True]
+
+
+def row(model, loops, value, kv, policy=None, weights=None, stderr=0.01, record_policy=True):
+    point = dict(command="accuracy", model=model, loops=loops, task="addition", exit_mode="last", num_fewshot=0,
+                 limit=None, batch_size=25, max_gen_toks=None, dtype="float32", device="cpu", weights=weights,
+                 data_dir=None, metric="exact_match", filter="strict-match")
+    if policy:
+        point["kv_policy"] = policy
+    metrics = {"value": value, "stderr": stderr, "n_samples": 200, "peak_bytes": 10**8, "kv_bytes_per_token": kv}
+    if record_policy:
+        metrics["kv_policy"] = policy or ("shared-gated" if model.startswith("melt") else "per-loop")
+    return ResultRow("accuracy", f"{model}-{policy}-{weights}-{loops}", point, "ok", None, metrics, {"host": "h"}, 1.0)
+
+
+def proof_rows():
+    return [row("ouro-tiny", 4, 1.0, 8192, "per-loop", "/w/teacher"),
+            row("ouro-tiny", 2, 0.1, 4096, "per-loop", "/w/teacher"),
+            row("ouro-tiny", 4, 0.9, 2048, "last-loop", "/w/teacher"),
+            row("ouro-tiny", 3, 0.95, 2048, "last-loop", "/w/teacher"),
+            row("ouro-tiny", 4, 0.2, 2048, "first-loop", "/w/teacher"),
+            row("melt-tiny", 4, 1.0, 2048, None, "/w/melt-converted/model"),
+            row("melt-tiny", 2, 0.0, 2048, None, "/w/melt-converted/model"),
+            row("melt-tiny", 4, 0.0, 2048, None, "/w/melt-fresh")]
+
+
+def test_each_trained_point_meets_the_best_training_free_point_within_its_memory():
+    matched = matched_memory(rows_to_frame(proof_rows())).set_index(["trained", "loops"])
+    converted = matched.loc[("melt-tiny @ melt-converted/model", 4)]
+    # per-loop's 1.0 costs 8 KiB, more than MELT's 2 KiB: the best within 2 KiB is last-loop at 3 loops
+    assert converted["best training-free"] == "ouro-tiny (last-loop)" and converted["its loops"] == 3
+    assert converted["its value"] == 0.95 and abs(converted["difference"] + 0.05) < 1e-12
+    assert matched.loc[("melt-tiny @ w/melt-fresh", 4)]["difference"] == 0.95
+
+
+def test_verdicts_say_plainly_who_wins_at_equal_memory():
+    lines = verdicts(matched_memory(rows_to_frame(proof_rows())), "exact_match")
+    converted, fresh = sorted(lines)
+    assert converted.startswith("melt-tiny @ melt-converted/model at 4 loops: exact_match 1.000 with 2,048 KV")
+    assert "ouro-tiny (last-loop) at 3 loops, scores 0.950 (-0.050): it falls short." in converted
+    assert fresh.endswith("(+0.950): it beats it.")
+    # within the larger standard error is a match, not a win
+    close = [row("ouro-tiny", 4, 0.97, 2048, "mean", stderr=0.02), row("melt-tiny", 4, 0.98, 2048)]
+    [line] = verdicts(matched_memory(rows_to_frame(close)))
+    assert line.endswith("(-0.010): it matches it.")
+
+
+def test_rows_without_a_recorded_policy_fall_back_on_the_preset_family():
+    frame = rows_to_frame([row("ouro-tiny", 4, 1.0, 8192, record_policy=False),
+                           row("melt-tiny", 4, 1.0, 2048, record_policy=False),
+                           row("ouro-tiny", 4, 1.0, 2048, "last-loop")])
+    assert list(training_free_column(frame)) == [True, False, True]
+
+
+def test_report_draws_the_frontier_and_states_the_verdict(tmp_path):
+    store = ResultsStore(tmp_path / "proof.jsonl")
+    for result in proof_rows():
+        store.append(result)
+    html = build_report([store.path])
+    assert "accuracy vs KV bytes per token (Pareto)" in html
+    assert "it falls short." in html and "best training-free" in html
+    # without a trained-gate point there is nothing to match: the plot stays, the verdict goes
+    only_ouro = ResultsStore(tmp_path / "ouro.jsonl")
+    for result in proof_rows()[:5]:
+        only_ouro.append(result)
+    html = build_report([only_ouro.path])
+    assert "(Pareto)" in html and "best training-free" not in html
+    assert isinstance(matched_memory(rows_to_frame(proof_rows()[:5])), pd.DataFrame)
