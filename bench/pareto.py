@@ -31,11 +31,26 @@ def training_free_column(frame: pd.DataFrame) -> pd.Series:
     return frame.apply(one, axis=1) if len(frame) else pd.Series(dtype=bool)
 
 
+def kv_cost_per_token(frame: pd.DataFrame) -> pd.Series:
+    """Measured KV bytes per token, plus MELT's open-chunk side buffer (decode_reads="chunk")
+    spread over one chunk: what a sequence one chunk long holds per token. That is the worst case
+    (a longer sequence spreads the buffer thinner) and the case of short tasks, where a chunk-read
+    MELT keeps every loop's rows of the open chunk, as much as Ouro does and more."""
+    cost = frame.kv_bytes_per_token.astype(float)
+    if "kv_side_buffer_bytes_per_sequence" in frame and "chunk_size" in frame:
+        side = frame.kv_side_buffer_bytes_per_sequence.fillna(0).astype(float)
+        chunk = frame.chunk_size.astype(float).where(side > 0, 1.0)
+        cost = cost + side / chunk
+    return cost
+
+
 def matched_memory(frame: pd.DataFrame) -> pd.DataFrame:
     """For every trained-gate point, the best training-free point (any model, policy and loop
-    count) whose measured KV bytes per token are at most the trained point's: one row each with
-    both values and the difference (training-free minus trained). Empty when either side is."""
+    count) whose KV bytes per token (kv_cost_per_token) are at most the trained point's: one row
+    each with both values and the difference (training-free minus trained). Empty when either
+    side is."""
     frame = frame[frame.kv_bytes_per_token.notna() & frame.value.notna()]
+    frame = frame.assign(kv_bytes_per_token=kv_cost_per_token(frame))
     free = training_free_column(frame)
     trained, rivals = frame[~free], frame[free]
     rows = []

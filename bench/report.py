@@ -22,7 +22,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 from markupsafe import Markup  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .pareto import matched_memory, pareto_mask, verdicts  # noqa: E402
+from .pareto import kv_cost_per_token, matched_memory, pareto_mask, verdicts  # noqa: E402
 from .repeats import combine_repeats  # noqa: E402
 from .results import ResultsStore, rows_to_frame  # noqa: E402
 from .summary_tables import latest_rows  # noqa: E402
@@ -310,6 +310,7 @@ def _pareto_figure(part: pd.DataFrame, key) -> Figure:
     """Accuracy against measured KV bytes per token, one point per model (and KV policy) and loop
     count; the points no other beats are joined by the frontier line and ringed."""
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    part = part.assign(kv_bytes_per_token=kv_cost_per_token(part))
     for index, (model, series) in enumerate(part.groupby("model")):
         ax.scatter(series.kv_bytes_per_token / 1024, series.value, marker=MARKERS[index % len(MARKERS)],
                    facecolors="none", edgecolors=f"C{index % 10}", s=max(70 - 12 * (index % 4), 25), label=str(model))
@@ -320,7 +321,7 @@ def _pareto_figure(part: pd.DataFrame, key) -> Figure:
     ax.step(front.kv_bytes_per_token / 1024, front.value, where="post", color="black", lw=1, alpha=0.6,
             label="Pareto frontier")
     ax.scatter(front.kv_bytes_per_token / 1024, front.value, s=160, facecolors="none", edgecolors="black", lw=0.8)
-    ax.set_xlabel("KV cache per token, measured (KiB)")
+    ax.set_xlabel("KV cache per token, measured (KiB; MELT reading its chunk grid: + its side buffer / chunk size)")
     ax.set_ylabel(str(key[1]))
     title = f"accuracy vs KV bytes per token (Pareto) | {_label(key)}"
     ax.set_title(title, fontsize=10)

@@ -33,7 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configs import DECODE_READS, MAX_LOOPS, OuroConfig
 from .kv_cache import LoopedKVCache, TransitionKVCache
-from .kv_policy import GateLogit, GateProjection, KVPolicy, kv_bytes_per_token, kv_policy_for, parse_kv_policy
+from .kv_policy import EmaGate, GateProjection, KVPolicy, kv_bytes_per_token, kv_policy_for, parse_kv_policy
 
 
 class RMSNorm(nn.Module):
@@ -228,7 +228,7 @@ class LoopedPreTrainedModel(PreTrainedModel):
             init.zeros_(module.weight)
             if module.bias is not None:
                 init.constant_(module.bias, getattr(self.config, "gate_bias_init", 0.0))
-        elif isinstance(module, GateLogit):  # the ema gate's decay logit: starts as last-loop too
+        elif isinstance(module, EmaGate):  # the ema gate's decay logit: starts as last-loop too
             init.constant_(module.logit, getattr(self.config, "gate_bias_init", 0.0))
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)

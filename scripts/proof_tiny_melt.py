@@ -48,14 +48,16 @@ def main() -> None:
     work, data, teach, conv, ev = args.work, recipe["data"], recipe["teacher"], recipe["convert"], recipe["evaluate"]
     work.mkdir(parents=True, exist_ok=True)
     write_addition(work / "data", data["digits"], data["train"], data["test"], data["seed"])
-    teacher, fresh = work / "teacher", work / "melt-fresh"
+    # a recipe may train its own teacher (another shape, or packed sequences): `teacher_dir`
+    teacher = work / recipe.get("teacher_dir", "teacher")
+    fresh = work / ("melt-fresh" if teacher.name == "teacher" else f"melt-fresh-{teacher.name}")
     if (teacher / "config.json").exists():
         check_teacher(teacher, teach)
     else:
         run(sys.executable, str(Path(__file__).parent / "train_tiny_ouro.py"), "--data-dir", str(work / "data"),
             "--out", str(teacher), "--steps", str(teach["steps"]), "--batch-size", str(teach["batch_size"]),
             "--hidden", str(teach["hidden"]), "--layers", str(teach["layers"]), "--loops", str(teach["loops"]),
-            "--lr", str(teach["lr"]))
+            "--lr", str(teach["lr"]), *(["--pack-to", str(teach["pack_to"])] if teach.get("pack_to") else []))
     melt = MeltForCausalLM.from_ouro(OuroForCausalLM.from_pretrained(str(teacher)), chunk_size=conv["chunk_size"])
     melt.save_pretrained(fresh)
     byte_tokenizer().save_pretrained(fresh)
@@ -87,11 +89,12 @@ def main() -> None:
 def check_teacher(teacher: Path, settings: dict) -> None:
     """A teacher already in the work directory must be the recipe's: same shape and loops."""
     config = json.loads((teacher / "config.json").read_text())
-    have = (config["hidden_size"], config["num_hidden_layers"], config["total_ut_steps"])
-    want = (settings["hidden"], settings["layers"], settings["loops"])
+    have = (config["hidden_size"], config["num_hidden_layers"], config["total_ut_steps"],
+            config["max_position_embeddings"])
+    want = (settings["hidden"], settings["layers"], settings["loops"], max(256, settings.get("pack_to") or 0))
     if have != want:
-        raise SystemExit(f"{teacher} holds a teacher of (hidden, layers, loops) {have}, the recipe asks {want}: "
-                         "use another --work directory")
+        raise SystemExit(f"{teacher} holds a teacher of (hidden, layers, loops, positions) {have}, the recipe asks "
+                         f"{want}: use another --work directory or teacher_dir")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from melt_bench.byte_tokenizer import byte_tokenizer
+from melt_bench.convert import ConvertConfig, load_texts, packed_batch
 from melt_bench.models import OuroConfig, OuroForCausalLM
 
 
@@ -36,6 +37,9 @@ def main() -> None:
     parser.add_argument("--loops", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)  # 3e-3 leaves 4 loops underfit
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pack-to", type=int, default=None,
+                        help="train on sequences of N tokens packed with problems (EOS between them), as "
+                        "melt-bench convert --pack-to packs them (default: one problem per row)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     tokenizer = byte_tokenizer()
@@ -49,16 +53,25 @@ def main() -> None:
         mask[i, start : len(seq)] = True
     config = OuroConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.hidden * 3,
                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-                        head_dim=args.hidden // 4, max_position_embeddings=256, rope_theta=10_000.0,
+                        head_dim=args.hidden // 4, max_position_embeddings=max(256, args.pack_to or 0),
+                        rope_theta=10_000.0,
                         total_ut_steps=args.loops)
     model = OuroForCausalLM(config).train()
+    texts = load_texts(str(args.data_dir / "addition" / "train.jsonl"))
+    packing = ConvertConfig(source="", out="", data="", pack_to=args.pack_to, batch_size=args.batch_size,
+                            seed=args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(args.seed)
     started = time.time()
     for step in range(args.steps):
-        pick = torch.randint(0, len(ids), (args.batch_size,), generator=generator)
-        batch, target_mask = ids[pick], mask[pick]
+        if args.pack_to:
+            packed = packed_batch(tokenizer, texts, packing, step)
+            batch, target_mask = packed.ids, packed.targets
+            target_mask = torch.cat([torch.zeros_like(target_mask[:, :1]), target_mask[:, :-1]], dim=1)  # at the token
+        else:
+            pick = torch.randint(0, len(ids), (args.batch_size,), generator=generator)
+            batch, target_mask = ids[pick], mask[pick]
         logits = model(batch, use_cache=False).logits[:, :-1]
         loss = F.cross_entropy(logits[target_mask[:, 1:]], batch[:, 1:][target_mask[:, 1:]])
         optimizer.zero_grad()

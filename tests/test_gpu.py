@@ -1,6 +1,8 @@
 """GPU checks (skipped without CUDA): numerics on the device, cache bytes against the CUDA
 allocator, and NVML against a real allocation."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -13,9 +15,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
-@pytest.mark.parametrize("make", [make_ouro, make_melt])
+@pytest.mark.parametrize("make", [make_ouro, partial(make_melt, chunk_size=1),
+                                  partial(make_melt, chunk_size=4, decode_reads="chunk")])  # the grid continued
 def test_incremental_matches_full_forward_on_cuda(make, ids):
-    model = (make(chunk_size=1) if make is make_melt else make()).cuda()
+    model = make().cuda()
     ids = ids.cuda()
     full = model(ids, use_cache=False, loops=4).logits
     cache = model.new_cache(4, capacity=ids.shape[1])
@@ -136,3 +139,19 @@ def test_compiled_engine_with_cuda_graphs_decodes_the_eager_tokens(model):
         assert c["energy_decode_j_per_token"] is None
     else:
         assert c["energy_decode_j_per_token"] is not None and c["energy_prefill_window_s"] >= 1.0
+
+
+@cuda
+def test_the_gpu_pool_pins_every_point_to_its_gpu(tmp_path):
+    """--gpus all: every row ran on one of the machine's GPUs, and NVML's figures are that GPU's."""
+    from melt_bench.cli import main
+    from melt_bench.results import ResultsStore
+
+    out = tmp_path / "m.jsonl"
+    assert main(["memory", "--models", "ouro-tiny,melt-tiny", "--loops", "1,2", "--seq-lens", "64", "--batch-sizes",
+                 "1", "--new-tokens", "4", "--dtype", "float32", "--gpus", "all", "--allow-busy-gpus",
+                 "--no-progress", "--out", str(out)]) == 0
+    rows = ResultsStore(out).read()
+    gpus = {str(index) for index in range(torch.cuda.device_count())}
+    assert len(rows) == 4 and all(row.status == "ok" and row.metrics["gpu"] in gpus for row in rows)
+    assert all(row.metrics["nvml_device_used_peak_bytes"] > 0 for row in rows)

@@ -9,16 +9,15 @@ import torch
 
 from melt_bench.byte_tokenizer import byte_tokenizer
 from melt_bench.cli import main
-from melt_bench.convert import ConvertConfig, batch_for_step, load_texts, micro_batches, pack_rows, run_convert
+from melt_bench.convert import batch_for_step, load_texts, micro_batches, pack_rows, run_convert
 from melt_bench.models import MeltForCausalLM, load_model
+from test_convert import config as convert_config
 
 DATA = Path(__file__).parent / "data" / "gsm8k" / "train.jsonl"
 
 
-def config(out: Path, **overrides) -> ConvertConfig:
-    fields = dict(source="ouro-tiny", out=str(out), data=str(DATA), chunk_size=16, transition_steps=1,
-                  distill_steps=1, lr_base=1e-4, lr_gate=1e-2, batch_size=2, seq_len=40, checkpoint_every=1)
-    return ConvertConfig(**{**fields, **overrides})
+def config(out: Path, **overrides):
+    return convert_config(out, **{"transition_steps": 1, "distill_steps": 1, **overrides})
 
 
 def test_pack_rows_keeps_every_row_whole_once_and_in_order():

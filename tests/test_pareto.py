@@ -3,7 +3,7 @@ points with training-free ones, its plain verdicts, and their place in the repor
 
 import pandas as pd
 
-from melt_bench.pareto import matched_memory, pareto_mask, training_free_column, verdicts
+from melt_bench.pareto import kv_cost_per_token, matched_memory, pareto_mask, training_free_column, verdicts
 from melt_bench.report import build_report
 from melt_bench.results import ResultRow, ResultsStore, rows_to_frame
 
@@ -81,3 +81,14 @@ def test_report_draws_the_frontier_and_states_the_verdict(tmp_path):
     html = build_report([only_ouro.path])
     assert "(Pareto)" in html and "best training-free" not in html
     assert isinstance(matched_memory(rows_to_frame(proof_rows()[:5])), pd.DataFrame)
+
+
+def test_a_chunk_reading_melt_pays_for_its_side_buffer():
+    # chunk reads at 4 loops, chunk 32: 2 KiB kept per token + 4 x 32 x 2 KiB of side buffer per
+    # sequence, i.e. 8 KiB more per token of a one-chunk sequence: more than Ouro's 8 KiB in all
+    chunk = row("melt-tiny", 4, 1.0, 2048, weights="/w/melt", stderr=0.0)
+    chunk.metrics.update(kv_side_buffer_bytes_per_sequence=4 * 32 * 2048, chunk_size=32, decode_reads="chunk")
+    frame = rows_to_frame([chunk, row("ouro-tiny", 4, 1.0, 8192, "per-loop"), row("ouro-tiny", 4, 0.2, 2048, "last-loop")])
+    assert list(kv_cost_per_token(frame)) == [10240.0, 8192.0, 2048.0]
+    [line] = verdicts(matched_memory(frame))
+    assert "with 10,240 KV bytes per token" in line and "ouro-tiny (per-loop) at 4 loops, scores 1.000 (+0.000): it matches it." in line
