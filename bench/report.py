@@ -287,6 +287,10 @@ def accuracy_section(frame: pd.DataFrame) -> Section | None:
     table["peak"] = acc.peak_bytes.map(format_bytes)
     if "kv_bytes_per_token" in acc:
         table["KV/token"] = acc.kv_bytes_per_token.map(lambda v: format_bytes(v) if pd.notna(v) else "-")
+    if "kv_side_buffer_bytes_per_sequence" in acc and acc.kv_side_buffer_bytes_per_sequence.fillna(0).any():
+        # MELT reading its chunk grid: the open chunk's per-loop rows, per sequence
+        table["side buffer/sequence"] = acc.kv_side_buffer_bytes_per_sequence.map(
+            lambda v: format_bytes(v) if pd.notna(v) and v else "-")
     section.tables.append(html_table(table.round(4).sort_values(["task", "filter", "model", "loops"])))
     return section
 
