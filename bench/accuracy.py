@@ -20,7 +20,7 @@ from .lm_eval_logs import lm_eval_output
 from .measure_memory import classify_failure, kv_metrics
 from .memory_trackers import CudaAllocatorTracker, RssTracker
 from .results import ResultRow, ResultsStore
-from .sweep import SweepInterrupted, outcome_to_row
+from .sweep import SweepInterrupted, outcome_to_row, variant_label
 from .units import parse_dtype
 
 
@@ -108,9 +108,7 @@ def run_accuracy(
     with progress:
         bar = progress.add_task("accuracy", total=len(todo), last="")
         for point in todo:
-            policy = f" kv={point.kv_policy}" if point.kv_policy else ""
-            policy += f" reads={point.decode_reads}" if point.decode_reads else ""
-            progress.update(bar, last=f"{point.model}{policy} loops={point.loops} {point.task} exit={point.exit_mode}")
+            progress.update(bar, last=f"{variant_label(point)} loops={point.loops} {point.task} exit={point.exit_mode}")
             args = (point, task_manager, tokenizer_source, meta, log_path)
             if world > 1:
                 rows, warnings = evaluate_point(*args)
@@ -226,10 +224,9 @@ def _evaluate(lm, point: AccuracyPoint, task_manager, simple_evaluate, meta: dic
     if per_rank is not None:
         memory.update(peak_bytes_per_rank=per_rank, peak_bytes=max(per_rank), ranks=len(per_rank),
                       peak_source=memory["peak_source"] + ", the largest of the ranks")
-    if status == "ok":
-        memory["responses_sha256"] = responses_hash(results, point.task)
     if status != "ok":
         return [ResultRow("accuracy", point.point_id, point.to_dict(), status, error, memory, meta, wall)]
+    memory["responses_sha256"] = responses_hash(results, point.task)
     kv = {"kv_bytes_per_token": measured_kv_bytes_per_token(lm.model, point.loops),
           "kv_side_buffer_bytes_per_sequence": measured_side_buffer_bytes(lm.model, point.loops),
           "kv_source": f"LoopedKVCache.nbytes() / {KV_PROBE_TOKENS} after a {KV_PROBE_TOKENS}-token forward",

@@ -57,11 +57,15 @@ def in_child(measure: Callable[..., dict], args: tuple = (), timeout_s: float = 
     return PointRunner(measure, args, timeout_s)
 
 
+def variant_label(point) -> str:
+    """The model with the KV policy / decode reads a point asks for: 'melt-tiny reads=chunk'."""
+    policy = f" kv={point.kv_policy}" if point.kv_policy else ""
+    return point.model + policy + (f" reads={point.decode_reads}" if point.decode_reads else "")
+
+
 def point_label(point: SweepPoint) -> str:
     batch = point.batch_size or "searched"  # capacity points search their batch
-    policy = f" kv={point.kv_policy}" if point.kv_policy else ""
-    policy += f" reads={point.decode_reads}" if point.decode_reads else ""
-    return f"{point.model}{policy} loops={point.loops} seq={point.seq_len} batch={batch}"
+    return f"{variant_label(point)} loops={point.loops} seq={point.seq_len} batch={batch}"
 
 
 def run_sweep(

@@ -12,6 +12,14 @@ DECODE_READS = ("final", "chunk")  # MeltConfig.decode_reads
 GATES = ("elementwise", "scalar", "mean", "ema", "last")  # MeltConfig.gate: the paper's ablation (kv_policy.py)
 
 
+def check_decode_reads(mode: str, chunk_size: int | None) -> None:
+    """ValueError unless `mode` is a decode_reads mode this chunking allows."""
+    if mode not in DECODE_READS:
+        raise ValueError(f"decode_reads must be one of {', '.join(DECODE_READS)}, got {mode!r}")
+    if mode == "chunk" and chunk_size is None:
+        raise ValueError("decode_reads='chunk' continues the chunk grid: it needs a chunk_size")
+
+
 class OuroConfig(PreTrainedConfig):
     """Ouro / LoopLM config; field names and defaults follow ByteDance/Ouro-1.4B's config.json."""
 
@@ -96,12 +104,9 @@ class MeltConfig(OuroConfig):
             raise ValueError(f"first_loop_state must be 'input' or 'zeros', got {first_loop_state!r}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-        if decode_reads not in DECODE_READS:
-            raise ValueError(f"decode_reads must be one of {', '.join(DECODE_READS)}, got {decode_reads!r}")
+        check_decode_reads(decode_reads, chunk_size)
         if gate not in GATES:
             raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
-        if decode_reads == "chunk" and chunk_size is None:
-            raise ValueError("decode_reads='chunk' continues the chunk grid: it needs a chunk_size")
         self.chunk_size = chunk_size
         # "final": a decoded token reads earlier tokens' final rows; "chunk": it continues the
         # chunk grid, reading its open chunk's same-loop rows (kept in a bounded side buffer)

@@ -387,11 +387,11 @@ def kv_bytes_per_token(config: OuroConfig, loops: int, dtype: torch.dtype, polic
 def kv_side_buffer_bytes(config: OuroConfig, loops: int, dtype: torch.dtype, tokens: int) -> int:
     """Analytic bytes of the open-chunk side buffer one sequence of `tokens` tokens holds (MELT
     with decode_reads="chunk": min(C, tokens) rows per loop and layer, K and V; 0 otherwise)."""
-    chunk = kv_policy_for(config).open_chunk
-    if chunk is None:
+    policy = kv_policy_for(config)
+    if policy.open_chunk is None:
         return 0
     itemsize = torch.empty((), dtype=dtype).element_size()
-    rows = loops * kv_policy_for(config).num_slots(loops) * min(chunk, tokens)
+    rows = loops * policy.num_slots(loops) * min(policy.open_chunk, tokens)
     return rows * 2 * config.num_key_value_heads * config.head_dim * itemsize
 
 

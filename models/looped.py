@@ -31,7 +31,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configs import DECODE_READS, MAX_LOOPS, OuroConfig
+from .configs import MAX_LOOPS, OuroConfig, check_decode_reads
 from .kv_cache import LoopedKVCache, TransitionKVCache
 from .kv_policy import EmaGate, GateProjection, KVPolicy, kv_bytes_per_token, kv_policy_for, parse_kv_policy
 
@@ -523,10 +523,7 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         made before the switch no longer fit."""
         if not hasattr(self.config, "decode_reads"):
             raise ValueError(f"decode_reads={mode!r} asked of a {self.model.policy.name} model: it is MELT's choice")
-        if mode not in DECODE_READS:
-            raise ValueError(f"decode_reads must be one of {', '.join(DECODE_READS)}, got {mode!r}")
-        if mode == "chunk" and self.config.chunk_size is None:
-            raise ValueError("decode_reads='chunk' continues the chunk grid: this model has no chunk_size")
+        check_decode_reads(mode, self.config.chunk_size)
         self.config.decode_reads = mode
         self.model.policy = kv_policy_for(self.config)
 
