@@ -501,6 +501,15 @@ def convert(
         "token positions per step (paper: 320,000; default: one micro-batch)"),
     gate: str = typer.Option("elementwise", "--gate", help="MELT's gate: elementwise (the paper's) | scalar | mean "
                              "| ema | last (the paper's ablation)"),
+    fsdp: bool = typer.Option(
+        False, "--fsdp", help="under accelerate launch / torchrun: shard weights, gradients and optimiser state "
+        "over the ranks (FSDP2, one unit per decoder layer; also on with accelerate's --use_fsdp); default: "
+        "every rank holds all of them (DDP)"),
+    fsdp_reshard_after_forward: bool = typer.Option(
+        False, "--fsdp-reshard-after-forward", help="with --fsdp: free a layer's gathered weights after each of its "
+        "loops x chunks calls (least memory, that many more all-gathers); default: gathered once per micro-batch"),
+    stop_after: Optional[int] = typer.Option(
+        None, "--stop-after", help="stop after step N, checkpointed (e.g. within a Slurm time limit); --resume continues"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt"),
     progress: bool = _PROGRESS,
 ) -> None:
@@ -513,7 +522,8 @@ def convert(
     for name, value, least in (("--chunk-size", chunk_size, 1), ("--transition-steps", transition_steps, 0),
                                ("--distill-steps", distill_steps, 0), ("--batch-size", batch_size, 1),
                                ("--seq-len", seq_len, 2), ("--checkpoint-every", checkpoint_every, 1),
-                               ("--pack-to", pack_to, 2), ("--tokens-per-step", tokens_per_step, 1)):
+                               ("--pack-to", pack_to, 2), ("--tokens-per-step", tokens_per_step, 1),
+                               ("--stop-after", stop_after, 1)):
         if value is not None and value < least:
             raise UserError(f"{name}: {value} must be at least {least}")
     if transition_steps + distill_steps == 0 or lr_base < 0 or lr_gate < 0:
@@ -546,9 +556,13 @@ def convert(
                            lr_gate=lr_gate, batch_size=batch_size, seq_len=seq_len, loops=loops,
                            device=resolved_device, dtype=dtype, checkpoint_every=checkpoint_every, seed=seed,
                            gradient_checkpointing=gradient_checkpointing, decode_chunks=decode_chunks,
-                           pack_to=pack_to, tokens_per_step=tokens_per_step, gate=gate)
+                           pack_to=pack_to, tokens_per_step=tokens_per_step, gate=gate,
+                           fsdp=fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"),
+                           fsdp_reshard_after_forward=fsdp_reshard_after_forward)
+    if fsdp_reshard_after_forward and not config.fsdp:
+        raise UserError("--fsdp-reshard-after-forward needs --fsdp")
     try:
-        final = run_convert(config, resume=resume, progress=progress)
+        final = run_convert(config, resume=resume, stop_after=stop_after, progress=progress)
     except ValueError as exc:  # malformed data, or a resumption with other settings
         raise UserError(str(exc)) from exc
     except torch.OutOfMemoryError as exc:
@@ -556,7 +570,10 @@ def convert(
         advice = "lower --batch-size or --seq-len" + ("" if gradient_checkpointing else ", or add --gradient-checkpointing")
         raise UserError(f"convert ran out of memory on {resolved_device} ({str(exc).splitlines()[0][:80]}); "
                         f"{kept}; {advice}") from exc
-    console.print(f"MELT model written to {final}")
+    if final != out:
+        console.print(f"MELT model written to {final}")
+    else:
+        console.print(f"stopped after step {stop_after}, checkpoint in {final / CHECKPOINT}: --resume continues")
 
 
 def _resolve(command: str, flags: dict, suite: str | None):

@@ -38,16 +38,23 @@ Choices of ours:
 - Data parallel (`accelerate launch -m melt_bench convert ...` on GPUs; `ACCELERATE_USE_CPU=true
   torchrun --nproc_per_node N -m melt_bench convert ...` on CPUs, gloo): a step's micro-batches
   (their count rounded up to a multiple of the ranks) are dealt round-robin to the ranks, each
-  loss divided by the step's micro-batch count, and the gradients summed across ranks with one
-  all-reduce: the arithmetic of one process accumulating all of them, whatever the number of
-  ranks (the batches are a function of (seed, step, micro-batch), not of the rank). Every rank
-  holds the whole model and optimiser (DDP's layout; sharding them, FSDP, is not implemented);
-  rank 0 alone writes the log, the checkpoints and the model, and any number of ranks resumes.
+  loss divided by the step's micro-batch count, and the gradients summed across ranks: the
+  arithmetic of one process accumulating all of them, whatever the number of ranks (the batches
+  are a function of (seed, step, micro-batch), not of the rank). By default every rank holds the
+  whole model and optimiser and the gradients are summed by one all-reduce (DDP's layout); with
+  `fsdp` they are sharded over the ranks and reduce-scattered (FSDP2, convert_parallel.py), for
+  models whose weights, gradients and Adam state (16 bytes per parameter in fp32: 26 GB for
+  Ouro-1.4B's 1.64 billion parameters, 49 GB for 2.6B's 3.07 billion, counted with untied
+  embeddings; the frozen teacher adds 4 bytes each) leave no room for activations on one GPU. Rank 0 alone writes the
+  log, the checkpoints and the model; checkpoints hold the whole state keyed by parameter name,
+  so a run resumes sharded or not, on any number of ranks that keeps its micro-batch count.
 
 Resumable: a checkpoint (model, optimiser, step, RNG states) is written atomically every
 `checkpoint_every` steps; batches are a pure function of (seed, step), so a resumed run sees
 exactly the batches an uninterrupted one would. A JSONL log gets one line per step: the losses,
-the step's wall time and, on CUDA, the allocator's peak during the step."""
+the step's wall time and, on CUDA, the allocator's peak during the step; under data parallel,
+every rank's peak (the largest as the headline) and the bytes each rank holds of the weights,
+gradients and optimiser state."""
 
 from __future__ import annotations
 
@@ -64,6 +71,7 @@ import torch.nn.functional as F
 from melt_bench.models import MeltForCausalLM, OuroForCausalLM, load_model
 from melt_bench.models.melt_transition import ATTENTION_WEIGHT, distillation_loss, transition_alpha, transition_logits
 
+from .convert_parallel import full_state, held_bytes, load_full_state, process_group, shard, sum_across_ranks
 from .jsonl import iter_jsonl
 
 CHECKPOINT = "checkpoint.pt"
@@ -93,6 +101,8 @@ class ConvertConfig:
     pack_to: int | None = None  # pack examples into sequences of this many tokens (see pack_rows)
     tokens_per_step: int | None = None  # gradient accumulation up to this many token positions per step
     gate: str = "elementwise"  # MeltConfig.gate: elementwise | scalar | mean | ema | last
+    fsdp: bool = False  # shard weights, gradients and optimiser state over the ranks (convert_parallel.shard)
+    fsdp_reshard_after_forward: bool = False  # free a gathered layer after every call (less memory, more traffic)
 
 
 @dataclass(frozen=True)
@@ -264,25 +274,37 @@ def _optimizer(melt: MeltForCausalLM, config: ConvertConfig) -> torch.optim.Opti
                              weight_decay=0.0)
 
 
-def _save_checkpoint(out: Path, melt, optimizer, step: int, config: ConvertConfig) -> None:
-    state = {"model": melt.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "config": asdict(config), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+def _save_checkpoint(out: Path, melt, optimizer, step: int, config: ConvertConfig, rank: int, ranks: int) -> None:
+    """Every rank calls it (gathering a sharded model is collective); rank 0 writes the whole
+    state keyed by parameter name, which any layout and number of ranks can resume."""
+    weights, optimizer_state = full_state(melt, optimizer)
+    if rank != 0:
+        return
+    state = {"model": weights, "optimizer": optimizer_state, "step": step, "config": asdict(config),
+             "micro_batches": micro_batches(config, ranks),
+             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
     tmp = out / (CHECKPOINT + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out / CHECKPOINT)  # atomic: a kill leaves the old or the new checkpoint
 
 
 # Settings that may change between a run and its resumption: none of them changes the result.
-RESUMABLE_CHANGES = {"out", "device", "checkpoint_every", "gradient_checkpointing"}
+RESUMABLE_CHANGES = {"out", "device", "checkpoint_every", "gradient_checkpointing", "fsdp",
+                     "fsdp_reshard_after_forward"}
 
 
-def _check_same_run(saved: dict, config: ConvertConfig) -> None:
+def _check_same_run(state: dict, config: ConvertConfig, ranks: int) -> None:
     # a checkpoint written before a setting existed ran it at its default
-    saved = {**asdict(ConvertConfig(source="", out="", data="")), **saved}
+    saved = {**asdict(ConvertConfig(source="", out="", data="")), **state["config"]}
     changed = [f"{key}={saved.get(key)!r} -> {value!r}" for key, value in asdict(config).items()
                if key not in RESUMABLE_CHANGES and saved.get(key) != value]
     if changed:
         raise ValueError(f"--resume: the checkpoint was trained with other settings ({', '.join(changed)})")
+    # the micro-batch count is rounded up to a multiple of the ranks: another rank count may change the global batch
+    was, now = state.get("micro_batches", micro_batches(config)), micro_batches(config, ranks)
+    if was != now:
+        raise ValueError(f"--resume: the checkpoint's steps took {was} micro-batches, on {ranks} ranks a step takes "
+                         f"{now}: resume on a number of ranks that divides {was}")
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -316,7 +338,7 @@ def train_step(melt, teacher, tokenizer, texts: list[TrainingText], config: Conv
         tokens += batch.ids.numel()
     summed = {key: sum(p[key] for p in logged) for key in logged[0] if key not in ("phase", "alpha")}
     if ranks > 1:
-        sum_across_ranks(melt, summed, tokens)
+        sum_across_ranks(melt, summed, tokens, gradients=not config.fsdp)
         tokens = summed.pop("tokens")
     merged = {**{key: logged[0][key] for key in ("phase", "alpha") if key in logged[0]},
               **{key: value / count for key, value in summed.items()}}
@@ -327,33 +349,19 @@ def train_step(melt, teacher, tokenizer, texts: list[TrainingText], config: Conv
     return merged
 
 
-def sum_across_ranks(model, summed: dict, tokens: int) -> None:
-    """One all-reduce (sum) of every gradient, flattened into one buffer as DDP's buckets are, and
-    one of the logged sums and token count (`summed` gets `tokens`); every rank calls it alike."""
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        grad.copy_(reduced)
-    keys = sorted(summed)
-    totals = torch.tensor([float(summed[key]) for key in keys] + [float(tokens)], dtype=torch.float64)
-    dist.all_reduce(totals)
-    summed.update({key: float(value) for key, value in zip(keys, totals[:-1])}, tokens=int(totals[-1]))
-
-
 def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> Path:
     """Train; returns the directory holding the final `save_pretrained` MELT model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .accuracy import load_tokenizer
+    from .accuracy import gather_from_ranks, load_tokenizer
     from .units import parse_dtype
 
-    rank, ranks = _process_group(config)
+    rank, ranks = process_group(cpu=torch.device(config.device).type == "cpu")
+    if config.fsdp and ranks == 1:
+        raise ValueError("--fsdp shards over data-parallel ranks: launch with accelerate launch or torchrun")
     if ranks > 1 and torch.device(config.device).type == "cuda":
         config = replace(config, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
+        torch.cuda.set_device(config.device)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -367,13 +375,16 @@ def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | N
     melt = MeltForCausalLM.from_ouro(teacher, chunk_size=config.chunk_size, gate=config.gate).train()
     if config.gradient_checkpointing:
         melt.checkpoint_mlp_blocks()
+    if config.fsdp:
+        shard(teacher, reshard_after_forward=True)  # no backward would free its gathered layers
+        shard(melt, config.fsdp_reshard_after_forward)
     optimizer = _optimizer(melt, config)
     step = 0
     if resume and (out / CHECKPOINT).is_file():
-        state = torch.load(out / CHECKPOINT, weights_only=False)
-        _check_same_run(state["config"], config)
-        melt.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        # mapped, not read: ranks on one node share the pages instead of a copy each
+        state = torch.load(out / CHECKPOINT, weights_only=False, mmap=True)
+        _check_same_run(state, config, ranks)
+        load_full_state(melt, optimizer, state["model"], state["optimizer"])
         step = state["step"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -392,38 +403,31 @@ def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | N
             optimizer.zero_grad(set_to_none=True)
             parts = train_step(melt, teacher, tokenizer, texts, config, step, loops, rank, ranks)
             optimizer.step()
+            if ranks > 1:  # what sharding saves, exact to the byte on any device
+                parts["held_bytes_per_rank"] = gather_from_ranks(held_bytes([teacher, melt], optimizer))
             if cuda:
                 torch.cuda.synchronize(config.device)
                 parts["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(config.device)
+                if ranks > 1:  # what sharding saves shows per rank; the headline is the largest
+                    parts["cuda_peak_allocated_bytes_per_rank"] = gather_from_ranks(parts["cuda_peak_allocated_bytes"])
+                    parts["cuda_peak_allocated_bytes"] = max(parts["cuda_peak_allocated_bytes_per_rank"])
             parts["step_s"] = time.perf_counter() - started
             step += 1
             if rank == 0:  # one writer: the log, the checkpoints, the model
                 log.write(json.dumps({"step": step, **parts}) + "\n")
                 log.flush()
-                if step % config.checkpoint_every == 0 or step == total:
-                    _save_checkpoint(out, melt, optimizer, step, config)
+            if step % config.checkpoint_every == 0 or step in (total, stop_after):
+                _save_checkpoint(out, melt, optimizer, step, config, rank, ranks)
             shown = {k: v for k, v in parts.items() if k in ("alpha", "loss", "kd", "attention_mse")}
             bar.update(task, completed=step, losses=" ".join(f"{k}={v:.4g}" for k, v in shown.items()))
     if step >= total:
         final = out / "model"
+        weights, _ = full_state(melt, optimizer) if config.fsdp else (None, None)
         if rank == 0:
+            if config.fsdp:  # a plain copy to save: the sharded one holds only this rank's slices
+                melt = MeltForCausalLM(melt.config).to(dtype=dtype)
+                melt.load_state_dict(weights)
             melt.save_pretrained(final)
             tokenizer.save_pretrained(final)
         return final
     return out
-
-
-def _process_group(config: ConvertConfig) -> tuple[int, int]:
-    """(rank, ranks): under accelerate launch / torchrun, accelerate's PartialState joins the
-    process group (NCCL on GPUs, gloo on CPUs); (0, 1) in a single process."""
-    from .lm_eval_adapter import distributed_rank
-
-    _, world = distributed_rank()
-    if world == 1:
-        return 0, 1
-    from accelerate import PartialState
-
-    state = PartialState(cpu=torch.device(config.device).type == "cpu")  # CPU: gloo
-    if state.num_processes != world:
-        raise ValueError(f"{world} processes were launched but accelerate joined {state.num_processes}")
-    return state.process_index, state.num_processes

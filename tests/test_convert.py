@@ -72,12 +72,34 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert len((tmp_path / "split" / "train_log.jsonl").read_text().splitlines()) == 4
 
 
+def test_a_checkpoint_with_the_optimiser_keyed_by_index_still_resumes(tmp_path):
+    """Checkpoints written before the layout-free form held optimizer.state_dict() (parameters
+    numbered over the param groups in order): renamed on load, they resume as before."""
+    whole = run_convert(config(tmp_path / "whole"), progress=False)
+    run_convert(config(tmp_path / "old"), stop_after=3, progress=False)
+    path = tmp_path / "old" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    names = [name for group in state["optimizer"]["param_groups"] for name in group["params"]]
+    number, first = {name: i for i, name in enumerate(names)}, 0
+    state["optimizer"] = {"state": {number[name]: value for name, value in state["optimizer"]["state"].items()},
+                          "param_groups": []}
+    for group in torch.load(path, weights_only=False)["optimizer"]["param_groups"]:
+        state["optimizer"]["param_groups"].append({**group, "params": list(range(first, first + len(group["params"])))})
+        first += len(group["params"])
+    del state["micro_batches"]
+    torch.save(state, path)
+    resumed = run_convert(config(tmp_path / "old"), resume=True, progress=False)
+    a, b = load_model("melt-tiny", weights=whole).state_dict(), load_model("melt-tiny", weights=resumed).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--transition-steps", "-1"], "--transition-steps"),
     (["--data", "/no/such/file.jsonl"], "--data"),
     (["--from", "melt-tiny"], "not an Ouro model"),
     (["--from", "ouro-99b"], "unknown model"),
     (["--chunk-size", "0"], "--chunk-size"),
+    (["--stop-after", "0"], "--stop-after"),
 ])
 def test_bad_arguments(tmp_path, capsys, args, needle):
     base = {"--from": "ouro-tiny", "--out": str(tmp_path / "o"), "--data": str(DATA)}
@@ -87,6 +109,19 @@ def test_bad_arguments(tmp_path, capsys, args, needle):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--fsdp"], "--fsdp shards over data-parallel ranks: launch with accelerate launch or torchrun"),
+    (["--fsdp-reshard-after-forward"], "--fsdp-reshard-after-forward needs --fsdp"),
+])
+def test_sharding_flags_out_of_place_are_one_line(tmp_path, capsys, monkeypatch, flags, needle):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    argv = ["convert", "--from", "ouro-tiny", "--out", str(tmp_path / "o"), "--data", str(DATA), "--device", "cpu",
+            "--no-progress", *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and not (tmp_path / "o").exists()
 
 
 def test_existing_checkpoint_needs_resume_and_bad_data_is_one_line(tmp_path, capsys):

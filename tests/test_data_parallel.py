@@ -37,20 +37,67 @@ def test_micro_batches_round_up_to_the_ranks():
     assert micro_batches(config) == 3 and micro_batches(config, ranks=2) == 4 and micro_batches(config, ranks=3) == 3
 
 
-def test_two_ranks_convert_exactly_as_one_process_with_the_same_global_batch(tmp_path):
-    melt_bench([*CONVERT, "--out", str(tmp_path / "one")], 1, tmp_path)
-    melt_bench([*CONVERT, "--out", str(tmp_path / "two")], 2, tmp_path)
-    one = load_model("melt-tiny", weights=tmp_path / "one" / "model").state_dict()
-    two = load_model("melt-tiny", weights=tmp_path / "two" / "model").state_dict()
-    assert one.keys() == two.keys()
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
-    logs = [[json.loads(line) for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
-            for run in ("one", "two")]
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The one-process conversion every data-parallel run is compared with."""
+    out = tmp_path_factory.mktemp("one")
+    melt_bench([*CONVERT, "--out", str(out)], 1, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """The same conversion on two ranks, DDP's layout."""
+    out = tmp_path_factory.mktemp("two")
+    melt_bench([*CONVERT, "--out", str(out)], 2, out)
+    return out
+
+
+def test_two_ranks_convert_exactly_as_one_process_with_the_same_global_batch(one_process, two_ranks):
+    assert_same_weights(one_process / "model", two_ranks / "model")
+    logs = [[json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+            for run in (one_process, two_ranks)]
     assert len(logs[1]) == 4 and [row["ranks"] for row in logs[1]] == [2] * 4  # one writer
     for a, b in zip(*logs):
         assert (a["micro_batches"], a["tokens"]) == (b["micro_batches"], b["tokens"]) == (2, 160)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    one, two = load_model("melt-tiny", weights=a).state_dict(), load_model("melt-tiny", weights=b).state_dict()
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+
+
+def test_two_sharded_ranks_convert_as_one_process_and_resume_on_one(tmp_path, one_process, two_ranks):
+    """FSDP: the same parameters as one process; a sharded run stopped at step 2 resumes on one
+    process (its checkpoint holds the whole state) and ends where the uninterrupted run does."""
+    melt_bench([*CONVERT, "--out", str(tmp_path / "fsdp"), "--fsdp", "--gradient-checkpointing"], 2, tmp_path)
+    assert_same_weights(one_process / "model", tmp_path / "fsdp" / "model")
+    held = [[json.loads(line)["held_bytes_per_rank"] for line in (run / "train_log.jsonl").open()]
+            for run in (two_ranks, tmp_path / "fsdp")]
+    for replicated, sharded in zip(*held):  # DDP's ranks hold it all, FSDP's a half each (shards of odd rows differ)
+        assert len(set(replicated)) == 1 and replicated[0] <= sum(sharded) < 1.001 * replicated[0]
+        assert all(0.49 < n / replicated[0] < 0.51 for n in sharded)
+    stopped = melt_bench([*CONVERT, "--out", str(tmp_path / "split"), "--fsdp", "--fsdp-reshard-after-forward",
+                          "--stop-after", "2", "--checkpoint-every", "5"], 2, tmp_path)
+    assert "stopped after step 2" in stopped.stdout and not (tmp_path / "split" / "model").exists()
+    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["step"] == 2
+    melt_bench([*CONVERT, "--out", str(tmp_path / "split"), "--resume"], 1, tmp_path)
+    assert_same_weights(one_process / "model", tmp_path / "split" / "model")
+    log = [json.loads(line) for line in (tmp_path / "split" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3, 4] and [row.get("ranks") for row in log] == [2, 2, None, None]
+
+
+def test_resuming_on_ranks_that_change_the_global_batch_is_refused(tmp_path):
+    args = [*CONVERT, "--tokens-per-step", "240", "--out", str(tmp_path / "o"), "--stop-after", "1"]
+    melt_bench(args, 1, tmp_path)  # 3 micro-batches a step; on 2 ranks a step would take 4
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(29400 + os.getpid() % 500), "-m", "melt_bench", *args, "--resume"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "took 3 micro-batches, on 2 ranks a step takes 4" in result.stderr
 
 
 def test_two_ranks_score_the_same_documents_once_with_one_set_of_rows(tmp_path):

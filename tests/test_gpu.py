@@ -155,3 +155,35 @@ def test_the_gpu_pool_pins_every_point_to_its_gpu(tmp_path):
     gpus = {str(index) for index in range(torch.cuda.device_count())}
     assert len(rows) == 4 and all(row.status == "ok" and row.metrics["gpu"] in gpus for row in rows)
     assert all(row.metrics["nvml_device_used_peak_bytes"] > 0 for row in rows)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("layout", [[], ["--fsdp"]])
+def test_convert_over_two_gpus_equals_one_gpu(tmp_path, layout):
+    """DDP and FSDP over NCCL: the parameters of one GPU with the same global batch, and every
+    rank's allocator peak in the log."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from melt_bench.models import load_model
+
+    data = Path(__file__).parent / "data" / "gsm8k" / "train.jsonl"
+    args = ["convert", "--from", "ouro-tiny", "--data", str(data), "--device", "cuda", "--no-progress",
+            "--chunk-size", "16", "--transition-steps", "2", "--distill-steps", "2", "--batch-size", "2",
+            "--seq-len", "40", "--tokens-per-step", "160", "--lr-base", "1e-3", "--lr-gate", "1e-2"]
+    for ranks, out in ((1, "one"), (2, "two")):
+        launch = ["torch.distributed.run", "--nproc_per_node", "2", "-m"] if ranks == 2 else []
+        command = [sys.executable, "-m", *launch, "melt_bench", *args, *(layout if ranks == 2 else []), "--out",
+                   str(tmp_path / out)]
+        done = subprocess.run(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = load_model("melt-tiny", weights=tmp_path / "one" / "model").state_dict()
+    two = load_model("melt-tiny", weights=tmp_path / "two" / "model").state_dict()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+    log = [json.loads(line) for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
+    assert all(len(row["cuda_peak_allocated_bytes_per_rank"]) == 2 for row in log)
