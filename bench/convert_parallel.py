@@ -8,7 +8,9 @@ call `model.model` and `lm_head` separately, so each must gather its own weights
 call every layer loops x chunks times per forward; `reshard_after_forward=False` (our default)
 keeps a layer gathered from its first call to its backward, one all-gather per layer per
 micro-batch, while True frees it after every call (least memory, loops x chunks all-gathers).
-Gradients are reduce-scattered as sums (divide factor 1), the arithmetic of DDP's all-reduce."""
+The frozen teacher always frees after each call: it has no backward to free it later, and as
+Ouro it runs the sequence in one chunk, so that is `loops` all-gathers per layer. Gradients are
+reduce-scattered as sums (divide factor 1), the arithmetic of DDP's all-reduce."""
 
 from __future__ import annotations
 
