@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from melt_bench.models import MeltForCausalLM, OuroForCausalLM, load_model
 from melt_bench.models.melt_transition import ATTENTION_WEIGHT, distillation_loss, transition_alpha, transition_logits
 
-from .convert_parallel import full_state, held_bytes, load_full_state, process_group, shard, sum_across_ranks
+from .convert_parallel import full_state, full_weights, held_bytes, load_full_state, process_group, shard, sum_across_ranks
 from .jsonl import iter_jsonl
 
 CHECKPOINT = "checkpoint.pt"
@@ -422,11 +422,12 @@ def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | N
             bar.update(task, completed=step, losses=" ".join(f"{k}={v:.4g}" for k, v in shown.items()))
     if step >= total:
         final = out / "model"
-        weights, _ = full_state(melt, optimizer) if config.fsdp else (None, None)
+        weights = full_weights(melt) if config.fsdp else None
         if rank == 0:
             if config.fsdp:  # a plain copy to save: the sharded one holds only this rank's slices
-                melt = MeltForCausalLM(melt.config).to(dtype=dtype)
-                melt.load_state_dict(weights)
+                with torch.device("meta"):  # no initialisation: every weight is assigned
+                    melt = MeltForCausalLM(melt.config)
+                melt.load_state_dict(weights, assign=True)
             melt.save_pretrained(final)
             tokenizer.save_pretrained(final)
         return final

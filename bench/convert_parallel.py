@@ -84,13 +84,25 @@ def held_bytes(models: list[nn.Module], optimizer: torch.optim.Optimizer) -> int
     return sum(t.numel() * t.element_size() for t in local)
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """The whole model's and optimiser's state on CPU, keyed by parameter name, whatever the
-    layout (a collective under FSDP: every rank calls it; rank 0 gets the whole of it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+def _whole_on_cpu():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_weights(model: nn.Module) -> dict:
+    """The whole model's weights on CPU, keyed by name, whatever the layout (a collective under
+    FSDP: every rank calls it; rank 0 gets the whole of it)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_whole_on_cpu())
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """full_weights and the optimiser's state, keyed by parameter name, alike."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return full_weights(model), get_optimizer_state_dict(model, optimizer, options=_whole_on_cpu())
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optimizer_state: dict) -> None:

@@ -23,12 +23,12 @@ ACCURACY = ["accuracy", "--tasks", "gsm8k", "--models", "ouro-tiny", "--loops", 
             "0", "--max-gen-toks", "6", "--data-dir", str(DATA), "--device", "cpu", "--dtype", "float32"]
 
 
-def melt_bench(args, ranks: int, cwd: Path) -> subprocess.CompletedProcess:
+def melt_bench(args, ranks: int, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
                 str(29400 + os.getpid() % 500), "-m", "melt_bench"] if ranks > 1 else [sys.executable, "-m", "melt_bench"]
     result = subprocess.run([*launcher, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0 or not check, result.stderr[-3000:]
     return result
 
 
@@ -93,10 +93,7 @@ def test_two_sharded_ranks_convert_as_one_process_and_resume_on_one(tmp_path, on
 def test_resuming_on_ranks_that_change_the_global_batch_is_refused(tmp_path):
     args = [*CONVERT, "--tokens-per-step", "240", "--out", str(tmp_path / "o"), "--stop-after", "1"]
     melt_bench(args, 1, tmp_path)  # 3 micro-batches a step; on 2 ranks a step would take 4
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(29400 + os.getpid() % 500), "-m", "melt_bench", *args, "--resume"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = melt_bench([*args, "--resume"], 2, tmp_path, check=False)
     assert result.returncode != 0 and "took 3 micro-batches, on 2 ranks a step takes 4" in result.stderr
 
 
