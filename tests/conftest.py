@@ -32,3 +32,13 @@ def make_melt(**overrides) -> MeltForCausalLM:
 def ids() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randint(1, TINY["vocab_size"], (2, 12))
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    """Run the CLI on `argv`: it must exit 2 with exactly one line on stderr, which is returned."""
+    from melt_bench.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import one_line_error
 from melt_bench import accuracy as accuracy_module
 from melt_bench.accuracy import AccuracyPoint, evaluate_point, metric_rows
 from melt_bench.byte_tokenizer import byte_tokenizer
@@ -122,10 +123,9 @@ def test_batched_generation_matches_batch_of_one():
 def test_malformed_data_file_is_one_line_exit_2(tmp_path, capsys):
     (tmp_path / "gsm8k").mkdir()
     (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2"}\n')
-    assert main(["accuracy", "--loops", "1", "--data-dir", str(tmp_path), "--device", "cpu", "--models", "ouro-tiny",
-                 "--out", str(tmp_path / "a.jsonl")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "test.jsonl:2: missing field(s) answer" in err[0]
+    err = one_line_error(["accuracy", "--loops", "1", "--data-dir", str(tmp_path), "--device", "cpu", "--models",
+                          "ouro-tiny", "--out", str(tmp_path / "a.jsonl")], capsys)
+    assert "test.jsonl:2: missing field(s) answer" in err
     (tmp_path / "gsm8k" / "test.jsonl").write_text("not json\n")
     assert main(["accuracy", "--loops", "1", "--data-dir", str(tmp_path), "--device", "cpu", "--models", "ouro-tiny",
                  "--out", str(tmp_path / "b.jsonl")]) == 2
@@ -139,9 +139,8 @@ def test_malformed_data_file_is_one_line_exit_2(tmp_path, capsys):
                                          (["--loops", "3..1", "--device", "cpu", "--models", "ouro-tiny"], "--loops"),
                                          (["--limit", "0", "--device", "cpu", "--models", "ouro-tiny"], "--limit")])
 def test_accuracy_bad_input(args, needle, capsys):
-    assert main(["accuracy", *args]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0]
+    err = one_line_error(["accuracy", *args], capsys)
+    assert needle in err
 
 
 def test_official_exit_mode_records_the_fraction_of_tokens_that_exited_early(tmp_path, monkeypatch):

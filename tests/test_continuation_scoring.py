@@ -6,9 +6,9 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
+from conftest import one_line_error
 from melt_bench.accuracy import AccuracyPoint
 from melt_bench.byte_tokenizer import byte_tokenizer
-from melt_bench.cli import main
 from melt_bench.lm_eval_adapter import LoopedHFLM
 from melt_bench.models import load_model
 
@@ -69,6 +69,6 @@ def test_the_default_keeps_point_ids_and_a_bad_mode_is_one_line(capsys):
     # the id of a point from before the new fields: results written then still --resume
     older = {k: v for k, v in asdict(point).items() if k not in ("kv_policy", "decode_reads", "score_continuation_as")}
     assert point.point_id == hashlib.sha256(json.dumps({"command": "accuracy", **older}, sort_keys=True).encode()).hexdigest()[:16]
-    assert main(["accuracy", "--models", "melt-tiny", "--score-continuation-as", "greedy", "--device", "cpu"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--score-continuation-as: 'greedy' is not one of chunk, decode" in err[0]
+    err = one_line_error(["accuracy", "--models", "melt-tiny", "--score-continuation-as", "greedy", "--device", "cpu"],
+                         capsys)
+    assert "--score-continuation-as: 'greedy' is not one of chunk, decode" in err

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import one_line_error
 from melt_bench.cli import main
 from melt_bench.convert import ConvertConfig, batch_for_step, load_texts, run_convert
 from melt_bench.models import MeltForCausalLM, load_model
@@ -106,9 +107,8 @@ def test_bad_arguments(tmp_path, capsys, args, needle):
     for key, value in zip(args[::2], args[1::2]):
         base[key] = value
     argv = ["convert", *[x for kv in base.items() for x in kv], "--device", "cpu", "--no-progress"]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0]
+    err = one_line_error(argv, capsys)
+    assert needle in err
 
 
 @pytest.mark.parametrize("flags,needle", [
@@ -119,9 +119,8 @@ def test_sharding_flags_out_of_place_are_one_line(tmp_path, capsys, monkeypatch,
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     argv = ["convert", "--from", "ouro-tiny", "--out", str(tmp_path / "o"), "--data", str(DATA), "--device", "cpu",
             "--no-progress", *flags]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0] and not (tmp_path / "o").exists()
+    err = one_line_error(argv, capsys)
+    assert needle in err and not (tmp_path / "o").exists()
 
 
 def test_existing_checkpoint_needs_resume_and_bad_data_is_one_line(tmp_path, capsys):
@@ -173,18 +172,16 @@ def test_resume_with_other_settings_is_refused_and_oom_is_one_line(tmp_path, cap
     argv = ["convert", "--from", "ouro-tiny", "--out", str(tmp_path / "o"), "--data", str(DATA), "--device", "cpu",
             "--no-progress", "--resume", "--chunk-size", "16", "--transition-steps", "1", "--distill-steps", "1",
             "--lr-base", "1e-4", "--lr-gate", "1e-2", "--batch-size", "2", "--seq-len", "40"]
-    assert main([*argv, "--lr-gate", "5e-3", "--gradient-checkpointing"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "lr_gate=0.01 -> 0.005" in err[0] and "gradient_checkpointing" not in err[0]
+    err = one_line_error([*argv, "--lr-gate", "5e-3", "--gradient-checkpointing"], capsys)
+    assert "lr_gate=0.01 -> 0.005" in err and "gradient_checkpointing" not in err
     assert (tmp_path / "o" / "checkpoint.pt").read_bytes() == before
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.\nmore text")
 
     monkeypatch.setattr("melt_bench.convert.run_convert", out_of_memory)
-    assert main([*argv, "--gradient-checkpointing"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "ran out of memory" in err[0] and "checkpoint in" in err[0] and "intact" in err[0]
+    err = one_line_error([*argv, "--gradient-checkpointing"], capsys)
+    assert "ran out of memory" in err and "checkpoint in" in err and "intact" in err
     assert "add --gradient-checkpointing" not in err[0]
 
 

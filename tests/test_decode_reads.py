@@ -8,7 +8,7 @@ import torch
 from melt_bench.models import MeltConfig, predict_kv_cache_bytes
 from melt_bench.models.kv_policy import kv_side_buffer_bytes
 
-from conftest import TINY, make_melt
+from conftest import TINY, make_melt, one_line_error
 
 
 def decode(model, ids, prompt_len, loops, capacity=None, mask=None):
@@ -134,9 +134,6 @@ def test_latency_runs_with_chunk_reads(tmp_path):
     (["accuracy", "--models", "ouro-tiny", "--decode-reads", "final"], "are not MELT models"),
 ])
 def test_bad_decode_reads_are_one_line_and_exit_2(args, needle, capsys, tmp_path):
-    from melt_bench.cli import main
-
-    assert main([*args, "--loops", "1", "--device", "cpu", "--out", str(tmp_path / "x.jsonl")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0], err
+    err = one_line_error([*args, "--loops", "1", "--device", "cpu", "--out", str(tmp_path / "x.jsonl")], capsys)
+    assert needle in err
     assert not (tmp_path / "x.jsonl").exists()

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 import sweep_helpers
+from conftest import one_line_error
 from melt_bench.cli import main
 from melt_bench.executors import ExecutorError, GpuPoolExecutor, busy_gpus, make_executor, parse_gpus
 from melt_bench.results import ResultsStore
@@ -91,17 +92,17 @@ def test_busy_gpus_are_refused_or_warned(monkeypatch):
 ])
 def test_bad_placement_is_one_line_and_exit_2(args, needle, capsys, tmp_path):
     out = tmp_path / "x.jsonl"
-    assert main(["memory", "--models", "ouro-tiny", "--loops", "1", "--device", "cpu", "--out", str(out), *args]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0], err
+    err = one_line_error(["memory", "--models", "ouro-tiny", "--loops", "1", "--device", "cpu", "--out", str(out), *args],
+                         capsys)
+    assert needle in err
     assert not out.exists()
 
 
 def test_ray_missing_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
-    assert main(["memory", "--models", "ouro-tiny", "--loops", "1", "--device", "cpu", "--executor", "ray", "--out", str(tmp_path / "x.jsonl")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and 'pip install "melt-bench[ray]"' in err[0]
+    err = one_line_error(["memory", "--models", "ouro-tiny", "--loops", "1", "--device", "cpu", "--executor", "ray",
+                          "--out", str(tmp_path / "x.jsonl")], capsys)
+    assert 'pip install "melt-bench[ray]"' in err
 
 
 def test_dry_run_estimates_from_the_rows_already_recorded(tmp_path, capsys):

@@ -5,6 +5,7 @@ decode engine, the official exit rule, and the CLI axis."""
 import pytest
 import torch
 
+from conftest import one_line_error
 from melt_bench.cli import main
 from melt_bench.models import load_model, predict_kv_cache_bytes
 from melt_bench.models.decode_engine import DecodeEngine
@@ -181,9 +182,8 @@ def test_official_exit_is_the_released_rule_in_the_models_dtype(dtype):
     (["accuracy", "--models", "melt-tiny", "--kv-policy", "last-loop"], "MELT's own gated policy"),
 ])
 def test_a_bad_policy_or_a_policy_on_melt_is_one_line_and_exit_2(args, needle, capsys, tmp_path):
-    assert main([*args, "--loops", "1", "--device", "cpu", "--out", str(tmp_path / "x.jsonl")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0], err
+    err = one_line_error([*args, "--loops", "1", "--device", "cpu", "--out", str(tmp_path / "x.jsonl")], capsys)
+    assert needle in err
     assert not (tmp_path / "x.jsonl").exists()
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 
+from conftest import one_line_error
 from melt_bench.capacity import Probe, find_max_batch, parse_bytes, probe_fits
 from melt_bench.cli import main
 from melt_bench.measure_latency import RunTiming, measure_latency_point, percentile, summarise
@@ -62,9 +63,8 @@ def test_latency_command_end_to_end(tmp_path):
                                          (["--early-exit", "threshold:2"], "--early-exit"),
                                          (["--repeats", "0"], "--repeats")])
 def test_latency_bad_input(args, needle, capsys):
-    assert main(["latency", *args, *SMALL]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0]
+    err = one_line_error(["latency", *args, *SMALL], capsys)
+    assert needle in err
 
 
 def fake_allocator(budget: int, base: int, per_sequence: int):
@@ -157,9 +157,8 @@ def test_engines_agree_on_the_output_digest(tmp_path):
                                          (["--prefill-chunk", "0"], "--prefill-chunk")])
 def test_latency_engine_options_bad_input(args, needle, capsys, tmp_path):
     out = tmp_path / "never.jsonl"
-    assert main(["latency", *args, "--out", str(out), *SMALL]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0] and not out.exists()
+    err = one_line_error(["latency", *args, "--out", str(out), *SMALL], capsys)
+    assert needle in err and not out.exists()
 
 
 def test_memory_prefill_chunk_is_recorded_and_lowers_ouros_activation_prediction(tmp_path):

@@ -6,11 +6,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 import sweep_helpers
+from conftest import one_line_error
 from melt_bench.cli import main
 from melt_bench.launcher import run_in_child
 from melt_bench.results import ResultsFileError, ResultsStore, load_results
@@ -110,9 +110,8 @@ def test_retry_failed_reruns_only_failures(tmp_path):
 def test_corrupt_or_foreign_results_are_refused_and_untouched(tmp_path, content, needle, capsys):
     out = tmp_path / "mem.jsonl"
     out.write_text(content)
-    assert main(["memory", "--loops", "1", "--out", str(out), "--resume", *SMALL]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0]
+    err = one_line_error(["memory", "--loops", "1", "--out", str(out), "--resume", *SMALL], capsys)
+    assert needle in err
     assert out.read_text() == content
     with pytest.raises(ResultsFileError, match=needle):
         load_results(out)

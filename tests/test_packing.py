@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import one_line_error
 from melt_bench.byte_tokenizer import byte_tokenizer
 from melt_bench.cli import main
 from melt_bench.convert import batch_for_step, load_texts, micro_batches, pack_rows, run_convert
@@ -86,6 +87,5 @@ def test_every_gate_variant_converts(gate, tmp_path):
 def test_bad_packing_or_gate_arguments_are_one_line(args, needle, tmp_path, capsys):
     argv = ["convert", "--from", "ouro-tiny", "--out", str(tmp_path / "o"), "--data", str(DATA), "--device", "cpu",
             "--no-progress", *args]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0], err
+    err = one_line_error(argv, capsys)
+    assert needle in err
