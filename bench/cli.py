@@ -173,7 +173,7 @@ def env(as_json: bool = typer.Option(False, "--json", help="print JSON instead o
 # Options shared by the sweep commands (None = not given, so a suite or a default decides).
 _LOOPS = typer.Option(None, help="loop counts: 1..16, 1..16:2, 1,2,4,8 or mixes (default: 1..16)")
 _SEQ_LENS = typer.Option(None, "--seq-lens", help="prompt lengths in tokens (default: 2048)")
-_BATCH_SIZES = typer.Option(None, "--batch-sizes", help="batch sizes (default: 1 on CUDA, 4 on CPU)")
+_BATCH_SIZES = typer.Option(None, "--batch-sizes", help="batch sizes (default: 1 on CUDA, 2 on CPU)")
 _MODELS = typer.Option(None, "--models", help="presets (default: ouro-1.4b,melt-1.4b on CUDA, ouro-tiny,melt-tiny on CPU)")
 _NEW_TOKENS = typer.Option(None, "--new-tokens", help="tokens to decode after the prompt (default: 32)")
 _DTYPE = typer.Option(None, help="bfloat16 | float16 | float32 (default: bfloat16 on CUDA, float32 on CPU)")
@@ -192,17 +192,21 @@ _KV_POLICY = typer.Option(None, "--kv-policy", help="training-free KV policies f
                           "model's own; MELT keeps its gated policy)")
 _GPUS = typer.Option(None, "--gpus", help="run up to one point per GPU at a time, each in a child pinned to its "
                      "GPU: 0,1,2,3 or all (CUDA sweeps; default: one point at a time)")
+# a backslash before "[" keeps rich's markup from eating "[ray]" in the rendered help
 _EXECUTOR = typer.Option("local", "--executor", help="local (this machine) | ray (Ray tasks across a cluster; "
-                         'pip install "melt-bench[ray]")')
+                         'pip install "melt-bench\\[ray]")')
 _RAY_ADDRESS = typer.Option(None, "--ray-address", help="--executor ray: the cluster to join (default: "
                             "RAY_ADDRESS, else a local Ray instance)")
 _ALLOW_BUSY = typer.Option(False, "--allow-busy-gpus", help="run on GPUs where other processes run (warned; "
                            "their memory and time mix with the points')")
 _DECODE_READS = typer.Option(None, "--decode-reads", help="MELT models: final (decoded tokens read earlier tokens' "
-                             "final rows) | chunk (they continue the prompt's chunk grid, the open chunk's rows "
-                             "kept per loop in a side buffer); a comma list is an axis (default: the config's)")
+                             "final rows: the paper's decoding) | chunk (melt-bench's own construction, not the "
+                             "paper's: they continue the prompt's chunk grid, the open chunk's rows kept per loop "
+                             "in a side buffer); a comma list is an axis (default: the config's)")
 _PREFILL_CHUNK = typer.Option(None, "--prefill-chunk", help="Ouro-family models: prefill in chunks of N tokens "
-                              "(exact; default one chunk). MELT always chunks by its config's chunk_size")
+                              "(default one chunk). Exact under per-loop; under a KV policy that shares rows across "
+                              "loops later chunks read the shared rows, so the prompt itself is shared (rows record "
+                              "prompt_kv_shared). MELT always chunks by its config's chunk_size")
 
 
 @app.command()
@@ -382,10 +386,12 @@ def accuracy(
                                   "(the released Ouro code's default rule, in the model's dtype)"),
     kv_policy: Optional[str] = _KV_POLICY,
     decode_reads: Optional[str] = _DECODE_READS,
-    score_continuation_as: str = typer.Option(
-        "chunk", "--score-continuation-as", help="log-likelihood tasks: chunk (context + continuation in one "
-        "forward: for MELT the continuation reads its chunk's same-loop rows) | decode (each continuation token as "
-        "generation computes it); equal for Ouro-family models"),
+    score_continuation_as: Optional[str] = typer.Option(
+        None, "--score-continuation-as", help="log-likelihood tasks: chunk (context + continuation in one "
+        "forward: for MELT the continuation reads its chunk's same-loop rows) | decode (the context prefilled, then "
+        "each continuation token as generation computes it under the KV policy); equal for per-loop Ouro and "
+        "chunk-grid MELT. Default: chunk, but decode under a KV policy that shares rows across loops (last-loop, "
+        "mean, ...), where one forward would score per-loop Ouro; chunk is refused there"),
     dtype: Optional[str] = _DTYPE,
     device: Optional[str] = _DEVICE,
     out: Optional[Path] = _OUT,

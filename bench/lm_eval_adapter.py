@@ -11,15 +11,33 @@ import lm_eval
 import torch
 from lm_eval.models.huggingface import HFLM
 
+from melt_bench.models.kv_policy import is_training_free, parse_kv_policy, policy_shares_rows
+
 from .jsonl import iter_jsonl
 
 EXIT_MODES = ("last", "step:K", "threshold:P", "expected", "official")
 # How a log-likelihood request's continuation is scored: "chunk" in one forward over context +
 # continuation (for MELT: the continuation sits in the context's last chunk, reading its same-loop
-# rows), "decode" token by token as generation would compute it (each continuation token a chunk
-# of its own after the context's chunks, unless MELT's decode_reads="chunk" continues the grid).
-# For Ouro-family models the two are equal (a per-token cache is exact).
+# rows), "decode" token by token as generation would compute it (the context prefilled as
+# generation prefills it, then each continuation token a chunk of its own reading the rows the KV
+# policy kept, unless MELT's decode_reads="chunk" continues the grid). The two are equal for
+# per-loop Ouro (a per-token cache is exact) and for chunk-grid MELT. Under a training-free policy
+# that shares rows across loops (last-loop, mean, ...), one forward reads every loop's own rows,
+# i.e. computes per-loop Ouro, not the policy: "chunk" is refused there (`chunk_scoring_problem`).
 CONTINUATION_SCORING = ("chunk", "decode")
+
+
+def chunk_scoring_problem(kv_policy: str | None, loops: int) -> str | None:
+    """Why `--score-continuation-as chunk` cannot score `kv_policy` at `loops` loops, or None."""
+    if kv_policy is None or not is_training_free(kv_policy) or not policy_shares_rows(kv_policy, loops):
+        return None
+    return (f"chunk scoring under KV policy {parse_kv_policy(kv_policy)!r} at {loops} loops would read every "
+            "loop's own rows in one forward (per-loop Ouro), not the rows the policy keeps; use decode")
+
+
+def default_scoring(kv_policy: str | None, loops: int) -> str:
+    """`chunk` (one forward, the faster) unless that would not compute the policy: then `decode`."""
+    return "decode" if chunk_scoring_problem(kv_policy, loops) else "chunk"
 
 
 def exit_kwargs(mode: str) -> dict:
@@ -98,6 +116,9 @@ class LoopedHFLM(HFLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         self.loglikelihood_requests += len(requests)
         if self.score_continuation_as == "chunk":
+            policy = self.model.model.policy
+            if problem := chunk_scoring_problem(policy.name if policy.training_free else None, self.loops):
+                raise ValueError(problem)
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         return [self._score_as_decoded(*request) for request in requests]
 
@@ -109,8 +130,8 @@ class LoopedHFLM(HFLM):
         context = len(tokens) - len(continuation_enc)
         ids = torch.tensor([tokens[:-1]], device=self.device)
         with torch.no_grad():
-            logits = self.model(ids, use_cache=False, chunk_starts=decoding_chunk_starts(self.model, context, ids.shape[1]),
-                                **self.run_kwargs).logits
+            starts = decoding_chunk_starts(self.model, context, ids.shape[1], self.loops)
+            logits = self.model(ids, use_cache=False, chunk_starts=starts, **self.run_kwargs).logits
         scored = torch.log_softmax(logits[0, context - 1:].float(), dim=-1)
         target = torch.tensor(continuation_enc, device=scored.device)
         answer = (float(scored.gather(1, target[:, None]).sum()), bool((scored.argmax(-1) == target).all()))
@@ -123,15 +144,16 @@ class LoopedHFLM(HFLM):
         return super()._model_generate(context, max_length, stop, **generation_kwargs, **self.run_kwargs)
 
 
-def decoding_chunk_starts(model, context: int, length: int) -> list[int] | None:
+def decoding_chunk_starts(model, context: int, length: int, loops: int) -> list[int] | None:
     """The chunk split under which one forward over `length` tokens computes what prefilling the
-    first `context` and then decoding one token at a time computes: MELT reading final rows
-    prefills in chunk_size chunks, then one chunk per token; MELT continuing the chunk grid, and
-    every Ouro-family model, need no split of their own (None)."""
+    first `context` and then decoding one token at a time computes: the context in the chunks
+    generation prefills it in (MELT: chunk_size; Ouro-family: one), then one chunk per token.
+    MELT continuing the chunk grid, and an Ouro-family policy that keeps every loop's rows at
+    `loops` loops (per-loop), compute that in one forward (None)."""
     policy = model.model.policy
-    if policy.chunk_size is None or policy.open_chunk is not None:
+    if policy.open_chunk is not None or (policy.chunk_size is None and not policy.shares_rows(loops)):
         return None
-    return [*range(0, context, policy.chunk_size), *range(context, length)]
+    return [*range(0, context, policy.chunk_size or max(context, 1)), *range(context, length)]
 
 
 REQUIRED_FIELDS = {"gsm8k": ("question", "answer"), "addition": ("question", "answer")}

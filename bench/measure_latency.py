@@ -126,7 +126,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summarise(runs: list[RunTiming], batch: int) -> dict:
-    """Per-run figures, then the median over runs with min and max beside each."""
+    """Per-run figures, then the median over runs (the lower middle of a time, the matching upper
+    middle of a rate, for an even count) with min and max beside each."""
     per_run: dict[str, list[float]] = {key: [] for key in (
         "prefill_ms", "decode_ms_per_token_mean", "decode_ms_per_token_p50", "decode_ms_per_token_p90",
         "decode_tokens_per_s", "e2e_tokens_per_s")}
@@ -141,7 +142,9 @@ def summarise(runs: list[RunTiming], batch: int) -> dict:
         per_run["e2e_tokens_per_s"].append(tokens / ((run.prefill_ms + decode_ms) / 1000))
     metrics = {}
     for key, values in per_run.items():
-        metrics[key] = statistics.median(values)
+        # The lower middle of a time, and so the upper middle of a rate (tokens over that time,
+        # the same tokens each run): ms/token and tokens/s of a row describe the same run.
+        metrics[key] = statistics.median_high(values) if key.endswith("_per_s") else statistics.median_low(values)
         metrics[f"{key}_min"] = min(values)
         metrics[f"{key}_max"] = max(values)
     metrics["ttft_ms"] = metrics["prefill_ms"]  # the first token comes out of the prefill
@@ -250,7 +253,8 @@ def measure_latency_point(point: SweepPoint, meter: EnergyMeter | str | None = N
         model = load_model(point.model, point.weights, dtype=dtype, device=device, kv_policy=point.kv_policy,
                            decode_reads=point.decode_reads)
         metrics.update(kv_metrics(model))  # the policy (and MELT's decode reads) the point ran under
-        chunk_starts, metrics["prefill_chunk_tokens"] = prefill_chunking(model, point)
+        chunk_starts, prefill_fields = prefill_chunking(model, point)
+        metrics.update(prefill_fields)
         generator = torch.Generator().manual_seed(0)
         input_ids = torch.randint(1, model.config.vocab_size, (point.batch_size, point.seq_len), generator=generator)
         input_ids = input_ids.to(device)

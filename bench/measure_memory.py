@@ -38,17 +38,25 @@ def tensor_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-def prefill_chunking(model, point: SweepPoint) -> tuple[list[int] | None, int]:
-    """How the prompt is prefilled: (chunk_starts for forward(), tokens per chunk). An Ouro-family
-    model takes `point.prefill_chunk` (exact: each chunk reads the earlier tokens' rows of its own
-    loop, as one whole prefill does); MELT chunks by its config's chunk_size, which is part of the
-    model (its results depend on it)."""
-    own = model.model.policy.chunk_size
+def prefill_chunking(model, point: SweepPoint) -> tuple[list[int] | None, dict]:
+    """How the prompt is prefilled: chunk_starts for forward(), and the row's fields saying so:
+    `prefill_chunk_tokens` (tokens per chunk) and `prompt_kv_shared`. An Ouro-family model takes
+    `point.prefill_chunk`; MELT chunks by its config's chunk_size, which is part of the model (its
+    results depend on it). A later chunk reads the earlier chunks' rows as the KV policy keeps
+    them: exact for per-loop (each loop's own rows, as one whole prefill), but under a policy that
+    shares rows across loops (last-loop, mean, modulo:N below the loops, MELT) the prompt itself
+    is then processed under the sharing, not only the decoded tokens (the Ouro paper's KV-sharing
+    study shares at decode, after a whole prefill): `prompt_kv_shared` is True there."""
+    policy = model.model.policy
+    own = policy.chunk_size
     if own is not None:
-        return None, min(own, point.seq_len)
-    if point.prefill_chunk is None or point.prefill_chunk >= point.seq_len:
-        return None, point.seq_len
-    return list(range(0, point.seq_len, point.prefill_chunk)), point.prefill_chunk
+        starts, tokens = None, min(own, point.seq_len)
+    elif point.prefill_chunk is None or point.prefill_chunk >= point.seq_len:
+        starts, tokens = None, point.seq_len
+    else:
+        starts, tokens = list(range(0, point.seq_len, point.prefill_chunk)), point.prefill_chunk
+    shared = tokens < point.seq_len and policy.shares_rows(point.loops)
+    return starts, {"prefill_chunk_tokens": tokens, "prompt_kv_shared": shared}
 
 
 def kv_metrics(model) -> dict:
@@ -159,7 +167,8 @@ def measure_memory_point(
             trackers.allocator.start()
         if trackers.nvml is not None:
             trackers.nvml.start()
-        chunk_starts, metrics["prefill_chunk_tokens"] = prefill_chunking(model, point)
+        chunk_starts, prefill_fields = prefill_chunking(model, point)
+        metrics.update(prefill_fields)
         if point.phase == "generate" and chunk_starts is not None:
             raise ValueError("--prefill-chunk applies to the prefill and decode phases, not generate()")
         with torch.inference_mode():

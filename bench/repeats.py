@@ -1,11 +1,14 @@
 """Repeated points (`--repeats N`: the same point measured in N fresh children) folded into one
-row for tables and reports: the median of every figure, and the spread (lowest and highest over
-the repeats) of the headline figures, so that noise shows as noise."""
+row for tables and reports: the figures of the median repeat, and the spread (lowest and highest
+over the repeats) of the headline figures, so that noise shows as noise.
+
+One rule for every figure: the median repeat is the one whose headline (HEADLINE) is the lower
+middle, and every figure of the row comes from it, so figures derived from one another (decode
+ms/token and tokens/s, MBU) describe one measurement and never mix two middles."""
 
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import replace
 
 from .results import ResultRow
@@ -17,6 +20,11 @@ SPREAD_METRICS = {
     "latency": ("prefill_ms", "decode_ms_per_token_mean"),
     "accuracy": ("peak_bytes",),
 }
+
+
+# Per kind, the figure that picks the median repeat.
+HEADLINE = {"memory": "peak_bytes", "capacity": "max_batch", "latency": "decode_ms_per_token_mean",
+            "accuracy": "peak_bytes"}
 
 
 def _number(value) -> bool:
@@ -35,12 +43,8 @@ def combine_repeats(rows: list[ResultRow]) -> list[ResultRow]:
 def _combine(group: list[ResultRow]) -> ResultRow:
     ok = [row for row in group if row.status == "ok"]
     failed = [row for row in group if row.status != "ok"]
-    first = (ok or group)[0]
+    first = median_repeat(ok) if ok else group[0]
     metrics = dict(first.metrics)
-    for key in {key for row in ok for key, value in row.metrics.items() if _number(value)}:
-        values = [row.metrics[key] for row in ok if _number(row.metrics.get(key))]
-        # median_low: an even count still reports a value some repeat measured
-        metrics[key] = statistics.median_low(values)
     for key in SPREAD_METRICS.get(first.kind, ()):
         values = [row.metrics[key] for row in ok if _number(row.metrics.get(key))]
         if values:
@@ -52,6 +56,17 @@ def _combine(group: list[ResultRow]) -> ResultRow:
         if failed else ("ok", None)
     return replace(first, point=point, status=status, error=error, metrics=metrics,
                    wall_s=sum(row.wall_s for row in group))
+
+
+def median_repeat(rows: list[ResultRow]) -> ResultRow:
+    """The repeat whose headline figure is the lower middle (an even count still reports a run
+    that was measured); repeats without the figure come last."""
+    headline = HEADLINE.get(rows[0].kind)
+    measured = [row for row in rows if _number(row.metrics.get(headline))]
+    if not measured:
+        return rows[0]
+    ordered = sorted(measured, key=lambda row: row.metrics[headline])
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def spread_text(metrics: dict, key: str) -> str:

@@ -334,8 +334,21 @@ def _pareto_figure(part: pd.DataFrame, key) -> Figure:
     return Figure(title, png(fig))
 
 
+# Point settings that change a figure: a ratio compares two models only where all of them agree,
+# and names those that differ across the file (eager vs compiled, bf16 vs fp32, ...).
+LIKE_FOR_LIKE = ("engine", "dtype", "device", "phase", "new_tokens", "prefill_chunk", "early_exit", "static_cache")
+
+
+def _settings(keys: tuple, axes: list[str]) -> str:
+    named = [f"{axis.replace('_', ' ')} {value}" for axis, value in zip(axes, keys) if not pd.isna(value)]
+    return "; " + ", ".join(named) if named else ""
+
+
 def headlines(frame: pd.DataFrame) -> list[str]:
-    """The key Ouro/MELT ratios, at the largest loop count where both models finished."""
+    """The key Ouro/MELT ratios, at the largest loop count where both models finished: one per
+    combination of the settings in LIKE_FOR_LIKE that the rows hold (never an average across
+    engines, dtypes or devices), each naming the settings that vary; latency always names its
+    engine."""
     lines = []
     pairs = [(m, "melt" + m[4:]) for m in frame.get("model", pd.Series(dtype=str)).dropna().unique()
              if str(m).startswith("ouro") and "melt" + m[4:] in set(frame.model)]
@@ -345,13 +358,21 @@ def headlines(frame: pd.DataFrame) -> list[str]:
             part = frame[(frame.kind == kind) & (frame.status == "ok") & frame.model.isin([ouro, melt])]
             if part.empty or metric not in part:
                 continue
-            both = part.pivot_table(index=["loops", "seq_len", "batch_size"], columns="model", values=metric).dropna()
-            if ouro in both and melt in both and len(both):
+            axes = [a for a in LIKE_FOR_LIKE if a in part and (part[a].nunique(dropna=False) > 1
+                                                               or (a == "engine" and kind == "latency"))]
+            if part.duplicated([*axes, "loops", "seq_len", "batch_size", "model"]).any() and "source" in part:
+                axes.append("source")  # the same point in two files: each file on its own
+            for keys, same in _groups(part, axes):
+                keys = keys if isinstance(keys, tuple) else (keys,)
+                both = same.pivot(index=["loops", "seq_len", "batch_size"], columns="model", values=metric)
+                both = both.dropna() if ouro in both and melt in both else both.iloc[0:0]
+                if not len(both):
+                    continue
                 (loops, seq, batch), row = max(both.iterrows(), key=lambda kv: kv[0])
                 ratio = row[ouro] / row[melt]
                 value = format_bytes if metric.endswith("bytes") else (lambda v: f"{v:,.2f} ms")
-                lines.append(f"At {loops} loops and {seq:,} tokens (batch {batch}), {ouro} needs {ratio:.2f}x "
-                             f"{melt}'s {phrase} ({value(row[ouro])} vs {value(row[melt])}).")
+                lines.append(f"At {loops} loops and {seq:,} tokens (batch {batch}{_settings(keys, axes)}), {ouro} "
+                             f"needs {ratio:.2f}x {melt}'s {phrase} ({value(row[ouro])} vs {value(row[melt])}).")
         failed = frame[(frame.kind == "memory") & (frame.model == ouro) & (frame.status == "oom")]
         if len(failed):
             first = failed.sort_values("loops").iloc[0]

@@ -185,7 +185,7 @@ def _validate(spec: SweepSpec) -> None:
 def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
     """AccuracyPoints from the accuracy command's flags (None = not given), and notices."""
     from .accuracy import AccuracyPoint
-    from .lm_eval_adapter import CONTINUATION_SCORING, exit_kwargs
+    from .lm_eval_adapter import CONTINUATION_SCORING, chunk_scoring_problem, default_scoring, exit_kwargs
 
     notices = []
     device = resolve_device(flags.get("device") or "auto")
@@ -220,17 +220,20 @@ def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
     weights = check_weights(flags.get("weights"))
     spec.kv_policies = resolve_kv_policies(flags.get("kv_policy"), models)
     spec.decode_reads = resolve_decode_reads(flags.get("decode_reads"), models)
-    scoring = flags.get("score_continuation_as") or "chunk"
-    if scoring not in CONTINUATION_SCORING:
+    scoring = flags.get("score_continuation_as")
+    if scoring is not None and scoring not in CONTINUATION_SCORING:
         raise OptionError(f"--score-continuation-as: {scoring!r} is not one of {', '.join(CONTINUATION_SCORING)}")
     points = [
         AccuracyPoint(model, loop, task, flags.get("exit_mode") or "last", flags.get("num_fewshot"),
                       flags.get("limit"), flags.get("batch_size") or 1, flags.get("max_gen_toks"), dtype,
                       device, weights, data_dir, kv_policy=policy, decode_reads=reads,
-                      score_continuation_as=scoring)
+                      score_continuation_as=scoring or default_scoring(policy, loop))
         for model in models for policy in spec.policies_for(model) for reads in spec.decode_reads_for(model)
         for task in tasks for loop in loops
     ]
+    for point in points:
+        if point.score_continuation_as == "chunk" and (problem := chunk_scoring_problem(point.kv_policy, point.loops)):
+            raise OptionError(f"--score-continuation-as: {problem}")
     return points, notices
 
 

@@ -5,8 +5,9 @@ Counting rules (what the code in looped.py and decode_engine.py executes):
   - every loop runs every layer once and re-reads its weights (the loop reuses the same layers;
     no cache holds a 1.4B model's layers between loops);
   - a layer's weights: q, k, v, o projections, the SwiGLU MLP's three matrices, four RMSNorms;
-    MELT adds its gate (W_z with bias, U_z), which is skipped at the first loop when
-    `first_loop_state="input"` (h_1 = x_1);
+    MELT adds its gate, whose size depends on `config.gate` (elementwise: W_z with bias and U_z,
+    2h^2 + h; scalar: 2h + 1; ema: 1; mean and last: none), and which is skipped at the first
+    loop when `first_loop_state="input"` (h_1 = x_1);
   - after every loop the final norm and the early-exit gate (hidden + 1 weights) run;
   - per decode step the lm head is read once, and one embedding row per sequence;
   - KV: every loop and layer reads the `context` rows the token attends to (its own included)
@@ -48,9 +49,26 @@ def layer_weight_elements(config: OuroConfig) -> int:
 
 
 def gate_weight_elements(config: OuroConfig) -> int:
-    """Elements of one layer's MELT gate (W_z with bias, U_z); 0 for Ouro."""
+    """Elements of one layer's MELT gate, by `config.gate` (kv_policy.py's GATE_CLASSES):
+    elementwise W_z (with bias) and U_z, hidden x hidden each; scalar the same with one output;
+    ema one decay logit; mean and last none. 0 for Ouro."""
+    if not _is_melt(config):
+        return 0
     h = config.hidden_size
-    return 2 * h * h + h if _is_melt(config) else 0
+    return {"elementwise": 2 * h * h + h, "scalar": 2 * h + 1, "ema": 1, "mean": 0, "last": 0}[_gate(config)]
+
+
+def gate_matmul_flops_per_token(config: OuroConfig) -> int:
+    """Matmul FLOPs of one layer's MELT gate for one token at one loop: x W_z and h U_z (2 per
+    multiply-add); the ema, mean and last gates are element-wise only (not counted)."""
+    if not _is_melt(config):
+        return 0
+    h = config.hidden_size
+    return {"elementwise": 2 * 2 * h * h, "scalar": 2 * 2 * h}.get(_gate(config), 0)
+
+
+def _gate(config: OuroConfig) -> str:
+    return getattr(config, "gate", "elementwise")
 
 
 def loop_tail_elements(config: OuroConfig) -> int:
@@ -94,7 +112,7 @@ def _loop_flops(config: OuroConfig, loops: float, tokens: float, pairs: float) -
     layers = config.num_hidden_layers
     per_loop = layers * (tokens * _token_matmul_flops(config) + _attention_flops(config, pairs))
     per_loop += tokens * 2 * config.hidden_size  # early-exit gate
-    gate = gate_loops(config, loops) * layers * tokens * 2 * 2 * config.hidden_size**2
+    gate = gate_loops(config, loops) * layers * tokens * gate_matmul_flops_per_token(config)
     return loops * per_loop + gate
 
 

@@ -55,6 +55,13 @@ class KVPolicy:
     def make_gate(self, config: OuroConfig) -> nn.Module | None:
         return None
 
+    def shares_rows(self, loops: int) -> bool:
+        """Whether a finished token keeps fewer rows than one per loop at `loops` loops, so that a
+        token processed after it reads shared (or combined) rows instead of its own loop's: a
+        prompt prefilled in several chunks, or a continuation scored after its context, then
+        computes something other than one whole forward."""
+        return self.num_slots(loops) < loops * self.num_layers
+
     @property
     def chunk_size(self) -> int | None:
         return None
@@ -165,7 +172,9 @@ class ModuloKVPolicy(FixedSlotsKVPolicy):
     `last-loop`'s slot arithmetic.
 
     Source: Huginn's recurrent-depth cache (`seal-rg/recurrent-pretraining`,
-    `HuginnDynamicCache`, mode `compress-sN`). KV bytes per token = min(N, loops) x layers x 2 x
+    `HuginnDynamicCache`, mode `compress-s`). Huginn counts cache entries over its 4 core layers
+    (a recurrence step runs all 4), so `modulo:N` here is Huginn's `compress-s(4N)`, not
+    `compress-sN`. KV bytes per token = min(N, loops) x layers x 2 x
     kv_heads x head_dim x itemsize."""
 
     kind = "modulo"
@@ -183,6 +192,10 @@ class FirstThenSharedKVPolicy(FixedSlotsKVPolicy):
     `ZH-Haoran/continuous-depth-batching`, `src/looped_cdb/kv_cache_policy.py`:
     `kv_slot_for_step` returns min(recurrent_step, slots_per_layer - 1) for `first_then_shared`,
     default 2 slots. Early exit: skipped loops take the exit loop's rows (as every layout here).
+    CDB differs there: it copies exit rows only under `last_exited`, so under its
+    `first_then_shared` the shared slot keeps, for an exited token, a row never written for it.
+    We copy, since an unwritten row is undefined memory rather than a policy; without early exit
+    the two agree.
     KV bytes per token = min(S, loops) x layers x 2 x kv_heads x head_dim x itemsize."""
 
     kind = "first-then-shared"
@@ -364,6 +377,20 @@ def is_training_free(name: str) -> bool:
     """Whether the policy `name` runs on Ouro weights unchanged (False for MELT's trained gate)."""
     name = parse_kv_policy(name)
     return (_PLAIN.get(name) or _WITH_SLOTS[name.partition(":")[0]]).training_free
+
+
+def policy_shares_rows(name: str, loops: int) -> bool:
+    """`KVPolicy.shares_rows` for a policy name, no model needed (the answer does not depend on
+    the layer count)."""
+    return kv_policy_for(_ONE_LAYER, name).shares_rows(loops)
+
+
+class _OneLayer:
+    num_hidden_layers = 1
+    kv_policy = "per-loop"
+
+
+_ONE_LAYER = _OneLayer()
 
 
 def kv_policy_for(config: OuroConfig, name: str | None = None) -> KVPolicy:

@@ -1,6 +1,7 @@
 """--score-continuation-as: a log-likelihood continuation scored in one forward ("chunk") or as
-generation computes it ("decode"); equal for Ouro, different for MELT reading final rows, equal
-again when MELT's decoding continues the chunk grid."""
+generation computes it ("decode"); equal for per-loop Ouro, different for MELT reading final rows,
+equal again when MELT's decoding continues the chunk grid; under a training-free policy that
+shares rows across loops only "decode" computes the policy, and "chunk" is refused."""
 
 import pytest
 import torch
@@ -22,15 +23,15 @@ def scores(model, mode: str) -> tuple[float, bool]:
     return answer
 
 
-def decoded_logprob(model) -> float:
+def decoded_logprob(model, loops: int = 3) -> float:
     """The reference: prefill the context, then feed the continuation one token at a time."""
-    lm = LoopedHFLM(model, byte_tokenizer(), loops=3, batch_size=1, max_length=512)
+    lm = LoopedHFLM(model, byte_tokenizer(), loops=loops, batch_size=1, max_length=512)
     context, continuation = lm._encode_pair(CONTEXT, CONTINUATION)
-    cache = model.new_cache(3)
+    cache = model.new_cache(loops)
     with torch.no_grad():
-        logits = [model(torch.tensor([context]), past_key_values=cache, loops=3).logits[0, -1]]
+        logits = [model(torch.tensor([context]), past_key_values=cache, loops=loops).logits[0, -1]]
         for token in continuation[:-1]:
-            logits.append(model(torch.tensor([[token]]), past_key_values=cache, loops=3).logits[0, -1])
+            logits.append(model(torch.tensor([[token]]), past_key_values=cache, loops=loops).logits[0, -1])
     return sum(float(torch.log_softmax(row.float(), -1)[token]) for row, token in zip(logits, continuation))
 
 
@@ -72,3 +73,43 @@ def test_the_default_keeps_point_ids_and_a_bad_mode_is_one_line(capsys):
     err = one_line_error(["accuracy", "--models", "melt-tiny", "--score-continuation-as", "greedy", "--device", "cpu"],
                          capsys)
     assert "--score-continuation-as: 'greedy' is not one of chunk, decode" in err
+
+
+SHARING = ["last-loop", "mean", "first-loop", "modulo:2", "first-then-shared:2"]
+
+
+@pytest.mark.parametrize("policy", ["per-loop", *SHARING])
+def test_decode_scoring_computes_what_each_kv_policy_generates(policy):
+    """Every policy scored as prefill + token-by-token decoding under that policy, to 1e-4; the
+    sharing policies differ from per-loop (one forward would have scored per-loop for all)."""
+    ouro = load_model("ouro-tiny", kv_policy=policy)
+    by_decode = scores(ouro, "decode")[0]
+    assert by_decode == pytest.approx(decoded_logprob(ouro), abs=1e-4)
+    per_loop = decoded_logprob(load_model("ouro-tiny"))
+    if policy == "per-loop":
+        assert by_decode == pytest.approx(per_loop, abs=1e-4)
+    else:  # 3 loops: every one of these keeps fewer rows than loops
+        assert abs(by_decode - per_loop) > 1e-3
+
+
+def test_chunk_scoring_of_a_sharing_policy_is_refused():
+    with pytest.raises(ValueError, match="chunk scoring under KV policy 'last-loop' at 3 loops"):
+        scores(load_model("ouro-tiny", kv_policy="last-loop"), "chunk")
+    # at a loop count where the policy keeps every loop's rows, one forward is exact and allowed
+    lm = LoopedHFLM(load_model("ouro-tiny", kv_policy="modulo:2"), byte_tokenizer(), loops=2,
+                    score_continuation_as="chunk", batch_size=1, max_length=512)
+    [(chunk, _)] = lm.loglikelihood([Instance("loglikelihood", {}, (CONTEXT, CONTINUATION), 0)])
+    assert chunk == pytest.approx(decoded_logprob(load_model("ouro-tiny", kv_policy="modulo:2"), loops=2), abs=1e-4)
+
+
+def test_the_cli_scores_sharing_policies_as_decoded_and_refuses_chunk(capsys):
+    from melt_bench.sweep_options import resolve_accuracy
+
+    flags = dict(tasks="addition", loops="1,3", models="ouro-tiny", kv_policy="per-loop,last-loop", device="cpu")
+    points, _ = resolve_accuracy(flags)
+    scored = {(p.kv_policy, p.loops): p.score_continuation_as for p in points}
+    assert scored == {("per-loop", 1): "chunk", ("per-loop", 3): "chunk", ("last-loop", 1): "chunk",
+                      ("last-loop", 3): "decode"}
+    err = one_line_error(["accuracy", "--models", "ouro-tiny", "--kv-policy", "mean", "--loops", "2",
+                          "--score-continuation-as", "chunk", "--tasks", "addition", "--device", "cpu"], capsys)
+    assert "--score-continuation-as: chunk scoring under KV policy 'mean' at 2 loops" in err

@@ -260,3 +260,21 @@ def test_repeats_fold_into_a_median_with_their_range_and_a_failure_marks_the_poi
         store.append(r)
     html = build_report([path])
     assert "peak range" in html and "measured 4 times" in html
+
+
+def test_an_even_number_of_repeats_takes_every_figure_from_one_repeat():
+    """ms/token and tokens/s of one row once came from different middles (6.14 ms/token beside
+    628.9 tok/s): the row now holds the figures of the lower-middle repeat, all of them."""
+    from melt_bench.repeats import combine_repeats
+    from melt_bench.results import ResultRow
+
+    def row(repeat, ms):
+        point = {"model": "ouro-tiny", "loops": 2, "seq_len": 32, "batch_size": 4, "repeat": repeat}
+        metrics = {"decode_ms_per_token_mean": ms, "decode_tokens_per_s": 4 * 1000 / ms, "decode_mbu": 0.01 / ms}
+        return ResultRow("latency", f"l{repeat}", point, "ok", None, metrics, {}, 1.0)
+
+    [one] = combine_repeats([row(0, 6.5), row(1, 6.14), row(2, 7.0), row(3, 5.9)])
+    m = one.metrics
+    assert m["decode_ms_per_token_mean"] == 6.14  # the lower middle of 5.9, 6.14, 6.5, 7.0
+    assert m["decode_tokens_per_s"] == 4 * 1000 / 6.14 and m["decode_mbu"] == 0.01 / 6.14
+    assert (m["decode_ms_per_token_mean_repeat_min"], m["decode_ms_per_token_mean_repeat_max"]) == (5.9, 7.0)

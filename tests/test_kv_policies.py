@@ -214,3 +214,23 @@ def test_models_lists_the_policies_with_their_kv_bytes(capsys):
     assert by_policy["per-loop"] == 786_432 and by_policy["last-loop"] == by_policy["mean"] == 196_608
     assert by_policy["modulo:2"] == by_policy["first-then-shared:2"] == 393_216
     assert cards["melt-1.4b"]["kv_bytes_per_token_by_policy"] == {"shared-gated": 196_608}
+
+
+@pytest.mark.parametrize("policy,shared", [("per-loop", False), ("modulo:4", False), ("last-loop", True),
+                                           ("mean", True), ("modulo:2", True)])
+def test_a_chunked_prefill_says_when_the_prompt_itself_was_shared(policy, shared):
+    """--prefill-chunk is exact only where the policy keeps every loop's rows: under a sharing
+    policy later chunks read the earlier chunks' kept rows, the logits move, and the row says so."""
+    from melt_bench.measure_memory import prefill_chunking
+    from melt_bench.sweep_plan import SweepPoint
+
+    model, tokens = ouro(policy), ids(length=8)
+    point = SweepPoint("memory", "ouro-tiny", 4, 8, 2, "prefill", 1, "float32", "cpu", prefill_chunk=3)
+    starts, fields = prefill_chunking(model, point)
+    assert starts == [0, 3, 6] and fields == {"prefill_chunk_tokens": 3, "prompt_kv_shared": shared}
+    with torch.no_grad():
+        whole = model(tokens, past_key_values=model.new_cache(4), loops=4).logits
+        chunked = model(tokens, past_key_values=model.new_cache(4), loops=4, chunk_starts=starts).logits
+    assert torch.allclose(chunked, whole, atol=1e-5) != shared
+    one_chunk = SweepPoint("memory", "ouro-tiny", 4, 8, 2, "prefill", 1, "float32", "cpu")
+    assert prefill_chunking(model, one_chunk)[1]["prompt_kv_shared"] is False

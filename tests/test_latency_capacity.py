@@ -23,7 +23,10 @@ def test_percentiles_and_summary_invariants():
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5], 90) == 5
     runs = [RunTiming(10.0, [1.0, 2.0, 3.0, 10.0], [4] * 4), RunTiming(12.0, [1.0, 1.0, 1.0, 1.0], [4] * 4)]
     m = summarise(runs, batch=3)
-    assert m["tokens_generated_per_run"] == 12 and m["ttft_ms"] == m["prefill_ms"] == 11.0
+    # an even count: the lower middle of each time (a value some run measured), and the rate of
+    # the same run (3 sequences x 1000 / 1.0 ms), never the mean of the middles
+    assert m["tokens_generated_per_run"] == 12 and m["ttft_ms"] == m["prefill_ms"] == 10.0
+    assert m["decode_ms_per_token_mean"] == 1.0 and m["decode_tokens_per_s"] == 3 * 1000 / 1.0
     assert m["decode_ms_per_token_mean_min"] == 1.0 and m["decode_ms_per_token_mean_max"] == 4.0
     assert m["decode_tokens_per_s_max"] == 3 * 4 / (4 / 1000)
     assert m["loops_executed_mean"] == 4

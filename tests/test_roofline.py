@@ -70,3 +70,28 @@ def test_token_agreement():
     assert token_agreement([[1, 2], [3, 4]], [[1, 2], [3, 5]]) == 0.75
     with pytest.raises(ValueError):
         token_agreement([[1]], [[1, 2]])
+
+
+@pytest.mark.parametrize("preset", ["melt-1.4b", "melt-2.6b"])
+@pytest.mark.parametrize("gate", ["elementwise", "scalar", "mean", "ema", "last"])
+def test_weights_formula_counts_each_gates_own_parameters(preset, gate):
+    """The cost model charges a gate what it holds (the element-wise gate's 2h^2 + h per layer
+    only for the element-wise gate): a bf16 model built on the meta device, byte for byte."""
+    config = MeltConfig(**{**get_preset(preset).fields, "gate": gate})
+    with torch.device("meta"):
+        model = MeltForCausalLM(config)
+    held = sum(p.numel() for p in model.parameters()) * 2  # bf16; the presets' embeddings are untied
+    assert cost_model.weights_bytes(config, torch.bfloat16) == held
+    # a decode step reads the gate it runs: (loops - 1) gated loops x layers x its parameters
+    ouro = OuroConfig(**get_preset(preset).fields)
+    gate_held = sum(p.numel() for name, p in model.named_parameters() if ".kv_gate." in name) * 2
+    extra = cost_model.decode_bytes_per_token(config, 4, 1, 100, torch.bfloat16) \
+        - cost_model.decode_bytes_per_token(ouro, 4, 1, 100, torch.bfloat16)
+    assert extra == 3 * gate_held
+
+
+def test_gate_flops_follow_the_gate():
+    # HAND: hidden 4. elementwise: 2 * (16 + 16) = 64 per token, layer and gated loop; scalar: 2 * (4 + 4) = 16.
+    base = cost_model.decode_flops_per_token(OuroConfig(**HAND), 3, 1, 5)
+    for gate, per in (("elementwise", 64), ("scalar", 16), ("ema", 0), ("mean", 0), ("last", 0)):
+        assert cost_model.decode_flops_per_token(MeltConfig(**HAND, gate=gate), 3, 1, 5) == base + 2 * 2 * per
