@@ -43,11 +43,13 @@ class AccuracyPoint:
     kv_policy: str | None = None  # Ouro-family models: a training-free KV policy (None = the model's own)
     decode_reads: str | None = None  # MELT models: "final" or "chunk" (None = the config's)
     score_continuation_as: str = "chunk"  # log-likelihood tasks: "chunk" (one forward) | "decode"
+    kv_quant: str | None = None  # any model: cached rows packed to "int8" / "int4" (None = full precision)
 
     @property
     def point_id(self) -> str:
         fields = asdict(self)
-        for name, default in (("kv_policy", None), ("decode_reads", None), ("score_continuation_as", "chunk")):
+        for name, default in (("kv_policy", None), ("decode_reads", None), ("score_continuation_as", "chunk"),
+                              ("kv_quant", None)):
             if fields[name] == default:  # left out at its default, so ids from before the field stay
                 del fields[name]
         blob = json.dumps({"command": "accuracy", **fields}, sort_keys=True).encode()
@@ -144,7 +146,7 @@ def evaluate_point(point: AccuracyPoint, task_manager, tokenizer_source: str | N
         device = f"cuda:{local_rank}"  # data parallel: one model copy per GPU
     with lm_eval_output(log_path, capture_stderr=world == 1) as warnings:
         model = load_model(point.model, point.weights, dtype=parse_dtype(point.dtype), device=device,
-                           kv_policy=point.kv_policy, decode_reads=point.decode_reads)
+                           kv_policy=point.kv_policy, decode_reads=point.decode_reads, kv_quant=point.kv_quant)
         tokenizer = load_tokenizer(point.weights, tokenizer_source)
         lm = LoopedHFLM(model, tokenizer, loops=point.loops, exit_mode=point.exit_mode,
                         score_continuation_as=point.score_continuation_as, batch_size=point.batch_size,
@@ -153,13 +155,15 @@ def evaluate_point(point: AccuracyPoint, task_manager, tokenizer_source: str | N
     return rows, list(warnings)
 
 
-KV_PROBE_TOKENS = 16
+# The probe's length: a packed cache (flashloop, --kv-quant) keeps its newest 64-127 rows at full
+# precision, so its bytes per token depend on the length; every policy is measured at this one.
+KV_PROBE_TOKENS = 2048
 
 
 def measured_kv_bytes_per_token(model, loops: int) -> int:
     """KV-cache bytes per token the model holds at `loops` loops, measured: the storage bytes of
-    a cache sized to exactly KV_PROBE_TOKENS tokens after a forward over them (batch 1), less
-    MELT's open-chunk side buffer, which is per sequence (measured_side_buffer_bytes)."""
+    a cache sized to exactly KV_PROBE_TOKENS tokens after a forward over them (batch 1, as one
+    prompt), less MELT's open-chunk side buffer, which is per sequence (measured_side_buffer_bytes)."""
     cache = model.new_cache(loops, capacity=KV_PROBE_TOKENS)
     ids = torch.full((1, KV_PROBE_TOKENS), model.config.eos_token_id or 0, device=model.device)
     with torch.no_grad():
@@ -230,6 +234,7 @@ def _evaluate(lm, point: AccuracyPoint, task_manager, simple_evaluate, meta: dic
     kv = {"kv_bytes_per_token": measured_kv_bytes_per_token(lm.model, point.loops),
           "kv_side_buffer_bytes_per_sequence": measured_side_buffer_bytes(lm.model, point.loops),
           "kv_source": f"LoopedKVCache.nbytes() / {KV_PROBE_TOKENS} after a {KV_PROBE_TOKENS}-token forward",
+          "kv_probe_tokens": KV_PROBE_TOKENS,
           "exited_early_fraction": lm.exited_early_fraction, "exit_tokens": lm.exit_counts[1],
           # log-likelihood requests and how their continuations were scored (none: the task generates)
           "loglikelihood_requests": lm.loglikelihood_requests,

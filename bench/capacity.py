@@ -95,7 +95,7 @@ def find_max_batch(probe: Callable[[int], Probe], start: int, limit: int = 4096)
 
 
 def analytic_start(model: str, loops: int, tokens: int, dtype: str, budget_bytes: int,
-                   kv_policy: str | None = None, decode_reads: str | None = None) -> int:
+                   kv_policy: str | None = None, decode_reads: str | None = None, kv_quant: str | None = None) -> int:
     """Where the search starts: the batch whose weights + KV cache alone fill the budget."""
     preset = get_preset(model)
     torch_dtype = parse_dtype(dtype)
@@ -103,7 +103,7 @@ def analytic_start(model: str, loops: int, tokens: int, dtype: str, budget_bytes
     config = preset.config()
     if decode_reads is not None:
         config.decode_reads = decode_reads
-    per_sequence = (kv_bytes_per_token(config, loops, torch_dtype, kv_policy) * tokens
+    per_sequence = (kv_bytes_per_token(config, loops, torch_dtype, kv_policy, kv_quant) * tokens
                     + kv_side_buffer_bytes(config, loops, torch_dtype, tokens))
     return max(1, (budget_bytes - weights) // max(per_sequence, 1))
 
@@ -133,7 +133,7 @@ def search_capacity(point, budget_bytes: int, timeout_s: float, limit: int = 409
         return probe_fits({**outcome.value, "batch_size": batch}, budget_bytes)
 
     start = analytic_start(point.model, point.loops, point.seq_len + point.new_tokens, point.dtype, budget_bytes,
-                           point.kv_policy, point.decode_reads)
+                           point.kv_policy, point.decode_reads, point.kv_quant)
     result = find_max_batch(probe, start, limit)
     failed = [p for p in result.probes if p.status not in ("ok", "oom")]
     status = "error" if failed and result.max_batch == 0 else "ok"

@@ -49,6 +49,8 @@ def models(
     device: str = typer.Option("auto", help="--card: where to measure the bandwidth (auto | cpu | cuda[:N])"),
 ) -> None:
     """List model presets: parameters, layers, loops, and KV-cache bytes per token."""
+    from melt_bench.models.kv_policy import STATED_TOKENS
+
     from .model_card import preset_cards
     from .units import format_bytes, format_count, parse_dtype
 
@@ -78,16 +80,19 @@ def models(
         "KV B/token/loop: what each extra loop adds to the cache per token "
         "(Ouro: one more cache per layer; MELT: 0, its cache is shared by all loops)."
     )
-    ouro_family = [c for c in cards if len(c.kv_bytes_per_token_by_policy) > 1]
-    policies = Table(title=f"training-free KV policies (--kv-policy) on Ouro-family presets: KV bytes per token at "
-                           f"the trained loop count, {dtype}")
-    policies.add_column("KV policy")
-    for c in ouro_family:
-        policies.add_column(f"{c.name} ({c.loops} loops)", justify="right")
-    for policy in ouro_family[0].kv_bytes_per_token_by_policy if ouro_family else []:
-        policies.add_row(policy, *(f"{c.kv_bytes_per_token_by_policy[policy]:,} "
-                                   f"({format_bytes(c.kv_bytes_per_token_by_policy[policy])})" for c in ouro_family))
-    console.print(policies)
+    for family, title in (("ouro", "training-free KV policies (--kv-policy) and KV quantisation (--kv-quant) on "
+                                     "Ouro-family presets"), ("melt", "MELT's own cache and KV quantisation (--kv-quant)")):
+        members = [c for c in cards if c.family == family]
+        policies = Table(title=f"{title}: KV bytes per token at the trained loop count, {dtype}; packed caches "
+                               f"(flashloop, int8, int4) over a {STATED_TOKENS:,}-token prompt (their newest 64-127 "
+                               "rows are full precision, so the figure depends on the length)")
+        policies.add_column("KV policy")
+        for c in members:
+            policies.add_column(f"{c.name} ({c.loops} loops)", justify="right")
+        for policy in members[0].kv_bytes_per_token_by_policy if members else []:
+            policies.add_row(policy, *(f"{c.kv_bytes_per_token_by_policy[policy]:,} "
+                                       f"({format_bytes(c.kv_bytes_per_token_by_policy[policy])})" for c in members))
+        console.print(policies)
 
 
 def _print_cost_card(dtype, names: str | None, loops: str, seq_len: int, batch_size: int, device: str,
@@ -203,6 +208,10 @@ _DECODE_READS = typer.Option(None, "--decode-reads", help="MELT models: final (d
                              "final rows: the paper's decoding) | chunk (melt-bench's own construction, not the "
                              "paper's: they continue the prompt's chunk grid, the open chunk's rows kept per loop "
                              "in a side buffer); a comma list is an axis (default: the config's)")
+_KV_QUANT = typer.Option(None, "--kv-quant", help="none | int8 | int4: cached rows packed KIVI-style once final "
+                         "(keys per channel, values per token, groups of 64, fp16 scales; the newest 64-127 rows "
+                         "at full precision), any model and KV policy, MELT included; a comma list is an axis "
+                         "(default: none)")
 _PREFILL_CHUNK = typer.Option(None, "--prefill-chunk", help="Ouro-family models: prefill in chunks of N tokens "
                               "(default one chunk). Exact under per-loop; under a KV policy that shares rows across "
                               "loops later chunks read the shared rows, so the prompt itself is shared (rows record "
@@ -230,6 +239,7 @@ def memory(
     prefill_chunk: Optional[int] = _PREFILL_CHUNK,
     kv_policy: Optional[str] = _KV_POLICY,
     decode_reads: Optional[str] = _DECODE_READS,
+    kv_quant: Optional[str] = _KV_QUANT,
     dry_run: bool = _DRY_RUN,
     progress: bool = _PROGRESS,
     report: bool = _REPORT,
@@ -246,10 +256,10 @@ def memory(
         raise UserError(f"--nvml-interval-ms: {nvml_interval_ms:g} must be positive")
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase=phase,
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, repeats=repeats,
-                 point_timeout=point_timeout, kv_policy=kv_policy, decode_reads=decode_reads)
+                 point_timeout=point_timeout, kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
     resolved = _resolve("memory", flags, suite)
     resolved.spec.point_options = dict(prefill_chunk=_check_prefill_chunk(prefill_chunk))
-    points = resolved.spec.points()
+    points = _checked_points(resolved, "memory")
     placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
     if not _dry_run(points, dry_run, out, placement):
         runner = in_child(measure_memory_point, (nvml_interval_ms,), resolved.point_timeout)
@@ -275,6 +285,7 @@ def latency(
     prefill_chunk: Optional[int] = _PREFILL_CHUNK,
     kv_policy: Optional[str] = _KV_POLICY,
     decode_reads: Optional[str] = _DECODE_READS,
+    kv_quant: Optional[str] = _KV_QUANT,
     dtype: Optional[str] = _DTYPE,
     device: Optional[str] = _DEVICE,
     weights: Optional[str] = _WEIGHTS,
@@ -303,12 +314,12 @@ def latency(
         raise UserError("--static-cache applies to --engine forward (eager and compiled always preallocate)")
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase="decode",
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
-                 kv_policy=kv_policy, decode_reads=decode_reads)
+                 kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
     resolved = _resolve("latency", flags, suite)
     resolved.spec.point_options = dict(warmup=warmup, timed_runs=repeats, early_exit=_parse_early_exit(early_exit),
                                        engine=engine, static_cache=static_cache,
                                        prefill_chunk=_check_prefill_chunk(prefill_chunk))
-    points = resolved.spec.points()
+    points = _checked_points(resolved, "latency")
     placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
     if not _dry_run(points, dry_run, out, placement):
         runner = in_child(measure_latency_point, (), resolved.point_timeout)
@@ -327,6 +338,7 @@ def capacity(
     prefill_chunk: Optional[int] = _PREFILL_CHUNK,
     kv_policy: Optional[str] = _KV_POLICY,
     decode_reads: Optional[str] = _DECODE_READS,
+    kv_quant: Optional[str] = _KV_QUANT,
     dtype: Optional[str] = _DTYPE,
     device: Optional[str] = _DEVICE,
     weights: Optional[str] = _WEIGHTS,
@@ -351,12 +363,12 @@ def capacity(
         raise UserError(f"--max-batch: {max_batch} must be at least 1")
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes="1", phase="decode",
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
-                 kv_policy=kv_policy, decode_reads=decode_reads)
+                 kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
     resolved = _resolve("capacity", flags, suite)
     budget_bytes = _parse_budget(budget, resolved.spec.device)
     resolved.spec.point_options = dict(batch_size=0, memory_budget_bytes=budget_bytes,
                                        prefill_chunk=_check_prefill_chunk(prefill_chunk))
-    points = resolved.spec.points()
+    points = _checked_points(resolved, "capacity")
     placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
     if not _dry_run(points, dry_run, out, placement):
         timeout_s = resolved.point_timeout
@@ -386,6 +398,7 @@ def accuracy(
                                   "(the released Ouro code's default rule, in the model's dtype)"),
     kv_policy: Optional[str] = _KV_POLICY,
     decode_reads: Optional[str] = _DECODE_READS,
+    kv_quant: Optional[str] = _KV_QUANT,
     score_continuation_as: Optional[str] = typer.Option(
         None, "--score-continuation-as", help="log-likelihood tasks: chunk (context + continuation in one "
         "forward: for MELT the continuation reads its chunk's same-loop rows) | decode (the context prefilled, then "
@@ -407,7 +420,7 @@ def accuracy(
 
     flags = dict(tasks=tasks, loops=loops, models=models, weights=weights, num_fewshot=num_fewshot, limit=limit,
                  batch_size=batch_size, max_gen_toks=max_gen_toks, data_dir=data_dir, exit_mode=exit_mode,
-                 dtype=dtype, device=device, kv_policy=kv_policy, decode_reads=decode_reads,
+                 dtype=dtype, device=device, kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant,
                  score_continuation_as=score_continuation_as)
     with tempfile.TemporaryDirectory() as scratch:
         try:
@@ -592,6 +605,18 @@ def _resolve(command: str, flags: dict, suite: str | None):
     for notice in resolved.notices:
         print(f"melt-bench: {notice}", file=sys.stderr)
     return resolved
+
+
+def _checked_points(resolved, command: str) -> list:
+    """The sweep's points, once what a packed cache cannot run is refused (sweep_options)."""
+    from .sweep_options import OptionError, check_packed_caches
+
+    points = resolved.spec.points()
+    try:
+        check_packed_caches(points, command)
+    except OptionError as exc:
+        raise UserError(str(exc)) from exc
+    return points
 
 
 def _check_prefill_chunk(tokens: int | None) -> int | None:

@@ -11,7 +11,7 @@ import lm_eval
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from melt_bench.models.kv_policy import is_training_free, parse_kv_policy, policy_shares_rows
+from melt_bench.models.kv_policy import is_training_free, parse_kv_policy, policy_alters_rows
 
 from .jsonl import iter_jsonl
 
@@ -27,17 +27,21 @@ EXIT_MODES = ("last", "step:K", "threshold:P", "expected", "official")
 CONTINUATION_SCORING = ("chunk", "decode")
 
 
-def chunk_scoring_problem(kv_policy: str | None, loops: int) -> str | None:
-    """Why `--score-continuation-as chunk` cannot score `kv_policy` at `loops` loops, or None."""
-    if kv_policy is None or not is_training_free(kv_policy) or not policy_shares_rows(kv_policy, loops):
+def chunk_scoring_problem(kv_policy: str | None, loops: int, kv_quant: str | None = None) -> str | None:
+    """Why `--score-continuation-as chunk` cannot score `kv_policy` (with `kv_quant`) at `loops`
+    loops, or None: one forward reads the rows each loop computed, at full precision."""
+    if kv_quant not in (None, "none"):
+        return (f"chunk scoring with kv_quant={kv_quant} would read the context's full-precision rows in one forward, "
+                "not the packed rows generation reads; use decode")
+    if kv_policy is None or not is_training_free(kv_policy) or not policy_alters_rows(kv_policy, loops):
         return None
     return (f"chunk scoring under KV policy {parse_kv_policy(kv_policy)!r} at {loops} loops would read every "
             "loop's own rows in one forward (per-loop Ouro), not the rows the policy keeps; use decode")
 
 
-def default_scoring(kv_policy: str | None, loops: int) -> str:
+def default_scoring(kv_policy: str | None, loops: int, kv_quant: str | None = None) -> str:
     """`chunk` (one forward, the faster) unless that would not compute the policy: then `decode`."""
-    return "decode" if chunk_scoring_problem(kv_policy, loops) else "chunk"
+    return "decode" if chunk_scoring_problem(kv_policy, loops, kv_quant) else "chunk"
 
 
 def exit_kwargs(mode: str) -> dict:
@@ -117,7 +121,9 @@ class LoopedHFLM(HFLM):
         self.loglikelihood_requests += len(requests)
         if self.score_continuation_as == "chunk":
             policy = self.model.model.policy
-            if problem := chunk_scoring_problem(policy.name if policy.training_free else None, self.loops):
+            problem = chunk_scoring_problem(policy.name if policy.training_free else None, self.loops,
+                                            self.model.config.kv_quant)
+            if problem:
                 raise ValueError(problem)
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         return [self._score_as_decoded(*request) for request in requests]
@@ -151,7 +157,8 @@ def decoding_chunk_starts(model, context: int, length: int, loops: int) -> list[
     MELT continuing the chunk grid, and an Ouro-family policy that keeps every loop's rows at
     `loops` loops (per-loop), compute that in one forward (None)."""
     policy = model.model.policy
-    if policy.open_chunk is not None or (policy.chunk_size is None and not policy.shares_rows(loops)):
+    exact = not policy.alters_rows(loops) and model.config.kv_quant in (None, "none")
+    if policy.open_chunk is not None or (policy.chunk_size is None and exact):
         return None
     return [*range(0, context, policy.chunk_size or max(context, 1)), *range(context, length)]
 

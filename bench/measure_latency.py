@@ -251,7 +251,8 @@ def measure_latency_point(point: SweepPoint, meter: EnergyMeter | str | None = N
         ceilings = measure_ceilings(device, dtype)
         metrics.update(ceilings.to_metrics())
         model = load_model(point.model, point.weights, dtype=dtype, device=device, kv_policy=point.kv_policy,
-                           decode_reads=point.decode_reads)
+                           decode_reads=point.decode_reads,
+                           kv_quant=point.kv_quant)
         metrics.update(kv_metrics(model))  # the policy (and MELT's decode reads) the point ran under
         chunk_starts, prefill_fields = prefill_chunking(model, point)
         metrics.update(prefill_fields)

@@ -62,7 +62,7 @@ def prefill_chunking(model, point: SweepPoint) -> tuple[list[int] | None, dict]:
 def kv_metrics(model) -> dict:
     """How the point's keys/values were kept: the KV policy it ran under and, for MELT, its chunk
     size and what decoded tokens read (decode_reads)."""
-    metrics = {"kv_policy": model.model.policy.name}
+    metrics = {"kv_policy": model.model.policy.name, "kv_quant": model.config.kv_quant or "none"}
     if hasattr(model.config, "decode_reads"):
         metrics.update(chunk_size=model.config.chunk_size, decode_reads=model.config.decode_reads)
     return metrics
@@ -72,7 +72,7 @@ def predicted_peak(model, point: SweepPoint, chunk_tokens: int, tokens: int, dty
     """The analytic peak: weights + KV + the activation model of models/cost_model.py."""
     config = model.config
     weights = cost_model.weights_bytes(config, dtype)
-    kv = predict_kv_cache_bytes(config, point.loops, point.batch_size, tokens, dtype)
+    kv = predict_kv_cache_bytes(config, point.loops, point.batch_size, tokens, dtype, prompt_tokens=point.seq_len)
     activation = cost_model.activation_peak_bytes(config, point.batch_size, chunk_tokens, dtype)
     return {"predicted_weights_bytes": weights, "predicted_activation_peak_bytes": activation,
             "predicted_peak_bytes": weights + kv + activation,
@@ -157,7 +157,8 @@ def measure_memory_point(
             metrics["nvml_after_cuda_init_bytes"] = trackers.nvml.used_bytes()
         dtype = parse_dtype(point.dtype)
         model = load_model(point.model, point.weights, dtype=dtype, device=device, kv_policy=point.kv_policy,
-                           decode_reads=point.decode_reads)
+                           decode_reads=point.decode_reads,
+                           kv_quant=point.kv_quant)
         metrics.update(kv_metrics(model))  # the policy (and MELT's decode reads) the point ran under
         metrics["weights_bytes"] = tensor_bytes(model)
         generator = torch.Generator().manual_seed(0)
@@ -176,7 +177,8 @@ def measure_memory_point(
         metrics["kv_cache_bytes"] = cache.nbytes()
         metrics["kv_cache_tokens"] = tokens
         metrics["kv_cache_bytes_predicted"] = predict_kv_cache_bytes(
-            model.config, point.loops, point.batch_size, tokens, dtype
+            model.config, point.loops, point.batch_size, tokens, dtype, prompt_tokens=point.seq_len,
+            late_rows_in_tail=getattr(cache, "late_rows_in_tail", lambda: None)(),
         )
         # MELT's open-chunk side buffer (decode_reads="chunk"), inside kv_cache_bytes and apart
         metrics["kv_side_buffer_bytes"] = cache.side_nbytes()

@@ -33,15 +33,23 @@ class ModelCard:
         return asdict(self)
 
 
-# The policies `models` lists, with the slot counts the CLI's examples use.
-LISTED_POLICIES = ("per-loop", "last-loop", "mean", "first-loop", "modulo:2", "first-then-shared:2")
+# The policies `models` lists, with the slot counts the CLI's examples use, and the KV
+# quantisations (--kv-quant) listed beside a policy: "POLICY + int4".
+LISTED_POLICIES = ("per-loop", "last-loop", "mean", "first-loop", "modulo:2", "first-then-shared:2", "flashloop",
+                   "per-loop + int8", "per-loop + int4", "last-loop + int4")
+MELT_LISTED = ("", " + int8", " + int4")
 
 
 def policy_kv_bytes(config, loops: int, dtype: torch.dtype) -> dict[str, int]:
-    """KV bytes per token at `loops` under each policy the config's family can run."""
-    if not kv_policy_for(config).training_free:  # MELT: its own gated policy only
-        return {config.kv_policy: kv_bytes_per_token(config, loops, dtype)}
-    return {policy: kv_bytes_per_token(config, loops, dtype, policy) for policy in LISTED_POLICIES}
+    """KV bytes per token at `loops` under each policy (and KV quantisation) the config's family
+    can run; packed caches (flashloop, int8, int4) at STATED_TOKENS tokens (kv_policy.py)."""
+    def bytes_of(listed: str, policy: str | None) -> int:
+        quant = listed.partition(" + ")[2] or None
+        return kv_bytes_per_token(config, loops, dtype, policy, kv_quant=quant)
+
+    if not kv_policy_for(config).training_free:  # MELT: its own gated policy only, quantised or not
+        return {f"{config.kv_policy}{quant}": bytes_of(quant, None) for quant in MELT_LISTED}
+    return {listed: bytes_of(listed, listed.partition(" + ")[0]) for listed in LISTED_POLICIES}
 
 
 def preset_cards(dtype: torch.dtype = torch.bfloat16) -> list[ModelCard]:

@@ -115,6 +115,8 @@ def model_label(row: ResultRow, labels: dict[tuple[str, str | None], str]) -> st
         label = f"{label} ({row.point['kv_policy']})"
     if row.point.get("decode_reads"):
         label = f"{label} ({row.point['decode_reads']} reads)"
+    if row.point.get("kv_quant"):
+        label = f"{label} ({row.point['kv_quant']} KV)"
     return label
 
 

@@ -60,7 +60,8 @@ def in_child(measure: Callable[..., dict], args: tuple = (), timeout_s: float = 
 def variant_label(point) -> str:
     """The model with the KV policy / decode reads a point asks for: 'melt-tiny reads=chunk'."""
     policy = f" kv={point.kv_policy}" if point.kv_policy else ""
-    return point.model + policy + (f" reads={point.decode_reads}" if point.decode_reads else "")
+    quant = f" kv_quant={point.kv_quant}" if getattr(point, "kv_quant", None) else ""
+    return point.model + policy + (f" reads={point.decode_reads}" if point.decode_reads else "") + quant
 
 
 def point_label(point: SweepPoint) -> str:

@@ -108,6 +108,7 @@ def resolve_sweep(command: str, flags: dict, suite: str | None) -> ResolvedSweep
     _validate(spec)
     spec.kv_policies = resolve_kv_policies(settings.get("kv_policy"), spec.models)
     spec.decode_reads = resolve_decode_reads(settings.get("decode_reads"), spec.models)
+    spec.kv_quants = resolve_kv_quants(settings.get("kv_quant"))
     if spec.phase == "prefill":
         spec.new_tokens = 0  # irrelevant to a prefill: keep point ids independent of it
     timeout = float(settings["point_timeout"])
@@ -136,6 +137,52 @@ def resolve_kv_policies(value: object, models: list[str]) -> list[str | None]:
         raise OptionError(f"--kv-policy {value}: {', '.join(models)} keep MELT's own gated policy; training-free "
                           "KV policies apply to Ouro-family models")
     return list(dict.fromkeys(names))
+
+
+def resolve_kv_quants(value: object) -> list[str | None]:
+    """--kv-quant's modes (none, int8, int4; none as None, full precision), or [None]."""
+    from melt_bench.models.packed_cache import KV_QUANT
+
+    if value is None:
+        return [None]
+    try:
+        modes = as_name_list(value, "--kv-quant")
+    except RangeError as exc:
+        raise OptionError(str(exc)) from exc
+    unknown = [mode for mode in modes if mode not in KV_QUANT]
+    if unknown:
+        raise OptionError(f"--kv-quant: {unknown[0]!r} is not one of {', '.join(KV_QUANT)}")
+    return list(dict.fromkeys(None if mode == "none" else mode for mode in modes))
+
+
+def check_packed_caches(points: list, command: str) -> None:
+    """Refuse, before anything runs, the points a packed cache (--kv-quant, --kv-policy
+    flashloop) cannot run: what FlashLoop 0.1.0 does not define (more than 4 loops, more than one
+    sequence, a prompt in chunks), a quantised FlashLoop, chunk reads, and the static-shape
+    decode engines (they read the cache's raw rows)."""
+    from melt_bench.models.packed_cache import check_kv_quant
+
+    for point in points:
+        policy = point.kv_policy or ("shared-gated" if get_preset(point.model).family == "melt" else "per-loop")
+        try:
+            check_kv_quant(point.kv_quant, policy, point.decode_reads)
+        except ValueError as exc:
+            raise OptionError(f"--kv-quant: {exc}") from exc
+        packed = policy == "flashloop" or point.kv_quant is not None
+        what = "--kv-policy flashloop" if policy == "flashloop" else f"--kv-quant {point.kv_quant}"
+        if policy == "flashloop" and point.loops > 4:
+            raise OptionError(f"--kv-policy flashloop at {point.loops} loops: FlashLoop 0.1.0 defines loops 1-4")
+        if policy == "flashloop" and command == "capacity":
+            raise OptionError("--kv-policy flashloop on capacity: FlashLoop 0.1.0 holds one sequence, so its largest "
+                              "batch is 1 by definition")
+        if policy == "flashloop" and (point.batch_size or 1) > 1:
+            raise OptionError(f"--kv-policy flashloop at batch {point.batch_size}: FlashLoop 0.1.0 holds one sequence")
+        if packed and getattr(point, "prefill_chunk", None) is not None:
+            raise OptionError(f"{what} with --prefill-chunk: a packed cache packs the prompt as it commits; "
+                              "prefill it in one piece")
+        if packed and command == "latency" and point.engine != "forward":
+            raise OptionError(f"{what} needs --engine forward: the {point.engine} engine reads the cache's raw rows "
+                              "(static shapes), a packed cache dequantises on read")
 
 
 def resolve_decode_reads(value: object, models: list[str]) -> list[str | None]:
@@ -220,6 +267,7 @@ def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
     weights = check_weights(flags.get("weights"))
     spec.kv_policies = resolve_kv_policies(flags.get("kv_policy"), models)
     spec.decode_reads = resolve_decode_reads(flags.get("decode_reads"), models)
+    kv_quants = resolve_kv_quants(flags.get("kv_quant"))
     scoring = flags.get("score_continuation_as")
     if scoring is not None and scoring not in CONTINUATION_SCORING:
         raise OptionError(f"--score-continuation-as: {scoring!r} is not one of {', '.join(CONTINUATION_SCORING)}")
@@ -227,12 +275,14 @@ def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
         AccuracyPoint(model, loop, task, flags.get("exit_mode") or "last", flags.get("num_fewshot"),
                       flags.get("limit"), flags.get("batch_size") or 1, flags.get("max_gen_toks"), dtype,
                       device, weights, data_dir, kv_policy=policy, decode_reads=reads,
-                      score_continuation_as=scoring or default_scoring(policy, loop))
+                      score_continuation_as=scoring or default_scoring(policy, loop, quant), kv_quant=quant)
         for model in models for policy in spec.policies_for(model) for reads in spec.decode_reads_for(model)
-        for task in tasks for loop in loops
+        for quant in kv_quants for task in tasks for loop in loops
     ]
+    check_packed_caches(points, "accuracy")
     for point in points:
-        if point.score_continuation_as == "chunk" and (problem := chunk_scoring_problem(point.kv_policy, point.loops)):
+        problem = chunk_scoring_problem(point.kv_policy, point.loops, point.kv_quant)
+        if point.score_continuation_as == "chunk" and problem:
             raise OptionError(f"--score-continuation-as: {problem}")
     return points, notices
 

@@ -11,7 +11,7 @@ from .ranges import RangeError, parse_int_list, parse_name_list
 
 PHASES = ("prefill", "decode", "generate")
 _OPTIONAL = ("warmup", "timed_runs", "early_exit", "engine", "static_cache", "memory_budget_bytes", "prefill_chunk",
-             "kv_policy", "decode_reads")
+             "kv_policy", "decode_reads", "kv_quant")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class SweepPoint:
     kv_policy: str | None = None
     # MELT models: what decoded tokens read, "final" or "chunk" (None = the config's)
     decode_reads: str | None = None
+    # any model: cached rows packed to "int8" / "int4" (None = full precision)
+    kv_quant: str | None = None
     # latency only
     warmup: int = 0
     timed_runs: int = 0
@@ -76,6 +78,8 @@ class SweepSpec:
     kv_policies: list[str | None] = field(default_factory=lambda: [None])
     # MELT's decode_reads modes ([None]: each model's config; Ouro-family models always)
     decode_reads: list[str | None] = field(default_factory=lambda: [None])
+    # KV quantisation modes ([None]: full precision)
+    kv_quants: list[str | None] = field(default_factory=lambda: [None])
     point_options: dict = field(default_factory=dict)  # command-specific SweepPoint fields
 
     def points(self) -> list[SweepPoint]:
@@ -83,10 +87,11 @@ class SweepSpec:
         return [
             replace(
                 SweepPoint(self.command, model, loops, seq, batch, self.phase, self.new_tokens, self.dtype,
-                           self.device, self.weights, repeat, kv_policy=policy, decode_reads=reads),
+                           self.device, self.weights, repeat, kv_policy=policy, decode_reads=reads, kv_quant=quant),
                 **self.point_options,
             )
             for model in self.models for policy in self.policies_for(model) for reads in self.decode_reads_for(model)
+            for quant in self.kv_quants
             for seq, batch, repeat, loops in itertools.product(
                 self.seq_lens, self.batch_sizes, range(self.repeats), self.loops
             )

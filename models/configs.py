@@ -25,6 +25,7 @@ class OuroConfig(PreTrainedConfig):
 
     model_type = "ouro"
     kv_policy = "per-loop"  # one KV cache per (loop, layer); a training-free policy may be set: kv_policy.py
+    kv_quant = None  # "int8" / "int4": rows packed KIVI-style once final (packed_cache.py); set per model
 
     def __init__(
         self,

@@ -78,6 +78,15 @@ class LoopedKVCache(Cache):
         self.values[slot] = self._write(self.values[slot], value, start, end, self.capacity)
         return self.keys[slot][:, :, :end], self.values[slot][:, :, :end]
 
+    def rows(self, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [start, end) of `slot`, as written (positions the current
+        forward wrote: a packed cache keeps those at full precision until they are final)."""
+        return self.keys[slot][:, :, start:end], self.values[slot][:, :, start:end]
+
+    def observe_loop_output(self, loop: int, hidden: torch.Tensor) -> None:
+        """The normed output of loop `loop` for the tokens being processed (caches that choose
+        what to keep from it, FlashLoop's, override this)."""
+
     def open_chunk_start(self, start: int) -> int:
         """Where the chunk holding cache position `start` begins (on the grid of C from 0)."""
         return start - start % self.open_chunk

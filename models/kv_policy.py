@@ -15,6 +15,8 @@ analytic KV bytes (`kv_bytes_per_token`) equal the bytes its cache holds.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -42,6 +44,7 @@ class KVPolicy:
     name = "per-loop"
     reduces_loops = False  # True: the kept row combines the loops' rows (accumulate / final)
     training_free = True  # runs on Ouro weights unchanged
+    lossy = False  # True: kept rows are compressed (quantised), not the rows the loops computed
 
     def __init__(self, config: OuroConfig) -> None:
         self.num_layers = config.num_hidden_layers
@@ -54,6 +57,15 @@ class KVPolicy:
 
     def make_gate(self, config: OuroConfig) -> nn.Module | None:
         return None
+
+    def cache(self, loops: int, capacity: int | None):
+        """A cache of this policy's own kind (None: the model's usual LoopedKVCache)."""
+        return None
+
+    def alters_rows(self, loops: int) -> bool:
+        """Whether a later token reads earlier tokens' rows other than exactly as each loop
+        computed them (shared across loops, combined, or compressed)."""
+        return self.lossy or self.shares_rows(loops)
 
     def shares_rows(self, loops: int) -> bool:
         """Whether a finished token keeps fewer rows than one per loop at `loops` loops, so that a
@@ -86,8 +98,7 @@ class KVPolicy:
         those loops find them (Ouro's 'reuse the last loop's KV' rule)."""
         for layer in range(self.num_layers):
             src = self.slot(last_loop, layer)
-            keys = cache.keys[src][:, :, start:end]
-            values = cache.values[src][:, :, start:end]
+            keys, values = cache.rows(src, start, end)
             for loop in range(last_loop + 1, loops):
                 dst = self.slot(loop, layer)
                 if dst != src:
@@ -202,6 +213,29 @@ class FirstThenSharedKVPolicy(FixedSlotsKVPolicy):
 
     def slot(self, loop: int, layer: int) -> int:
         return min(loop, self.slots - 1) * self.num_layers + layer
+
+
+class FlashLoopKVPolicy(KVPolicy):
+    """FlashLoop 0.1.0's cross-loop cache on Ouro's per-loop slots (packed_cache.FlashLoopCache):
+    loop 1 an INT4 anchor, loop 2 an INT4 residual over it, loops 3 and 4 INT4 residuals for the
+    top 25% / 10% of prompt tokens and every decoded token, the newest 64-127 tokens in a bf16
+    tail. Loops 1-4 (its definition), one sequence (its batch).
+
+    Source: FlashLoop (arXiv 2609.29812; PyPI `flashloop` 0.1.0, `CrossLoopKVLayer`, `kivi_outer`
+    backend, default config). Its token-sparse prefill and sparse decode attention are compute
+    options and are left out: loops 3 and 4 run densely over every token, and what the cache
+    keeps follows FlashLoop's selection rule (the tokens whose hidden state moved most at the loop
+    before, nested, the last prompt token always in). KV bytes: `packed_cache.flashloop_layer_bytes`
+    x layers, which depends on the prompt length; asymptotically about 1/5.9 of `per-loop` at 4
+    loops."""
+
+    name = "flashloop"
+    lossy = True
+
+    def cache(self, loops: int, capacity: int | None):
+        from .packed_cache import FlashLoopCache
+
+        return FlashLoopCache(self.num_slots(loops), loops, capacity)
 
 
 class SharedGatedKVPolicy(KVPolicy):
@@ -346,8 +380,10 @@ GATE_CLASSES = {"elementwise": KVUpdateGate, "scalar": ScalarGate, "mean": MeanG
 
 
 # The training-free policies, by the name `--kv-policy` takes; "NAME:N" passes N slots.
-TRAINING_FREE_POLICIES = ("per-loop", "last-loop", "mean", "first-loop", "modulo:N", "first-then-shared:S")
-_PLAIN = {cls.name: cls for cls in (KVPolicy, LastLoopKVPolicy, MeanKVPolicy, FirstLoopKVPolicy, SharedGatedKVPolicy)}
+TRAINING_FREE_POLICIES = ("per-loop", "last-loop", "mean", "first-loop", "modulo:N", "first-then-shared:S",
+                          "flashloop")
+_PLAIN = {cls.name: cls for cls in (KVPolicy, LastLoopKVPolicy, MeanKVPolicy, FirstLoopKVPolicy, FlashLoopKVPolicy,
+                                    SharedGatedKVPolicy)}
 _WITH_SLOTS = {"modulo": ModuloKVPolicy, "first-then-shared": FirstThenSharedKVPolicy}
 _LEGACY = {"per_loop": "per-loop", "shared_gated": "shared-gated"}  # names of earlier releases
 
@@ -379,10 +415,10 @@ def is_training_free(name: str) -> bool:
     return (_PLAIN.get(name) or _WITH_SLOTS[name.partition(":")[0]]).training_free
 
 
-def policy_shares_rows(name: str, loops: int) -> bool:
-    """`KVPolicy.shares_rows` for a policy name, no model needed (the answer does not depend on
+def policy_alters_rows(name: str, loops: int) -> bool:
+    """`KVPolicy.alters_rows` for a policy name, no model needed (the answer does not depend on
     the layer count)."""
-    return kv_policy_for(_ONE_LAYER, name).shares_rows(loops)
+    return kv_policy_for(_ONE_LAYER, name).alters_rows(loops)
 
 
 class _OneLayer:
@@ -403,12 +439,23 @@ def kv_policy_for(config: OuroConfig, name: str | None = None) -> KVPolicy:
     return _WITH_SLOTS[kind](config, int(count))
 
 
-def kv_bytes_per_token(config: OuroConfig, loops: int, dtype: torch.dtype, policy: str | None = None) -> int:
+# Where a policy's bytes per token depend on the sequence's length (packed caches: the tail is
+# full precision), listings state them at this many tokens.
+STATED_TOKENS = 4096
+
+
+def kv_bytes_per_token(config: OuroConfig, loops: int, dtype: torch.dtype, policy: str | None = None,
+                       kv_quant: str | None = None, tokens: int = STATED_TOKENS) -> int:
     """Analytic KV-cache bytes one token costs at `loops` loops (K and V, all slots), under
-    `policy` (default: the config's)."""
-    slots = kv_policy_for(config, policy).num_slots(loops)
+    `policy` (default: the config's). A packed cache (flashloop, `kv_quant`) holds its newest rows
+    at full precision, so its bytes per token depend on the length: the mean over a prompt of
+    `tokens` tokens, rounded down."""
+    policy_ = kv_policy_for(config, policy)
+    quant = kv_quant if kv_quant is not None else getattr(config, "kv_quant", None)
+    if policy_.lossy or quant not in (None, "none"):
+        return predict_kv_cache_bytes(config, loops, 1, tokens, dtype, kv_policy=policy, kv_quant=kv_quant) // tokens
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return slots * 2 * config.num_key_value_heads * config.head_dim * itemsize
+    return policy_.num_slots(loops) * 2 * config.num_key_value_heads * config.head_dim * itemsize
 
 
 def kv_side_buffer_bytes(config: OuroConfig, loops: int, dtype: torch.dtype, tokens: int) -> int:
@@ -423,8 +470,41 @@ def kv_side_buffer_bytes(config: OuroConfig, loops: int, dtype: torch.dtype, tok
 
 
 def predict_kv_cache_bytes(
-    config: OuroConfig, loops: int, batch: int, tokens: int, dtype: torch.dtype
+    config: OuroConfig, loops: int, batch: int, tokens: int, dtype: torch.dtype, kv_policy: str | None = None,
+    prompt_tokens: int | None = None, kv_quant: str | None = None,
+    late_rows_in_tail: tuple[int, int] | None = None,
 ) -> int:
     """Analytic bytes a cache holding `tokens` tokens for `batch` sequences must hold (the rows
-    kept per token, plus MELT's open-chunk side buffer where decoding continues the chunk grid)."""
-    return batch * (tokens * kv_bytes_per_token(config, loops, dtype) + kv_side_buffer_bytes(config, loops, dtype, tokens))
+    kept per token, plus MELT's open-chunk side buffer where decoding continues the chunk grid),
+    under `kv_policy` and `kv_quant` (default: the config's).
+
+    Packed caches (packed_cache.py) depend on how the tokens came: `prompt_tokens` of them as the
+    prompt (default: all; MELT's in chunks of its chunk_size), the rest decoded one at a time.
+    FlashLoop's loop-3/4 residuals cover the selected prompt tokens that have left the tail; which
+    ones are selected depends on the data, so `late_rows_in_tail` says how many selected prompt
+    tokens (loop 3, loop 4) are still in the tail; by default only the always-selected last one
+    (the most a cache can hold: the formula is then an upper bound)."""
+    from .packed_cache import (FlashLoopCache, TailRule, commits_for, flashloop_layer_bytes, layout_after,
+                               quantized_slot_bytes)
+
+    policy = kv_policy_for(config, kv_policy)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    heads, head_dim = config.num_key_value_heads, config.head_dim
+    quant = kv_quant if kv_quant is not None else getattr(config, "kv_quant", None)
+    if policy.name == "flashloop":
+        if batch != 1:
+            raise ValueError("flashloop: FlashLoop 0.1.0 holds one sequence (batch 1)")
+        layout = layout_after(commits_for(tokens, prompt_tokens, None))
+        prompt = tokens if prompt_tokens is None else min(prompt_tokens, tokens)
+        in_tail = late_rows_in_tail or ((1, 1) if layout.packed < prompt else (0, 0))
+        late = []
+        for fraction, tail in zip(FlashLoopCache.FRACTIONS, in_tail):
+            selected = max(1, math.ceil(fraction * prompt))
+            late.append(selected - tail + max(0, layout.packed - prompt))
+        return config.num_hidden_layers * flashloop_layer_bytes(layout, loops, tuple(late), heads, head_dim, itemsize)
+    if quant not in (None, "none"):
+        layout = layout_after(commits_for(tokens, prompt_tokens, policy.chunk_size))
+        bits = int(quant.removeprefix("int"))
+        return policy.num_slots(loops) * quantized_slot_bytes(layout, batch, heads, head_dim, itemsize, bits, TailRule())
+    per_token = policy.num_slots(loops) * 2 * heads * head_dim * itemsize
+    return batch * (tokens * per_token + kv_side_buffer_bytes(config, loops, dtype, tokens))

@@ -33,6 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configs import MAX_LOOPS, OuroConfig, check_decode_reads
 from .kv_cache import LoopedKVCache, TransitionKVCache
+from .packed_cache import check_kv_quant, quantized_cache
 from .kv_policy import EmaGate, GateProjection, KVPolicy, kv_bytes_per_token, kv_policy_for, parse_kv_policy
 
 
@@ -298,6 +299,11 @@ class LoopedModel(LoopedPreTrainedModel):
         """An empty cache laid out for `loops` loops, sized to `capacity` tokens if given; with
         `batch_size` too, every buffer is allocated now, on the model's device and dtype."""
         loops = loops or self.config.total_ut_steps
+        packed = self.policy.cache(loops, capacity)  # (a Cache with no HF layers is falsy: test for None)
+        if packed is None:
+            packed = quantized_cache(self.config, self.policy.num_slots(loops), loops, capacity)
+        if packed is not None:  # packed caches grow as they pack: nothing to allocate ahead
+            return packed
         cache = LoopedKVCache(self.policy.num_slots(loops), loops, capacity, open_chunk=self.policy.open_chunk)
         if batch_size is not None:
             cache.allocate(batch_size, self.config.num_key_value_heads, self.config.head_dim, self.dtype, self.device)
@@ -348,7 +354,9 @@ class LoopedModel(LoopedPreTrainedModel):
         chunk_ends = [*chunk_starts[1:], seq]
         if cache is None and len(chunk_ends) > 1:
             # chunks must see earlier chunks' final rows; when training, through autograd
-            cache = LoopedKVCache(self.policy.num_slots(loops), loops, functional=self.training and torch.is_grad_enabled())
+            training = self.training and torch.is_grad_enabled()
+            cache = LoopedKVCache(self.policy.num_slots(loops), loops, functional=True) if training \
+                else self.new_cache(loops)
         if early_stop_threshold is not None and len(chunk_ends) > 1:
             raise ValueError(f"early stopping needs the input in one chunk ({seq} tokens > chunk_size {chunk_ends[0]})")
 
@@ -376,11 +384,12 @@ class LoopedModel(LoopedPreTrainedModel):
                     if grid:
                         cache.save_open_chunk(loop, slot, start, end)
                     if kept is not None:
-                        rows = cache.keys[slot][:, :, start:end], cache.values[slot][:, :, start:end]
-                        kept[i] = self.policy.accumulate(kept[i], loop, *rows)
+                        kept[i] = self.policy.accumulate(kept[i], loop, *cache.rows(slot, start, end))
                     if record_attention:
                         attention[(loop, i)].append(attn_out)
                 x = self.norm(x)
+                if isinstance(cache, LoopedKVCache):
+                    cache.observe_loop_output(loop, x)
                 gates[loop].append(self.early_exit_gate(x).squeeze(-1))
                 if keep_hidden_per_loop:
                     per_loop[loop].append(x)
@@ -395,7 +404,7 @@ class LoopedModel(LoopedPreTrainedModel):
             if kept is not None:
                 for i, acc in enumerate(kept):
                     keys, values = self.policy.final(acc, loop + 1)
-                    dtype = cache.keys[self.policy.slot(0, i)].dtype
+                    dtype = cache.rows(self.policy.slot(0, i), start, end)[0].dtype
                     cache.update_slot(self.policy.slot(0, i), keys.to(dtype), values.to(dtype), start)
             last.append(x)
             if cache is not None:
@@ -514,8 +523,16 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         policy = kv_policy_for(self.config, canonical)
         if not policy.training_free:
             raise ValueError(f"KV policy {canonical!r} needs MELT's trained gate: load a MELT model instead")
+        check_kv_quant(self.config.kv_quant, canonical)
         self.config.kv_policy = canonical
         self.model.policy = policy
+
+    def use_kv_quant(self, mode: str | None) -> None:
+        """Keep cached rows packed to INT8 or INT4 (KIVI's layout, the newest rows at full precision:
+        packed_cache.py), or at full precision ("none" / None); any KV policy, MELT included.
+        Caches made before the switch keep their own kind."""
+        check_kv_quant(mode, self.model.policy.name, getattr(self.config, "decode_reads", None))
+        self.config.kv_quant = None if mode in (None, "none") else mode
 
     def use_decode_reads(self, mode: str) -> None:
         """What MELT's decoded tokens read: "final" (earlier tokens' final rows) or "chunk" (they
@@ -524,6 +541,7 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         if not hasattr(self.config, "decode_reads"):
             raise ValueError(f"decode_reads={mode!r} asked of a {self.model.policy.name} model: it is MELT's choice")
         check_decode_reads(mode, self.config.chunk_size)
+        check_kv_quant(self.config.kv_quant, self.model.policy.name, mode)
         self.config.decode_reads = mode
         self.model.policy = kv_policy_for(self.config)
 

@@ -96,16 +96,20 @@ def load_model(
     device: str | torch.device = "cpu",
     kv_policy: str | None = None,
     decode_reads: str | None = None,
+    kv_quant: str | None = None,
 ) -> LoopedForCausalLM:
     """The preset's model: random weights, or `weights` (a local directory or hub id) loaded with
     `from_pretrained`. A MELT preset given Ouro weights is built with `MeltForCausalLM.from_ouro`.
     `kv_policy` runs an Ouro-family model under a training-free KV policy (kv_policy.py);
-    `decode_reads` sets what a MELT model's decoded tokens read ("final" or "chunk")."""
+    `decode_reads` sets what a MELT model's decoded tokens read ("final" or "chunk"); `kv_quant`
+    ("int8" / "int4") packs cached rows (packed_cache.py)."""
     model = _load(name, weights, dtype, device)
     if kv_policy is not None:
         model.use_kv_policy(kv_policy)
     if decode_reads is not None:
         model.use_decode_reads(decode_reads)
+    if kv_quant is not None:
+        model.use_kv_quant(kv_quant)
     return model
 
 

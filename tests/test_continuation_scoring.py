@@ -68,7 +68,7 @@ def test_the_default_keeps_point_ids_and_a_bad_mode_is_one_line(capsys):
     point = AccuracyPoint("melt-tiny", 2, "gsm8k")
     assert point.point_id != AccuracyPoint("melt-tiny", 2, "gsm8k", score_continuation_as="decode").point_id
     # the id of a point from before the new fields: results written then still --resume
-    older = {k: v for k, v in asdict(point).items() if k not in ("kv_policy", "decode_reads", "score_continuation_as")}
+    older = {k: v for k, v in asdict(point).items() if k not in ("kv_policy", "decode_reads", "score_continuation_as", "kv_quant")}
     assert point.point_id == hashlib.sha256(json.dumps({"command": "accuracy", **older}, sort_keys=True).encode()).hexdigest()[:16]
     err = one_line_error(["accuracy", "--models", "melt-tiny", "--score-continuation-as", "greedy", "--device", "cpu"],
                          capsys)
@@ -113,3 +113,19 @@ def test_the_cli_scores_sharing_policies_as_decoded_and_refuses_chunk(capsys):
     err = one_line_error(["accuracy", "--models", "ouro-tiny", "--kv-policy", "mean", "--loops", "2",
                           "--score-continuation-as", "chunk", "--tasks", "addition", "--device", "cpu"], capsys)
     assert "--score-continuation-as: chunk scoring under KV policy 'mean' at 2 loops" in err
+
+
+@pytest.mark.parametrize("spec", [dict(kv_policy="flashloop"), dict(kv_quant="int4"), dict(kv_quant="int8")])
+def test_packed_caches_are_scored_as_generation_reads_them(spec):
+    """A context long enough to pack (160 byte tokens): decode scoring reads the packed rows, as a
+    hand-written prefill + token-by-token decode does; chunk scoring is refused."""
+    global CONTEXT
+    short, CONTEXT = CONTEXT, "Question: 12+30? " * 10 + "\nAnswer:"
+    try:
+        model = load_model("ouro-tiny", **spec)
+        assert scores(model, "decode")[0] == pytest.approx(decoded_logprob(model), abs=1e-4)
+        assert abs(scores(model, "decode")[0] - decoded_logprob(load_model("ouro-tiny"))) > 1e-4
+        with pytest.raises(ValueError, match="use decode"):
+            scores(model, "chunk")
+    finally:
+        CONTEXT = short

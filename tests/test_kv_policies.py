@@ -213,7 +213,14 @@ def test_models_lists_the_policies_with_their_kv_bytes(capsys):
     by_policy = cards["ouro-1.4b"]["kv_bytes_per_token_by_policy"]
     assert by_policy["per-loop"] == 786_432 and by_policy["last-loop"] == by_policy["mean"] == 196_608
     assert by_policy["modulo:2"] == by_policy["first-then-shared:2"] == 393_216
-    assert cards["melt-1.4b"]["kv_bytes_per_token_by_policy"] == {"shared-gated": 196_608}
+    melt = cards["melt-1.4b"]["kv_bytes_per_token_by_policy"]
+    assert melt["shared-gated"] == 196_608 and set(melt) == {"shared-gated", "shared-gated + int8", "shared-gated + int4"}
+    # packed caches, over a 4,096-token prompt: what predict_kv_cache_bytes says, per token
+    from melt_bench.models import get_preset
+
+    config = get_preset("ouro-1.4b").config()
+    assert by_policy["flashloop"] == predict_kv_cache_bytes(config, 4, 1, 4096, torch.bfloat16, kv_policy="flashloop") // 4096
+    assert melt["shared-gated + int4"] < by_policy["flashloop"] < by_policy["per-loop + int4"] < by_policy["per-loop + int8"]
 
 
 @pytest.mark.parametrize("policy,shared", [("per-loop", False), ("modulo:4", False), ("last-loop", True),

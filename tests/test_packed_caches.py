@@ -1,0 +1,170 @@
+"""Packed KV caches: KIVI-style INT8/INT4 (--kv-quant) and FlashLoop's cross-loop INT4 cache
+(--kv-policy flashloop). Bytes held equal the formula to the byte; rows read back within the
+quantiser's bound; FlashLoop's byte layout agrees with its own storage_bytes; bad combinations
+are refused in one line."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import one_line_error
+from melt_bench.models import get_preset, load_model, predict_kv_cache_bytes
+from melt_bench.models.kv_packing import PackedKeys, PackedValues, stream_bytes
+from melt_bench.models.packed_cache import FlashLoopCache, QuantizedKVCache
+
+PROMPT, DECODE = 150, 50  # the tail holds 86 rows after the prompt; decoding crosses 128 and packs
+
+
+def tokens(length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(1, 500, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 63, 64, 130])
+def test_rows_read_back_within_the_quantisers_bound(bits, rows):
+    x = torch.randn(2, 3, rows, 80, generator=torch.Generator().manual_seed(rows)) * 3
+    for cls, axis in ((PackedKeys, 2), (PackedValues, 3)):
+        whole, split = cls(bits, 64), cls(bits, 64)
+        whole.append(x)
+        split.append(x[:, :, :rows // 2])  # two appends: a partial key group is requantised (as FlashLoop)
+        split.append(x[:, :, rows // 2:])
+        for stream in (whole, split):
+            assert stream.nbytes() == stream_bytes("keys" if axis == 2 else "values", rows, 2, 3, 80, bits, 64)
+        # half a step of the group's range, plus the fp16 rounding of its min and scale
+        grouped = x.movedim(axis, -1)
+        span = torch.nn.functional.pad(grouped, (0, -grouped.shape[-1] % 64), value=float("nan")).unflatten(-1, (-1, 64))
+        step = (span.nan_to_num(-1e9).amax(-1) - span.nan_to_num(1e9).amin(-1)) / (2**bits - 1)
+        bound = (step / 2 * 1.01 + 2e-3 * x.abs().max()).repeat_interleave(64, -1)[..., :grouped.shape[-1]]
+        assert ((whole.read() - x).abs().movedim(axis, -1) <= bound).all()
+        assert ((split.read() - x).abs().movedim(axis, -1) <= 2 * bound).all()  # quantised twice at most
+
+
+def run(model, prompt: int = PROMPT, decode: int = DECODE, early_exit: float | None = None, check=None):
+    """Prefill `prompt` tokens, then decode `decode` one at a time; `check(cache, tokens_held)`
+    after the prompt and after every step. Returns the last step's logits."""
+    ids = tokens(prompt + decode)
+    cache = model.new_cache(4)
+    with torch.no_grad():
+        logits = model(ids[:, :prompt], past_key_values=cache, loops=4).logits
+        check and check(cache, prompt)
+        for position in range(prompt, prompt + decode):
+            logits = model(ids[:, position:position + 1], past_key_values=cache, loops=4,
+                           early_stop_threshold=early_exit).logits
+            check and check(cache, position + 1)
+    return logits[0, -1]
+
+
+def exact(model):
+    def check(cache, held):
+        late = cache.late_rows_in_tail() if isinstance(cache, FlashLoopCache) else None
+        predicted = predict_kv_cache_bytes(model.config, 4, 1, held, torch.float32, prompt_tokens=PROMPT,
+                                           late_rows_in_tail=late)
+        assert cache.nbytes() == predicted, held
+    return check
+
+
+@pytest.mark.parametrize("model,policy,quant", [("ouro-tiny", None, "int4"), ("ouro-tiny", None, "int8"),
+                                                ("ouro-tiny", "last-loop", "int4"), ("ouro-tiny", "mean", "int8"),
+                                                ("melt-tiny", None, "int4"), ("ouro-tiny", "flashloop", None)])
+def test_measured_bytes_equal_the_formula_through_prefill_decode_and_packing(model, policy, quant):
+    model = load_model(model, kv_policy=policy, kv_quant=quant)
+    run(model, check=exact(model))
+
+
+@pytest.mark.parametrize("policy,quant", [(None, "int4"), ("flashloop", None)])
+def test_early_exit_keeps_the_bytes_exact(policy, quant):
+    model = load_model("ouro-tiny", kv_policy=policy, kv_quant=quant)
+    with torch.no_grad():
+        model.model.early_exit_gate.bias.fill_(8.0)  # every token exits after its first loop
+    run(model, early_exit=0.5, check=exact(model))
+
+
+def test_melt_prompt_in_chunks_packs_chunk_by_chunk():
+    model = load_model("melt-tiny", kv_quant="int4")
+    model.config.chunk_size = 48  # the prompt commits in 4 chunks
+    model.model.policy._chunk_size = 48
+    run(model, check=exact(model))
+
+
+def test_int8_logits_stay_close_and_int4_drifts_further_but_finite():
+    reference = run(load_model("ouro-tiny"))
+    int8 = run(load_model("ouro-tiny", kv_quant="int8"))
+    int4 = run(load_model("ouro-tiny", kv_quant="int4"))
+    drift8, drift4 = (int8 - reference).abs().max(), (int4 - reference).abs().max()
+    assert drift8 < 0.01 and drift8 < drift4 and torch.isfinite(int4).all() and drift4 < 1.0
+
+
+def test_flashloop_keeps_residuals_for_the_selected_tokens_and_reads_the_loop_before_for_the_rest():
+    model = load_model("ouro-tiny", kv_policy="flashloop")
+    captured = {}
+    run(model, prompt=300, decode=0, check=lambda cache, held: captured.setdefault("cache", cache))
+    cache = captured["cache"]
+    s3, s4 = cache.positions[0][0].long(), cache.positions[0][1].long()
+    in_tail = cache.late_rows_in_tail()
+    assert s3.numel() + in_tail[0] == math.ceil(0.25 * 300) and s4.numel() + in_tail[1] == math.ceil(0.10 * 300)
+    assert set(s4.tolist()) <= set(s3.tolist())  # nested
+    assert bool(cache.active[0][-1]) and bool(cache.active[1][-1])  # the last prompt token, in the tail
+    packed = cache.layout.packed
+    others3 = torch.tensor([p for p in range(packed) if p not in set(s3.tolist())])
+    others4 = torch.tensor([p for p in range(packed) if p not in set(s4.tolist())])
+    for layer in range(2):
+        loop2, loop3, loop4 = (cache.read_packed(cache.slot(loop, layer))[0] for loop in (1, 2, 3))
+        assert torch.equal(loop3[:, :, others3], loop2[:, :, others3])
+        assert torch.equal(loop4[:, :, others4], loop3[:, :, others4])
+        assert not torch.equal(loop3[:, :, s3], loop2[:, :, s3])
+
+
+def test_flashloop_bytes_for_ouro_1_4b_agree_with_flashloops_own_storage_bytes():
+    """FlashLoop 0.1.0's CrossLoopKVLayer.storage_bytes x 24 layers: 576,113,664 B at a 4,096-token
+    prompt, 344,684,544 B at 2,048 + 128 decoded tokens (Ouro-1.4B, bf16, 4 loops)."""
+    config = get_preset("ouro-1.4b").config()
+    prompt_only = predict_kv_cache_bytes(config, 4, 1, 4096, torch.bfloat16, kv_policy="flashloop")
+    decoded = predict_kv_cache_bytes(config, 4, 1, 2048 + 128, torch.bfloat16, kv_policy="flashloop", prompt_tokens=2048)
+    assert abs(prompt_only / 576_113_664 - 1) < 0.01 and abs(decoded / 344_684_544 - 1) < 0.01
+    per_loop = predict_kv_cache_bytes(config, 4, 1, 8192, torch.bfloat16)
+    assert 5.5 < per_loop / predict_kv_cache_bytes(config, 4, 1, 8192, torch.bfloat16, kv_policy="flashloop") < 6.2
+
+
+def test_measured_kv_per_token_of_packed_caches_is_taken_at_the_probe_length():
+    from melt_bench.accuracy import KV_PROBE_TOKENS, measured_kv_bytes_per_token
+
+    for spec in (dict(kv_policy="flashloop"), dict(kv_quant="int4"), {}):
+        model = load_model("ouro-tiny", **spec)
+        predicted = predict_kv_cache_bytes(model.config, 4, 1, KV_PROBE_TOKENS, torch.float32)
+        assert abs(measured_kv_bytes_per_token(model, 4) - predicted // KV_PROBE_TOKENS) <= 1
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["memory", "--kv-policy", "flashloop", "--kv-quant", "int4"], "FlashLoop's cache is INT4 already"),
+    (["memory", "--kv-policy", "flashloop", "--loops", "5"], "defines loops 1-4"),
+    (["memory", "--kv-policy", "flashloop", "--batch-sizes", "2"], "holds one sequence"),
+    (["memory", "--kv-quant", "int3"], "--kv-quant: 'int3' is not one of none, int8, int4"),
+    (["memory", "--kv-quant", "int4", "--prefill-chunk", "8"], "prefill it in one piece"),
+    (["memory", "--models", "melt-tiny", "--kv-quant", "int8", "--decode-reads", "chunk"], "side buffer"),
+    (["latency", "--kv-quant", "int4"], "needs --engine forward"),
+    (["capacity", "--budget", "1GiB", "--kv-policy", "flashloop"], "largest batch is 1"),
+])
+def test_bad_packed_cache_combinations_are_one_line(args, needle, capsys, tmp_path):
+    out = tmp_path / "never.jsonl"
+    base = ["--models", "ouro-tiny"] if "--models" not in args else []
+    err = one_line_error([*args, *base, "--loops", "4", "--device", "cpu", "--out", str(out)]
+                         if "--loops" not in args else [*args, *base, "--device", "cpu", "--out", str(out)], capsys)
+    assert needle in err and not out.exists()
+
+
+def test_rows_record_the_quantisation_and_latency_runs_on_the_forward_engine():
+    from melt_bench.measure_latency import measure_latency_point
+    from melt_bench.measure_memory import measure_memory_point
+    from melt_bench.sweep_plan import SweepPoint
+
+    point = SweepPoint("memory", "melt-tiny", 2, 130, 1, "decode", 4, "float32", "cpu", kv_quant="int4", repeat=0)
+    row = measure_memory_point(point)
+    assert row["status"] == "ok", row["error"]
+    assert row["metrics"]["kv_quant"] == "int4" and row["metrics"]["kv_cache_bytes"] == row["metrics"]["kv_cache_bytes_predicted"]
+    assert point.point_id != SweepPoint("memory", "melt-tiny", 2, 130, 1, "decode", 4, "float32", "cpu").point_id
+    latency = SweepPoint("latency", "ouro-tiny", 4, 130, 1, "decode", 3, "float32", "cpu", kv_policy="flashloop",
+                         engine="forward", warmup=0, timed_runs=1)
+    row = measure_latency_point(latency)
+    assert row["status"] == "ok", row["error"]
+    assert row["metrics"]["kv_policy"] == "flashloop" and row["metrics"]["decode_ms_per_token_mean"] > 0
