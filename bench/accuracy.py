@@ -44,12 +44,13 @@ class AccuracyPoint:
     decode_reads: str | None = None  # MELT models: "final" or "chunk" (None = the config's)
     score_continuation_as: str = "chunk"  # log-likelihood tasks: "chunk" (one forward) | "decode"
     kv_quant: str | None = None  # any model: cached rows packed to "int8" / "int4" (None = full precision)
+    kv_probe_tokens: int | None = None  # the length KV bytes per token are measured at (None = KV_PROBE_TOKENS)
 
     @property
     def point_id(self) -> str:
         fields = asdict(self)
         for name, default in (("kv_policy", None), ("decode_reads", None), ("score_continuation_as", "chunk"),
-                              ("kv_quant", None)):
+                              ("kv_quant", None), ("kv_probe_tokens", None)):
             if fields[name] == default:  # left out at its default, so ids from before the field stay
                 del fields[name]
         blob = json.dumps({"command": "accuracy", **fields}, sort_keys=True).encode()
@@ -160,15 +161,15 @@ def evaluate_point(point: AccuracyPoint, task_manager, tokenizer_source: str | N
 KV_PROBE_TOKENS = 2048
 
 
-def measured_kv_bytes_per_token(model, loops: int) -> int:
+def measured_kv_bytes_per_token(model, loops: int, tokens: int = KV_PROBE_TOKENS) -> int:
     """KV-cache bytes per token the model holds at `loops` loops, measured: the storage bytes of
-    a cache sized to exactly KV_PROBE_TOKENS tokens after a forward over them (batch 1, as one
-    prompt), less MELT's open-chunk side buffer, which is per sequence (measured_side_buffer_bytes)."""
-    cache = model.new_cache(loops, capacity=KV_PROBE_TOKENS)
-    ids = torch.full((1, KV_PROBE_TOKENS), model.config.eos_token_id or 0, device=model.device)
+    a cache sized to exactly `tokens` tokens after a forward over them (batch 1, as one prompt),
+    less MELT's open-chunk side buffer, which is per sequence (measured_side_buffer_bytes)."""
+    cache = model.new_cache(loops, capacity=tokens)
+    ids = torch.full((1, tokens), model.config.eos_token_id or 0, device=model.device)
     with torch.no_grad():
         model(ids, past_key_values=cache, loops=loops, logits_to_keep=1)
-    return (cache.nbytes() - cache.side_nbytes()) // KV_PROBE_TOKENS
+    return (cache.nbytes() - cache.side_nbytes()) // tokens
 
 
 def measured_side_buffer_bytes(model, loops: int) -> int:
@@ -231,10 +232,11 @@ def _evaluate(lm, point: AccuracyPoint, task_manager, simple_evaluate, meta: dic
     if status != "ok":
         return [ResultRow("accuracy", point.point_id, point.to_dict(), status, error, memory, meta, wall)]
     memory["responses_sha256"] = responses_hash(results, point.task)
-    kv = {"kv_bytes_per_token": measured_kv_bytes_per_token(lm.model, point.loops),
+    probe = point.kv_probe_tokens or KV_PROBE_TOKENS
+    kv = {"kv_bytes_per_token": measured_kv_bytes_per_token(lm.model, point.loops, probe),
           "kv_side_buffer_bytes_per_sequence": measured_side_buffer_bytes(lm.model, point.loops),
-          "kv_source": f"LoopedKVCache.nbytes() / {KV_PROBE_TOKENS} after a {KV_PROBE_TOKENS}-token forward",
-          "kv_probe_tokens": KV_PROBE_TOKENS,
+          "kv_source": f"LoopedKVCache.nbytes() / {probe} after a {probe}-token forward",
+          "kv_probe_tokens": probe,
           "exited_early_fraction": lm.exited_early_fraction, "exit_tokens": lm.exit_counts[1],
           # log-likelihood requests and how their continuations were scored (none: the task generates)
           "loglikelihood_requests": lm.loglikelihood_requests,

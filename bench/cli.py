@@ -193,8 +193,9 @@ _DRY_RUN = typer.Option(False, "--dry-run", help="list the points and exit")
 _PROGRESS = typer.Option(True, "--progress/--no-progress", help="show the progress bar")
 _REPORT = typer.Option(False, "--report", help="write an HTML report of the results file at the end (reports/)")
 _KV_POLICY = typer.Option(None, "--kv-policy", help="training-free KV policies for Ouro-family models: "
-                          "per-loop,last-loop,mean,first-loop,modulo:N,first-then-shared:S (default: each "
-                          "model's own; MELT keeps its gated policy)")
+                          "per-loop,last-loop,mean,first-loop,modulo:N,first-then-shared:S, flashloop "
+                          "(FlashLoop 0.1.0's cross-loop INT4 cache: loops 1-4, batch 1) (default: each model's own; "
+                          "MELT keeps its gated policy)")
 _GPUS = typer.Option(None, "--gpus", help="run up to one point per GPU at a time, each in a child pinned to its "
                      "GPU: 0,1,2,3 or all (CUDA sweeps; default: one point at a time)")
 # a backslash before "[" keeps rich's markup from eating "[ray]" in the rendered help
@@ -399,6 +400,11 @@ def accuracy(
     kv_policy: Optional[str] = _KV_POLICY,
     decode_reads: Optional[str] = _DECODE_READS,
     kv_quant: Optional[str] = _KV_QUANT,
+    kv_probe_tokens: Optional[int] = typer.Option(
+        None, "--kv-probe-tokens", help="the length the row's KV bytes per token are measured at, one prompt of N "
+        "tokens (default 2048). Packed caches (flashloop, --kv-quant) keep their newest 64-127 rows at full "
+        "precision, so their bytes per token depend on it: give the task's sequence length to see what they hold "
+        "there"),
     score_continuation_as: Optional[str] = typer.Option(
         None, "--score-continuation-as", help="log-likelihood tasks: chunk (context + continuation in one "
         "forward: for MELT the continuation reads its chunk's same-loop rows) | decode (the context prefilled, then "
@@ -421,6 +427,7 @@ def accuracy(
     flags = dict(tasks=tasks, loops=loops, models=models, weights=weights, num_fewshot=num_fewshot, limit=limit,
                  batch_size=batch_size, max_gen_toks=max_gen_toks, data_dir=data_dir, exit_mode=exit_mode,
                  dtype=dtype, device=device, kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant,
+                 kv_probe_tokens=kv_probe_tokens,
                  score_continuation_as=score_continuation_as)
     with tempfile.TemporaryDirectory() as scratch:
         try:

@@ -49,11 +49,20 @@ def _child_main(conn, target: Callable, args: tuple) -> None:
     try:
         value = target(*args)
     except BaseException as exc:  # report, never hang the parent
-        conn.send(("raised", f"{type(exc).__name__}: {exc}"))
+        _report(conn, ("raised", f"{type(exc).__name__}: {exc}"))
     else:
-        conn.send(("ok", value))
+        _report(conn, ("ok", value))
     finally:
         conn.close()
+
+
+def _report(conn, message: tuple) -> None:
+    """Send the outcome; a parent that stopped listening (Ctrl-C, a timeout: it closed its end
+    and kills this child) gets nothing, and the child ends without a traceback, in any order."""
+    try:
+        conn.send(message)
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        pass
 
 
 def run_in_child(target: Callable, args: tuple, timeout_s: float | None) -> ChildOutcome:

@@ -139,20 +139,25 @@ def resolve_kv_policies(value: object, models: list[str]) -> list[str | None]:
     return list(dict.fromkeys(names))
 
 
+def _choices(value: object, option: str, allowed: tuple[str, ...]) -> list[str]:
+    """A comma list of names, each one of `allowed`, without repeats; OptionError otherwise."""
+    try:
+        names = as_name_list(value, option)
+    except RangeError as exc:
+        raise OptionError(str(exc)) from exc
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        raise OptionError(f"{option}: {unknown[0]!r} is not one of {', '.join(allowed)}")
+    return list(dict.fromkeys(names))
+
+
 def resolve_kv_quants(value: object) -> list[str | None]:
     """--kv-quant's modes (none, int8, int4; none as None, full precision), or [None]."""
     from melt_bench.models.packed_cache import KV_QUANT
 
     if value is None:
         return [None]
-    try:
-        modes = as_name_list(value, "--kv-quant")
-    except RangeError as exc:
-        raise OptionError(str(exc)) from exc
-    unknown = [mode for mode in modes if mode not in KV_QUANT]
-    if unknown:
-        raise OptionError(f"--kv-quant: {unknown[0]!r} is not one of {', '.join(KV_QUANT)}")
-    return list(dict.fromkeys(None if mode == "none" else mode for mode in modes))
+    return list(dict.fromkeys(None if mode == "none" else mode for mode in _choices(value, "--kv-quant", KV_QUANT)))
 
 
 def check_packed_caches(points: list, command: str) -> None:
@@ -192,17 +197,11 @@ def resolve_decode_reads(value: object, models: list[str]) -> list[str | None]:
 
     if value is None:
         return [None]
-    try:
-        modes = as_name_list(value, "--decode-reads")
-    except RangeError as exc:
-        raise OptionError(str(exc)) from exc
-    unknown = [mode for mode in modes if mode not in DECODE_READS]
-    if unknown:
-        raise OptionError(f"--decode-reads: {unknown[0]!r} is not one of {', '.join(DECODE_READS)}")
+    modes = _choices(value, "--decode-reads", DECODE_READS)
     if not any(get_preset(model).family == "melt" for model in models):
         raise OptionError(f"--decode-reads {value}: {', '.join(models)} are not MELT models (decode_reads is how "
                           "MELT's decoded tokens read its shared cache)")
-    return list(dict.fromkeys(modes))
+    return modes
 
 
 def _validate(spec: SweepSpec) -> None:
@@ -268,6 +267,9 @@ def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
     spec.kv_policies = resolve_kv_policies(flags.get("kv_policy"), models)
     spec.decode_reads = resolve_decode_reads(flags.get("decode_reads"), models)
     kv_quants = resolve_kv_quants(flags.get("kv_quant"))
+    probe = flags.get("kv_probe_tokens")
+    if probe is not None and probe < 1:
+        raise OptionError(f"--kv-probe-tokens: {probe} must be at least 1")
     scoring = flags.get("score_continuation_as")
     if scoring is not None and scoring not in CONTINUATION_SCORING:
         raise OptionError(f"--score-continuation-as: {scoring!r} is not one of {', '.join(CONTINUATION_SCORING)}")
@@ -275,7 +277,8 @@ def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
         AccuracyPoint(model, loop, task, flags.get("exit_mode") or "last", flags.get("num_fewshot"),
                       flags.get("limit"), flags.get("batch_size") or 1, flags.get("max_gen_toks"), dtype,
                       device, weights, data_dir, kv_policy=policy, decode_reads=reads,
-                      score_continuation_as=scoring or default_scoring(policy, loop, quant), kv_quant=quant)
+                      score_continuation_as=scoring or default_scoring(policy, loop, quant), kv_quant=quant,
+                      kv_probe_tokens=probe)
         for model in models for policy in spec.policies_for(model) for reads in spec.decode_reads_for(model)
         for quant in kv_quants for task in tasks for loop in loops
     ]

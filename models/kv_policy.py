@@ -482,8 +482,8 @@ def predict_kv_cache_bytes(
     prompt (default: all; MELT's in chunks of its chunk_size), the rest decoded one at a time.
     FlashLoop's loop-3/4 residuals cover the selected prompt tokens that have left the tail; which
     ones are selected depends on the data, so `late_rows_in_tail` says how many selected prompt
-    tokens (loop 3, loop 4) are still in the tail; by default only the always-selected last one
-    (the most a cache can hold: the formula is then an upper bound)."""
+    tokens (loop 3, loop 4) are still in the tail; by default as few as can be (the always-selected
+    last one, or those the packed rows cannot hold): the most a cache can hold, an upper bound."""
     from .packed_cache import (FlashLoopCache, TailRule, commits_for, flashloop_layer_bytes, layout_after,
                                quantized_slot_bytes)
 
@@ -496,11 +496,14 @@ def predict_kv_cache_bytes(
             raise ValueError("flashloop: FlashLoop 0.1.0 holds one sequence (batch 1)")
         layout = layout_after(commits_for(tokens, prompt_tokens, None))
         prompt = tokens if prompt_tokens is None else min(prompt_tokens, tokens)
-        in_tail = late_rows_in_tail or ((1, 1) if layout.packed < prompt else (0, 0))
         late = []
-        for fraction, tail in zip(FlashLoopCache.FRACTIONS, in_tail):
+        for index, fraction in enumerate(FlashLoopCache.FRACTIONS):
             selected = max(1, math.ceil(fraction * prompt))
-            late.append(selected - tail + max(0, layout.packed - prompt))
+            if late_rows_in_tail is not None:
+                packed_prompt = selected - late_rows_in_tail[index]
+            else:  # every selected token but the last packed, as far as the packed prompt rows reach
+                packed_prompt = selected if layout.packed >= prompt else min(selected - 1, layout.packed)
+            late.append(packed_prompt + max(0, layout.packed - prompt))
         return config.num_hidden_layers * flashloop_layer_bytes(layout, loops, tuple(late), heads, head_dim, itemsize)
     if quant not in (None, "none"):
         layout = layout_after(commits_for(tokens, prompt_tokens, policy.chunk_size))

@@ -74,12 +74,20 @@ def main() -> None:
                 "--data", str(work / "data" / "addition" / "train.jsonl"), "--device", "cpu", "--no-progress",
                 *[flag(key, value) for key, value in {**conv, **changes}.items() if value is not False], "--resume")
         evaluated.append(("melt-tiny", out / "model", melt_reads))
+    # the 2026 rivals (issue 22): FlashLoop's cache and KV quantisation, on the same teacher and MELT
+    named = {"teacher": ("ouro-tiny", teacher), "melt": ("melt-tiny", work / recipe.get("converted", "melt-converted")
+                                                          / "model")}
+    for rival in recipe.get("rivals", []):
+        model, weights = named[rival["model"]]
+        evaluated.append((model, weights, [flag(key, value) for key, value in rival.items() if key != "model"]))
     results = work / recipe.get("results", f"{recipe['name']}.jsonl")
     for model, weights, policies in evaluated:
         run("melt-bench", "accuracy", "--tasks", data["task"], "--models", model, "--weights", str(weights), *policies,
             "--loops", ev["loops"], "--data-dir", str(work / "data"),
             *(["--limit", str(ev["limit"])] if ev.get("limit") else []),
-            "--batch-size", str(ev["batch_size"]), "--device", "cpu", "--dtype", "float32",
+            *(["--kv-probe-tokens", str(ev["kv_probe_tokens"])] if ev.get("kv_probe_tokens") else []),
+            *([] if any(p.startswith("--batch-size") for p in policies) else ["--batch-size", str(ev["batch_size"])]),
+            "--device", "cpu", "--dtype", "float32",
             "--out", str(results), "--resume")
     report = results.with_suffix(".html")
     run("melt-bench", "report", str(results), "-o", str(report))

@@ -278,3 +278,29 @@ def test_an_even_number_of_repeats_takes_every_figure_from_one_repeat():
     assert m["decode_ms_per_token_mean"] == 6.14  # the lower middle of 5.9, 6.14, 6.5, 7.0
     assert m["decode_tokens_per_s"] == 4 * 1000 / 6.14 and m["decode_mbu"] == 0.01 / 6.14
     assert (m["decode_ms_per_token_mean_repeat_min"], m["decode_ms_per_token_mean_repeat_max"]) == (5.9, 7.0)
+
+
+def test_a_child_whose_parent_stopped_listening_ends_quietly():
+    """Ctrl-C once left a BrokenPipeError traceback: the parent had closed its end when the child
+    sent its row. The child's send now swallows a closed pipe, whichever comes first."""
+    from melt_bench.launcher import _child_main
+
+    class ClosedPipe:
+        closed = False
+
+        def send(self, message):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def close(self):
+            self.closed = True
+
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)  # _child_main ignores Ctrl-C, as a child should
+    try:
+        for target in (lambda: 42, lambda: 1 / 0):
+            pipe = ClosedPipe()
+            _child_main(pipe, target, ())  # no exception escapes
+            assert pipe.closed
+    finally:
+        signal.signal(signal.SIGINT, handler)
