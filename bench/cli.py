@@ -265,7 +265,7 @@ def memory(
     if not _dry_run(points, dry_run, out, placement):
         runner = in_child(measure_memory_point, (nvml_interval_ms,), resolved.point_timeout)
         _run_sweep_command("memory", points, runner, out, resume, retry_failed, progress, report,
-                           _executor(placement, resolved.spec.device))
+                           _executor(placement, resolved.spec.device), resolved.notices)
 
 
 @app.command()
@@ -325,7 +325,7 @@ def latency(
     if not _dry_run(points, dry_run, out, placement):
         runner = in_child(measure_latency_point, (), resolved.point_timeout)
         _run_sweep_command("latency", points, runner, out, resume, retry_failed, progress, report,
-                           _executor(placement, resolved.spec.device))
+                           _executor(placement, resolved.spec.device), resolved.notices)
 
 
 @app.command()
@@ -380,7 +380,7 @@ def capacity(
             return ChildOutcome("ok", value=value, wall_s=time.monotonic() - started)
 
         _run_sweep_command("capacity", points, runner, out, resume, retry_failed, progress, report,
-                           _executor(placement, resolved.spec.device))
+                           _executor(placement, resolved.spec.device), resolved.notices)
 
 
 @app.command()
@@ -422,7 +422,7 @@ def accuracy(
 
     from .accuracy import run_accuracy
     from .lm_eval_logs import lm_eval_output, log_path_for
-    from .sweep_options import OptionError, check_tasks, resolve_accuracy
+    from .sweep_options import OptionError, check_tasks, check_tokenizer, resolve_accuracy
 
     flags = dict(tasks=tasks, loops=loops, models=models, weights=weights, num_fewshot=num_fewshot, limit=limit,
                  batch_size=batch_size, max_gen_toks=max_gen_toks, data_dir=data_dir, exit_mode=exit_mode,
@@ -431,6 +431,7 @@ def accuracy(
                  score_continuation_as=score_continuation_as)
     with tempfile.TemporaryDirectory() as scratch:
         try:
+            tokenizer = check_tokenizer(tokenizer)
             points, notices = resolve_accuracy(flags)
             with lm_eval_output(None) as warnings:
                 task_manager = check_tasks(sorted({p.task for p in points}), points[0].data_dir, Path(scratch))
@@ -441,6 +442,7 @@ def accuracy(
         store, meta = _open_store("accuracy", out, resume)
         log = log_path_for(store.path)
         console.print(f"lm-eval's own output (progress, log lines): {log}", highlight=False)
+        before = len(store.read())
         try:
             ran, skipped = run_accuracy(points, store, meta, task_manager, tokenizer, log)
         except FileNotFoundError as exc:
@@ -449,6 +451,7 @@ def accuracy(
     console.print(f"{_count(ran, 'run')}, {skipped} already recorded; results in {store.path}")
     if report:
         console.print(f"report written to {_write_report([store.path], None)}")
+    _check_something_measured(store, before)
 
 
 @app.command()
@@ -470,10 +473,14 @@ def _write_report(results: list[Path], output: Path | None, compare: list[Path] 
     for path in inputs:
         if not path.is_file():
             raise UserError(f"no results file {path}")
+        store = ResultsStore(path)
         try:
-            rows = ResultsStore(path).read()
+            rows = store.read()
         except ResultsFileError as exc:
             raise UserError(str(exc)) from exc
+        if store.torn_tail:
+            print(f"melt-bench: warning: {path}: its last line is torn (a write that never finished, "
+                  f"{len(store.torn_tail)} bytes): reporting the {len(rows)} complete rows", file=sys.stderr)
         if not rows:
             raise UserError(f"{path} holds no results rows: nothing to report")
     output = output or Path("reports") / f"{results[0].stem}.html"
@@ -560,10 +567,19 @@ def convert(
 
     if gate not in GATES:
         raise UserError(f"--gate: {gate!r} is not one of {', '.join(GATES)}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: convert writes a directory (checkpoint.pt, train_log.jsonl, model/)")
     if (out / CHECKPOINT).exists() and not resume:
         raise UserError(f"--out {out} holds a checkpoint: pass --resume to continue it, or choose another directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / CHECKPOINT).exists() and not (out / "train_log.jsonl").exists():
+        raise UserError(f"--out {out} is a non-empty directory that is not a convert run: choose an empty or new one")
     if not Path(data).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", data):
         raise UserError(f"--data {data}: no such file (and not a hub id like org/name)")
+    if not Path(data).exists():
+        from . import hub
+
+        if problem := hub.hub_problem(data):
+            raise UserError(f"--data {data}: {problem}; pass a local JSONL or text file instead")
     try:
         resolved_device = resolve_device(device or "auto")
         if Path(source).exists() or "/" in source:
@@ -609,9 +625,7 @@ def _resolve(command: str, flags: dict, suite: str | None):
         resolved = resolve_sweep(command, flags, suite)
     except OptionError as exc:
         raise UserError(str(exc)) from exc
-    for notice in resolved.notices:
-        print(f"melt-bench: {notice}", file=sys.stderr)
-    return resolved
+    return resolved  # its notices are printed once a run starts (_run_sweep_command), not before a refusal
 
 
 def _checked_points(resolved, command: str) -> list:
@@ -701,6 +715,11 @@ def _open_store(kind: str, out: Path | None, resume: bool):
     if kinds - {kind}:
         raise UserError(f"--out {out} holds {', '.join(sorted(kinds))} results, not {kind}: a results file holds "
                         f"one kind; choose another file")
+    torn = len(store.torn_tail)
+    aside = store.set_torn_tail_aside()
+    if aside is not None:
+        print(f"melt-bench: {out}: its last line was torn (a write that never finished, {torn} bytes): moved to "
+              f"{aside}; resuming from the {len(store.read())} complete rows", file=sys.stderr)
     return store, collect_env(probe_cuda=False).to_dict()
 
 
@@ -744,19 +763,39 @@ def _executor(placement: dict, device: str):
 
 
 def _run_sweep_command(kind, points, runner, out, resume, retry_failed, progress, report=False,
-                       executor=None) -> None:
+                       executor=None, notices: tuple[str, ...] = ()) -> None:
     from .sweep import run_sweep
 
+    if retry_failed and not resume:
+        raise UserError("--retry-failed re-runs the failed points of an existing --out: it needs --resume")
     store, meta = _open_store(kind, out, resume)
+    for notice in notices:
+        print(f"melt-bench: {notice}", file=sys.stderr)
+    before = len(store.read())
     status = run_sweep(kind, points, store, runner, meta, retry_failed, show_progress=progress, executor=executor)
     _print_tables(kind, store, {point.point_id for point in points})
     console.print(f"{_count(status.ran, 'point')} run, {status.skipped} already recorded; results in {store.path}")
     if report:
         console.print(f"report written to {_write_report([store.path], None)}")
+    _check_something_measured(store, before)
+
+
+class NothingMeasured(Exception):
+    """Every point this run wrote failed: exit 1 (the rows are kept)."""
+
+
+def _check_something_measured(store, before: int) -> None:
+    """The run wrote rows and none of them is ok: say so in one line, exit 1."""
+    new = store.read()[before:]
+    if new and not any(row.status == "ok" for row in new):
+        statuses = ", ".join(f"{sum(r.status == s for r in new)} {s}" for s in sorted({r.status for r in new}))
+        raise NothingMeasured(f"no point succeeded: {len(new)} rows written, all failed ({statuses}); the rows are "
+                              f"kept in {store.path} (see their error field)")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors (bad options included) become one line on stderr and exit code 2."""
+    from .results import ResultsWriteError
     from .sweep import SweepInterrupted
 
     args = sys.argv[1:] if argv is None else argv
@@ -774,6 +813,9 @@ def main(argv: list[str] | None = None) -> int:
     except SweepInterrupted as exc:
         print(f"melt-bench: {exc}", file=sys.stderr)
         return 130
+    except (ResultsWriteError, NothingMeasured) as exc:
+        print(f"melt-bench: error: {exc}", file=sys.stderr)
+        return 1
     except typer.Exit as exc:
         return exc.exit_code
     return 0

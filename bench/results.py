@@ -1,7 +1,11 @@
 """One results schema for every command: a `ResultRow` per point, one JSON line each, appended
 and fsynced at once; `load_results` turns files into a pandas DataFrame.
 
-A file that is not ours, or has a line that does not parse, is refused and never written to."""
+A file that is not ours, or has a line that does not parse, is refused and never written to. The
+one exception is a torn last line: bytes after the last newline that do not parse are a write
+that never finished (the writer puts a whole line and its newline in one write()), so readers
+skip them (`torn_tail`), and `--resume` moves them to a file beside the results before appending
+(`set_torn_tail_aside`)."""
 
 from __future__ import annotations
 
@@ -18,6 +22,10 @@ _REQUIRED = ("schema", "kind", "point_id", "point", "status", "metrics", "meta")
 
 class ResultsFileError(ValueError):
     """A results file that cannot be used; the message names the file and the problem."""
+
+
+class ResultsWriteError(OSError):
+    """Appending a row failed (disk full, ...): the sweep ends there, the rows before it kept."""
 
 
 @dataclass
@@ -42,6 +50,7 @@ class ResultsStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.torn_tail: bytes = b""  # set by read(): a last line whose write never finished
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -54,13 +63,41 @@ class ResultsStore:
             raise ResultsFileError(f"{self.path} is not a file")
         rows = []
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise ResultsFileError(f"{self.path}: cannot be read as melt-bench results ({exc})") from exc
+        complete, _, tail = data.rpartition(b"\n") if b"\n" in data else (b"", b"", data)
+        self.torn_tail = b""
+        if tail.strip() and not _is_row(tail):
+            self.torn_tail, data = tail, complete + b"\n" if complete else b""
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
             raise ResultsFileError(f"{self.path}: cannot be read as melt-bench results ({exc})") from exc
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 rows.append(_parse_line(self.path, number, line))
         return rows
+
+    def set_torn_tail_aside(self) -> Path | None:
+        """After read(): move a torn last line into PATH.torn (appended, never overwritten) and
+        cut it from the file; a last row that only lacks its newline gets it. Returns where the
+        torn bytes went (None: nothing torn)."""
+        data = self.path.read_bytes() if self.path.exists() else b""
+        if data and not data.endswith(b"\n") and not self.torn_tail:
+            with open(self.path, "ab") as handle:  # a complete row without its newline
+                handle.write(b"\n")
+            return None
+        if not self.torn_tail:
+            return None
+        aside = self.path.with_name(self.path.name + ".torn")
+        with open(aside, "ab") as handle:
+            handle.write(self.torn_tail + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.truncate(self.path, len(data) - len(self.torn_tail))
+        self.torn_tail = b""
+        return aside
 
     def recorded_ids(self) -> set[str]:
         return {row.point_id for row in self.read()}
@@ -68,13 +105,27 @@ class ResultsStore:
     def append(self, row: ResultRow) -> None:
         """Append one row and fsync, so a killed sweep loses no finished point. One write() of
         one whole line keeps lines intact."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        line = (row.to_json() + "\n").encode("utf-8")
         try:
-            os.write(fd, (row.to_json() + "\n").encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                if os.write(fd, line) != len(line):
+                    raise OSError(28, "short write (no space left?)")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise ResultsWriteError(f"{self.path}: writing a row failed ({exc.strerror or exc}); the rows before it "
+                                    "are intact: free the space and run the same command with --resume") from exc
+
+
+def _is_row(raw: bytes) -> bool:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("schema") == SCHEMA
 
 
 def _parse_line(path: Path, number: int, line: str) -> ResultRow:

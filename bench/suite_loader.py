@@ -27,7 +27,10 @@ def load_suite(name_or_path: str) -> dict:
     """The suite's settings as a dict of option name -> value (lists still unparsed)."""
     path = Path(name_or_path)
     if path.is_file():
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SuiteError(f"--suite {name_or_path}: not a readable YAML text file ({exc})") from exc
     else:
         shipped = resources.files("melt_bench.suites") / f"{name_or_path}.yaml"
         if not shipped.is_file():

@@ -56,6 +56,23 @@ def resolve_device(text: str) -> str:
     return f"cuda:{index}"
 
 
+def check_tokenizer(tokenizer: str | None) -> str | None:
+    """--tokenizer: a local directory (made absolute) or a reachable hub id, checked before any
+    point runs (a bad one once wrote an error row per point and exited 0)."""
+    if tokenizer is None:
+        return None
+    path = Path(tokenizer).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if path.exists():
+        raise OptionError(f"--tokenizer {tokenizer}: a file, not a tokenizer directory")
+    if _HUB_ID.match(tokenizer) and not tokenizer.startswith("."):
+        if problem := hub.hub_problem(tokenizer):
+            raise OptionError(f"--tokenizer {tokenizer}: {problem}; pass a local tokenizer directory instead")
+        return tokenizer
+    raise OptionError(f"--tokenizer {tokenizer}: no such directory (and not a hub id like org/name)")
+
+
 def check_weights(weights: str | None, option: str = "--weights") -> str | None:
     """A local checkpoint directory (made absolute, as children may run elsewhere) or a hub id."""
     if weights is None:

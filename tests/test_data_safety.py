@@ -304,3 +304,99 @@ def test_a_child_whose_parent_stopped_listening_ends_quietly():
             assert pipe.closed
     finally:
         signal.signal(signal.SIGINT, handler)
+
+
+def torn_file(tmp_path) -> Path:
+    """Two complete memory rows, then the first 31 bytes of a third: a write that never finished."""
+    path = tmp_path / "torn.jsonl"
+    write_rows(path, "latency", 3)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:2]) + lines[2][:31])
+    return path
+
+
+def test_a_torn_last_line_is_set_aside_on_resume_and_reported_around(tmp_path, capsys):
+    from melt_bench.results import ResultsStore
+
+    path = torn_file(tmp_path)
+    torn = path.read_bytes().rsplit(b"\n", 1)[1]
+    # the report reads the complete rows and warns
+    assert main(["report", str(path), "-o", str(tmp_path / "r.html")]) == 0
+    assert "its last line is torn" in capsys.readouterr().err and (tmp_path / "r.html").exists()
+    # --resume moves the torn bytes beside the file, says so in one line, and goes on
+    store = ResultsStore(path)
+    assert len(store.read()) == 2 and store.torn_tail == torn
+    from melt_bench.cli import _open_store
+
+    _open_store("latency", path, resume=True)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "last line was torn" in err[0] and "torn.jsonl.torn" in err[0]
+    assert path.with_name("torn.jsonl.torn").read_bytes() == torn + b"\n"
+    assert path.read_bytes().endswith(b"\n") and len(ResultsStore(path).read()) == 2
+
+
+def test_a_corrupt_line_in_the_middle_stays_refused(tmp_path, capsys):
+    path = tmp_path / "mid.jsonl"
+    write_rows(path, "memory", 3)
+    lines = path.read_bytes().splitlines(keepends=True)
+    before = lines[0] + b"{not json\n" + b"".join(lines[1:])
+    path.write_bytes(before)
+    assert main(["memory", "--out", str(path), "--resume", *SWEEP]) == 2
+    one_error_line(capsys, "corrupt line, not JSON")
+    assert path.read_bytes() == before
+
+
+def test_a_failed_write_ends_the_sweep_in_one_line_with_exit_1(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import melt_bench.results as results
+
+    path = tmp_path / "full.jsonl"
+    real_write, writes = os.write, []
+
+    def disk_full_on_the_second_row(fd, data):
+        if data.startswith(b'{"'):  # a results row (the patch reaches every os.write of this process)
+            writes.append(data)
+        if len(writes) == 2 and data.startswith(b'{"'):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(results.os, "write", disk_full_on_the_second_row)
+    assert main(["memory", "--loops", "1,2,3", "--out", str(path), "--repeats", "1", *SWEEP,
+                 "--models", "ouro-tiny"]) == 1
+    line = one_error_line(capsys, "writing a row failed (No space left on device)")
+    assert "--resume" in line and len(ResultsStore(path).read()) == 1
+
+
+def test_a_run_where_no_point_succeeded_exits_1_and_keeps_its_rows(tmp_path, capsys):
+    path = tmp_path / "slow.jsonl"
+    assert main(["memory", "--loops", "1", "--out", str(path), "--repeats", "1", "--point-timeout", "0.001", *SWEEP,
+                 "--models", "ouro-tiny"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no point succeeded: 1 rows written, all failed (1 timeout)" in line
+    assert [row.status for row in ResultsStore(path).read()] == ["timeout"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["accuracy", "--tokenizer", "/nonexistent/tok", "--models", "ouro-tiny", "--tasks", "addition"],
+     "--tokenizer /nonexistent/tok: no such directory"),
+    (["memory", "--suite", "BINARY"], "not a readable YAML text file"),
+    (["memory", "--retry-failed"], "--retry-failed re-runs the failed points of an existing --out: it needs --resume"),
+    (["convert", "--from", "ouro-tiny", "--data", "DATA", "--out", "FILE"], "is a file: convert writes a directory"),
+    (["convert", "--from", "ouro-tiny", "--data", "DATA", "--out", "BUSY"], "non-empty directory that is not a convert"),
+])
+def test_more_bad_input_is_one_line_and_writes_nothing(args, needle, tmp_path, capsys):
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    (tmp_path / "data.jsonl").write_text('{"text": "1+1=2"}\n')
+    swap = {"BINARY": str(tmp_path / "binary.yaml"), "FILE": str(tmp_path / "file"), "BUSY": str(tmp_path / "busy"),
+            "DATA": str(tmp_path / "data.jsonl")}
+    out = tmp_path / "never.jsonl"
+    argv = [swap.get(a, a) for a in args]
+    if argv[0] != "convert":
+        argv += ["--out", str(out), "--device", "cpu"]
+    assert main(argv) == 2
+    one_error_line(capsys, needle)
+    assert not out.exists() and (tmp_path / "busy" / "notes.txt").read_text() == "mine"
