@@ -250,15 +250,15 @@ def memory(
     allow_busy_gpus: bool = _ALLOW_BUSY,
 ) -> None:
     """Peak memory across loops x sequence lengths x batch sizes x models, every source measured."""
-    from .measure_memory import measure_memory_point
-    from .sweep import in_child
-
     if nvml_interval_ms <= 0:
         raise UserError(f"--nvml-interval-ms: {nvml_interval_ms:g} must be positive")
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase=phase,
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, repeats=repeats,
                  point_timeout=point_timeout, kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
     resolved = _resolve("memory", flags, suite)
+    from .measure_memory import measure_memory_point  # torch: only once the flags are checked
+    from .sweep import in_child
+
     resolved.spec.point_options = dict(prefill_chunk=_check_prefill_chunk(prefill_chunk))
     points = _checked_points(resolved, "memory")
     placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
@@ -304,18 +304,19 @@ def latency(
     allow_busy_gpus: bool = _ALLOW_BUSY,
 ) -> None:
     """Prefill (time to first token), per-token decode latency and tokens/s across loops."""
-    from .measure_latency import ENGINES, measure_latency_point
-    from .sweep import in_child
-
     if warmup < 0 or repeats < 1:
         raise UserError(f"--warmup must be >= 0 and --repeats >= 1 (got {warmup}, {repeats})")
+    flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase="decode",
+                 new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
+                 kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
+    _check_syntax(flags)
+    from .measure_latency import ENGINES, measure_latency_point  # torch: only once the flags are checked
+    from .sweep import in_child
+
     if engine not in ENGINES:
         raise UserError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
     if static_cache and engine != "forward":
         raise UserError("--static-cache applies to --engine forward (eager and compiled always preallocate)")
-    flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase="decode",
-                 new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
-                 kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
     resolved = _resolve("latency", flags, suite)
     resolved.spec.point_options = dict(warmup=warmup, timed_runs=repeats, early_exit=_parse_early_exit(early_exit),
                                        engine=engine, static_cache=static_cache,
@@ -357,15 +358,15 @@ def capacity(
     allow_busy_gpus: bool = _ALLOW_BUSY,
 ) -> None:
     """The largest batch that decodes N new tokens within a memory budget, searched by real runs."""
-    from .capacity import search_capacity
-    from .launcher import ChildOutcome
-
     if max_batch < 1:
         raise UserError(f"--max-batch: {max_batch} must be at least 1")
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes="1", phase="decode",
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
                  kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
     resolved = _resolve("capacity", flags, suite)
+    from .capacity import search_capacity  # torch: only once the flags are checked
+    from .launcher import ChildOutcome
+
     budget_bytes = _parse_budget(budget, resolved.spec.device)
     resolved.spec.point_options = dict(batch_size=0, memory_budget_bytes=budget_bytes,
                                        prefill_chunk=_check_prefill_chunk(prefill_chunk))
@@ -578,7 +579,7 @@ def convert(
     if not Path(data).exists():
         from . import hub
 
-        if problem := hub.hub_problem(data):
+        if problem := hub.hub_problem(data, "dataset"):
             raise UserError(f"--data {data}: {problem}; pass a local JSONL or text file instead")
     try:
         resolved_device = resolve_device(device or "auto")
@@ -618,7 +619,24 @@ def convert(
         console.print(f"stopped after step {stop_after}, checkpoint in {final / CHECKPOINT}: --resume continues")
 
 
+def _check_syntax(flags: dict) -> None:
+    """What can be refused without torch, before it is imported (several seconds): the list
+    grammar of --loops, --seq-lens and --batch-sizes, and counts that must be positive."""
+    from .ranges import RangeError, parse_int_list
+
+    for key in ("loops", "seq_lens", "batch_sizes"):
+        if isinstance(flags.get(key), str):
+            try:
+                parse_int_list(flags[key], f"--{key.replace('_', '-')}")
+            except RangeError as exc:
+                raise UserError(str(exc)) from exc
+    for key, least in (("new_tokens", 0), ("repeats", 1), ("point_timeout", 1e-9)):
+        if flags.get(key) is not None and flags[key] < least:
+            raise UserError(f"--{key.replace('_', '-')}: {flags[key]:g} must be {'positive' if least else 'at least 0'}")
+
+
 def _resolve(command: str, flags: dict, suite: str | None):
+    _check_syntax(flags)
     from .sweep_options import OptionError, resolve_sweep
 
     try:

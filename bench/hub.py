@@ -29,19 +29,26 @@ def hub_unreachable_reason(timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     return None
 
 
-def in_local_cache(repo_id: str) -> bool:
-    """Whether the hub cache already holds the repository's config.json."""
+def in_local_cache(repo_id: str, repo_type: str = "model") -> bool:
+    """Whether the hub cache already holds the repository: a model's config.json, any snapshot
+    of a dataset. False for an id the hub would reject."""
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import constants, try_to_load_from_cache
     except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
         return False
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    try:
+        if repo_type == "dataset":
+            folder = os.path.join(constants.HF_HUB_CACHE, "datasets--" + repo_id.replace("/", "--"), "snapshots")
+            return os.path.isdir(folder) and bool(os.listdir(folder))
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # HFValidationError: not a valid hub id
+        return False
 
 
-def hub_problem(repo_id: str | None = None) -> str | None:
+def hub_problem(repo_id: str | None = None, repo_type: str = "model") -> str | None:
     """Why a download from the hub would fail now (None if it should work): offline by request
     and not cached, or the hub out of reach. With `repo_id`, a cached copy is good enough."""
-    cached = repo_id is not None and in_local_cache(repo_id)
+    cached = repo_id is not None and in_local_cache(repo_id, repo_type)
     if offline_requested():
         return None if cached or repo_id is None else "HF_HUB_OFFLINE is set and it is not in the local hub cache"
     reason = hub_unreachable_reason()

@@ -12,6 +12,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 
 from melt_bench.models.kv_policy import is_training_free, parse_kv_policy, policy_alters_rows
+from melt_bench.models.packed_cache import quant_bits
 
 from .jsonl import iter_jsonl
 
@@ -30,7 +31,7 @@ CONTINUATION_SCORING = ("chunk", "decode")
 def chunk_scoring_problem(kv_policy: str | None, loops: int, kv_quant: str | None = None) -> str | None:
     """Why `--score-continuation-as chunk` cannot score `kv_policy` (with `kv_quant`) at `loops`
     loops, or None: one forward reads the rows each loop computed, at full precision."""
-    if kv_quant not in (None, "none"):
+    if quant_bits(kv_quant) is not None:
         return (f"chunk scoring with kv_quant={kv_quant} would read the context's full-precision rows in one forward, "
                 "not the packed rows generation reads; use decode")
     if kv_policy is None or not is_training_free(kv_policy) or not policy_alters_rows(kv_policy, loops):
@@ -157,7 +158,7 @@ def decoding_chunk_starts(model, context: int, length: int, loops: int) -> list[
     MELT continuing the chunk grid, and an Ouro-family policy that keeps every loop's rows at
     `loops` loops (per-loop), compute that in one forward (None)."""
     policy = model.model.policy
-    exact = not policy.alters_rows(loops) and model.config.kv_quant in (None, "none")
+    exact = not policy.alters_rows(loops) and quant_bits(model.config.kv_quant) is None
     if policy.open_chunk is not None or (policy.chunk_size is None and exact):
         return None
     return [*range(0, context, policy.chunk_size or max(context, 1)), *range(context, length)]

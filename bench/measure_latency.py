@@ -23,6 +23,7 @@ import torch
 
 from melt_bench.models import cost_model, load_model
 from melt_bench.models.decode_engine import ENGINES as STEP_ENGINES, DecodeEngine, StepOutput
+from melt_bench.models.packed_cache import PackedKVCache
 
 from .device_ceilings import DeviceCeilings, measure_ceilings
 from .energy import EnergyMeter, energy_metrics, open_meter
@@ -177,9 +178,11 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in zip(flat_a, flat_b)) / len(flat_a)
 
 
-def roofline_fields(config, point: SweepPoint, metrics: dict, ceilings: DeviceCeilings) -> dict:
+def roofline_fields(config, point: SweepPoint, metrics: dict, ceilings: DeviceCeilings, packed: bool = False) -> dict:
     """Bytes and FLOPs the config implies for this point, and how close the measured times are
-    to the device's measured ceilings."""
+    to the device's measured ceilings. For a packed KV cache (flashloop, --kv-quant) the byte
+    model, which counts full-precision rows, does not apply: the decode-side figures are None
+    and `roofline_source` says why (prefill FLOPs do not depend on the cache)."""
     dtype = parse_dtype(point.dtype)
     loops = metrics["loops_executed_mean"]
     context = point.seq_len + (point.new_tokens + 1) / 2  # mean rows attended over the decode steps
@@ -196,6 +199,12 @@ def roofline_fields(config, point: SweepPoint, metrics: dict, ceilings: DeviceCe
         "decode_mbu": decode_bytes / step_s / ceilings.bandwidth_bytes_per_s,
         "prefill_mfu": prefill_flops / (metrics["prefill_ms"] / 1000) / ceilings.matmul_flops_per_s,
         "roofline_source": "models/cost_model.py formulas over measured device ceilings",
+    } if not packed else {
+        "decode_bytes_per_token": None, "decode_flops_per_token": decode_flops, "prefill_flops": prefill_flops,
+        "roofline_decode_ms_per_token": None, "decode_bandwidth_achieved_bytes_per_s": None, "decode_mbu": None,
+        "prefill_mfu": prefill_flops / (metrics["prefill_ms"] / 1000) / ceilings.matmul_flops_per_s,
+        "roofline_source": "decode bytes unavailable for a packed KV cache: the cost model counts full-precision "
+                           "rows (prefill FLOPs from models/cost_model.py)",
     }
 
 
@@ -274,8 +283,11 @@ def measure_latency_point(point: SweepPoint, meter: EnergyMeter | str | None = N
                     runs.append(run)
             metrics.update(summarise(runs, point.batch_size))
             metrics.update(output_fields(runs))
-            metrics.update(roofline_fields(model.config, point, metrics, ceilings))
+            packed = isinstance(getattr(decoder, "cache", None), PackedKVCache)
+            metrics.update(roofline_fields(model.config, point, metrics, ceilings, packed))
             windows = (None, None)
+            if packed:  # the energy windows rewind the cache to the prompt, which packed rows cannot
+                meter = "unavailable: a packed KV cache cannot rewind to the prompt between energy windows"
             if isinstance(meter, EnergyMeter) and meter.available:
                 windows = measure_energy(meter, decoder, point, input_ids, chunk_starts)
             metrics.update(energy_metrics(meter, *windows))

@@ -334,9 +334,11 @@ def _pareto_figure(part: pd.DataFrame, key) -> Figure:
     return Figure(title, png(fig))
 
 
-# Point settings that change a figure: a ratio compares two models only where all of them agree,
+# Point settings that change a figure (every SweepPoint field but the ones that place a point on
+# the axes or in the model's label): a ratio compares two models only where all of them agree,
 # and names those that differ across the file (eager vs compiled, bf16 vs fp32, ...).
-LIKE_FOR_LIKE = ("engine", "dtype", "device", "phase", "new_tokens", "prefill_chunk", "early_exit", "static_cache")
+LIKE_FOR_LIKE = ("engine", "dtype", "device", "phase", "new_tokens", "prefill_chunk", "early_exit", "static_cache",
+                 "warmup", "timed_runs", "memory_budget_bytes")
 
 
 def _settings(keys: tuple, axes: list[str]) -> str:
@@ -362,6 +364,9 @@ def headlines(frame: pd.DataFrame) -> list[str]:
                                                                or (a == "engine" and kind == "latency"))]
             if part.duplicated([*axes, "loops", "seq_len", "batch_size", "model"]).any() and "source" in part:
                 axes.append("source")  # the same point in two files: each file on its own
+            # anything still doubled differs in no setting we know: the latest row stands
+            part = part.sort_values("created_at").drop_duplicates([*axes, "loops", "seq_len", "batch_size", "model"],
+                                                                  keep="last")
             for keys, same in _groups(part, axes):
                 keys = keys if isinstance(keys, tuple) else (keys,)
                 both = same.pivot(index=["loops", "seq_len", "batch_size"], columns="model", values=metric)

@@ -104,4 +104,6 @@ def run_sweep(
             finished.close()
             progress.stop()
             raise SweepInterrupted(store, points) from None
+        finally:  # a failed write (ResultsWriteError) too: the executor's children end here
+            finished.close()
     return SweepStatus(planned=len(points), skipped=len(points) - len(todo), ran=len(todo))

@@ -202,6 +202,9 @@ def check_packed_caches(points: list, command: str) -> None:
         if packed and getattr(point, "prefill_chunk", None) is not None:
             raise OptionError(f"{what} with --prefill-chunk: a packed cache packs the prompt as it commits; "
                               "prefill it in one piece")
+        if packed and getattr(point, "static_cache", False):
+            raise OptionError(f"{what} with --static-cache: a packed cache grows as it packs, it is never "
+                              "allocated ahead")
         if packed and command == "latency" and point.engine != "forward":
             raise OptionError(f"{what} needs --engine forward: the {point.engine} engine reads the cache's raw rows "
                               "(static shapes), a packed cache dequantises on read")
@@ -295,7 +298,8 @@ def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
                       flags.get("limit"), flags.get("batch_size") or 1, flags.get("max_gen_toks"), dtype,
                       device, weights, data_dir, kv_policy=policy, decode_reads=reads,
                       score_continuation_as=scoring or default_scoring(policy, loop, quant), kv_quant=quant,
-                      kv_probe_tokens=probe)
+                      # a length matters only to packed caches: other points keep their ids
+                      kv_probe_tokens=probe if policy == "flashloop" or quant else None)
         for model in models for policy in spec.policies_for(model) for reads in spec.decode_reads_for(model)
         for quant in kv_quants for task in tasks for loop in loops
     ]

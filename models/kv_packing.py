@@ -111,6 +111,8 @@ class PackedStream:
 
     def read(self) -> torch.Tensor:
         """The dequantised rows, in the dtype they were appended in."""
+        if self.words is None:
+            raise ValueError("an empty packed stream has no rows to read")
         along = self.rows if self.axis == 2 else self.head_dim
         codes = _unpack(self.words, self.axis, self.bits, along)
         return _dequantise(codes, self.low, self.scale, self.axis, self.group, self.dtype)

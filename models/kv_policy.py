@@ -15,12 +15,12 @@ analytic KV bytes (`kv_bytes_per_token`) equal the bytes its cache holds.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .configs import OuroConfig
+from .packed_cache import (FlashLoopCache, TailRule, commits_for, flashloop_layer_bytes, layout_after, quant_bits,
+                           quantized_slot_bytes, selected_count)
 
 
 Row = tuple[torch.Tensor, torch.Tensor]  # one layer's keys and values for the tokens being processed
@@ -233,8 +233,6 @@ class FlashLoopKVPolicy(KVPolicy):
     lossy = True
 
     def cache(self, loops: int, capacity: int | None):
-        from .packed_cache import FlashLoopCache
-
         return FlashLoopCache(self.num_slots(loops), loops, capacity)
 
 
@@ -452,7 +450,7 @@ def kv_bytes_per_token(config: OuroConfig, loops: int, dtype: torch.dtype, polic
     `tokens` tokens, rounded down."""
     policy_ = kv_policy_for(config, policy)
     quant = kv_quant if kv_quant is not None else getattr(config, "kv_quant", None)
-    if policy_.lossy or quant not in (None, "none"):
+    if policy_.lossy or quant_bits(quant) is not None:
         return predict_kv_cache_bytes(config, loops, 1, tokens, dtype, kv_policy=policy, kv_quant=kv_quant) // tokens
     itemsize = torch.empty((), dtype=dtype).element_size()
     return policy_.num_slots(loops) * 2 * config.num_key_value_heads * config.head_dim * itemsize
@@ -484,9 +482,6 @@ def predict_kv_cache_bytes(
     ones are selected depends on the data, so `late_rows_in_tail` says how many selected prompt
     tokens (loop 3, loop 4) are still in the tail; by default as few as can be (the always-selected
     last one, or those the packed rows cannot hold): the most a cache can hold, an upper bound."""
-    from .packed_cache import (FlashLoopCache, TailRule, commits_for, flashloop_layer_bytes, layout_after,
-                               quantized_slot_bytes)
-
     policy = kv_policy_for(config, kv_policy)
     itemsize = torch.empty((), dtype=dtype).element_size()
     heads, head_dim = config.num_key_value_heads, config.head_dim
@@ -498,16 +493,15 @@ def predict_kv_cache_bytes(
         prompt = tokens if prompt_tokens is None else min(prompt_tokens, tokens)
         late = []
         for index, fraction in enumerate(FlashLoopCache.FRACTIONS):
-            selected = max(1, math.ceil(fraction * prompt))
+            selected = selected_count(fraction, prompt)
             if late_rows_in_tail is not None:
                 packed_prompt = selected - late_rows_in_tail[index]
             else:  # every selected token but the last packed, as far as the packed prompt rows reach
                 packed_prompt = selected if layout.packed >= prompt else min(selected - 1, layout.packed)
             late.append(packed_prompt + max(0, layout.packed - prompt))
         return config.num_hidden_layers * flashloop_layer_bytes(layout, loops, tuple(late), heads, head_dim, itemsize)
-    if quant not in (None, "none"):
+    if (bits := quant_bits(quant)) is not None:
         layout = layout_after(commits_for(tokens, prompt_tokens, policy.chunk_size))
-        bits = int(quant.removeprefix("int"))
         return policy.num_slots(loops) * quantized_slot_bytes(layout, batch, heads, head_dim, itemsize, bits, TailRule())
     per_token = policy.num_slots(loops) * 2 * heads * head_dim * itemsize
     return batch * (tokens * per_token + kv_side_buffer_bytes(config, loops, dtype, tokens))

@@ -33,7 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configs import MAX_LOOPS, OuroConfig, check_decode_reads
 from .kv_cache import LoopedKVCache, TransitionKVCache
-from .packed_cache import check_kv_quant, quantized_cache
+from .packed_cache import check_kv_quant, quant_bits, quantized_cache
 from .kv_policy import EmaGate, GateProjection, KVPolicy, kv_bytes_per_token, kv_policy_for, parse_kv_policy
 
 
@@ -532,7 +532,7 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         packed_cache.py), or at full precision ("none" / None); any KV policy, MELT included.
         Caches made before the switch keep their own kind."""
         check_kv_quant(mode, self.model.policy.name, getattr(self.config, "decode_reads", None))
-        self.config.kv_quant = None if mode in (None, "none") else mode
+        self.config.kv_quant = None if quant_bits(mode) is None else mode
 
     def use_decode_reads(self, mode: str) -> None:
         """What MELT's decoded tokens read: "final" (earlier tokens' final rows) or "chunk" (they

@@ -34,6 +34,16 @@ from .kv_packing import PackedKeys, PackedValues, stream_bytes
 KV_QUANT = ("none", "int8", "int4")
 
 
+def quant_bits(mode: str | None) -> int | None:
+    """4 or 8 for "int4" / "int8"; None for full precision (None, "none")."""
+    return None if mode in (None, "none") else int(mode.removeprefix("int"))
+
+
+def selected_count(fraction: float, prompt_tokens: int) -> int:
+    """How many prompt tokens FlashLoop keeps a late-loop residual for: max(1, ceil(f x P))."""
+    return max(1, math.ceil(prompt_tokens * fraction))
+
+
 def check_kv_quant(mode: str | None, kv_policy: str, decode_reads: str | None = None) -> None:
     """ValueError unless `mode` is a KV quantisation this policy / decode mode can take."""
     if mode in (None, "none"):
@@ -50,10 +60,8 @@ def check_kv_quant(mode: str | None, kv_policy: str, decode_reads: str | None = 
 
 def quantized_cache(config, num_slots: int, loops: int, capacity: int | None) -> QuantizedKVCache | None:
     """The config's `kv_quant` cache ("int8" / "int4"), or None for full-precision rows."""
-    mode = getattr(config, "kv_quant", None)
-    if mode in (None, "none"):
-        return None
-    return QuantizedKVCache(num_slots, loops, int(mode.removeprefix("int")), capacity)
+    bits = quant_bits(getattr(config, "kv_quant", None))
+    return None if bits is None else QuantizedKVCache(num_slots, loops, bits, capacity)
 
 
 @dataclass(frozen=True)
@@ -198,19 +206,13 @@ class PackedKVCache(LoopedKVCache):
         raise NotImplementedError
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Rewind (HF semantics). Below the packed rows, all rows are first dequantised back into
-        the tail: the rows kept then carry their quantisation error (lossy, unlike a dense cache)."""
+        """Rewind (HF semantics) within the tail; packed rows cannot be unpacked as they were
+        (ValueError: start a new cache instead)."""
         keep = self._seq_len + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove
         keep = max(0, min(self._seq_len, keep))
         if keep < self.layout.packed:
-            for slot in range(self.num_slots):
-                if self.keys[slot] is not None:
-                    packed = self.read_packed(slot)
-                    self.keys[slot] = torch.cat([packed[0], self.keys[slot][:, :, :self.layout.tail]], dim=2)
-                    self.values[slot] = torch.cat([packed[1], self.values[slot][:, :, :self.layout.tail]], dim=2)
-            self.clear_packed()
-            rows = self.layout.packed + self.layout.tail
-            self.layout = TailLayout(0, rows, rows, True)
+            raise ValueError(f"a packed KV cache cannot rewind to {keep} tokens: rows up to {self.layout.packed} "
+                             "are packed")
         tail = keep - self.layout.packed
         self.layout = TailLayout(self.layout.packed, tail, self.layout.capacity, self.layout.started)
         self._seq_len = keep
@@ -255,7 +257,7 @@ def _select(scores: torch.Tensor, fraction: float, eligible: torch.Tensor) -> to
     chosen[-1] = True
     candidates = torch.nonzero(eligible, as_tuple=False).flatten()
     candidates = candidates[candidates != tokens - 1]
-    take = min(max(1, math.ceil(tokens * fraction)), candidates.numel() + 1) - 1
+    take = min(selected_count(fraction, tokens), candidates.numel() + 1) - 1
     if take > 0:
         chosen[candidates[torch.topk(scores[candidates].float(), k=take).indices]] = True
     return chosen
@@ -376,6 +378,8 @@ class FlashLoopCache(PackedKVCache):
         """Append loop `loop`'s rows of the picked tail rows as INT4 residuals over `base` (their
         reconstruction at the loop before); returns their reconstruction at this loop."""
         keys_stream, values_stream = self.streams[layer][loop]
+        if picked.numel() == 0:
+            return [prior[:, :, :0] for prior in base]
         out = []
         for stream, store, prior in ((keys_stream, self.keys, base[0]), (values_stream, self.values, base[1])):
             residual = store[slot][:, :, picked] - prior

@@ -400,3 +400,14 @@ def test_more_bad_input_is_one_line_and_writes_nothing(args, needle, tmp_path, c
     assert main(argv) == 2
     one_error_line(capsys, needle)
     assert not out.exists() and (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_a_bad_list_flag_is_refused_before_torch_is_imported():
+    """`memory --loops 1..0` once took 7-8 s to refuse (torch and the harness imported first)."""
+    code = ("import sys; from melt_bench.cli import main\n"
+            "codes = [main(a) for a in (['memory', '--loops', '1..0'], ['latency', '--seq-lens', '0'],\n"
+            "                           ['capacity', '--budget', '1GiB', '--loops', '2..1'])]\n"
+            "print(codes, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[2, 2, 2] False", done.stdout + done.stderr
+    assert len(done.stderr.strip().splitlines()) == 3 and "descends" in done.stderr

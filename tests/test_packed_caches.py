@@ -143,6 +143,7 @@ def test_measured_kv_per_token_of_packed_caches_is_taken_at_the_probe_length():
     (["memory", "--kv-quant", "int4", "--prefill-chunk", "8"], "prefill it in one piece"),
     (["memory", "--models", "melt-tiny", "--kv-quant", "int8", "--decode-reads", "chunk"], "side buffer"),
     (["latency", "--kv-quant", "int4"], "needs --engine forward"),
+    (["latency", "--kv-quant", "int4", "--engine", "forward", "--static-cache"], "never allocated ahead"),
     (["capacity", "--budget", "1GiB", "--kv-policy", "flashloop"], "largest batch is 1"),
 ])
 def test_bad_packed_cache_combinations_are_one_line(args, needle, capsys, tmp_path):
@@ -167,7 +168,10 @@ def test_rows_record_the_quantisation_and_latency_runs_on_the_forward_engine():
                          engine="forward", warmup=0, timed_runs=1)
     row = measure_latency_point(latency)
     assert row["status"] == "ok", row["error"]
-    assert row["metrics"]["kv_policy"] == "flashloop" and row["metrics"]["decode_ms_per_token_mean"] > 0
+    m = row["metrics"]
+    assert m["kv_policy"] == "flashloop" and m["decode_ms_per_token_mean"] > 0 and m["prefill_mfu"] > 0
+    # the byte model counts full-precision rows: no roofline claimed for a packed cache
+    assert m["decode_mbu"] is None and m["roofline_source"].startswith("decode bytes unavailable")
 
 
 def test_the_probe_length_is_an_option_and_short_sequences_pack_nothing(capsys):
@@ -179,9 +183,35 @@ def test_the_probe_length_is_an_option_and_short_sequences_pack_nothing(capsys):
     plain, int4 = load_model("ouro-tiny"), load_model("ouro-tiny", kv_quant="int4")
     assert measured_kv_bytes_per_token(int4, 4, 32) == measured_kv_bytes_per_token(plain, 4, 32)
     assert measured_kv_bytes_per_token(int4, 4, 2048) < measured_kv_bytes_per_token(plain, 4, 2048) / 2
-    [point], _ = resolve_accuracy(dict(tasks="addition", loops="4", models="ouro-tiny", kv_quant="int4",
-                                       kv_probe_tokens=32, device="cpu"))
+    plain_point, point = resolve_accuracy(dict(tasks="addition", loops="4", models="ouro-tiny", kv_quant="none,int4",
+                                               kv_probe_tokens=32, device="cpu"))[0]
     assert point.kv_probe_tokens == 32 and point.score_continuation_as == "decode"
+    assert plain_point.kv_probe_tokens is None  # a length does not change an unpacked cache's bytes: same id
     err = one_line_error(["accuracy", "--models", "ouro-tiny", "--tasks", "addition", "--kv-probe-tokens", "0",
                           "--device", "cpu"], capsys)
     assert "--kv-probe-tokens: 0 must be at least 1" in err
+
+
+def test_a_pack_without_selected_tokens_and_a_rewind_into_packed_rows():
+    """The selected tokens all at the prompt's end (the first pack holds none of them) keeps the
+    bytes exact; rewinding below the packed rows is refused, not silently lossy."""
+    model = load_model("ouro-tiny", kv_policy="flashloop")
+    ids = tokens(PROMPT + DECODE)
+    cache = model.new_cache(4)
+    observe = cache.observe_loop_output
+
+    def late_tokens_move_most(loop, hidden):
+        observe(loop, hidden)
+        if loop in (1, 2):
+            cache._scores[loop - 1] = torch.arange(hidden.shape[1], dtype=torch.float32)
+
+    cache.observe_loop_output = late_tokens_move_most
+    check = exact(model)
+    with torch.no_grad():
+        model(ids[:, :PROMPT], past_key_values=cache, loops=4)
+        assert cache.layout.packed == 64 and cache.positions[0][0].numel() == 0  # none selected among them
+        for position in range(PROMPT, PROMPT + DECODE):
+            model(ids[:, position:position + 1], past_key_values=cache, loops=4)
+            check(cache, position + 1)
+    with pytest.raises(ValueError, match="cannot rewind"):
+        cache.crop(100)  # packed up to 128

@@ -102,3 +102,26 @@ def test_the_report_lists_the_side_buffer_of_chunk_reads(tmp_path):
         store.append(result)
     html = build_report([store.path])
     assert "side buffer/sequence" in html and "256.00 KiB" in html and "with 10,240 KV bytes per token" in html
+
+
+def test_the_2026_rivals_join_the_frontier_and_the_verdicts():
+    """FlashLoop and KV quantisation rows: training-free rivals when on Ouro weights (FlashLoop,
+    per-loop + INT4), MELT + INT4 a trained point; each labelled with what it ran."""
+    def quantised(model, value, kv, quant, policy=None):
+        r = row(model, 4, value, kv, policy, "/w/" + ("teacher" if model.startswith("ouro") else "melt"))
+        r.point = {**r.point, "kv_quant": quant}
+        r.metrics = {**r.metrics, "kv_quant": quant}
+        r.point_id += quant
+        return r
+
+    rows = [row("ouro-tiny", 4, 1.0, 8192, "per-loop", "/w/teacher"),
+            row("ouro-tiny", 4, 0.97, 1400, "flashloop", "/w/teacher"),
+            quantised("ouro-tiny", 0.99, 2400, "int4", "per-loop"),
+            row("melt-tiny", 4, 0.95, 2048, None, "/w/melt"),
+            quantised("melt-tiny", 0.93, 600, "int4")]
+    frame = rows_to_frame(rows)
+    assert list(training_free_column(frame)) == [True, True, True, False, False]
+    matched = matched_memory(frame).set_index("trained")
+    assert matched.loc["melt-tiny"]["best training-free"] == "ouro-tiny (flashloop)"  # within 2,048 B: FlashLoop
+    assert "melt-tiny (int4 KV)" not in matched.index  # no training-free point holds 600 B or less
+    assert "ouro-tiny (per-loop) (int4 KV)" in set(frame.model)

@@ -228,3 +228,27 @@ def test_key_ratios_compare_one_engine_at_a_time(tmp_path):
     assert "(batch 1; engine compiled), ouro-tiny needs 0.13x melt-tiny&#39;s decode time per token (2.64 ms vs " \
            "20.86 ms)" in html
     assert "8.16 ms" not in html
+
+
+def test_every_point_setting_is_an_axis_a_label_or_compared_like_for_like(tmp_path):
+    """A setting the key ratios did not know once crashed the report (two latency runs differing
+    only in --repeats); now each differing setting is named, never mixed."""
+    from dataclasses import fields
+
+    from melt_bench.report import LIKE_FOR_LIKE
+    from melt_bench.sweep_plan import SweepPoint
+
+    placed = {"command", "model", "loops", "seq_len", "batch_size", "repeat", "weights", "kv_policy", "decode_reads",
+              "kv_quant"}
+    assert {f.name for f in fields(SweepPoint)} - placed == set(LIKE_FOR_LIKE)
+
+    def runs(model, ms, timed_runs):
+        row = latency_row(model, 2, ms)
+        row.point = {**row.point, "timed_runs": timed_runs}
+        row.point_id += str(timed_runs)
+        return row
+
+    path = write_rows(tmp_path / "twice.jsonl", [runs("ouro-tiny", 10.0, 3), runs("melt-tiny", 20.0, 3),
+                                                 runs("ouro-tiny", 12.0, 5), runs("melt-tiny", 24.0, 5)])
+    html = build_report([path])
+    assert "timed runs 3), ouro-tiny needs 0.50x" in html and "timed runs 5), ouro-tiny needs 0.50x" in html
