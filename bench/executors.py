@@ -94,6 +94,20 @@ class GpuPoolExecutor:
             pool.shutdown(wait=True)
 
 
+def check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """ExecutorError unless something answers at a HOST:PORT --ray-address (ray:// too): Ray
+    itself retries a dead address for minutes, printing its connection logs all the while."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local" and the like: Ray's own resolution
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ExecutorError(f"--ray-address {address}: nothing answers there ({exc.strerror or exc})") from None
+
+
 class RayExecutor:
     """Each point a Ray task asking for one GPU (CUDA sweeps) or one CPU; the task runs the point
     in a fresh child on its node, pinned to the GPU Ray gave it. A task whose worker or node dies
@@ -108,6 +122,8 @@ class RayExecutor:
             raise ExecutorError('--executor ray needs Ray: pip install "melt-bench[ray]"') from exc
         self.ray, self.gpu = ray, gpu
         self.started_here = not ray.is_initialized()
+        if self.started_here and address:
+            check_reachable(address)
         if self.started_here:
             try:
                 ray.init(address=address, log_to_driver=False)

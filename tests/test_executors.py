@@ -118,3 +118,25 @@ def test_dry_run_estimates_from_the_rows_already_recorded(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "2 pending; estimated" in text and "on 1 worker," in text
     assert f"{2 * sorted(walls)[0]:.0f} s" in text or f"{walls[0] + walls[1]:.0f} s" in text
+
+
+def test_a_dead_ray_address_is_one_line_at_once(capsys, tmp_path):
+    """Ray retries a dead address for minutes, printing its logs; we ask the port first."""
+    import socket
+    import time
+
+    from melt_bench.cli import main
+
+    with socket.socket() as free:  # a local port nobody listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("a Ray instance of this process is up: the address would not be used")
+    started = time.monotonic()
+    out = tmp_path / "never.jsonl"
+    assert main(["memory", "--models", "ouro-tiny", "--loops", "1", "--device", "cpu", "--executor", "ray",
+                 "--ray-address", f"127.0.0.1:{port}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--ray-address 127.0.0.1:{port}: nothing answers there" in err[0], err
+    assert time.monotonic() - started < 30 and not out.exists() and not ray.is_initialized()

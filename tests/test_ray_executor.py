@@ -57,3 +57,4 @@ def test_a_killed_worker_is_an_error_row_and_resume_skips_the_rest(local_cluster
     status = run_sweep("memory", points(5), store, in_child(sweep_helpers.where_am_i, (), 60), {},
                        retry_failed=True, show_progress=False, executor=RayExecutor(None, gpu=False))
     assert status.ran == 2 and {row.point["loops"] for row in store.read()[-2:]} == {2, 5}
+
