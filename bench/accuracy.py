@@ -236,7 +236,7 @@ def _evaluate(lm, point: AccuracyPoint, task_manager, simple_evaluate, meta: dic
     kv = {"kv_bytes_per_token": measured_kv_bytes_per_token(lm.model, point.loops, probe),
           "kv_side_buffer_bytes_per_sequence": measured_side_buffer_bytes(lm.model, point.loops),
           "kv_source": f"LoopedKVCache.nbytes() / {probe} after a {probe}-token forward",
-          "kv_probe_tokens": probe,
+          "kv_probe_tokens": probe, "torch_num_threads": torch.get_num_threads(),
           "exited_early_fraction": lm.exited_early_fraction, "exit_tokens": lm.exit_counts[1],
           # log-likelihood requests and how their continuations were scored (none: the task generates)
           "loglikelihood_requests": lm.loglikelihood_requests,

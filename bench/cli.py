@@ -237,6 +237,9 @@ def memory(
     point_timeout: Optional[float] = _TIMEOUT,
     repeats: Optional[int] = typer.Option(None, help="measure each point this many times, each in a fresh process (default: 2 on CPU, 1 on CUDA)"),
     nvml_interval_ms: float = typer.Option(10.0, "--nvml-interval-ms", help="NVML sampling interval"),
+    cpu_workers: Optional[int] = typer.Option(None, "--cpu-workers", help="CPU sweeps: points measured at once, each "
+                                              "in its own child with one intra-op thread (its peak is its own "
+                                              "resident set); default: the machine's cores"),
     prefill_chunk: Optional[int] = _PREFILL_CHUNK,
     kv_policy: Optional[str] = _KV_POLICY,
     decode_reads: Optional[str] = _DECODE_READS,
@@ -252,6 +255,8 @@ def memory(
     """Peak memory across loops x sequence lengths x batch sizes x models, every source measured."""
     if nvml_interval_ms <= 0:
         raise UserError(f"--nvml-interval-ms: {nvml_interval_ms:g} must be positive")
+    if cpu_workers is not None and cpu_workers < 1:
+        raise UserError(f"--cpu-workers: {cpu_workers} must be at least 1")
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase=phase,
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, repeats=repeats,
                  point_timeout=point_timeout, kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
@@ -261,7 +266,8 @@ def memory(
 
     resolved.spec.point_options = dict(prefill_chunk=_check_prefill_chunk(prefill_chunk))
     points = _checked_points(resolved, "memory")
-    placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
+    placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus,
+                     cpu_workers=(cpu_workers or os.cpu_count() or 1) if resolved.spec.device == "cpu" else 1)
     if not _dry_run(points, dry_run, out, placement):
         runner = in_child(measure_memory_point, (nvml_interval_ms,), resolved.point_timeout)
         _run_sweep_command("memory", points, runner, out, resume, retry_failed, progress, report,
@@ -775,7 +781,8 @@ def _executor(placement: dict, device: str):
     try:
         return make_executor(placement["gpus"], placement["executor"], placement["ray_address"],
                              placement["allow_busy_gpus"], device,
-                             warn=lambda line: print(f"melt-bench: warning: {line}", file=sys.stderr))
+                             warn=lambda line: print(f"melt-bench: warning: {line}", file=sys.stderr),
+                             cpu_workers=placement.get("cpu_workers") or 1)
     except ExecutorError as exc:
         raise UserError(str(exc)) from exc
 

@@ -68,19 +68,22 @@ class GpuPoolExecutor:
 
     name = "gpus"
 
-    def __init__(self, gpus: list[str]) -> None:
+    def __init__(self, gpus: list[str | None]) -> None:
         self.gpus = gpus
         self.workers = len(gpus)
 
+    def placement(self, gpu: str | None) -> dict:
+        return {"gpu": gpu, "executor": self.name}
+
     def run(self, points: list[SweepPoint], run_point) -> Iterator[Finished]:
-        free: queue.Queue[str] = queue.Queue()
+        free: queue.Queue[str | None] = queue.Queue()
         for gpu in self.gpus:
             free.put(gpu)
 
         def one(point: SweepPoint) -> Finished:
             gpu = free.get()
             try:
-                return Finished(point, run_point(point, gpu), {"gpu": gpu, "executor": self.name})
+                return Finished(point, run_point(point, gpu), self.placement(gpu))
             finally:
                 free.put(gpu)
 
@@ -106,6 +109,20 @@ def check_reachable(address: str, timeout_s: float = 3.0) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as exc:
         raise ExecutorError(f"--ray-address {address}: nothing answers there ({exc.strerror or exc})") from None
+
+
+class CpuPoolExecutor(GpuPoolExecutor):
+    """Up to `workers` CPU points at a time, each in its own child (memory sweeps on a CPU: a
+    child's peak is its own process's resident set, so concurrent points do not mix; each child
+    runs one intra-op thread, recorded in the row as torch_num_threads)."""
+
+    name = "cpu-pool"
+
+    def __init__(self, workers: int) -> None:
+        super().__init__([None] * workers)
+
+    def placement(self, gpu: str | None) -> dict:
+        return {"executor": self.name, "cpu_workers": self.workers}
 
 
 class RayExecutor:
@@ -208,8 +225,9 @@ def busy_gpus(gpus: list[str], nvml) -> dict[str, list[int]]:
 
 
 def make_executor(gpus: str | None, executor: str, ray_address: str | None, allow_busy_gpus: bool,
-                  device: str, warn: Callable[[str], None]):
-    """The executor the sweep flags ask for; ExecutorError (one line) for a bad combination."""
+                  device: str, warn: Callable[[str], None], cpu_workers: int = 1):
+    """The executor the sweep flags ask for; ExecutorError (one line) for a bad combination.
+    `cpu_workers` > 1 runs that many CPU points at a time (memory sweeps on a CPU)."""
     if executor not in ("local", "ray"):
         raise ExecutorError(f"--executor: {executor!r} is not one of local, ray")
     if executor == "ray":
@@ -219,7 +237,7 @@ def make_executor(gpus: str | None, executor: str, ray_address: str | None, allo
     if ray_address is not None:
         raise ExecutorError("--ray-address applies to --executor ray")
     if gpus is None:
-        return SerialExecutor()
+        return CpuPoolExecutor(cpu_workers) if cpu_workers > 1 and device == "cpu" else SerialExecutor()
     if not device.startswith("cuda"):
         raise ExecutorError(f"--gpus runs CUDA points; this sweep runs on {device}")
     from .nvml import NvmlUnavailable, load_pynvml

@@ -246,7 +246,8 @@ def measure_energy(meter: EnergyMeter, decoder, point: SweepPoint, input_ids: to
 def measure_latency_point(point: SweepPoint, meter: EnergyMeter | str | None = None) -> dict:
     """Returns {"status", "error", "metrics"}; failures are data, never raised. `meter` replaces
     the NVML energy meter (tests pass fakes)."""
-    metrics: dict = {"timer": "cuda events" if point.device.startswith("cuda") else "perf_counter_ns"}
+    metrics: dict = {"timer": "cuda events" if point.device.startswith("cuda") else "perf_counter_ns",
+                     "torch_num_threads": torch.get_num_threads()}
     try:
         device = torch.device(point.device)
         dtype = parse_dtype(point.dtype)

@@ -19,7 +19,7 @@ def planned_workers(placement: dict) -> int | None:
         return None
     gpus = placement.get("gpus")
     if gpus is None:
-        return 1
+        return placement.get("cpu_workers") or 1
     if gpus.strip() == "all":
         from .nvml import NvmlUnavailable, load_pynvml
 

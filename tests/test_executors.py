@@ -140,3 +140,28 @@ def test_a_dead_ray_address_is_one_line_at_once(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--ray-address 127.0.0.1:{port}: nothing answers there" in err[0], err
     assert time.monotonic() - started < 30 and not out.exists() and not ray.is_initialized()
+
+
+def test_cpu_memory_points_run_side_by_side_each_with_one_thread(tmp_path):
+    """The main job's points share the cores: a pool of CPU workers, each point a child of its
+    own with one intra-op thread (recorded), so the peaks (per-process RSS) stay each point's own."""
+    from melt_bench.executors import CpuPoolExecutor
+
+    store = ResultsStore(tmp_path / "m.jsonl")
+    cpu_points = [replace(p, device="cpu") for p in points(4)]
+    status = run_sweep("memory", cpu_points, store, in_child(sweep_helpers.where_am_i, (1.0,), 60), {},
+                       show_progress=False, executor=CpuPoolExecutor(2))
+    rows = store.read()
+    assert status.ran == 4 and {row.metrics["executor"] for row in rows} == {"cpu-pool"}
+    spans = sorted((row.metrics["started"], row.metrics["ended"]) for row in rows)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))  # some points overlapped in time
+    assert make_executor(None, "local", None, False, "cpu", print, cpu_workers=2).name == "cpu-pool"
+    assert make_executor(None, "local", None, False, "cuda:0", print, cpu_workers=2).name == "serial"
+
+
+def test_a_cpu_memory_row_records_its_one_thread():
+    from melt_bench.launcher import run_in_child
+    from melt_bench.measure_memory import measure_memory_point
+
+    outcome = run_in_child(measure_memory_point, (replace(POINT, device="cpu"),), 120)  # not this process's threads
+    assert outcome.status == "ok" and outcome.value["metrics"]["torch_num_threads"] == 1
