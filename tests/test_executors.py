@@ -108,7 +108,7 @@ def test_ray_missing_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch):
 def test_dry_run_estimates_from_the_rows_already_recorded(tmp_path, capsys):
     out = tmp_path / "m.jsonl"
     args = ["memory", "--models", "ouro-tiny", "--seq-lens", "16", "--batch-sizes", "1", "--new-tokens", "2",
-            "--device", "cpu", "--repeats", "1", "--no-progress", "--out", str(out)]
+            "--device", "cpu", "--repeats", "1", "--no-progress", "--out", str(out), "--cpu-workers", "1"]
     assert main([*args, "--loops", "1..4", "--dry-run"]) == 0
     assert "4 pending; no estimate: no finished memory points" in capsys.readouterr().out
     assert main([*args, "--loops", "1,2"]) == 0
@@ -118,6 +118,8 @@ def test_dry_run_estimates_from_the_rows_already_recorded(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "2 pending; estimated" in text and "on 1 worker," in text
     assert f"{2 * sorted(walls)[0]:.0f} s" in text or f"{walls[0] + walls[1]:.0f} s" in text
+    assert main([*args[:-1], "2", "--loops", "1..4", "--dry-run"]) == 0
+    assert "on 2 workers," in capsys.readouterr().out  # CPU memory points side by side
 
 
 def test_a_dead_ray_address_is_one_line_at_once(capsys, tmp_path):
