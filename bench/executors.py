@@ -21,11 +21,19 @@ class ExecutorError(ValueError):
     """A user error in --gpus / --executor (one line, exit 2)."""
 
 
+# The slot a CpuPoolExecutor hands its points: one intra-op thread, so points share the cores.
+ONE_CPU_THREAD = "one-cpu-thread"
+
+
 def run_pinned(gpu: str | None, target: Callable, *args):
     """In the child, before anything touches CUDA: see only `gpu` (its physical index or UUID),
     so cuda:0 is that GPU, and NVML figures map to it through CUDA_VISIBLE_DEVICES
-    (memory_trackers.nvml_index_for)."""
-    if gpu is not None:
+    (memory_trackers.nvml_index_for). ONE_CPU_THREAD: a CPU point run beside others."""
+    if gpu == ONE_CPU_THREAD:
+        import torch
+
+        torch.set_num_threads(1)
+    elif gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     return target(*args)
 
@@ -119,7 +127,7 @@ class CpuPoolExecutor(GpuPoolExecutor):
     name = "cpu-pool"
 
     def __init__(self, workers: int) -> None:
-        super().__init__([None] * workers)
+        super().__init__([ONE_CPU_THREAD] * workers)
 
     def placement(self, gpu: str | None) -> dict:
         return {"executor": self.name, "cpu_workers": self.workers}

@@ -140,9 +140,7 @@ def measure_memory_point(
     "metrics"}; failures are data, never raised."""
     metrics: dict = {}
     device = torch.device(point.device)
-    if device.type == "cpu":  # one intra-op thread: stable on a loaded machine, and points may run side by side
-        torch.set_num_threads(1)
-    metrics["torch_num_threads"] = torch.get_num_threads()
+    metrics["torch_num_threads"] = torch.get_num_threads()  # one when run beside other CPU points (executors.py)
     trackers = trackers or default_trackers(device, nvml_interval_ms, metrics)
     status, error = "ok", None
     started = time.perf_counter()

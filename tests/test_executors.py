@@ -6,6 +6,7 @@ import types
 from dataclasses import replace
 
 import pytest
+import torch
 
 import sweep_helpers
 from conftest import one_line_error
@@ -162,8 +163,12 @@ def test_cpu_memory_points_run_side_by_side_each_with_one_thread(tmp_path):
 
 
 def test_a_cpu_memory_row_records_its_one_thread():
+    from melt_bench.executors import ONE_CPU_THREAD, run_pinned
     from melt_bench.launcher import run_in_child
     from melt_bench.measure_memory import measure_memory_point
 
-    outcome = run_in_child(measure_memory_point, (replace(POINT, device="cpu"),), 120)  # not this process's threads
-    assert outcome.status == "ok" and outcome.value["metrics"]["torch_num_threads"] == 1
+    point = replace(POINT, device="cpu")  # in children: not this process's threads
+    pooled = run_in_child(run_pinned, (ONE_CPU_THREAD, measure_memory_point, point), 120)
+    assert pooled.status == "ok" and pooled.value["metrics"]["torch_num_threads"] == 1
+    alone = run_in_child(run_pinned, (None, measure_memory_point, point), 120)
+    assert alone.value["metrics"]["torch_num_threads"] == torch.get_num_threads()
