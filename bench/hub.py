@@ -48,8 +48,7 @@ def in_local_cache(repo_id: str, repo_type: str = "model") -> bool:
 def hub_problem(repo_id: str | None = None, repo_type: str = "model") -> str | None:
     """Why a download from the hub would fail now (None if it should work): offline by request
     and not cached, or the hub out of reach. With `repo_id`, a cached copy is good enough."""
-    cached = repo_id is not None and (in_local_cache(repo_id) if repo_type == "model"
-                                      else in_local_cache(repo_id, repo_type))
+    cached = repo_id is not None and in_local_cache(repo_id, repo_type)
     if offline_requested():
         return None if cached or repo_id is None else "HF_HUB_OFFLINE is set and it is not in the local hub cache"
     reason = hub_unreachable_reason()

@@ -66,7 +66,7 @@ class ResultsStore:
             data = self.path.read_bytes()
         except OSError as exc:
             raise ResultsFileError(f"{self.path}: cannot be read as melt-bench results ({exc})") from exc
-        complete, _, tail = data.rpartition(b"\n") if b"\n" in data else (b"", b"", data)
+        complete, _, tail = data.rpartition(b"\n")
         self.torn_tail = b""
         if tail.strip() and not _is_row(tail):
             self.torn_tail, data = tail, complete + b"\n" if complete else b""

@@ -117,6 +117,8 @@ class PackedKVCache(LoopedKVCache):
     """A LoopedKVCache whose `keys` / `values` hold only the tail (positions from `packed` on);
     subclasses pack rows and read them back. Always grows (nothing is allocated ahead)."""
 
+    batch_one = False  # True: one sequence only (FlashLoop's)
+
     def __init__(self, num_slots: int, loops: int, capacity: int | None = None, rule: TailRule = TailRule()) -> None:
         self.rule, self.layout = rule, TailLayout()
         super().__init__(num_slots, loops, capacity)
@@ -181,8 +183,6 @@ class PackedKVCache(LoopedKVCache):
         if packed is None:
             return keys, values
         return torch.cat([packed[0], keys], dim=2), torch.cat([packed[1], values], dim=2)
-
-    batch_one = False
 
     def rows(self, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         packed = self.layout.packed

@@ -130,7 +130,7 @@ def offline(monkeypatch):
     from melt_bench import hub
 
     monkeypatch.setattr(hub, "hub_unreachable_reason", lambda timeout_s=3.0: "huggingface.co:443 unreachable (test)")
-    monkeypatch.setattr(hub, "in_local_cache", lambda repo_id: False)
+    monkeypatch.setattr(hub, "in_local_cache", lambda repo_id, repo_type="model": False)
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
@@ -154,7 +154,7 @@ def test_a_cached_hub_id_passes_offline(offline):
     from melt_bench import hub
     from melt_bench.sweep_options import check_weights
 
-    offline.setattr(hub, "in_local_cache", lambda repo_id: True)
+    offline.setattr(hub, "in_local_cache", lambda repo_id, repo_type="model": True)
     assert check_weights("ByteDance/Ouro-1.4B") == "ByteDance/Ouro-1.4B"
 
 
