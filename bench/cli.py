@@ -17,6 +17,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .sweep_options import COMMON_DEFAULTS, CPU_DEFAULTS, CPU_MEMORY_DEFAULTS, CUDA_DEFAULTS
+
 try:  # typer >= 0.22 vendors click; older releases use click itself
     from typer._click.exceptions import UsageError
 except ImportError:  # pragma: no cover - depends on the installed typer
@@ -49,15 +51,17 @@ def models(
     device: str = typer.Option("auto", help="--card: where to measure the bandwidth (auto | cpu | cuda[:N])"),
 ) -> None:
     """List model presets: parameters, layers, loops, and KV-cache bytes per token."""
-    from melt_bench.models.kv_policy import STATED_TOKENS
-
-    from .model_card import preset_cards
-    from .units import format_bytes, format_count, parse_dtype
+    from .units import check_dtype, format_bytes, format_count, parse_dtype
 
     try:
-        torch_dtype = parse_dtype(dtype)
+        check_dtype(dtype)
     except ValueError as exc:
         raise UserError(f"--dtype: {exc}") from exc
+    from melt_bench.models.kv_policy import STATED_TOKENS  # torch: only once the flags are checked
+
+    from .model_card import preset_cards
+
+    torch_dtype = parse_dtype(dtype)
     if card:
         _print_cost_card(torch_dtype, names, loops, seq_len, batch_size, device, as_json)
         return
@@ -176,12 +180,16 @@ def env(as_json: bool = typer.Option(False, "--json", help="print JSON instead o
 
 
 # Options shared by the sweep commands (None = not given, so a suite or a default decides).
+_GPU, _CPU = CUDA_DEFAULTS, CPU_DEFAULTS
 _LOOPS = typer.Option(None, help="loop counts: 1..16, 1..16:2, 1,2,4,8 or mixes (default: 1..16)")
-_SEQ_LENS = typer.Option(None, "--seq-lens", help="prompt lengths in tokens (default: 2048)")
-_BATCH_SIZES = typer.Option(None, "--batch-sizes", help="batch sizes (default: 1 on CUDA, 2 on CPU)")
-_MODELS = typer.Option(None, "--models", help="presets (default: ouro-1.4b,melt-1.4b on CUDA, ouro-tiny,melt-tiny on CPU)")
-_NEW_TOKENS = typer.Option(None, "--new-tokens", help="tokens to decode after the prompt (default: 32)")
-_DTYPE = typer.Option(None, help="bfloat16 | float16 | float32 (default: bfloat16 on CUDA, float32 on CPU)")
+_SEQ_LENS = typer.Option(None, "--seq-lens", help=f"prompt lengths in tokens (default: {_GPU['seq_lens']} on CUDA, "
+                         f"{_CPU['seq_lens']} on CPU)")
+_BATCH_SIZES = typer.Option(None, "--batch-sizes", help=f"batch sizes (default: {_GPU['batch_sizes']} on CUDA, "
+                            f"{_CPU['batch_sizes']} on CPU)")
+_MODELS = typer.Option(None, "--models", help=f"presets (default: {_GPU['models']} on CUDA, {_CPU['models']} on CPU)")
+_NEW_TOKENS = typer.Option(None, "--new-tokens", help=f"tokens to decode after the prompt (default: "
+                           f"{COMMON_DEFAULTS['new_tokens']}; {CPU_MEMORY_DEFAULTS['new_tokens']} for memory on CPU)")
+_DTYPE = typer.Option(None, help=f"bfloat16 | float16 | float32 (default: {_GPU['dtype']} on CUDA, {_CPU['dtype']} on CPU)")
 _DEVICE = typer.Option(None, help="auto | cpu | cuda[:N] (default: auto)")
 _WEIGHTS = typer.Option(None, help="checkpoint directory or hub id (default: random weights)")
 _OUT = typer.Option(None, help="results file (default: results/COMMAND-TIMESTAMP.jsonl)")
@@ -260,7 +268,7 @@ def memory(
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase=phase,
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, repeats=repeats,
                  point_timeout=point_timeout, kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
-    resolved = _resolve("memory", flags, suite)
+    resolved = _resolve("memory", flags, suite, dry_run)
     from .measure_memory import measure_memory_point  # torch: only once the flags are checked
     from .sweep import in_child
 
@@ -315,15 +323,17 @@ def latency(
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase="decode",
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
                  kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
+    from melt_bench.models.names import LATENCY_ENGINES
+
+    if engine not in LATENCY_ENGINES:
+        raise UserError(f"--engine: {engine!r} is not one of {', '.join(LATENCY_ENGINES)}")
     _check_syntax(flags)
-    from .measure_latency import ENGINES, measure_latency_point  # torch: only once the flags are checked
+    from .measure_latency import measure_latency_point  # torch: only once the flags are checked
     from .sweep import in_child
 
-    if engine not in ENGINES:
-        raise UserError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
     if static_cache and engine != "forward":
         raise UserError("--static-cache applies to --engine forward (eager and compiled always preallocate)")
-    resolved = _resolve("latency", flags, suite)
+    resolved = _resolve("latency", flags, suite, dry_run)
     resolved.spec.point_options = dict(warmup=warmup, timed_runs=repeats, early_exit=_parse_early_exit(early_exit),
                                        engine=engine, static_cache=static_cache,
                                        prefill_chunk=_check_prefill_chunk(prefill_chunk))
@@ -369,7 +379,7 @@ def capacity(
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes="1", phase="decode",
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
                  kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
-    resolved = _resolve("capacity", flags, suite)
+    resolved = _resolve("capacity", flags, suite, dry_run)
     from .capacity import search_capacity  # torch: only once the flags are checked
     from .launcher import ChildOutcome
 
@@ -425,17 +435,21 @@ def accuracy(
     report: bool = _REPORT,
 ) -> None:
     """lm-eval tasks (gsm8k first) for each model across loop counts, with peak memory."""
-    import tempfile
-
-    from .accuracy import run_accuracy
-    from .lm_eval_logs import lm_eval_output, log_path_for
-    from .sweep_options import OptionError, check_tasks, check_tokenizer, resolve_accuracy
-
     flags = dict(tasks=tasks, loops=loops, models=models, weights=weights, num_fewshot=num_fewshot, limit=limit,
                  batch_size=batch_size, max_gen_toks=max_gen_toks, data_dir=data_dir, exit_mode=exit_mode,
                  dtype=dtype, device=device, kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant,
                  kv_probe_tokens=kv_probe_tokens,
                  score_continuation_as=score_continuation_as)
+    _check_syntax(flags)
+    if os.environ.get("WORLD_SIZE", "1") == "1":  # one process: each point in a child (accuracy.py)
+        from .launcher import start_fork_server
+
+        start_fork_server("melt_bench.accuracy", "melt_bench.lm_eval_adapter")
+    import tempfile
+
+    from .accuracy import run_accuracy
+    from .lm_eval_logs import lm_eval_output, log_path_for
+    from .sweep_options import OptionError, check_tasks, check_tokenizer, resolve_accuracy
     with tempfile.TemporaryDirectory() as scratch:
         try:
             tokenizer = check_tokenizer(tokenizer)
@@ -554,10 +568,11 @@ def convert(
     progress: bool = _PROGRESS,
 ) -> None:
     """MELT's two-phase post-training (interpolated transition, then distillation) from Ouro."""
-    import torch
+    from melt_bench.models.names import GATES
 
-    from .convert import CHECKPOINT, ConvertConfig, run_convert
-    from .sweep_options import OptionError, resolve_device
+    from .convert_run_dir import CHECKPOINT, out_problem
+    from .sweep_options import OptionError, check_device_name
+    from .units import check_dtype
 
     for name, value, least in (("--chunk-size", chunk_size, 1), ("--transition-steps", transition_steps, 0),
                                ("--distill-steps", distill_steps, 0), ("--batch-size", batch_size, 1),
@@ -570,16 +585,18 @@ def convert(
         raise UserError("--transition-steps + --distill-steps must be positive and learning rates non-negative")
     if pack_to is not None and decode_chunks:
         raise UserError("--pack-to and --decode-chunks do not combine: packed sequences are chunked by --chunk-size")
-    from melt_bench.models.configs import GATES
-
     if gate not in GATES:
         raise UserError(f"--gate: {gate!r} is not one of {', '.join(GATES)}")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: convert writes a directory (checkpoint.pt, train_log.jsonl, model/)")
-    if (out / CHECKPOINT).exists() and not resume:
-        raise UserError(f"--out {out} holds a checkpoint: pass --resume to continue it, or choose another directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / CHECKPOINT).exists() and not (out / "train_log.jsonl").exists():
-        raise UserError(f"--out {out} is a non-empty directory that is not a convert run: choose an empty or new one")
+    try:
+        check_dtype(dtype)
+    except ValueError as exc:
+        raise UserError(f"--dtype: {exc}") from exc
+    try:
+        check_device_name(device or "auto")
+    except OptionError as exc:
+        raise UserError(str(exc)) from exc
+    if problem := out_problem(out, resume):
+        raise UserError(problem)
     if not Path(data).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", data):
         raise UserError(f"--data {data}: no such file (and not a hub id like org/name)")
     if not Path(data).exists():
@@ -587,6 +604,11 @@ def convert(
 
         if problem := hub.hub_problem(data, "dataset"):
             raise UserError(f"--data {data}: {problem}; pass a local JSONL or text file instead")
+    import torch  # only once the flags are checked
+
+    from .convert import ConvertConfig, run_convert
+    from .sweep_options import resolve_device
+
     try:
         resolved_device = resolve_device(device or "auto")
         if Path(source).exists() or "/" in source:
@@ -627,8 +649,10 @@ def convert(
 
 def _check_syntax(flags: dict) -> None:
     """What can be refused without torch, before it is imported (several seconds): the list
-    grammar of --loops, --seq-lens and --batch-sizes, and counts that must be positive."""
+    grammar of --loops, --seq-lens and --batch-sizes, counts that must be positive, and every
+    name given (models, dtype, device, KV policies, ...: sweep_options.check_names)."""
     from .ranges import RangeError, parse_int_list
+    from .sweep_options import OptionError, check_names
 
     for key in ("loops", "seq_lens", "batch_sizes"):
         if isinstance(flags.get(key), str):
@@ -639,10 +663,18 @@ def _check_syntax(flags: dict) -> None:
     for key, least in (("new_tokens", 0), ("repeats", 1), ("point_timeout", 1e-9)):
         if flags.get(key) is not None and flags[key] < least:
             raise UserError(f"--{key.replace('_', '-')}: {flags[key]:g} must be {'positive' if least else 'at least 0'}")
+    try:
+        check_names(flags)
+    except OptionError as exc:
+        raise UserError(str(exc)) from exc
 
 
-def _resolve(command: str, flags: dict, suite: str | None):
+def _resolve(command: str, flags: dict, suite: str | None, dry_run: bool):
     _check_syntax(flags)
+    if not dry_run:  # the children's imports start now, beside this process's own (launcher.py)
+        from .launcher import start_fork_server
+
+        start_fork_server()
     from .sweep_options import OptionError, resolve_sweep
 
     try:

@@ -71,11 +71,10 @@ import torch.nn.functional as F
 from melt_bench.models import MeltForCausalLM, OuroForCausalLM, load_model
 from melt_bench.models.melt_transition import ATTENTION_WEIGHT, distillation_loss, transition_alpha, transition_logits
 
+from .convert_run_dir import CHECKPOINT, LOG
 from .convert_parallel import full_state, full_weights, held_bytes, load_full_state, process_group, shard, sum_across_ranks
 from .jsonl import iter_jsonl
 
-CHECKPOINT = "checkpoint.pt"
-LOG = "train_log.jsonl"
 
 
 @dataclass

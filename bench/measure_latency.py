@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from melt_bench.models import cost_model, load_model
-from melt_bench.models.decode_engine import ENGINES as STEP_ENGINES, DecodeEngine, StepOutput
+from melt_bench.models.decode_engine import DecodeEngine, StepOutput
+from melt_bench.models.names import LATENCY_ENGINES
 from melt_bench.models.packed_cache import PackedKVCache
 
 from .device_ceilings import DeviceCeilings, measure_ceilings
@@ -32,7 +33,7 @@ from .memory_trackers import nvml_index_for
 from .sweep_plan import SweepPoint
 from .units import parse_dtype
 
-ENGINES = (*STEP_ENGINES, "forward")
+ENGINES = LATENCY_ENGINES
 
 
 class Marks:

@@ -7,22 +7,26 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from melt_bench.models import UnknownPresetError, get_preset
+from melt_bench.models.names import DECODE_READS, KV_QUANT, MAX_LOOPS, UnknownKVPolicyError, parse_kv_policy
+from melt_bench.models.preset_table import UnknownPresetError, get_preset
 
 from . import hub
 from .ranges import RangeError
 from .suite_loader import SuiteError, load_suite
 from .sweep_plan import PHASES, SweepSpec, as_int_list, as_name_list
-from .units import parse_dtype
+from .units import check_dtype
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 CUDA_DEFAULTS = {"models": "ouro-1.4b,melt-1.4b", "seq_lens": "2048", "batch_sizes": "1", "dtype": "bfloat16"}
-# Sized so 1..16 loops, each point measured twice, take about a minute on 2 cores (the KV cache
-# grows 2 MiB a loop, far above the RSS spread); float32 because bf16 matmuls are slow on most CPUs.
-CPU_DEFAULTS = {"models": "ouro-tiny,melt-tiny", "seq_lens": "2048", "batch_sizes": "2", "dtype": "float32"}
+# Sized so 1..16 loops, each point measured twice, take under a minute on 2 cores: 4 x 1,024 cached
+# tokens, so the KV cache grows 2 MiB a loop (far above the RSS spread) while attention, quadratic
+# in the length, stays cheap; float32 because bf16 matmuls are slow on most CPUs.
+CPU_DEFAULTS = {"models": "ouro-tiny,melt-tiny", "seq_lens": "1024", "batch_sizes": "4", "dtype": "float32"}
 # A CPU memory figure is a process's resident set: two fresh processes per point show its spread.
-CPU_MEMORY_DEFAULTS = {"repeats": 2}
+# Eight decoded tokens: the peak is the prefill's (the cache is allocated whole before it), the
+# steps after it show the cache does not grow, and 32 of them took a quarter of the job's time.
+CPU_MEMORY_DEFAULTS = {"repeats": 2, "new_tokens": 8}
 COMMON_DEFAULTS = {"loops": "1..16", "phase": "decode", "new_tokens": 32, "repeats": 1, "point_timeout": 600.0}
 
 
@@ -37,8 +41,49 @@ class ResolvedSweep:
     notices: list[str]
 
 
+def check_device_name(text: str) -> None:
+    """OptionError unless `text` reads as auto, cpu or cuda[:N] (whether it exists: resolve_device)."""
+    if not re.fullmatch(r"auto|cpu|cuda(?::\d+)?", text):
+        raise OptionError(f"--device: {text!r} is not auto, cpu or cuda[:N]")
+
+
+def check_names(flags: dict) -> None:
+    """Check the names a user gave (models, dtype, phase, device, KV policies, decode reads, KV
+    quant) and the loop limit, before torch is imported: a typo is refused at once, not after
+    seconds of imports. What needs the resolved machine (defaults, model families) comes later."""
+    try:
+        if flags.get("models") is not None:
+            for model in as_name_list(flags["models"], "--models"):
+                get_preset(model)
+        most = max(as_int_list(flags["loops"], "--loops")) if flags.get("loops") is not None else 0
+        if most > MAX_LOOPS:
+            raise OptionError(f"--loops: {most} is above the maximum of {MAX_LOOPS}")
+        if flags.get("kv_policy") is not None:
+            for name in as_name_list(flags["kv_policy"], "--kv-policy"):
+                parse_kv_policy(name)
+    except RangeError as exc:
+        raise OptionError(str(exc)) from exc
+    except UnknownPresetError as exc:
+        raise OptionError(f"--models: {exc}") from exc
+    except UnknownKVPolicyError as exc:
+        raise OptionError(f"--kv-policy: {exc}") from exc
+    if flags.get("phase") is not None and flags["phase"] not in PHASES:
+        raise OptionError(f"--phase: {flags['phase']!r} is not one of {', '.join(PHASES)}")
+    if flags.get("dtype") is not None:
+        try:
+            check_dtype(flags["dtype"])
+        except ValueError as exc:
+            raise OptionError(f"--dtype: {exc}") from exc
+    if flags.get("device") is not None:
+        check_device_name(flags["device"])
+    for key, allowed in (("decode_reads", DECODE_READS), ("kv_quant", KV_QUANT)):
+        if flags.get(key) is not None:
+            _choices(flags[key], f"--{key.replace('_', '-')}", allowed)
+
+
 def resolve_device(text: str) -> str:
     """'auto' -> 'cuda:0' when CUDA is there, else 'cpu'; 'cuda' -> 'cuda:0'; checks it exists."""
+    check_device_name(text)
     import torch
 
     if text == "auto":
@@ -46,8 +91,6 @@ def resolve_device(text: str) -> str:
     if text == "cpu":
         return "cpu"
     match = re.fullmatch(r"cuda(?::(\d+))?", text)
-    if not match:
-        raise OptionError(f"--device: {text!r} is not auto, cpu or cuda[:N]")
     if not torch.cuda.is_available():
         raise OptionError(f"--device {text}: CUDA is not available on this machine")
     index = int(match[1] or 0)
@@ -137,8 +180,6 @@ def resolve_sweep(command: str, flags: dict, suite: str | None) -> ResolvedSweep
 def resolve_kv_policies(value: object, models: list[str]) -> list[str | None]:
     """--kv-policy's names made canonical ('modulo:2', ...), or [None] (each model's own). They
     apply to Ouro-family models; a list of MELT models only is refused (MELT keeps its gate)."""
-    from melt_bench.models.kv_policy import UnknownKVPolicyError, parse_kv_policy
-
     if value is None:
         return [None]
     try:
@@ -170,8 +211,6 @@ def _choices(value: object, option: str, allowed: tuple[str, ...]) -> list[str]:
 
 def resolve_kv_quants(value: object) -> list[str | None]:
     """--kv-quant's modes (none, int8, int4; none as None, full precision), or [None]."""
-    from melt_bench.models.packed_cache import KV_QUANT
-
     if value is None:
         return [None]
     return list(dict.fromkeys(None if mode == "none" else mode for mode in _choices(value, "--kv-quant", KV_QUANT)))
@@ -213,8 +252,6 @@ def check_packed_caches(points: list, command: str) -> None:
 def resolve_decode_reads(value: object, models: list[str]) -> list[str | None]:
     """--decode-reads' modes (final, chunk), or [None] (each MELT config's own). They apply to
     MELT models; a list without one is refused."""
-    from melt_bench.models.configs import DECODE_READS
-
     if value is None:
         return [None]
     modes = _choices(value, "--decode-reads", DECODE_READS)
@@ -225,8 +262,6 @@ def resolve_decode_reads(value: object, models: list[str]) -> list[str | None]:
 
 
 def _validate(spec: SweepSpec) -> None:
-    from melt_bench.models import MAX_LOOPS
-
     for model in spec.models:
         try:
             get_preset(model)
@@ -243,7 +278,7 @@ def _validate(spec: SweepSpec) -> None:
     if spec.repeats < 1:
         raise OptionError(f"--repeats: {spec.repeats} must be at least 1")
     try:
-        parse_dtype(spec.dtype)
+        check_dtype(spec.dtype)
     except ValueError as exc:
         raise OptionError(f"--dtype: {exc}") from exc
 
@@ -319,18 +354,20 @@ def check_tasks(tasks: list[str], data_dir: str | None, scratch: Path):
 
     from .lm_eval_adapter import local_task_dir
 
+    if data_dir is None and (problem := hub.hub_problem()):  # before lm-eval indexes its tasks (10 s)
+        raise OptionError(f"--tasks {','.join(tasks)}: task data come from the hub and {problem}; pass "
+                          "--data-dir DIR with DIR/TASK/{train,test}.jsonl (e.g. ../shared/data), or set "
+                          "HF_DATASETS_OFFLINE=1 if they are cached")
     include = None
     if data_dir is not None:
         try:
             include = [str(local_task_dir(Path(data_dir), tasks, scratch))]
         except (FileNotFoundError, ValueError) as exc:
             raise OptionError(str(exc)) from exc
-    manager = TaskManager(include_path=include)
+    # With --data-dir every task is one of ours (its YAML names lm-eval's by path): indexing
+    # lm-eval's 14,000 built-in tasks as well took 10 s, and a parent does it once per run.
+    manager = TaskManager(include_path=include, include_defaults=include is None)
     unknown = [task for task in tasks if task not in set(manager.all_tasks)]
     if unknown:
         raise OptionError(f"--tasks: lm-eval knows no task {', '.join(repr(t) for t in unknown)}")
-    if data_dir is None and (problem := hub.hub_problem()):
-        raise OptionError(f"--tasks {','.join(tasks)}: task data come from the hub and {problem}; pass "
-                          "--data-dir DIR with DIR/TASK/{train,test}.jsonl (e.g. ../shared/data), or set "
-                          "HF_DATASETS_OFFLINE=1 if they are cached")
     return manager

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+from melt_bench.models.names import DTYPES
+
+if TYPE_CHECKING:
+    import torch
+
+
+def check_dtype(name: str) -> None:
+    """ValueError naming the bad text unless `name` is a dtype name ('bfloat16', 'bf16', ...)."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
 
 
 def parse_dtype(name: str) -> torch.dtype:
     """torch dtype for a name such as 'bfloat16' or 'bf16'; ValueError names the bad text."""
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    import torch  # here, so formatting and name checks stay free of it
+
+    check_dtype(name)
+    return getattr(torch, DTYPES[name])
 
 
 def format_bytes(n: int | float | None) -> str:

@@ -1,33 +1,37 @@
-"""Reference looped LMs: Ouro (per-loop KV cache) and MELT (shared gated KV cache)."""
+"""Reference looped LMs: Ouro (per-loop KV cache) and MELT (shared gated KV cache).
 
-from .configs import MAX_LOOPS, MeltConfig, OuroConfig
-from .kv_cache import LoopedKVCache
-from .kv_policy import kv_bytes_per_token, kv_policy_for, predict_kv_cache_bytes
-from .looped import LoopedForCausalLM, exit_distribution, threshold_exit_steps
-from .melt import MeltForCausalLM, MeltModel
-from .ouro import OuroForCausalLM, OuroModel
-from .presets import PRESETS, Preset, UnknownPresetError, count_parameters, get_preset, load_model
+The names below load on first use (PEP 562), so `melt_bench.models.names` and `.preset_table`
+(plain Python) can be read without importing torch: the command line checks flags that way."""
 
+from __future__ import annotations
 
-def _register_auto_classes() -> None:
-    """Let AutoConfig / AutoModelForCausalLM open Ouro and MELT checkpoints with our classes, so
-    an official Ouro directory loads without remote code. A transformers release that ships its
-    own "ouro" keeps it (registration then raises ValueError and we leave it be)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+import importlib
+from typing import TYPE_CHECKING, Any
 
-    for config_class, model_class in ((OuroConfig, OuroForCausalLM), (MeltConfig, MeltForCausalLM)):
-        try:
-            AutoConfig.register(config_class.model_type, config_class)
-            AutoModelForCausalLM.register(config_class, model_class)
-        except ValueError:
-            pass
+_HOMES = {
+    "MAX_LOOPS": "names", "MeltConfig": "configs", "OuroConfig": "configs", "LoopedKVCache": "kv_cache",
+    "kv_bytes_per_token": "kv_policy", "kv_policy_for": "kv_policy", "predict_kv_cache_bytes": "kv_policy",
+    "LoopedForCausalLM": "looped", "exit_distribution": "looped", "threshold_exit_steps": "looped",
+    "MeltForCausalLM": "melt", "MeltModel": "melt", "OuroForCausalLM": "ouro", "OuroModel": "ouro",
+    "PRESETS": "preset_table", "Preset": "preset_table", "UnknownPresetError": "preset_table",
+    "get_preset": "preset_table", "count_parameters": "presets", "load_model": "presets",
+}
+__all__ = list(_HOMES)
 
 
-_register_auto_classes()
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
 
-__all__ = [
-    "MAX_LOOPS", "MeltConfig", "OuroConfig", "LoopedKVCache", "kv_bytes_per_token", "kv_policy_for",
-    "predict_kv_cache_bytes", "LoopedForCausalLM", "exit_distribution", "threshold_exit_steps",
-    "MeltForCausalLM", "MeltModel", "OuroForCausalLM", "OuroModel", "PRESETS", "Preset",
-    "UnknownPresetError", "count_parameters", "get_preset", "load_model",
-]
+
+if TYPE_CHECKING:
+    from .configs import MeltConfig, OuroConfig
+    from .kv_cache import LoopedKVCache
+    from .kv_policy import kv_bytes_per_token, kv_policy_for, predict_kv_cache_bytes
+    from .looped import LoopedForCausalLM, exit_distribution, threshold_exit_steps
+    from .melt import MeltForCausalLM, MeltModel
+    from .names import MAX_LOOPS
+    from .ouro import OuroForCausalLM, OuroModel
+    from .preset_table import PRESETS, Preset, UnknownPresetError, get_preset
+    from .presets import count_parameters, load_model

@@ -7,9 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-MAX_LOOPS = 64
-DECODE_READS = ("final", "chunk")  # MeltConfig.decode_reads
-GATES = ("elementwise", "scalar", "mean", "ema", "last")  # MeltConfig.gate: the paper's ablation (kv_policy.py)
+from .names import DECODE_READS, GATES, MAX_LOOPS  # noqa: F401  (MAX_LOOPS: re-exported)
 
 
 def check_decode_reads(mode: str, chunk_size: int | None) -> None:

@@ -24,8 +24,9 @@ import torch
 
 from .kv_cache import LoopedKVCache
 from .looped import AttentionMask, EarlyStop, LoopedForCausalLM, rope_cos_sin
+from .names import STEP_ENGINES
 
-ENGINES = ("eager", "compiled")
+ENGINES = STEP_ENGINES
 
 
 def run_loop(

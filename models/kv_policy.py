@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .configs import OuroConfig
+from .names import TRAINING_FREE_POLICIES, UnknownKVPolicyError, parse_kv_policy  # noqa: F401  (re-exported)
 from .packed_cache import (FlashLoopCache, TailRule, commits_for, flashloop_layer_bytes, layout_after, quant_bits,
                            quantized_slot_bytes, selected_count)
 
@@ -377,34 +378,10 @@ GATE_CLASSES = {"elementwise": KVUpdateGate, "scalar": ScalarGate, "mean": MeanG
                 "last": LastGate}
 
 
-# The training-free policies, by the name `--kv-policy` takes; "NAME:N" passes N slots.
-TRAINING_FREE_POLICIES = ("per-loop", "last-loop", "mean", "first-loop", "modulo:N", "first-then-shared:S",
-                          "flashloop")
+# The policy classes behind the names of names.py (tests/test_names.py keeps them in step).
 _PLAIN = {cls.name: cls for cls in (KVPolicy, LastLoopKVPolicy, MeanKVPolicy, FirstLoopKVPolicy, FlashLoopKVPolicy,
                                     SharedGatedKVPolicy)}
 _WITH_SLOTS = {"modulo": ModuloKVPolicy, "first-then-shared": FirstThenSharedKVPolicy}
-_LEGACY = {"per_loop": "per-loop", "shared_gated": "shared-gated"}  # names of earlier releases
-
-
-class UnknownKVPolicyError(ValueError):
-    pass
-
-
-def parse_kv_policy(spec: str) -> str:
-    """The canonical name of a policy spec ('modulo:2', 'first-then-shared' -> 'first-then-shared:2');
-    UnknownKVPolicyError naming the choices otherwise."""
-    spec = _LEGACY.get(spec, spec)
-    if spec in _PLAIN:
-        return spec
-    kind, sep, count = spec.partition(":")
-    if kind == "first-then-shared" and not sep:
-        return "first-then-shared:2"
-    if kind in _WITH_SLOTS and count.isdigit() and int(count) >= 1:
-        if kind == "first-then-shared" and int(count) < 2:
-            raise UnknownKVPolicyError(f"KV policy {spec!r}: first-then-shared needs at least 2 slots")
-        return f"{kind}:{int(count)}"
-    raise UnknownKVPolicyError(f"unknown KV policy {spec!r}; choose from {', '.join(TRAINING_FREE_POLICIES)} "
-                               "(N, S: slots per layer)")
 
 
 def is_training_free(name: str) -> bool:

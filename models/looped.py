@@ -636,3 +636,17 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, exit_pdf=pdf, exit_steps=exit_steps, loops_run=out.loops_run,
             **{_CACHE_FIELD: past_key_values},
         )
+
+
+def register_auto_class(config_class: type, model_class: type) -> None:
+    """Let AutoConfig / AutoModelForCausalLM open checkpoints of `config_class.model_type` with our
+    class, so an official Ouro directory loads without remote code. A transformers release that
+    ships its own "ouro" keeps it (registration then raises ValueError and we leave it be)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register(config_class.model_type, config_class)
+        AutoModelForCausalLM.register(config_class, model_class)
+    except ValueError:
+        pass
+

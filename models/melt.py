@@ -38,7 +38,7 @@ The gate and the shared-slot policy live in kv_policy.py.
 from __future__ import annotations
 
 from .configs import MeltConfig, OuroConfig
-from .looped import LoopedForCausalLM, LoopedModel
+from .looped import LoopedForCausalLM, LoopedModel, register_auto_class
 from .ouro import OuroForCausalLM
 
 
@@ -69,3 +69,6 @@ def melt_config_from(ouro_config: OuroConfig, **melt_fields) -> MeltConfig:
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         fields.pop(key, None)
     return MeltConfig(**fields, **melt_fields)
+
+
+register_auto_class(MeltConfig, MeltForCausalLM)

@@ -15,7 +15,7 @@ loop; here logits come from the last loop unless the caller asks for an exit mod
 from __future__ import annotations
 
 from .configs import OuroConfig
-from .looped import LoopedForCausalLM, LoopedModel
+from .looped import LoopedForCausalLM, LoopedModel, register_auto_class
 
 
 class OuroModel(LoopedModel):
@@ -25,3 +25,6 @@ class OuroModel(LoopedModel):
 class OuroForCausalLM(LoopedForCausalLM):
     config_class = OuroConfig
     base_model_class = OuroModel
+
+
+register_auto_class(OuroConfig, OuroForCausalLM)

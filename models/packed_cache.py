@@ -30,8 +30,8 @@ import torch
 
 from .kv_cache import LoopedKVCache
 from .kv_packing import PackedKeys, PackedValues, stream_bytes
+from .names import KV_QUANT
 
-KV_QUANT = ("none", "int8", "int4")
 
 
 def quant_bits(mode: str | None) -> int | None:

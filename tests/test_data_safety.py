@@ -1,6 +1,7 @@
 """Nothing lost, nothing mixed, every failure one line (issue 12): each test fails on the code
 before the fix."""
 
+import json
 import os
 import re
 import signal
@@ -402,12 +403,35 @@ def test_more_bad_input_is_one_line_and_writes_nothing(args, needle, tmp_path, c
     assert not out.exists() and (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
-def test_a_bad_list_flag_is_refused_before_torch_is_imported():
-    """`memory --loops 1..0` once took 7-8 s to refuse (torch and the harness imported first)."""
-    code = ("import sys; from melt_bench.cli import main\n"
-            "codes = [main(a) for a in (['memory', '--loops', '1..0'], ['latency', '--seq-lens', '0'],\n"
-            "                           ['capacity', '--budget', '1GiB', '--loops', '2..1'])]\n"
-            "print(codes, 'torch' in sys.modules)")
+BAD_FLAGS = [  # (argv, what the one line names)
+    (["memory", "--loops", "1..0"], "descends"),
+    (["latency", "--seq-lens", "0"], "--seq-lens"),
+    (["capacity", "--budget", "1GiB", "--loops", "2..1"], "descends"),
+    (["memory", "--models", "ouro-7b"], "unknown model 'ouro-7b'"),
+    (["memory", "--dtype", "fp64"], "unknown dtype 'fp64'"),
+    (["memory", "--loops", "65"], "maximum of 64"),
+    (["memory", "--phase", "train"], "--phase"),
+    (["memory", "--device", "gpu"], "--device"),
+    (["memory", "--kv-policy", "every-other"], "unknown KV policy"),
+    (["memory", "--kv-quant", "int3"], "--kv-quant"),
+    (["latency", "--engine", "turbo"], "--engine"),
+    (["latency", "--decode-reads", "all"], "--decode-reads"),
+    (["accuracy", "--models", "gpt2"], "unknown model 'gpt2'"),
+    (["models", "--dtype", "fp64"], "unknown dtype"),
+    (["convert", "--from", "ouro-tiny", "--data", "org/set", "--out", "o", "--gate", "sigmoid"], "--gate"),
+    (["convert", "--from", "ouro-tiny", "--data", "org/set", "--out", "o", "--dtype", "fp8"], "unknown dtype"),
+]
+
+
+def test_bad_flags_are_refused_before_torch_is_imported():
+    """`memory --loops 1..0` once took 7-8 s to refuse (torch and the harness imported first):
+    every name and number a flag carries is checked before torch loads, each in one line."""
+    code = ("import json, sys; from melt_bench.cli import main\n"
+            f"codes = [main(a) for a, _ in {BAD_FLAGS!r}]\n"
+            "print(json.dumps([codes, 'torch' in sys.modules]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.stdout.strip() == "[2, 2, 2] False", done.stdout + done.stderr
-    assert len(done.stderr.strip().splitlines()) == 3 and "descends" in done.stderr
+    assert json.loads(done.stdout) == [[2] * len(BAD_FLAGS), False], done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == len(BAD_FLAGS), done.stderr
+    for line, (argv, needle) in zip(lines, BAD_FLAGS):
+        assert needle in line, (argv, line)

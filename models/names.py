@@ -1,0 +1,43 @@
+"""Every name a user can type for a model setting, with nothing heavy imported: the command line
+checks its flags against these before torch loads (several seconds), so a bad flag is refused at
+once. The classes behind the names live elsewhere; tests/test_names.py keeps the two in step."""
+
+from __future__ import annotations
+
+MAX_LOOPS = 64
+# dtype names -> the torch attribute (units.parse_dtype)
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+DECODE_READS = ("final", "chunk")  # MeltConfig.decode_reads
+GATES = ("elementwise", "scalar", "mean", "ema", "last")  # MeltConfig.gate: the paper's ablation (kv_policy.py)
+KV_QUANT = ("none", "int8", "int4")  # packed_cache.py
+STEP_ENGINES = ("eager", "compiled")  # decode_engine.py: the static-shape decode step
+LATENCY_ENGINES = (*STEP_ENGINES, "forward")  # latency --engine: forward is the model's own forward()
+
+# KV policies (kv_policy.py) by the name `--kv-policy` takes; "KIND:N" passes N slots per layer.
+PLAIN_KV_POLICIES = ("per-loop", "last-loop", "mean", "first-loop", "flashloop", "shared-gated")
+SLOTTED_KV_POLICIES = {"modulo": 1, "first-then-shared": 2}  # kind -> the fewest slots it takes
+TRAINING_FREE_POLICIES = ("per-loop", "last-loop", "mean", "first-loop", "modulo:N", "first-then-shared:S",
+                          "flashloop")
+_LEGACY = {"per_loop": "per-loop", "shared_gated": "shared-gated"}  # names of earlier releases
+
+
+class UnknownKVPolicyError(ValueError):
+    pass
+
+
+def parse_kv_policy(spec: str) -> str:
+    """The canonical name of a policy spec ('modulo:2', 'first-then-shared' -> 'first-then-shared:2');
+    UnknownKVPolicyError naming the choices otherwise."""
+    spec = _LEGACY.get(spec, spec)
+    if spec in PLAIN_KV_POLICIES:
+        return spec
+    kind, sep, count = spec.partition(":")
+    if kind == "first-then-shared" and not sep:
+        return "first-then-shared:2"
+    if kind in SLOTTED_KV_POLICIES and count.isdigit() and int(count) >= 1:
+        if int(count) < SLOTTED_KV_POLICIES[kind]:
+            raise UnknownKVPolicyError(f"KV policy {spec!r}: {kind} needs at least {SLOTTED_KV_POLICIES[kind]} slots")
+        return f"{kind}:{int(count)}"
+    raise UnknownKVPolicyError(f"unknown KV policy {spec!r}; choose from {', '.join(TRAINING_FREE_POLICIES)} "
+                               "(N, S: slots per layer)")
