@@ -11,16 +11,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from melt_bench.models import load_model
 
-from .launcher import run_in_child
 from .lm_eval_logs import lm_eval_output
 from .measure_memory import classify_failure, kv_metrics
 from .memory_trackers import CudaAllocatorTracker, RssTracker
 from .results import ResultRow, ResultsStore
-from .sweep import SweepInterrupted, outcome_to_row, variant_label
+from .sweep import in_child, pending_points, run_sweep
 from .units import parse_dtype
 
 
@@ -95,42 +93,41 @@ def run_accuracy(
     tokenizer_source: str | None = None,
     log_path: Path | None = None,
     show_progress: bool = True,
+    executor=None,
+    retry_failed: bool = False,
+    timeout_s: float | None = None,
 ) -> tuple[int, int]:
-    """Evaluate every point not yet in `store`, each in a fresh child process that loads the
-    model, so that no point's peak memory depends on what ran before it in the same process.
-    Under `accelerate launch` every rank evaluates in its own process instead (the ranks form one
-    process group). lm-eval's output goes to `log_path`. Returns (run, skipped)."""
+    """Evaluate every point not yet in `store` through the sweeps' runner: each point in a fresh
+    child that loads the model (so no point's peak memory depends on what ran before it), on
+    `executor` (one at a time, one per GPU, or Ray tasks). Under `accelerate launch` every rank
+    evaluates in its own process instead (the ranks form one process group). lm-eval's output
+    goes to `log_path`. Returns (run, skipped)."""
     from .lm_eval_adapter import distributed_rank
 
-    done = store.recorded_ids()
-    todo = [p for p in points if p.point_id not in done]
-    rank, world = distributed_rank()
-    shown: set[str] = set()
-    progress = Progress(TextColumn("[bold]accuracy"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.fields[last]}"), disable=not show_progress or rank != 0)
-    with progress:
-        bar = progress.add_task("accuracy", total=len(todo), last="")
-        for point in todo:
-            progress.update(bar, last=f"{variant_label(point)} loops={point.loops} {point.task} exit={point.exit_mode}")
-            args = (point, task_manager, tokenizer_source, meta, log_path)
-            if world > 1:
-                rows, warnings = evaluate_point(*args)
-            else:
-                try:
-                    outcome = run_in_child(evaluate_point, args, timeout_s=None)
-                except KeyboardInterrupt:
-                    progress.stop()
-                    raise SweepInterrupted(store, points) from None
-                rows, warnings = outcome.value if outcome.status == "ok" else \
-                    ([outcome_to_row("accuracy", point, outcome, meta)], [])
-            for row in rows:
-                store.append(row)
-            for warning in warnings:
-                if warning not in shown:
-                    shown.add(warning)
-                    progress.console.print(f"lm-eval warning: {warning}", style="yellow", markup=False, highlight=False)
-            progress.advance(bar)
+    args = (task_manager, tokenizer_source, meta, log_path)
+    if distributed_rank()[1] > 1:
+        return _run_on_ranks(points, store, args, retry_failed)
+    status = run_sweep("accuracy", points, store, in_child(measure_accuracy_point, args, timeout_s), meta,
+                       retry_failed, show_progress=show_progress, executor=executor)
+    return status.ran, status.skipped
+
+
+def _run_on_ranks(points: list[AccuracyPoint], store: ResultsStore, args: tuple, retry_failed: bool) -> tuple[int, int]:
+    """Under accelerate launch: every rank evaluates each point in its own process, together;
+    rank 0 writes the rows."""
+    todo = pending_points(points, store, retry_failed)
+    for point in todo:
+        rows, _ = evaluate_point(point, *args)
+        for row in rows:
+            store.append(row)
     return len(todo), len(points) - len(todo)
+
+
+def measure_accuracy_point(point: AccuracyPoint, task_manager, tokenizer_source: str | None, meta: dict,
+                           log_path: Path | None) -> dict:
+    """In the point's child: its rows and the unexpected lm-eval warnings, for the runner."""
+    rows, warnings = evaluate_point(point, task_manager, tokenizer_source, meta, log_path)
+    return {"rows": rows, "warnings": [f"lm-eval warning: {warning}" for warning in warnings]}
 
 
 def evaluate_point(point: AccuracyPoint, task_manager, tokenizer_source: str | None, meta: dict,

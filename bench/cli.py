@@ -432,16 +432,30 @@ def accuracy(
     device: Optional[str] = _DEVICE,
     out: Optional[Path] = _OUT,
     resume: bool = _RESUME,
+    retry_failed: bool = _RETRY,
+    point_timeout: Optional[float] = typer.Option(None, "--point-timeout", help="seconds one point may take "
+                                                  "(default: no limit; an evaluation can take hours)"),
+    progress: bool = _PROGRESS,
     report: bool = _REPORT,
+    gpus: Optional[str] = _GPUS,
+    executor: str = _EXECUTOR,
+    ray_address: Optional[str] = _RAY_ADDRESS,
+    allow_busy_gpus: bool = _ALLOW_BUSY,
 ) -> None:
     """lm-eval tasks (gsm8k first) for each model across loop counts, with peak memory."""
     flags = dict(tasks=tasks, loops=loops, models=models, weights=weights, num_fewshot=num_fewshot, limit=limit,
                  batch_size=batch_size, max_gen_toks=max_gen_toks, data_dir=data_dir, exit_mode=exit_mode,
                  dtype=dtype, device=device, kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant,
-                 kv_probe_tokens=kv_probe_tokens,
-                 score_continuation_as=score_continuation_as)
+                 kv_probe_tokens=kv_probe_tokens, score_continuation_as=score_continuation_as,
+                 point_timeout=point_timeout)
     _check_syntax(flags)
-    if os.environ.get("WORLD_SIZE", "1") == "1":  # one process: each point in a child (accuracy.py)
+    if retry_failed and not resume:
+        raise UserError("--retry-failed re-runs the failed points of an existing --out: it needs --resume")
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks > 1 and (gpus is not None or executor != "local"):
+        raise UserError("--gpus / --executor ray place points in children; under accelerate launch every rank "
+                        "evaluates each point in its own process")
+    if ranks == 1:  # one process: each point in a child (accuracy.py)
         from .launcher import start_fork_server
 
         start_fork_server("melt_bench.accuracy", "melt_bench.lm_eval_adapter")
@@ -458,6 +472,8 @@ def accuracy(
                 task_manager = check_tasks(sorted({p.task for p in points}), points[0].data_dir, Path(scratch))
         except OptionError as exc:
             raise UserError(str(exc)) from exc
+        placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
+        runs_on = None if ranks > 1 else _executor(placement, points[0].device)
         for line in [*notices, *(f"lm-eval warning: {w}" for w in warnings)]:
             print(f"melt-bench: {line}", file=sys.stderr)
         store, meta = _open_store("accuracy", out, resume)
@@ -465,7 +481,8 @@ def accuracy(
         console.print(f"lm-eval's own output (progress, log lines): {log}", highlight=False)
         before = len(store.read())
         try:
-            ran, skipped = run_accuracy(points, store, meta, task_manager, tokenizer, log)
+            ran, skipped = run_accuracy(points, store, meta, task_manager, tokenizer, log, show_progress=progress,
+                                        executor=runs_on, retry_failed=retry_failed, timeout_s=point_timeout)
         except FileNotFoundError as exc:
             raise UserError(str(exc)) from exc
     _print_tables("accuracy", store, {p.point_id for p in points})

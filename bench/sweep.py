@@ -40,6 +40,14 @@ def pending_points(points: list[SweepPoint], store: ResultsStore, retry_failed: 
     return [point for point in points if wanted(point)]
 
 
+def outcome_to_rows(kind: str, point, outcome: ChildOutcome, meta: dict) -> list[ResultRow]:
+    """The rows a finished point gives: those its child built (an accuracy point gives one per
+    metric and filter, {"rows": [...]}), else one row from its status and metrics."""
+    if outcome.status == "ok" and "rows" in outcome.value:
+        return list(outcome.value["rows"])
+    return [outcome_to_row(kind, point, outcome, meta)]
+
+
 def outcome_to_row(kind: str, point: SweepPoint, outcome: ChildOutcome, meta: dict) -> ResultRow:
     if outcome.status == "ok":
         value = outcome.value
@@ -64,7 +72,9 @@ def variant_label(point) -> str:
     return point.model + policy + (f" reads={point.decode_reads}" if point.decode_reads else "") + quant
 
 
-def point_label(point: SweepPoint) -> str:
+def point_label(point) -> str:
+    if hasattr(point, "task"):  # an accuracy point
+        return f"{variant_label(point)} loops={point.loops} {point.task} exit={point.exit_mode}"
     batch = point.batch_size or "searched"  # capacity points search their batch
     return f"{variant_label(point)} loops={point.loops} seq={point.seq_len} batch={batch}"
 
@@ -92,13 +102,18 @@ def run_sweep(
     with progress:
         task = progress.add_task(kind, total=len(todo), last="")
         finished = executor.run(todo, run_point)
+        shown: set[str] = set()
         try:
             for done in finished:
-                row = outcome_to_row(kind, done.point, done.outcome, meta or {})
-                row.metrics.update(done.placement)  # which GPU / node ran it
-                store.append(row)
-                if on_row is not None:
-                    on_row(row)
+                for row in outcome_to_rows(kind, done.point, done.outcome, meta or {}):
+                    row.metrics.update(done.placement)  # which GPU / node ran it
+                    store.append(row)
+                    if on_row is not None:
+                        on_row(row)
+                for warning in _warnings(done.outcome):  # what a child asks to show (lm-eval's), once each
+                    if warning not in shown:
+                        shown.add(warning)
+                        progress.console.print(warning, style="yellow", markup=False, highlight=False)
                 progress.update(task, advance=1, last=f"done: {point_label(done.point)}")
         except KeyboardInterrupt:
             finished.close()
@@ -107,3 +122,8 @@ def run_sweep(
         finally:  # a failed write (ResultsWriteError) too: the executor's children end here
             finished.close()
     return SweepStatus(planned=len(points), skipped=len(points) - len(todo), ran=len(todo))
+
+
+def _warnings(outcome: ChildOutcome) -> list[str]:
+    value = outcome.value if outcome.status == "ok" else None
+    return list(value.get("warnings", ())) if isinstance(value, dict) else []

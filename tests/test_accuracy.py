@@ -137,7 +137,12 @@ def test_malformed_data_file_is_one_line_exit_2(tmp_path, capsys):
                                          (["--data-dir", "/no/such/dir", "--device", "cpu", "--models", "ouro-tiny"], "--data-dir"),
                                          (["--exit-mode", "sometimes", "--device", "cpu", "--models", "ouro-tiny"], "--exit-mode"),
                                          (["--loops", "3..1", "--device", "cpu", "--models", "ouro-tiny"], "--loops"),
-                                         (["--limit", "0", "--device", "cpu", "--models", "ouro-tiny"], "--limit")])
+                                         (["--limit", "0", "--device", "cpu", "--models", "ouro-tiny"], "--limit"),
+                                         # the sweeps' placement options, now accuracy's too
+                                         (["--gpus", "0", *RUN, "--models", "ouro-tiny"], "--gpus runs CUDA points"),
+                                         (["--executor", "slurm", *RUN, "--models", "ouro-tiny"], "--executor"),
+                                         (["--retry-failed", *RUN, "--models", "ouro-tiny"], "needs --resume"),
+                                         (["--point-timeout", "0", *RUN, "--models", "ouro-tiny"], "--point-timeout")])
 def test_accuracy_bad_input(args, needle, capsys):
     err = one_line_error(["accuracy", *args], capsys)
     assert needle in err

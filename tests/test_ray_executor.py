@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 import sweep_helpers
+from melt_bench.cli import main
 from melt_bench.executors import RayExecutor
-from melt_bench.results import ResultsStore
+from melt_bench.results import ResultsStore, load_results
 from melt_bench.sweep import in_child, run_sweep
 from melt_bench.sweep_plan import SweepPoint
 
@@ -58,3 +59,18 @@ def test_a_killed_worker_is_an_error_row_and_resume_skips_the_rest(local_cluster
                        retry_failed=True, show_progress=False, executor=RayExecutor(None, gpu=False))
     assert status.ran == 2 and {row.point["loops"] for row in store.read()[-2:]} == {2, 5}
 
+
+def test_accuracy_over_ray_gives_the_rows_of_the_local_runner(local_cluster, tmp_path):
+    """Accuracy runs through the sweeps' runner, so each point can be a Ray task: same points,
+    same scores, same answers (their hash) as one after another here."""
+    data = Path(HERE) / "data"
+    run = ["accuracy", "--loops", "1", "--models", "ouro-tiny,melt-tiny", "--limit", "2", "--num-fewshot", "1",
+           "--max-gen-toks", "4", "--data-dir", str(data), "--device", "cpu", "--dtype", "float32", "--no-progress"]
+    assert main([*run, "--out", str(tmp_path / "local.jsonl")]) == 0
+    assert main([*run, "--executor", "ray", "--out", str(tmp_path / "ray.jsonl")]) == 0
+    local, on_ray = (load_results(tmp_path / name).set_index(["point_id", "metric", "filter"]).sort_index()
+                     for name in ("local.jsonl", "ray.jsonl"))
+    assert len(local) == 4 and list(local.index) == list(on_ray.index)
+    for column in ("value", "n_samples", "responses_sha256", "kv_bytes_per_token"):
+        assert list(local[column]) == list(on_ray[column]), column
+    assert set(on_ray.executor) == {"ray"} and on_ray.ray_node_ip.notna().all()
