@@ -219,7 +219,8 @@ def _evaluate(lm, point: AccuracyPoint, task_manager, simple_evaluate, meta: dic
     if allocator is not None:
         memory["cuda_max_allocated_bytes"] = allocator.result().max_allocated_bytes
     memory["peak_bytes"] = memory.get("cuda_max_allocated_bytes", memory["rss_peak_above_baseline_bytes"])
-    memory["peak_source"] = "torch.cuda.max_memory_allocated" if allocator else "process RSS above baseline (in-process)"
+    memory["peak_source"] = ("torch.cuda.max_memory_allocated" if allocator
+                             else "process RSS above baseline (in-process)")
     per_rank = gather_from_ranks(memory["peak_bytes"])  # every rank takes part; rank 0 keeps the list
     if results is None and status == "ok":  # a non-zero rank under accelerate launch: rank 0 writes the rows
         return []

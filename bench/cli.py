@@ -85,7 +85,8 @@ def models(
         "(Ouro: one more cache per layer; MELT: 0, its cache is shared by all loops)."
     )
     for family, title in (("ouro", "training-free KV policies (--kv-policy) and KV quantisation (--kv-quant) on "
-                                     "Ouro-family presets"), ("melt", "MELT's own cache and KV quantisation (--kv-quant)")):
+                                     "Ouro-family presets"),
+                          ("melt", "MELT's own cache and KV quantisation (--kv-quant)")):
         members = [c for c in cards if c.family == family]
         policies = Table(title=f"{title}: KV bytes per token at the trained loop count, {dtype}; packed caches "
                                f"(flashloop, int8, int4) over a {STATED_TOKENS:,}-token prompt (their newest 64-127 "
@@ -189,7 +190,8 @@ _BATCH_SIZES = typer.Option(None, "--batch-sizes", help=f"batch sizes (default: 
 _MODELS = typer.Option(None, "--models", help=f"presets (default: {_GPU['models']} on CUDA, {_CPU['models']} on CPU)")
 _NEW_TOKENS = typer.Option(None, "--new-tokens", help=f"tokens to decode after the prompt (default: "
                            f"{COMMON_DEFAULTS['new_tokens']}; {CPU_MEMORY_DEFAULTS['new_tokens']} for memory on CPU)")
-_DTYPE = typer.Option(None, help=f"bfloat16 | float16 | float32 (default: {_GPU['dtype']} on CUDA, {_CPU['dtype']} on CPU)")
+_DTYPE = typer.Option(None, help=f"bfloat16 | float16 | float32 (default: {_GPU['dtype']} on CUDA, "
+                      f"{_CPU['dtype']} on CPU)")
 _DEVICE = typer.Option(None, help="auto | cpu | cuda[:N] (default: auto)")
 _WEIGHTS = typer.Option(None, help="checkpoint directory or hub id (default: random weights)")
 _OUT = typer.Option(None, help="results file (default: results/COMMAND-TIMESTAMP.jsonl)")
@@ -243,7 +245,8 @@ def memory(
     retry_failed: bool = _RETRY,
     suite: Optional[str] = _SUITE,
     point_timeout: Optional[float] = _TIMEOUT,
-    repeats: Optional[int] = typer.Option(None, help="measure each point this many times, each in a fresh process (default: 2 on CPU, 1 on CUDA)"),
+    repeats: Optional[int] = typer.Option(None, help="measure each point this many times, each in a fresh process "
+                                          "(default: 2 on CPU, 1 on CUDA)"),
     nvml_interval_ms: float = typer.Option(10.0, "--nvml-interval-ms", help="NVML sampling interval"),
     cpu_workers: Optional[int] = typer.Option(None, "--cpu-workers", help="CPU sweeps: points measured at once, each "
                                               "in its own child with one intra-op thread (its peak is its own "
@@ -291,7 +294,8 @@ def latency(
     new_tokens: Optional[int] = _NEW_TOKENS,
     warmup: int = typer.Option(2, help="untimed runs before the timed ones (the first one's time is reported apart)"),
     repeats: int = typer.Option(5, help="timed runs per point; figures are medians with min and max"),
-    early_exit: str = typer.Option("off", "--early-exit", help="off | threshold:P (stop the loop once every sequence's exit probability reaches P)"),
+    early_exit: str = typer.Option("off", "--early-exit", help="off | threshold:P (stop the loop once every "
+                                   "sequence's exit probability reaches P)"),
     engine: str = typer.Option("eager", "--engine", help="eager | compiled: the same static-shape decode step, "
                                "as is or through torch.compile (CUDA graphs on CUDA); forward: the model's "
                                "forward() per token, as generate() calls it"),
@@ -406,12 +410,14 @@ def accuracy(
     loops: Optional[str] = typer.Option(None, help="loop counts (default: 1,2,4)"),
     models: Optional[str] = _MODELS,
     weights: Optional[str] = _WEIGHTS,
-    tokenizer: Optional[str] = typer.Option(None, help="tokenizer dir or hub id (default: the checkpoint's; a byte tokenizer for random weights)"),
+    tokenizer: Optional[str] = typer.Option(None, help="tokenizer dir or hub id (default: the checkpoint's; a byte "
+                                            "tokenizer for random weights)"),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="few-shot examples (default: the task's)"),
     limit: Optional[int] = typer.Option(None, help="evaluate only the first N documents"),
     batch_size: int = typer.Option(1, "--batch-size", help="sequences per forward / generate call"),
     max_gen_toks: Optional[int] = typer.Option(None, "--max-gen-toks", help="generation cap (default: lm-eval's)"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local task data: DIR/TASK/{train,test}.jsonl (default: the hub)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local task data: DIR/TASK/{train,test}.jsonl "
+                                            "(default: the hub)"),
     exit_mode: str = typer.Option("last", "--exit-mode", help="last | step:K | threshold:P | expected | official "
                                   "(the released Ouro code's default rule, in the model's dtype)"),
     kv_policy: Optional[str] = _KV_POLICY,
@@ -495,8 +501,10 @@ def accuracy(
 @app.command()
 def report(
     results: list[Path] = typer.Argument(..., help="results files (JSONL) to draw"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="HTML file (default: reports/<first file's name>.html)"),
-    compare: Optional[list[Path]] = typer.Option(None, "--compare", help="a second run's results, shown side by side with ratios"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                          help="HTML file (default: reports/<first file's name>.html)"),
+    compare: Optional[list[Path]] = typer.Option(None, "--compare",
+                                                 help="a second run's results, shown side by side with ratios"),
 ) -> None:
     """A self-contained HTML report (plots, tables, key ratios, provenance) from results files."""
     path = _write_report(results, output, compare or None)
@@ -553,7 +561,8 @@ def convert(
     lr_base: float = typer.Option(8e-6, "--lr-base", help="learning rate of the base weights (paper: 8e-6)"),
     lr_gate: float = typer.Option(5e-4, "--lr-gate", help="learning rate of the gate (paper: 5e-4)"),
     batch_size: int = typer.Option(8, "--batch-size"),
-    seq_len: int = typer.Option(512, "--seq-len", help="tokens per training sequence (a longer one loses its prompt's start first)"),
+    seq_len: int = typer.Option(512, "--seq-len", help="tokens per training sequence (a longer one loses its "
+                                "prompt's start first)"),
     loops: Optional[int] = typer.Option(None, help="loops to train at (default: the model's total_ut_steps)"),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every"),
     seed: int = typer.Option(0),
@@ -580,7 +589,8 @@ def convert(
         False, "--fsdp-reshard-after-forward", help="with --fsdp: free a layer's gathered weights after each of its "
         "loops x chunks calls (least memory, that many more all-gathers); default: gathered once per micro-batch"),
     stop_after: Optional[int] = typer.Option(
-        None, "--stop-after", help="stop after step N, checkpointed (e.g. within a Slurm time limit); --resume continues"),
+        None, "--stop-after", help="stop after step N, checkpointed (e.g. within a Slurm time limit); --resume "
+        "continues"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt"),
     progress: bool = _PROGRESS,
 ) -> None:
@@ -655,7 +665,8 @@ def convert(
         raise UserError(str(exc)) from exc
     except torch.OutOfMemoryError as exc:
         kept = f"the checkpoint in {out} is intact" if (out / CHECKPOINT).exists() else "no checkpoint was written yet"
-        advice = "lower --batch-size or --seq-len" + ("" if gradient_checkpointing else ", or add --gradient-checkpointing")
+        advice = "lower --batch-size or --seq-len" + (
+            "" if gradient_checkpointing else ", or add --gradient-checkpointing")
         raise UserError(f"convert ran out of memory on {resolved_device} ({str(exc).splitlines()[0][:80]}); "
                         f"{kept}; {advice}") from exc
     if final != out:
@@ -679,7 +690,8 @@ def _check_syntax(flags: dict) -> None:
                 raise UserError(str(exc)) from exc
     for key, least in (("new_tokens", 0), ("repeats", 1), ("point_timeout", 1e-9)):
         if flags.get(key) is not None and flags[key] < least:
-            raise UserError(f"--{key.replace('_', '-')}: {flags[key]:g} must be {'positive' if least else 'at least 0'}")
+            bound = "positive" if least else "at least 0"
+            raise UserError(f"--{key.replace('_', '-')}: {flags[key]:g} must be {bound}")
     try:
         check_names(flags)
     except OptionError as exc:

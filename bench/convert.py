@@ -71,10 +71,17 @@ import torch.nn.functional as F
 from melt_bench.models import MeltForCausalLM, OuroForCausalLM, load_model
 from melt_bench.models.melt_transition import ATTENTION_WEIGHT, distillation_loss, transition_alpha, transition_logits
 
+from .convert_parallel import (
+    full_state,
+    full_weights,
+    held_bytes,
+    load_full_state,
+    process_group,
+    shard,
+    sum_across_ranks,
+)
 from .convert_run_dir import CHECKPOINT, LOG
-from .convert_parallel import full_state, full_weights, held_bytes, load_full_state, process_group, shard, sum_across_ranks
 from .jsonl import iter_jsonl
-
 
 
 @dataclass
@@ -348,7 +355,8 @@ def train_step(melt, teacher, tokenizer, texts: list[TrainingText], config: Conv
     return merged
 
 
-def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> Path:
+def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | None = None,
+                progress: bool = True) -> Path:
     """Train; returns the directory holding the final `save_pretrained` MELT model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

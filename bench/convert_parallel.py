@@ -124,4 +124,5 @@ def optimizer_state_by_name(state: dict, model: nn.Module, optimizer: torch.opti
     names = {id(p): name for name, p in model.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     return {"state": {order[i]: value for i, value in state["state"].items()},
-            "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]]}
+            "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                             for group in state["param_groups"]]}

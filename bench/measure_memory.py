@@ -221,6 +221,8 @@ def _collect_peaks(metrics: dict, trackers: Trackers) -> None:
         )
     # The headline figure of a point: the allocator peak on a GPU, the RSS peak on a CPU.
     if "cuda_max_allocated_bytes" in metrics:
-        metrics["peak_bytes"], metrics["peak_source"] = metrics["cuda_max_allocated_bytes"], "torch.cuda.max_memory_allocated"
+        metrics["peak_bytes"] = metrics["cuda_max_allocated_bytes"]
+        metrics["peak_source"] = "torch.cuda.max_memory_allocated"
     else:
-        metrics["peak_bytes"], metrics["peak_source"] = metrics["rss_peak_above_baseline_bytes"], "process RSS above baseline"
+        metrics["peak_bytes"] = metrics["rss_peak_above_baseline_bytes"]
+        metrics["peak_source"] = "process RSS above baseline"

@@ -61,7 +61,8 @@ def return_freed_memory_to_os() -> str:
         return "default (no glibc mallopt here)"
     if not (mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)):
         return "default (mallopt refused)"
-    return f"glibc mallopt: mmap threshold {MMAP_THRESHOLD_BYTES // 1024} KiB, trim threshold {TRIM_THRESHOLD_BYTES // 1024} KiB"
+    return (f"glibc mallopt: mmap threshold {MMAP_THRESHOLD_BYTES // 1024} KiB, "
+            f"trim threshold {TRIM_THRESHOLD_BYTES // 1024} KiB")
 
 
 @dataclass
@@ -169,7 +170,8 @@ class NvmlSampler:
     def __init__(self, nvml, device: int | str, interval_s: float = 0.01, pid: int | None = None) -> None:
         self.nvml = nvml
         self.handle = (
-            nvml.nvmlDeviceGetHandleByUUID(device) if isinstance(device, str) else nvml.nvmlDeviceGetHandleByIndex(device)
+            nvml.nvmlDeviceGetHandleByUUID(device) if isinstance(device, str)
+            else nvml.nvmlDeviceGetHandleByIndex(device)
         )
         self.interval_s = interval_s
         self.pid = os.getpid() if pid is None else pid

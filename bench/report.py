@@ -16,10 +16,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 from markupsafe import Markup  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .pareto import kv_cost_per_token, matched_memory, pareto_mask, verdicts  # noqa: E402
@@ -267,7 +267,8 @@ def accuracy_section(frame: pd.DataFrame) -> Section | None:
         fig, ax = plt.subplots(figsize=(7.5, 4.2))
         for model, series in part.groupby("model"):
             series = series.sort_values("loops")
-            ax.errorbar(series.loops, series.value, yerr=series.stderr.fillna(0), marker="o", capsize=3, label=str(model))
+            ax.errorbar(series.loops, series.value, yerr=series.stderr.fillna(0), marker="o", capsize=3,
+                        label=str(model))
         ax.set_xlabel("loops")
         integer_axis(ax, part.loops)
         ax.set_ylabel(str(key[1]))
@@ -275,8 +276,8 @@ def accuracy_section(frame: pd.DataFrame) -> Section | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         section.figures.append(Figure(f"accuracy vs loops | {_label(key)}", png(fig)))
-        section.figures.append(_accuracy_scatter(part, key, "peak_bytes", GiB, "peak memory during the evaluation (GiB)",
-                                                 "accuracy vs peak memory"))
+        section.figures.append(_accuracy_scatter(part, key, "peak_bytes", GiB,
+                                                 "peak memory during the evaluation (GiB)", "accuracy vs peak memory"))
         if part.get("kv_bytes_per_token") is not None and part.kv_bytes_per_token.notna().all():
             section.figures.append(_pareto_figure(part, key))
             matched = matched_memory(part)
@@ -431,7 +432,8 @@ def build_report(paths: list[Path], compare: list[Path] | None = None, title: st
                             latency_section(frame), capacity_section(frame), accuracy_section(frame)) if s]
     if compare:
         sections.append(compare_section(frame, load_frame(compare)))
-    environment = Environment(loader=PackageLoader("melt_bench", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    environment = Environment(loader=PackageLoader("melt_bench", "templates"),
+                              autoescape=select_autoescape(["html", "j2"]))
     return environment.get_template("report.html.j2").render(
         title=title or "melt-bench report: " + ", ".join(p.name for p in paths),
         generated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -139,7 +139,8 @@ def _parse_line(path: Path, number: int, line: str) -> ResultRow:
         raise ResultsFileError(f"{where}: not a melt-bench results line (schema {found!r}, expected {SCHEMA!r})")
     missing = [key for key in _REQUIRED if key not in data]
     if missing or data["status"] not in STATUSES:
-        raise ResultsFileError(f"{where}: malformed row (missing {missing or 'nothing'}, status {data.get('status')!r})")
+        raise ResultsFileError(f"{where}: malformed row (missing {missing or 'nothing'}, "
+                               f"status {data.get('status')!r})")
     known = {key: data[key] for key in ResultRow.__dataclass_fields__ if key in data}
     return ResultRow(**{"error": None, "wall_s": 0.0, **known})
 

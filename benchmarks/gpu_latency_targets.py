@@ -74,7 +74,8 @@ def main() -> None:
     print()
     try:
         compiled_ouro, compiled_melt = rows[(ouro, "compiled")], rows[(melt, "compiled")]
-        print(f"compiled decode MBU >= 50%: {ouro} {compiled_ouro.decode_mbu:.1%}, {melt} {compiled_melt.decode_mbu:.1%} "
+        print(f"compiled decode MBU >= 50%: {ouro} {compiled_ouro.decode_mbu:.1%}, "
+              f"{melt} {compiled_melt.decode_mbu:.1%} "
               f"-> {verdict(min(compiled_ouro.decode_mbu, compiled_melt.decode_mbu) >= 0.5)}")
         decode_ratio = compiled_melt.decode_ms_per_token_mean / compiled_ouro.decode_ms_per_token_mean
         print(f"MELT/Ouro decode (compiled) <= 1.25x: {decode_ratio:.2f}x -> {verdict(decode_ratio <= 1.25)}")
@@ -92,8 +93,8 @@ def main() -> None:
     if not args.skip_overhead:
         script = Path(__file__).with_name("loop_overhead.py")
         preset = ouro if not ouro.endswith("tiny") else None
-        command = [sys.executable, str(script), "--device", args.device, "--dtype", args.dtype, "--seq", str(args.seq_len),
-                   "--loops", str(args.loops), *(["--preset", preset] if preset else [])]
+        command = [sys.executable, str(script), "--device", args.device, "--dtype", args.dtype,
+                   "--seq", str(args.seq_len), "--loops", str(args.loops), *(["--preset", preset] if preset else [])]
         print("\n$ " + " ".join(command), flush=True)
         subprocess.run(command, check=False)
         print("targets: looped/flat decode <= 1.05x and looped/llama decode <= 1.00x, compiled")

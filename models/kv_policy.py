@@ -20,9 +20,16 @@ from torch import nn
 
 from .configs import OuroConfig
 from .names import TRAINING_FREE_POLICIES, UnknownKVPolicyError, parse_kv_policy  # noqa: F401  (re-exported)
-from .packed_cache import (FlashLoopCache, TailRule, commits_for, flashloop_layer_bytes, layout_after, quant_bits,
-                           quantized_slot_bytes, selected_count)
-
+from .packed_cache import (
+    FlashLoopCache,
+    TailRule,
+    commits_for,
+    flashloop_layer_bytes,
+    layout_after,
+    quant_bits,
+    quantized_slot_bytes,
+    selected_count,
+)
 
 Row = tuple[torch.Tensor, torch.Tensor]  # one layer's keys and values for the tokens being processed
 
@@ -479,6 +486,7 @@ def predict_kv_cache_bytes(
         return config.num_hidden_layers * flashloop_layer_bytes(layout, loops, tuple(late), heads, head_dim, itemsize)
     if (bits := quant_bits(quant)) is not None:
         layout = layout_after(commits_for(tokens, prompt_tokens, policy.chunk_size))
-        return policy.num_slots(loops) * quantized_slot_bytes(layout, batch, heads, head_dim, itemsize, bits, TailRule())
+        slot = quantized_slot_bytes(layout, batch, heads, head_dim, itemsize, bits, TailRule())
+        return policy.num_slots(loops) * slot
     per_token = policy.num_slots(loops) * 2 * heads * head_dim * itemsize
     return batch * (tokens * per_token + kv_side_buffer_bytes(config, loops, dtype, tokens))

@@ -33,8 +33,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configs import MAX_LOOPS, OuroConfig, check_decode_reads
 from .kv_cache import LoopedKVCache, TransitionKVCache
-from .packed_cache import check_kv_quant, quant_bits, quantized_cache
 from .kv_policy import EmaGate, GateProjection, KVPolicy, kv_bytes_per_token, kv_policy_for, parse_kv_policy
+from .packed_cache import check_kv_quant, quant_bits, quantized_cache
 
 
 class RMSNorm(nn.Module):
@@ -267,7 +267,8 @@ class EarlyStop:
 
     def update(self, loop: int, gate_logit: torch.Tensor, x: torch.Tensor) -> bool:
         """Fold in loop `loop`'s gate; True when every token has exited."""
-        lam = torch.sigmoid(gate_logit.float()) if loop < self.loops - 1 else torch.ones_like(gate_logit, dtype=torch.float32)
+        last = loop >= self.loops - 1
+        lam = torch.ones_like(gate_logit, dtype=torch.float32) if last else torch.sigmoid(gate_logit.float())
         if self.remaining is None:
             self.remaining = torch.ones_like(lam)
             self.exited = torch.zeros_like(lam, dtype=torch.bool)

@@ -50,7 +50,8 @@ def transition_logits(melt: LoopedForCausalLM, input_ids: torch.Tensor, alpha: f
     return melt.lm_head(out.last_hidden_state)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
     """Token-mean KL(teacher || student) of the next-token distributions, over the positions
     where `mask` (batch, seq) is true (all when None)."""
     if mask is not None:

@@ -33,7 +33,6 @@ from .kv_packing import PackedKeys, PackedValues, stream_bytes
 from .names import KV_QUANT
 
 
-
 def quant_bits(mode: str | None) -> int | None:
     """4 or 8 for "int4" / "int8"; None for full precision (None, "none")."""
     return None if mode in (None, "none") else int(mode.removeprefix("int"))
@@ -175,10 +174,12 @@ class PackedKVCache(LoopedKVCache):
         if self.capacity is not None and end > self.capacity:
             raise ValueError(f"KV cache capacity {self.capacity} tokens exceeded (need {end})")
         if key.shape[0] != 1 and self.batch_one:
-            raise ValueError(f"{type(self).__name__} holds one sequence (FlashLoop 0.1.0 runs batch 1), got {key.shape[0]}")
+            raise ValueError(f"{type(self).__name__} holds one sequence (FlashLoop 0.1.0 runs batch 1), "
+                             f"got {key.shape[0]}")
         self.keys[slot] = self._write(self.keys[slot], key, offset, offset + key.shape[2], None)
         self.values[slot] = self._write(self.values[slot], value, offset, offset + key.shape[2], None)
-        keys, values = self.keys[slot][:, :, :end - self.layout.packed], self.values[slot][:, :, :end - self.layout.packed]
+        tail = end - self.layout.packed
+        keys, values = self.keys[slot][:, :, :tail], self.values[slot][:, :, :tail]
         packed = self.read_packed(slot) if self.layout.packed else None
         if packed is None:
             return keys, values

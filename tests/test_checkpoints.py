@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import TINY, make_melt, make_ouro
 from safetensors.torch import save_file
 
-from conftest import TINY, make_melt, make_ouro
 from melt_bench.models import MeltForCausalLM, OuroForCausalLM, load_model
 
 

@@ -5,9 +5,9 @@ shares rows across loops only "decode" computes the policy, and "chunk" is refus
 
 import pytest
 import torch
+from conftest import one_line_error
 from lm_eval.api.instance import Instance
 
-from conftest import one_line_error
 from melt_bench.accuracy import AccuracyPoint
 from melt_bench.byte_tokenizer import byte_tokenizer
 from melt_bench.lm_eval_adapter import LoopedHFLM
@@ -68,9 +68,10 @@ def test_the_default_keeps_point_ids_and_a_bad_mode_is_one_line(capsys):
     point = AccuracyPoint("melt-tiny", 2, "gsm8k")
     assert point.point_id != AccuracyPoint("melt-tiny", 2, "gsm8k", score_continuation_as="decode").point_id
     # the id of a point from before the new fields: results written then still --resume
-    older = {k: v for k, v in asdict(point).items() if k not in ("kv_policy", "decode_reads", "score_continuation_as", "kv_quant",
-                                                                 "kv_probe_tokens")}
-    assert point.point_id == hashlib.sha256(json.dumps({"command": "accuracy", **older}, sort_keys=True).encode()).hexdigest()[:16]
+    newer = ("kv_policy", "decode_reads", "score_continuation_as", "kv_quant", "kv_probe_tokens")
+    older = {k: v for k, v in asdict(point).items() if k not in newer}
+    blob = json.dumps({"command": "accuracy", **older}, sort_keys=True).encode()
+    assert point.point_id == hashlib.sha256(blob).hexdigest()[:16]
     err = one_line_error(["accuracy", "--models", "melt-tiny", "--score-continuation-as", "greedy", "--device", "cpu"],
                          capsys)
     assert "--score-continuation-as: 'greedy' is not one of chunk, decode" in err

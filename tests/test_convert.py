@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import one_line_error
+
 from melt_bench.cli import main
 from melt_bench.convert import ConvertConfig, batch_for_step, load_texts, run_convert
 from melt_bench.models import MeltForCausalLM, load_model
@@ -210,7 +210,8 @@ def test_killed_process_resumes_to_the_uninterrupted_result(tmp_path):
     assert subprocess.run([*command, "--out", str(killed), *args, "--resume"], capture_output=True).returncode == 0
     whole = run_convert(config(tmp_path / "whole", transition_steps=20, distill_steps=20, checkpoint_every=3),
                         progress=False)
-    a, b = load_model("melt-tiny", weights=whole).state_dict(), load_model("melt-tiny", weights=killed / "model").state_dict()
+    a = load_model("melt-tiny", weights=whole).state_dict()
+    b = load_model("melt-tiny", weights=killed / "model").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (killed / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41))

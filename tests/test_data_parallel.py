@@ -25,8 +25,10 @@ ACCURACY = ["accuracy", "--tasks", "gsm8k", "--models", "ouro-tiny", "--loops", 
 
 def melt_bench(args, ranks: int, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-                str(29400 + os.getpid() % 500), "-m", "melt_bench"] if ranks > 1 else [sys.executable, "-m", "melt_bench"]
+    launcher = [sys.executable, "-m", "melt_bench"]
+    if ranks > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+                    str(29400 + os.getpid() % 500), "-m", "melt_bench"]
     result = subprocess.run([*launcher, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 or not check, result.stderr[-3000:]
     return result

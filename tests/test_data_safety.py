@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from sweep_helpers import write_rows
 
 from melt_bench.cli import main
 from melt_bench.results import ResultsStore
-
-from sweep_helpers import write_rows
 
 SWEEP = ["--models", "ouro-tiny,melt-tiny", "--seq-lens", "32", "--batch-sizes", "1", "--new-tokens", "2",
          "--device", "cpu", "--dtype", "float32", "--no-progress"]
@@ -110,7 +109,8 @@ def test_ctrl_c_stops_the_sweep_keeps_rows_and_exits_130(tmp_path):
     """A real SIGINT to the sweep's process group, as a terminal sends it."""
     out = tmp_path / "sweep.jsonl"
     command = [sys.executable, "-m", "melt_bench", "memory", "--loops", "1..16", "--models", "ouro-tiny,melt-tiny",
-               "--seq-lens", "512", "--batch-sizes", "4", "--device", "cpu", "--repeats", "1", "--no-progress", "--out", str(out)]
+               "--seq-lens", "512", "--batch-sizes", "4", "--device", "cpu", "--repeats", "1", "--no-progress",
+               "--out", str(out)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
@@ -384,7 +384,8 @@ def test_a_run_where_no_point_succeeded_exits_1_and_keeps_its_rows(tmp_path, cap
     (["memory", "--suite", "BINARY"], "not a readable YAML text file"),
     (["memory", "--retry-failed"], "--retry-failed re-runs the failed points of an existing --out: it needs --resume"),
     (["convert", "--from", "ouro-tiny", "--data", "DATA", "--out", "FILE"], "is a file: convert writes a directory"),
-    (["convert", "--from", "ouro-tiny", "--data", "DATA", "--out", "BUSY"], "non-empty directory that is not a convert"),
+    (["convert", "--from", "ouro-tiny", "--data", "DATA", "--out", "BUSY"],
+     "non-empty directory that is not a convert"),
 ])
 def test_more_bad_input_is_one_line_and_writes_nothing(args, needle, tmp_path, capsys):
     (tmp_path / "binary.yaml").write_bytes(bytes(range(256)))

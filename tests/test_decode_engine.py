@@ -5,12 +5,11 @@ import functools
 
 import pytest
 import torch
+from conftest import make_melt, make_ouro
 from torch.nn.attention.bias import CausalBias
 
 from melt_bench.models import looped
 from melt_bench.models.decode_engine import DecodeEngine
-
-from conftest import make_melt, make_ouro
 
 NEW_TOKENS = 6
 

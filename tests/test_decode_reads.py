@@ -4,11 +4,10 @@ chunked forward over the whole sequence; "final" (earlier tokens' final rows) is
 
 import pytest
 import torch
+from conftest import TINY, make_melt, one_line_error
 
 from melt_bench.models import MeltConfig, predict_kv_cache_bytes
 from melt_bench.models.kv_policy import kv_side_buffer_bytes
-
-from conftest import TINY, make_melt, one_line_error
 
 
 def decode(model, ids, prompt_len, loops, capacity=None, mask=None):

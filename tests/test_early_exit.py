@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import make_ouro
+
 from melt_bench.models import exit_distribution, threshold_exit_steps
 
 

@@ -6,10 +6,10 @@ import types
 from dataclasses import replace
 
 import pytest
-import torch
-
 import sweep_helpers
+import torch
 from conftest import one_line_error
+
 from melt_bench.cli import main
 from melt_bench.executors import ExecutorError, GpuPoolExecutor, busy_gpus, make_executor, parse_gpus
 from melt_bench.results import ResultsStore
@@ -37,8 +37,8 @@ def fake_nvml(count=4, busy=None):
 
 def test_the_gpu_pool_runs_points_at_once_each_child_on_its_own_gpu(tmp_path):
     store = ResultsStore(tmp_path / "m.jsonl")
-    status = run_sweep("memory", points(6), store, in_child(sweep_helpers.where_am_i, (1.0,), 60), {}, show_progress=False,
-                       executor=GpuPoolExecutor(["1", "3"]))
+    status = run_sweep("memory", points(6), store, in_child(sweep_helpers.where_am_i, (1.0,), 60), {},
+                       show_progress=False, executor=GpuPoolExecutor(["1", "3"]))
     rows = store.read()
     assert status.ran == 6 and len(rows) == 6 and len({row.point_id for row in rows}) == 6
     for row in rows:  # the child saw only its GPU, and NVML figures for cuda:0 come from that GPU
@@ -93,8 +93,8 @@ def test_busy_gpus_are_refused_or_warned(monkeypatch):
 ])
 def test_bad_placement_is_one_line_and_exit_2(args, needle, capsys, tmp_path):
     out = tmp_path / "x.jsonl"
-    err = one_line_error(["memory", "--models", "ouro-tiny", "--loops", "1", "--device", "cpu", "--out", str(out), *args],
-                         capsys)
+    err = one_line_error(["memory", "--models", "ouro-tiny", "--loops", "1", "--device", "cpu", "--out", str(out),
+                          *args], capsys)
     assert needle in err
     assert not out.exists()
 

@@ -3,11 +3,10 @@
 
 import pytest
 import torch
+from conftest import TINY, make_melt, make_ouro
 
 from melt_bench.models import MeltConfig, MeltForCausalLM, OuroForCausalLM
 from melt_bench.models.configs import GATES
-
-from conftest import TINY, make_melt, make_ouro
 
 H, LAYERS = TINY["hidden_size"], TINY["num_hidden_layers"]
 

@@ -5,8 +5,8 @@ from functools import partial
 
 import pytest
 import torch
-
 from conftest import make_melt, make_ouro
+
 from melt_bench.models import get_preset, predict_kv_cache_bytes
 from melt_bench.models.presets import model_class
 from melt_bench.nvml import read_nvml
@@ -85,10 +85,9 @@ def test_latency_timed_with_cuda_events():
 
 @cuda
 def test_capacity_budget_caps_the_cuda_allocator():
+    from melt_bench.launcher import run_in_child
     from melt_bench.measure_memory import measure_memory_point
     from melt_bench.sweep_plan import SweepPoint
-
-    from melt_bench.launcher import run_in_child
 
     point = SweepPoint("memory", "ouro-1.4b", 1, 128, 1, "decode", 4, "bfloat16", "cuda:0")
     # the weights alone are 2.7 GiB; in a child, so the cap does not stay on this process

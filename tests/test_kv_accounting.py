@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import make_melt, make_ouro
+
 from melt_bench.models import get_preset, kv_bytes_per_token, predict_kv_cache_bytes
 from melt_bench.models.presets import model_class
 

@@ -1,8 +1,8 @@
 """Latency and capacity: structure and invariants, never absolute speed."""
 
 import pytest
-
 from conftest import one_line_error
+
 from melt_bench.capacity import Probe, find_max_batch, parse_bytes, probe_fits
 from melt_bench.cli import main
 from melt_bench.measure_latency import RunTiming, measure_latency_point, percentile, summarise
@@ -55,7 +55,8 @@ def test_early_exit_loop_count_lies_in_range(model):
 def test_latency_command_end_to_end(tmp_path):
     out = tmp_path / "lat.jsonl"
     assert main(["latency", "--loops", "1,3", "--batch-sizes", "1", "--warmup", "1", "--repeats", "2",
-                 "--early-exit", "threshold:0.9", "--engine", "forward", "--static-cache", "--out", str(out), *SMALL]) == 0
+                 "--early-exit", "threshold:0.9", "--engine", "forward", "--static-cache", "--out", str(out),
+                 *SMALL]) == 0
     frame = load_results(out)
     assert len(frame) == 4 and set(frame.status) == {"ok"} and set(frame.kind) == {"latency"}
     assert (frame.early_exit == 0.9).all() and frame.static_cache.all() and (frame.timed_runs == 2).all()

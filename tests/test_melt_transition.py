@@ -2,11 +2,15 @@
 
 import pytest
 import torch
-
 from conftest import make_ouro
+
 from melt_bench.models import MeltForCausalLM
 from melt_bench.models.melt_transition import (
-    attention_alignment_loss, distillation_loss, kd_loss, transition_alpha, transition_logits,
+    attention_alignment_loss,
+    distillation_loss,
+    kd_loss,
+    transition_alpha,
+    transition_logits,
 )
 
 

@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
-
 import sweep_helpers
 from conftest import one_line_error
+
 from melt_bench.cli import main
 from melt_bench.launcher import run_in_child
 from melt_bench.results import ResultsFileError, ResultsStore, load_results
@@ -140,7 +140,8 @@ def test_bad_input_exit_2_one_line(args, needle, capsys):
 
 def test_bad_input_through_the_console_script():
     result = cli("memory", "--loops", "4..2", "--device", "cpu")
-    assert result.returncode == 2 and result.stderr.strip() == "melt-bench: error: --loops: '4..2' descends; write the smaller bound first"
+    assert result.returncode == 2
+    assert result.stderr.strip() == "melt-bench: error: --loops: '4..2' descends; write the smaller bound first"
 
 
 def test_dry_run_lists_the_plan(capsys):

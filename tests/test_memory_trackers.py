@@ -10,7 +10,11 @@ import torch
 from melt_bench.launcher import run_in_child
 from melt_bench.measure_memory import Trackers, classify_failure, measure_memory_point
 from melt_bench.memory_trackers import (
-    CudaAllocatorTracker, NvmlSampler, RssTracker, current_rss_bytes, nvml_index_for,
+    CudaAllocatorTracker,
+    NvmlSampler,
+    RssTracker,
+    current_rss_bytes,
+    nvml_index_for,
 )
 from melt_bench.sweep_plan import SweepPoint
 
@@ -139,7 +143,8 @@ def test_fake_oom_at_a_chosen_point_is_recorded(monkeypatch):
 
     monkeypatch.setattr(mm, "run_phase", run_phase)
     fake_cuda = FakeCuda(allocated=0, peak_allocated=GiB, peak_reserved=GiB)
-    oom = measure_memory_point(point(loops=8), trackers=Trackers(RssTracker(), CudaAllocatorTracker(fake_cuda, "cuda:0")))
+    trackers = Trackers(RssTracker(), CudaAllocatorTracker(fake_cuda, "cuda:0"))
+    oom = measure_memory_point(point(loops=8), trackers=trackers)
     assert oom["status"] == "oom" and "Tried to allocate" in oom["error"]
     assert oom["metrics"]["cuda_max_allocated_bytes"] == GiB  # how far it got is kept
     assert measure_memory_point(point(loops=2))["status"] == "ok"

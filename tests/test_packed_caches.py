@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import one_line_error
+
 from melt_bench.models import get_preset, load_model, predict_kv_cache_bytes
 from melt_bench.models.kv_packing import PackedKeys, PackedValues, stream_bytes
-from melt_bench.models.packed_cache import FlashLoopCache, QuantizedKVCache
+from melt_bench.models.packed_cache import FlashLoopCache
 
 PROMPT, DECODE = 150, 50  # the tail holds 86 rows after the prompt; decoding crosses 128 and packs
 
@@ -33,7 +33,8 @@ def test_rows_read_back_within_the_quantisers_bound(bits, rows):
             assert stream.nbytes() == stream_bytes("keys" if axis == 2 else "values", rows, 2, 3, 80, bits, 64)
         # half a step of the group's range, plus the fp16 rounding of its min and scale
         grouped = x.movedim(axis, -1)
-        span = torch.nn.functional.pad(grouped, (0, -grouped.shape[-1] % 64), value=float("nan")).unflatten(-1, (-1, 64))
+        padded = torch.nn.functional.pad(grouped, (0, -grouped.shape[-1] % 64), value=float("nan"))
+        span = padded.unflatten(-1, (-1, 64))
         step = (span.nan_to_num(-1e9).amax(-1) - span.nan_to_num(1e9).amin(-1)) / (2**bits - 1)
         bound = (step / 2 * 1.01 + 2e-3 * x.abs().max()).repeat_interleave(64, -1)[..., :grouped.shape[-1]]
         assert ((whole.read() - x).abs().movedim(axis, -1) <= bound).all()
@@ -120,7 +121,8 @@ def test_flashloop_bytes_for_ouro_1_4b_agree_with_flashloops_own_storage_bytes()
     prompt, 344,684,544 B at 2,048 + 128 decoded tokens (Ouro-1.4B, bf16, 4 loops)."""
     config = get_preset("ouro-1.4b").config()
     prompt_only = predict_kv_cache_bytes(config, 4, 1, 4096, torch.bfloat16, kv_policy="flashloop")
-    decoded = predict_kv_cache_bytes(config, 4, 1, 2048 + 128, torch.bfloat16, kv_policy="flashloop", prompt_tokens=2048)
+    decoded = predict_kv_cache_bytes(config, 4, 1, 2048 + 128, torch.bfloat16, kv_policy="flashloop",
+                                     prompt_tokens=2048)
     assert abs(prompt_only / 576_113_664 - 1) < 0.01 and abs(decoded / 344_684_544 - 1) < 0.01
     per_loop = predict_kv_cache_bytes(config, 4, 1, 8192, torch.bfloat16)
     assert 5.5 < per_loop / predict_kv_cache_bytes(config, 4, 1, 8192, torch.bfloat16, kv_policy="flashloop") < 6.2
@@ -162,7 +164,8 @@ def test_rows_record_the_quantisation_and_latency_runs_on_the_forward_engine():
     point = SweepPoint("memory", "melt-tiny", 2, 130, 1, "decode", 4, "float32", "cpu", kv_quant="int4", repeat=0)
     row = measure_memory_point(point)
     assert row["status"] == "ok", row["error"]
-    assert row["metrics"]["kv_quant"] == "int4" and row["metrics"]["kv_cache_bytes"] == row["metrics"]["kv_cache_bytes_predicted"]
+    metrics = row["metrics"]
+    assert metrics["kv_quant"] == "int4" and metrics["kv_cache_bytes"] == metrics["kv_cache_bytes_predicted"]
     assert point.point_id != SweepPoint("memory", "melt-tiny", 2, 130, 1, "decode", 4, "float32", "cpu").point_id
     latency = SweepPoint("latency", "ouro-tiny", 4, 130, 1, "decode", 3, "float32", "cpu", kv_policy="flashloop",
                          engine="forward", warmup=0, timed_runs=1)

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import one_line_error
+from test_convert import config as convert_config
+
 from melt_bench.byte_tokenizer import byte_tokenizer
 from melt_bench.cli import main
 from melt_bench.convert import batch_for_step, load_texts, micro_batches, pack_rows, run_convert
 from melt_bench.models import MeltForCausalLM, load_model
-from test_convert import config as convert_config
 
 DATA = Path(__file__).parent / "data" / "gsm8k" / "train.jsonl"
 
@@ -35,7 +35,8 @@ def test_pack_rows_keeps_every_row_whole_once_and_in_order():
 
 def test_a_packed_batch_learns_each_answer_and_nothing_else(tmp_path):
     data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps({"question": f"{a}+{a}", "answer": f"#### {2 * a}"}) + "\n" for a in range(10, 30)))
+    rows = ({"question": f"{a}+{a}", "answer": f"#### {2 * a}"} for a in range(10, 30))
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     texts, tok = load_texts(str(data)), byte_tokenizer()
     batch = batch_for_step(tok, texts, config(tmp_path, pack_to=128, batch_size=3), 0)
     assert batch.ids.shape == (3, 128)

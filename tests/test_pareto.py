@@ -88,10 +88,12 @@ def test_a_chunk_reading_melt_pays_for_its_side_buffer():
     # sequence, i.e. 8 KiB more per token of a one-chunk sequence: more than Ouro's 8 KiB in all
     chunk = row("melt-tiny", 4, 1.0, 2048, weights="/w/melt", stderr=0.0)
     chunk.metrics.update(kv_side_buffer_bytes_per_sequence=4 * 32 * 2048, chunk_size=32, decode_reads="chunk")
-    frame = rows_to_frame([chunk, row("ouro-tiny", 4, 1.0, 8192, "per-loop"), row("ouro-tiny", 4, 0.2, 2048, "last-loop")])
+    frame = rows_to_frame([chunk, row("ouro-tiny", 4, 1.0, 8192, "per-loop"),
+                           row("ouro-tiny", 4, 0.2, 2048, "last-loop")])
     assert list(kv_cost_per_token(frame)) == [10240.0, 8192.0, 2048.0]
     [line] = verdicts(matched_memory(frame))
-    assert "with 10,240 KV bytes per token" in line and "ouro-tiny (per-loop) at 4 loops, scores 1.000 (+0.000): it matches it." in line
+    assert "with 10,240 KV bytes per token" in line
+    assert "ouro-tiny (per-loop) at 4 loops, scores 1.000 (+0.000): it matches it." in line
 
 
 def test_the_report_lists_the_side_buffer_of_chunk_reads(tmp_path):

@@ -7,8 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 import sweep_helpers
+
 from melt_bench.cli import main
 from melt_bench.executors import RayExecutor
 from melt_bench.results import ResultsStore, load_results

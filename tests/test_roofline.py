@@ -57,7 +57,8 @@ def test_latency_row_carries_a_consistent_roofline():
     assert m["device_matmul_flops_per_s"] > 0 and "torch.mm" in m["device_matmul_method"]
     step_s = m["decode_ms_per_token_mean"] / 1000
     assert m["decode_mbu"] == pytest.approx(m["decode_bytes_per_token"] / step_s / m["device_bandwidth_bytes_per_s"])
-    assert m["prefill_mfu"] == pytest.approx(m["prefill_flops"] / (m["prefill_ms"] / 1000) / m["device_matmul_flops_per_s"])
+    prefill_s = m["prefill_ms"] / 1000
+    assert m["prefill_mfu"] == pytest.approx(m["prefill_flops"] / prefill_s / m["device_matmul_flops_per_s"])
     assert m["roofline_decode_ms_per_token"] < m["decode_ms_per_token_mean"]  # nothing beats the roofline
     # Mean context of 4 decode steps after 16 tokens: 16 + 2.5 rows.
     config = get_preset("ouro-tiny").config()

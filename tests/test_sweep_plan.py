@@ -2,9 +2,9 @@
 
 import pytest
 
+from melt_bench import hub
 from melt_bench.ranges import RangeError, parse_int_list, parse_name_list
 from melt_bench.suite_loader import SuiteError, load_suite, shipped_suites
-from melt_bench import hub
 from melt_bench.sweep_options import OptionError, check_weights, resolve_sweep
 from melt_bench.sweep_plan import SweepPoint
 
