@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .sweep_options import COMMON_DEFAULTS, CPU_DEFAULTS, CPU_MEMORY_DEFAULTS, CUDA_DEFAULTS
+from melt_bench.running.sweep_options import COMMON_DEFAULTS, CPU_DEFAULTS, CPU_MEMORY_DEFAULTS, CUDA_DEFAULTS
 
 try:  # typer >= 0.22 vendors click; older releases use click itself
     from typer._click.exceptions import UsageError
@@ -58,8 +58,7 @@ def models(
     except ValueError as exc:
         raise UserError(f"--dtype: {exc}") from exc
     from melt_bench.models.kv_policy import STATED_TOKENS  # torch: only once the flags are checked
-
-    from .model_card import preset_cards
+    from melt_bench.reporting.model_card import preset_cards
 
     torch_dtype = parse_dtype(dtype)
     if card:
@@ -105,11 +104,11 @@ def _print_cost_card(dtype, names: str | None, loops: str, seq_len: int, batch_s
     import torch
 
     from melt_bench.models import PRESETS, UnknownPresetError, get_preset
+    from melt_bench.reporting.model_card import cost_cards
+    from melt_bench.running.ranges import RangeError, parse_int_list, parse_name_list
+    from melt_bench.running.sweep_options import OptionError, resolve_device
+    from melt_bench.trackers.device_ceilings import measure_bandwidth
 
-    from .device_ceilings import measure_bandwidth
-    from .model_card import cost_cards
-    from .ranges import RangeError, parse_int_list, parse_name_list
-    from .sweep_options import OptionError, resolve_device
     from .units import format_bytes
 
     try:
@@ -145,7 +144,8 @@ def _print_cost_card(dtype, names: str | None, loops: str, seq_len: int, batch_s
 @app.command()
 def env(as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
     """Show torch / CUDA / NVML / driver / GPU facts of this machine."""
-    from .envinfo import collect_env
+    from melt_bench.trackers.envinfo import collect_env
+
     from .units import format_bytes
 
     facts = collect_env()
@@ -272,8 +272,8 @@ def memory(
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, repeats=repeats,
                  point_timeout=point_timeout, kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
     resolved = _resolve("memory", flags, suite, dry_run)
-    from .measure_memory import measure_memory_point  # torch: only once the flags are checked
-    from .sweep import in_child
+    from melt_bench.running.sweep import in_child
+    from melt_bench.scenarios.measure_memory import measure_memory_point  # torch: only once the flags are checked
 
     resolved.spec.point_options = dict(prefill_chunk=_check_prefill_chunk(prefill_chunk))
     points = _checked_points(resolved, "memory")
@@ -332,8 +332,8 @@ def latency(
     if engine not in LATENCY_ENGINES:
         raise UserError(f"--engine: {engine!r} is not one of {', '.join(LATENCY_ENGINES)}")
     _check_syntax(flags)
-    from .measure_latency import measure_latency_point  # torch: only once the flags are checked
-    from .sweep import in_child
+    from melt_bench.running.sweep import in_child
+    from melt_bench.scenarios.measure_latency import measure_latency_point  # torch: only once the flags are checked
 
     if static_cache and engine != "forward":
         raise UserError("--static-cache applies to --engine forward (eager and compiled always preallocate)")
@@ -384,8 +384,8 @@ def capacity(
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
                  kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
     resolved = _resolve("capacity", flags, suite, dry_run)
-    from .capacity import search_capacity  # torch: only once the flags are checked
-    from .launcher import ChildOutcome
+    from melt_bench.running.launcher import ChildOutcome
+    from melt_bench.scenarios.capacity import search_capacity  # torch: only once the flags are checked
 
     budget_bytes = _parse_budget(budget, resolved.spec.device)
     resolved.spec.point_options = dict(batch_size=0, memory_budget_bytes=budget_bytes,
@@ -462,14 +462,15 @@ def accuracy(
         raise UserError("--gpus / --executor ray place points in children; under accelerate launch every rank "
                         "evaluates each point in its own process")
     if ranks == 1:  # one process: each point in a child (accuracy.py)
-        from .launcher import start_fork_server
+        from melt_bench.running.launcher import start_fork_server
 
-        start_fork_server("melt_bench.accuracy", "melt_bench.lm_eval_adapter")
+        start_fork_server("melt_bench.scenarios.accuracy", "melt_bench.evaluation.lm_eval_adapter")
     import tempfile
 
-    from .accuracy import run_accuracy
-    from .lm_eval_logs import lm_eval_output, log_path_for
-    from .sweep_options import OptionError, check_tasks, check_tokenizer, resolve_accuracy
+    from melt_bench.evaluation.lm_eval_logs import lm_eval_output, log_path_for
+    from melt_bench.running.sweep_options import OptionError, check_tokenizer
+    from melt_bench.scenarios.accuracy import run_accuracy
+    from melt_bench.scenarios.accuracy_options import check_tasks, resolve_accuracy
     with tempfile.TemporaryDirectory() as scratch:
         try:
             tokenizer = check_tokenizer(tokenizer)
@@ -512,8 +513,8 @@ def report(
 
 
 def _write_report(results: list[Path], output: Path | None, compare: list[Path] | None = None) -> Path:
-    from .report import write_report
-    from .results import ResultsFileError, ResultsStore
+    from melt_bench.reporting.report import write_report
+    from melt_bench.running.results import ResultsFileError, ResultsStore
 
     inputs = list(results) + list(compare or [])
     for path in inputs:
@@ -541,7 +542,7 @@ def _write_report(results: list[Path], output: Path | None, compare: list[Path] 
 
 def _is_results_file(path: Path) -> bool:
     """Whether `path` holds melt-bench results (its first line carries our schema)."""
-    from .results import SCHEMA
+    from melt_bench.running.results import SCHEMA
 
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
@@ -596,9 +597,9 @@ def convert(
 ) -> None:
     """MELT's two-phase post-training (interpolated transition, then distillation) from Ouro."""
     from melt_bench.models.names import GATES
+    from melt_bench.running.sweep_options import OptionError, check_device_name
+    from melt_bench.training.convert_run_dir import CHECKPOINT, out_problem
 
-    from .convert_run_dir import CHECKPOINT, out_problem
-    from .sweep_options import OptionError, check_device_name
     from .units import check_dtype
 
     for name, value, least in (("--chunk-size", chunk_size, 1), ("--transition-steps", transition_steps, 0),
@@ -627,19 +628,19 @@ def convert(
     if not Path(data).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", data):
         raise UserError(f"--data {data}: no such file (and not a hub id like org/name)")
     if not Path(data).exists():
-        from . import hub
+        from melt_bench.running import hub
 
         if problem := hub.hub_problem(data, "dataset"):
             raise UserError(f"--data {data}: {problem}; pass a local JSONL or text file instead")
     import torch  # only once the flags are checked
 
-    from .convert import ConvertConfig, run_convert
-    from .sweep_options import resolve_device
+    from melt_bench.running.sweep_options import resolve_device
+    from melt_bench.training.convert import ConvertConfig, run_convert
 
     try:
         resolved_device = resolve_device(device or "auto")
         if Path(source).exists() or "/" in source:
-            from .sweep_options import check_weights
+            from melt_bench.running.sweep_options import check_weights
 
             source = check_weights(source, "--from")
         else:
@@ -679,8 +680,8 @@ def _check_syntax(flags: dict) -> None:
     """What can be refused without torch, before it is imported (several seconds): the list
     grammar of --loops, --seq-lens and --batch-sizes, counts that must be positive, and every
     name given (models, dtype, device, KV policies, ...: sweep_options.check_names)."""
-    from .ranges import RangeError, parse_int_list
-    from .sweep_options import OptionError, check_names
+    from melt_bench.running.ranges import RangeError, parse_int_list
+    from melt_bench.running.sweep_options import OptionError, check_names
 
     for key in ("loops", "seq_lens", "batch_sizes"):
         if isinstance(flags.get(key), str):
@@ -701,10 +702,10 @@ def _check_syntax(flags: dict) -> None:
 def _resolve(command: str, flags: dict, suite: str | None, dry_run: bool):
     _check_syntax(flags)
     if not dry_run:  # the children's imports start now, beside this process's own (launcher.py)
-        from .launcher import start_fork_server
+        from melt_bench.running.launcher import start_fork_server
 
         start_fork_server()
-    from .sweep_options import OptionError, resolve_sweep
+    from melt_bench.running.sweep_options import OptionError, resolve_sweep
 
     try:
         resolved = resolve_sweep(command, flags, suite)
@@ -715,7 +716,7 @@ def _resolve(command: str, flags: dict, suite: str | None, dry_run: bool):
 
 def _checked_points(resolved, command: str) -> list:
     """The sweep's points, once what a packed cache cannot run is refused (sweep_options)."""
-    from .sweep_options import OptionError, check_packed_caches
+    from melt_bench.running.sweep_options import OptionError, check_packed_caches
 
     points = resolved.spec.points()
     try:
@@ -745,7 +746,7 @@ def _parse_early_exit(text: str) -> float | None:
 
 
 def _parse_budget(text: str, device: str) -> int:
-    from .capacity import parse_bytes
+    from melt_bench.scenarios.capacity import parse_bytes
 
     if text != "auto":
         try:
@@ -754,7 +755,7 @@ def _parse_budget(text: str, device: str) -> int:
             raise UserError(f"--budget: {exc}") from exc
     if not device.startswith("cuda"):
         raise UserError("--budget auto needs a CUDA device; on a CPU give the budget, e.g. --budget 2GiB")
-    from .nvml import NvmlUnavailable, read_nvml
+    from melt_bench.trackers.nvml import NvmlUnavailable, read_nvml
 
     index = int(device.partition(":")[2] or 0)
     try:
@@ -773,7 +774,7 @@ def _dry_run(points, dry_run: bool, out: Path | None = None, placement: dict | N
     """--dry-run: list the points, then how many there are and, timed from the rows already in
     --out, about how long the pending ones take on the chosen workers."""
     if dry_run:
-        from .sweep_estimate import estimate_wall_time, planned_workers
+        from melt_bench.running.sweep_estimate import estimate_wall_time, planned_workers
 
         for point in points:
             print(json.dumps({"point_id": point.point_id, **point.to_dict()}))
@@ -785,8 +786,8 @@ def _dry_run(points, dry_run: bool, out: Path | None = None, placement: dict | N
 def _open_store(kind: str, out: Path | None, resume: bool):
     """The results store for --out (refusing an existing file without --resume, and a corrupt or
     foreign one always, before anything runs) and the run metadata."""
-    from .envinfo import collect_env
-    from .results import ResultsFileError, ResultsStore
+    from melt_bench.running.results import ResultsFileError, ResultsStore
+    from melt_bench.trackers.envinfo import collect_env
 
     out = out or Path("results") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     _check_writable(out, "--out")
@@ -829,7 +830,7 @@ def _check_writable(path: Path, option: str) -> None:
 
 
 def _print_tables(kind: str, store, planned: set[str]) -> None:
-    from .summary_tables import tables_for
+    from melt_bench.reporting.summary_tables import tables_for
 
     for table in tables_for(kind, [row for row in store.read() if row.point_id in planned]):
         console.print(table)
@@ -837,7 +838,7 @@ def _print_tables(kind: str, store, planned: set[str]) -> None:
 
 def _executor(placement: dict, device: str):
     """The executor of --gpus / --executor / --ray-address (executors.py); one line on a bad one."""
-    from .executors import ExecutorError, make_executor
+    from melt_bench.running.executors import ExecutorError, make_executor
 
     try:
         return make_executor(placement["gpus"], placement["executor"], placement["ray_address"],
@@ -850,7 +851,7 @@ def _executor(placement: dict, device: str):
 
 def _run_sweep_command(kind, points, runner, out, resume, retry_failed, progress, report=False,
                        executor=None, notices: tuple[str, ...] = ()) -> None:
-    from .sweep import run_sweep
+    from melt_bench.running.sweep import run_sweep
 
     if retry_failed and not resume:
         raise UserError("--retry-failed re-runs the failed points of an existing --out: it needs --resume")
@@ -881,8 +882,8 @@ def _check_something_measured(store, before: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors (bad options included) become one line on stderr and exit code 2."""
-    from .results import ResultsWriteError
-    from .sweep import SweepInterrupted
+    from melt_bench.running.results import ResultsWriteError
+    from melt_bench.running.sweep import SweepInterrupted
 
     args = sys.argv[1:] if argv is None else argv
     try:

@@ -16,8 +16,8 @@ import os
 import time
 from dataclasses import replace
 
-from melt_bench.executors import GpuPoolExecutor, PointRunner, RayExecutor, SerialExecutor
-from melt_bench.sweep_plan import SweepPoint
+from melt_bench.running.executors import GpuPoolExecutor, PointRunner, RayExecutor, SerialExecutor
+from melt_bench.running.sweep_plan import SweepPoint
 
 POINT = SweepPoint("memory", "ouro-tiny", 1, 16, 1, "decode", 2, "float32", "cpu")
 

@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 
 from melt_bench.cli import main as melt_bench
-from melt_bench.measure_latency import token_agreement
-from melt_bench.results import load_results
+from melt_bench.running.results import load_results
+from melt_bench.scenarios.measure_latency import token_agreement
 
 
 def run_engine(args, engine: str) -> Path:

@@ -22,10 +22,10 @@ import statistics
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
-from melt_bench.device_ceilings import device_timer
 from melt_bench.models import OuroConfig, OuroForCausalLM, get_preset
 from melt_bench.models.decode_engine import DecodeEngine
 from melt_bench.models.presets import default_dtype
+from melt_bench.trackers.device_ceilings import device_timer
 from melt_bench.units import parse_dtype
 
 

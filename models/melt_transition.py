@@ -10,7 +10,7 @@ Phase 2, attention-aligned distillation from the frozen Ouro teacher:
 with o the attention output of layer l at loop t. Not reported, chosen here: L_KD is the
 token-mean KL(teacher || student) of the next-token distributions at temperature 1, and the
 squared norm is averaged over tokens and hidden units (an MSE) before the mean over (l, t).
-With masks (bench/convert.py passes them): L_KD over the target tokens only (an answer, for
+With masks (bench/training/convert.py passes them): L_KD over the target tokens only (an answer, for
 question/answer data, as in SFT) and the MSE over every real (non-padding) token.
 
 Both phases run chunk-wise (the model's `chunk_size`): parallel inside a chunk, sequential across

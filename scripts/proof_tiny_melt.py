@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from melt_bench.byte_tokenizer import byte_tokenizer
+from melt_bench.evaluation.byte_tokenizer import byte_tokenizer
+from melt_bench.evaluation.tiny_tasks import write_addition
 from melt_bench.models import MeltForCausalLM, OuroForCausalLM
-from melt_bench.tiny_tasks import write_addition
 
 RECIPE = Path(__file__).resolve().parent.parent / "suites" / "tiny-melt-proof.yaml"
 

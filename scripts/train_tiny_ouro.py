@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from melt_bench.byte_tokenizer import byte_tokenizer
-from melt_bench.convert import ConvertConfig, load_texts, packed_batch
+from melt_bench.evaluation.byte_tokenizer import byte_tokenizer
 from melt_bench.models import OuroConfig, OuroForCausalLM
+from melt_bench.training.convert import ConvertConfig, load_texts, packed_batch
 
 
 def encode(tokenizer, row: dict) -> tuple[list[int], int]:

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from melt_bench.measure_memory import measure_memory_point
+from melt_bench.scenarios.measure_memory import measure_memory_point
 
 
 def oom_at_loops_3(point, *args):
@@ -32,7 +32,7 @@ def raise_error(point, *args):
 
 def write_rows(path, kind: str, count: int) -> None:
     """A small results file of `kind` rows, as a finished sweep leaves it."""
-    from melt_bench.results import ResultRow, ResultsStore
+    from melt_bench.running.results import ResultRow, ResultsStore
 
     store = ResultsStore(path)
     for loops in range(1, count + 1):
@@ -43,7 +43,7 @@ def write_rows(path, kind: str, count: int) -> None:
 def where_am_i(point, hold_s=0.0):
     """A fake point that reports the GPU its child was pinned to, the NVML index melt-bench's
     samplers would read for cuda:0, and when it ran (to see points overlap)."""
-    from melt_bench.memory_trackers import nvml_index_for
+    from melt_bench.trackers.memory_trackers import nvml_index_for
 
     started = time.time()
     time.sleep(hold_s)
@@ -55,7 +55,7 @@ def where_am_i(point, hold_s=0.0):
 def kill_the_worker_at_loops_2(point, gpu=None):
     """A point runner (as executors call it) that kills its own process, a Ray worker, at the
     point with 2 loops: the node or worker dying mid-point."""
-    from melt_bench.launcher import ChildOutcome
+    from melt_bench.running.launcher import ChildOutcome
 
     if point.loops == 2:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -8,7 +8,7 @@ import types
 import pytest
 
 from melt_bench.cli import main
-from melt_bench.nvml import NvmlUnavailable, read_nvml
+from melt_bench.trackers.nvml import NvmlUnavailable, read_nvml
 
 
 def run_cli(*args):

@@ -8,10 +8,10 @@ import torch
 from conftest import one_line_error
 from lm_eval.api.instance import Instance
 
-from melt_bench.accuracy import AccuracyPoint
-from melt_bench.byte_tokenizer import byte_tokenizer
-from melt_bench.lm_eval_adapter import LoopedHFLM
+from melt_bench.evaluation.byte_tokenizer import byte_tokenizer
+from melt_bench.evaluation.lm_eval_adapter import LoopedHFLM
 from melt_bench.models import load_model
+from melt_bench.scenarios.accuracy import AccuracyPoint
 
 CONTEXT, CONTINUATION = "Question: 12+30?\nAnswer:", " #### 42"
 
@@ -105,7 +105,7 @@ def test_chunk_scoring_of_a_sharing_policy_is_refused():
 
 
 def test_the_cli_scores_sharing_policies_as_decoded_and_refuses_chunk(capsys):
-    from melt_bench.sweep_options import resolve_accuracy
+    from melt_bench.scenarios.accuracy_options import resolve_accuracy
 
     flags = dict(tasks="addition", loops="1,3", models="ouro-tiny", kv_policy="per-loop,last-loop", device="cpu")
     points, _ = resolve_accuracy(flags)

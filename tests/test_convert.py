@@ -8,8 +8,8 @@ import torch
 from conftest import one_line_error
 
 from melt_bench.cli import main
-from melt_bench.convert import ConvertConfig, batch_for_step, load_texts, run_convert
 from melt_bench.models import MeltForCausalLM, load_model
+from melt_bench.training.convert import ConvertConfig, batch_for_step, load_texts, run_convert
 
 DATA = Path(__file__).parent / "data" / "gsm8k" / "train.jsonl"
 
@@ -24,7 +24,7 @@ def test_texts_and_deterministic_batches():
     texts = load_texts(str(DATA))
     assert len(texts) == 10 and texts[0].prompt.startswith("Question: ") and texts[0].prompt.endswith("\nAnswer:")
     assert texts[0].target.startswith(" ") and "####" in texts[0].target
-    from melt_bench.byte_tokenizer import byte_tokenizer
+    from melt_bench.evaluation.byte_tokenizer import byte_tokenizer
 
     cfg, tok = config(Path("unused"), seq_len=400), byte_tokenizer()
     a, b = batch_for_step(tok, texts, cfg, 3), batch_for_step(tok, texts, cfg, 3)
@@ -33,7 +33,7 @@ def test_texts_and_deterministic_batches():
 
 
 def test_batches_learn_the_answer_and_never_the_padding(tmp_path):
-    from melt_bench.byte_tokenizer import byte_tokenizer
+    from melt_bench.evaluation.byte_tokenizer import byte_tokenizer
 
     data = tmp_path / "qa.jsonl"
     data.write_text('{"question": "1+1", "answer": "#### 2"}\n{"text": "abcdefghij"}\n')
@@ -139,7 +139,7 @@ def test_decode_chunks_train_targets_exactly_as_melt_generates_them(tmp_path, ch
     """With --decode-chunks the training forward computes, for every target token, what
     prefill-then-decode computes at inference (for a left-padded row when its prompt fits in one
     prefill chunk: chunk 32 here; with chunk 8 the pads shift the prefill split)."""
-    from melt_bench.byte_tokenizer import byte_tokenizer
+    from melt_bench.evaluation.byte_tokenizer import byte_tokenizer
 
     data = tmp_path / "qa.jsonl"
     data.write_text('{"question": "12+34", "answer": "#### 46"}\n{"question": "1+1", "answer": "#### 2"}\n')
@@ -179,7 +179,7 @@ def test_resume_with_other_settings_is_refused_and_oom_is_one_line(tmp_path, cap
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.\nmore text")
 
-    monkeypatch.setattr("melt_bench.convert.run_convert", out_of_memory)
+    monkeypatch.setattr("melt_bench.training.convert.run_convert", out_of_memory)
     err = one_line_error([*argv, "--gradient-checkpointing"], capsys)
     assert "ran out of memory" in err and "checkpoint in" in err and "intact" in err
     assert "add --gradient-checkpointing" not in err[0]

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from melt_bench.convert import ConvertConfig, micro_batches
 from melt_bench.models import load_model
-from melt_bench.results import ResultsStore
+from melt_bench.running.results import ResultsStore
+from melt_bench.training.convert import ConvertConfig, micro_batches
 
 DATA = Path(__file__).parent / "data"
 CONVERT = ["convert", "--from", "ouro-tiny", "--data", str(DATA / "gsm8k" / "train.jsonl"), "--device", "cpu",

@@ -14,7 +14,7 @@ import pytest
 from sweep_helpers import write_rows
 
 from melt_bench.cli import main
-from melt_bench.results import ResultsStore
+from melt_bench.running.results import ResultsStore
 
 SWEEP = ["--models", "ouro-tiny,melt-tiny", "--seq-lens", "32", "--batch-sizes", "1", "--new-tokens", "2",
          "--device", "cpu", "--dtype", "float32", "--no-progress"]
@@ -128,7 +128,7 @@ def test_ctrl_c_stops_the_sweep_keeps_rows_and_exits_130(tmp_path):
 @pytest.fixture
 def offline(monkeypatch):
     """A machine whose hub is out of reach (the probe answers at once) and whose cache is empty."""
-    from melt_bench import hub
+    from melt_bench.running import hub
 
     monkeypatch.setattr(hub, "hub_unreachable_reason", lambda timeout_s=3.0: "huggingface.co:443 unreachable (test)")
     monkeypatch.setattr(hub, "in_local_cache", lambda repo_id, repo_type="model": False)
@@ -152,8 +152,8 @@ def test_hf_hub_offline_without_a_cached_copy_is_one_line(offline, tmp_path, cap
 
 
 def test_a_cached_hub_id_passes_offline(offline):
-    from melt_bench import hub
-    from melt_bench.sweep_options import check_weights
+    from melt_bench.running import hub
+    from melt_bench.running.sweep_options import check_weights
 
     offline.setattr(hub, "in_local_cache", lambda repo_id, repo_type="model": True)
     assert check_weights("ByteDance/Ouro-1.4B") == "ByteDance/Ouro-1.4B"
@@ -200,7 +200,7 @@ def test_accuracy_peaks_do_not_depend_on_model_order_and_lm_eval_stays_in_its_lo
 def test_unexpected_lm_eval_warnings_reach_the_terminal_expected_ones_only_the_log(tmp_path):
     import logging
 
-    from melt_bench.lm_eval_logs import lm_eval_output
+    from melt_bench.evaluation.lm_eval_logs import lm_eval_output
 
     log = tmp_path / "x.lm-eval.log"
     with lm_eval_output(log) as warnings:
@@ -228,7 +228,7 @@ def test_cpu_memory_repeats_are_stable_and_show_their_spread(tmp_path, capsys):
 
 
 def test_the_default_cpu_memory_sweep_repeats_each_point():
-    from melt_bench.sweep_options import resolve_sweep
+    from melt_bench.running.sweep_options import resolve_sweep
 
     assert resolve_sweep("memory", {"device": "cpu"}, None).spec.repeats == 2
     assert resolve_sweep("latency", {"device": "cpu"}, None).spec.repeats == 1
@@ -236,9 +236,9 @@ def test_the_default_cpu_memory_sweep_repeats_each_point():
 
 
 def test_repeats_fold_into_a_median_with_their_range_and_a_failure_marks_the_point(tmp_path):
-    from melt_bench.repeats import combine_repeats
-    from melt_bench.report import build_report
-    from melt_bench.results import ResultRow
+    from melt_bench.reporting.report import build_report
+    from melt_bench.running.repeats import combine_repeats
+    from melt_bench.running.results import ResultRow
 
     def row(loops, repeat, peak, status="ok"):
         point = {"model": "ouro-tiny", "loops": loops, "seq_len": 32, "batch_size": 1, "phase": "decode",
@@ -266,8 +266,8 @@ def test_repeats_fold_into_a_median_with_their_range_and_a_failure_marks_the_poi
 def test_an_even_number_of_repeats_takes_every_figure_from_one_repeat():
     """ms/token and tokens/s of one row once came from different middles (6.14 ms/token beside
     628.9 tok/s): the row now holds the figures of the lower-middle repeat, all of them."""
-    from melt_bench.repeats import combine_repeats
-    from melt_bench.results import ResultRow
+    from melt_bench.running.repeats import combine_repeats
+    from melt_bench.running.results import ResultRow
 
     def row(repeat, ms):
         point = {"model": "ouro-tiny", "loops": 2, "seq_len": 32, "batch_size": 4, "repeat": repeat}
@@ -284,7 +284,7 @@ def test_an_even_number_of_repeats_takes_every_figure_from_one_repeat():
 def test_a_child_whose_parent_stopped_listening_ends_quietly():
     """Ctrl-C once left a BrokenPipeError traceback: the parent had closed its end when the child
     sent its row. The child's send now swallows a closed pipe, whichever comes first."""
-    from melt_bench.launcher import _child_main
+    from melt_bench.running.launcher import _child_main
 
     class ClosedPipe:
         closed = False
@@ -317,7 +317,7 @@ def torn_file(tmp_path) -> Path:
 
 
 def test_a_torn_last_line_is_set_aside_on_resume_and_reported_around(tmp_path, capsys):
-    from melt_bench.results import ResultsStore
+    from melt_bench.running.results import ResultsStore
 
     path = torn_file(tmp_path)
     torn = path.read_bytes().rsplit(b"\n", 1)[1]
@@ -350,7 +350,7 @@ def test_a_corrupt_line_in_the_middle_stays_refused(tmp_path, capsys):
 def test_a_failed_write_ends_the_sweep_in_one_line_with_exit_1(tmp_path, capsys, monkeypatch):
     import errno
 
-    import melt_bench.results as results
+    import melt_bench.running.results as results
 
     path = tmp_path / "full.jsonl"
     real_write, writes = os.write, []

@@ -97,7 +97,7 @@ def test_final_reads_have_no_side_buffer_and_chunk_reads_need_a_chunk_size():
 
 def test_the_decode_reads_axis_on_memory_records_the_side_buffer(tmp_path):
     from melt_bench.cli import main
-    from melt_bench.results import ResultsStore
+    from melt_bench.running.results import ResultsStore
 
     out = tmp_path / "m.jsonl"
     assert main(["memory", "--loops", "3", "--models", "ouro-tiny,melt-tiny", "--seq-lens", "16", "--batch-sizes",
@@ -117,7 +117,7 @@ def test_the_decode_reads_axis_on_memory_records_the_side_buffer(tmp_path):
 
 def test_latency_runs_with_chunk_reads(tmp_path):
     from melt_bench.cli import main
-    from melt_bench.results import ResultsStore
+    from melt_bench.running.results import ResultsStore
 
     out = tmp_path / "l.jsonl"
     assert main(["latency", "--loops", "2", "--models", "melt-tiny", "--seq-lens", "8", "--batch-sizes", "1",

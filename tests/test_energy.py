@@ -5,9 +5,9 @@ import bisect
 
 import pytest
 
-from melt_bench.energy import COUNTER, POWER, EnergyMeter, energy_metrics
-from melt_bench.measure_latency import measure_latency_point
-from melt_bench.sweep_plan import SweepPoint
+from melt_bench.running.sweep_plan import SweepPoint
+from melt_bench.scenarios.measure_latency import measure_latency_point
+from melt_bench.trackers.energy import COUNTER, POWER, EnergyMeter, energy_metrics
 
 IDLE_W, BUSY_W = 60.0, 160.0  # the work adds 100 W
 

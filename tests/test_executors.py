@@ -11,10 +11,10 @@ import torch
 from conftest import one_line_error
 
 from melt_bench.cli import main
-from melt_bench.executors import ExecutorError, GpuPoolExecutor, busy_gpus, make_executor, parse_gpus
-from melt_bench.results import ResultsStore
-from melt_bench.sweep import in_child, run_sweep
-from melt_bench.sweep_plan import SweepPoint
+from melt_bench.running.executors import ExecutorError, GpuPoolExecutor, busy_gpus, make_executor, parse_gpus
+from melt_bench.running.results import ResultsStore
+from melt_bench.running.sweep import in_child, run_sweep
+from melt_bench.running.sweep_plan import SweepPoint
 
 POINT = SweepPoint("memory", "ouro-tiny", 1, 16, 1, "decode", 2, "float32", "cuda:0")
 
@@ -76,7 +76,7 @@ def test_gpu_lists_are_checked_against_the_machine():
 def test_busy_gpus_are_refused_or_warned(monkeypatch):
     nvml = fake_nvml(count=2, busy={1: [4242]})
     assert busy_gpus(["0", "1"], nvml) == {"1": [4242]}
-    monkeypatch.setattr("melt_bench.nvml.load_pynvml", lambda: nvml)
+    monkeypatch.setattr("melt_bench.trackers.nvml.load_pynvml", lambda: nvml)
     with pytest.raises(ExecutorError, match=r"busy with other processes \(GPU 1: pids 4242\)"):
         make_executor("0,1", "local", None, False, "cuda:0", warn=print)
     warnings = []
@@ -148,7 +148,7 @@ def test_a_dead_ray_address_is_one_line_at_once(capsys, tmp_path):
 def test_cpu_memory_points_run_side_by_side_each_with_one_thread(tmp_path):
     """The main job's points share the cores: a pool of CPU workers, each point a child of its
     own with one intra-op thread (recorded), so the peaks (per-process RSS) stay each point's own."""
-    from melt_bench.executors import CpuPoolExecutor
+    from melt_bench.running.executors import CpuPoolExecutor
 
     store = ResultsStore(tmp_path / "m.jsonl")
     cpu_points = [replace(p, device="cpu") for p in points(4)]
@@ -163,9 +163,9 @@ def test_cpu_memory_points_run_side_by_side_each_with_one_thread(tmp_path):
 
 
 def test_a_cpu_memory_row_records_its_one_thread():
-    from melt_bench.executors import ONE_CPU_THREAD, run_pinned
-    from melt_bench.launcher import run_in_child
-    from melt_bench.measure_memory import measure_memory_point
+    from melt_bench.running.executors import ONE_CPU_THREAD, run_pinned
+    from melt_bench.running.launcher import run_in_child
+    from melt_bench.scenarios.measure_memory import measure_memory_point
 
     point = replace(POINT, device="cpu")  # in children: not this process's threads
     pooled = run_in_child(run_pinned, (ONE_CPU_THREAD, measure_memory_point, point), 120)

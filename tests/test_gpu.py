@@ -9,7 +9,7 @@ from conftest import make_melt, make_ouro
 
 from melt_bench.models import get_preset, predict_kv_cache_bytes
 from melt_bench.models.presets import model_class
-from melt_bench.nvml import read_nvml
+from melt_bench.trackers.nvml import read_nvml
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -73,8 +73,8 @@ def test_nvml_sees_a_one_gib_allocation():
 
 @cuda
 def test_latency_timed_with_cuda_events():
-    from melt_bench.measure_latency import measure_latency_point
-    from melt_bench.sweep_plan import SweepPoint
+    from melt_bench.running.sweep_plan import SweepPoint
+    from melt_bench.scenarios.measure_latency import measure_latency_point
 
     point = SweepPoint("latency", "ouro-tiny", 4, 64, 2, "decode", 8, "bfloat16", "cuda:0", warmup=1, timed_runs=3)
     row = measure_latency_point(point)
@@ -85,9 +85,9 @@ def test_latency_timed_with_cuda_events():
 
 @cuda
 def test_capacity_budget_caps_the_cuda_allocator():
-    from melt_bench.launcher import run_in_child
-    from melt_bench.measure_memory import measure_memory_point
-    from melt_bench.sweep_plan import SweepPoint
+    from melt_bench.running.launcher import run_in_child
+    from melt_bench.running.sweep_plan import SweepPoint
+    from melt_bench.scenarios.measure_memory import measure_memory_point
 
     point = SweepPoint("memory", "ouro-1.4b", 1, 128, 1, "decode", 4, "bfloat16", "cuda:0")
     # the weights alone are 2.7 GiB; in a child, so the cap does not stay on this process
@@ -102,7 +102,7 @@ def test_convert_on_cuda_in_bf16_and_checkpointing_lowers_the_peak(tmp_path):
     import json
     from pathlib import Path
 
-    from melt_bench.convert import ConvertConfig, run_convert
+    from melt_bench.training.convert import ConvertConfig, run_convert
 
     data = Path(__file__).parent / "data" / "gsm8k" / "train.jsonl"
     peaks = {}
@@ -122,8 +122,8 @@ def test_convert_on_cuda_in_bf16_and_checkpointing_lowers_the_peak(tmp_path):
 def test_compiled_engine_with_cuda_graphs_decodes_the_eager_tokens(model):
     from dataclasses import replace
 
-    from melt_bench.measure_latency import measure_latency_point
-    from melt_bench.sweep_plan import SweepPoint
+    from melt_bench.running.sweep_plan import SweepPoint
+    from melt_bench.scenarios.measure_latency import measure_latency_point
 
     point = SweepPoint("latency", model, 4, 64, 2, "decode", 8, "float32", "cuda:0", warmup=2, timed_runs=3,
                        engine="compiled")
@@ -144,7 +144,7 @@ def test_compiled_engine_with_cuda_graphs_decodes_the_eager_tokens(model):
 def test_the_gpu_pool_pins_every_point_to_its_gpu(tmp_path):
     """--gpus all: every row ran on one of the machine's GPUs, and NVML's figures are that GPU's."""
     from melt_bench.cli import main
-    from melt_bench.results import ResultsStore
+    from melt_bench.running.results import ResultsStore
 
     out = tmp_path / "m.jsonl"
     assert main(["memory", "--models", "ouro-tiny,melt-tiny", "--loops", "1,2", "--seq-lens", "64", "--batch-sizes",

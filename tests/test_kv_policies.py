@@ -188,7 +188,7 @@ def test_a_bad_policy_or_a_policy_on_melt_is_one_line_and_exit_2(args, needle, c
 
 
 def test_the_sweep_axis_records_each_policy_and_melt_runs_once(tmp_path):
-    from melt_bench.results import ResultsStore
+    from melt_bench.running.results import ResultsStore
 
     out = tmp_path / "m.jsonl"
     assert main(["memory", "--loops", "3", "--models", "ouro-tiny,melt-tiny", "--seq-lens", "16", "--batch-sizes",
@@ -231,8 +231,8 @@ def test_models_lists_the_policies_with_their_kv_bytes(capsys):
 def test_a_chunked_prefill_says_when_the_prompt_itself_was_shared(policy, shared):
     """--prefill-chunk is exact only where the policy keeps every loop's rows: under a sharing
     policy later chunks read the earlier chunks' kept rows, the logits move, and the row says so."""
-    from melt_bench.measure_memory import prefill_chunking
-    from melt_bench.sweep_plan import SweepPoint
+    from melt_bench.running.sweep_plan import SweepPoint
+    from melt_bench.scenarios.point_setup import prefill_chunking
 
     model, tokens = ouro(policy), ids(length=8)
     point = SweepPoint("memory", "ouro-tiny", 4, 8, 2, "prefill", 1, "float32", "cpu", prefill_chunk=3)

@@ -3,11 +3,11 @@
 import pytest
 from conftest import one_line_error
 
-from melt_bench.capacity import Probe, find_max_batch, parse_bytes, probe_fits
 from melt_bench.cli import main
-from melt_bench.measure_latency import RunTiming, measure_latency_point, percentile, summarise
-from melt_bench.results import load_results
-from melt_bench.sweep_plan import SweepPoint
+from melt_bench.running.results import load_results
+from melt_bench.running.sweep_plan import SweepPoint
+from melt_bench.scenarios.capacity import Probe, find_max_batch, parse_bytes, probe_fits
+from melt_bench.scenarios.measure_latency import RunTiming, measure_latency_point, percentile, summarise
 
 SMALL = ["--models", "ouro-tiny,melt-tiny", "--seq-lens", "32", "--new-tokens", "4", "--device", "cpu",
          "--dtype", "float32", "--no-progress"]

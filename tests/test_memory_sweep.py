@@ -12,10 +12,10 @@ import sweep_helpers
 from conftest import one_line_error
 
 from melt_bench.cli import main
-from melt_bench.launcher import run_in_child
-from melt_bench.results import ResultsFileError, ResultsStore, load_results
-from melt_bench.sweep import in_child, run_sweep
-from melt_bench.sweep_options import resolve_sweep
+from melt_bench.running.launcher import run_in_child
+from melt_bench.running.results import ResultsFileError, ResultsStore, load_results
+from melt_bench.running.sweep import in_child, run_sweep
+from melt_bench.running.sweep_options import resolve_sweep
 
 SMALL = ["--models", "ouro-tiny,melt-tiny", "--seq-lens", "32", "--batch-sizes", "2", "--new-tokens", "4",
          "--device", "cpu", "--dtype", "float32", "--repeats", "1", "--no-progress"]

@@ -7,16 +7,17 @@ import types
 import pytest
 import torch
 
-from melt_bench.launcher import run_in_child
-from melt_bench.measure_memory import Trackers, classify_failure, measure_memory_point
-from melt_bench.memory_trackers import (
+from melt_bench.running.launcher import run_in_child
+from melt_bench.running.sweep_plan import SweepPoint
+from melt_bench.scenarios.measure_memory import Trackers, measure_memory_point
+from melt_bench.scenarios.point_setup import classify_failure
+from melt_bench.trackers.memory_trackers import (
     CudaAllocatorTracker,
     NvmlSampler,
     RssTracker,
     current_rss_bytes,
     nvml_index_for,
 )
-from melt_bench.sweep_plan import SweepPoint
 
 GiB = 2**30
 
@@ -132,7 +133,7 @@ def test_gpu_path_through_fakes_records_every_source():
 
 
 def test_fake_oom_at_a_chosen_point_is_recorded(monkeypatch):
-    import melt_bench.measure_memory as mm
+    import melt_bench.scenarios.measure_memory as mm
 
     real_run_phase = mm.run_phase
 

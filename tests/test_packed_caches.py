@@ -129,7 +129,7 @@ def test_flashloop_bytes_for_ouro_1_4b_agree_with_flashloops_own_storage_bytes()
 
 
 def test_measured_kv_per_token_of_packed_caches_is_taken_at_the_probe_length():
-    from melt_bench.accuracy import KV_PROBE_TOKENS, measured_kv_bytes_per_token
+    from melt_bench.scenarios.accuracy import KV_PROBE_TOKENS, measured_kv_bytes_per_token
 
     for spec in (dict(kv_policy="flashloop"), dict(kv_quant="int4"), {}):
         model = load_model("ouro-tiny", **spec)
@@ -157,9 +157,9 @@ def test_bad_packed_cache_combinations_are_one_line(args, needle, capsys, tmp_pa
 
 
 def test_rows_record_the_quantisation_and_latency_runs_on_the_forward_engine():
-    from melt_bench.measure_latency import measure_latency_point
-    from melt_bench.measure_memory import measure_memory_point
-    from melt_bench.sweep_plan import SweepPoint
+    from melt_bench.running.sweep_plan import SweepPoint
+    from melt_bench.scenarios.measure_latency import measure_latency_point
+    from melt_bench.scenarios.measure_memory import measure_memory_point
 
     point = SweepPoint("memory", "melt-tiny", 2, 130, 1, "decode", 4, "float32", "cpu", kv_quant="int4", repeat=0)
     row = measure_memory_point(point)
@@ -180,8 +180,8 @@ def test_rows_record_the_quantisation_and_latency_runs_on_the_forward_engine():
 def test_the_probe_length_is_an_option_and_short_sequences_pack_nothing(capsys):
     """On a 32-token sequence a packed cache holds every row in its full-precision tail: INT4
     saves nothing there, which a 2,048-token probe would hide (the row says which it measured)."""
-    from melt_bench.accuracy import measured_kv_bytes_per_token
-    from melt_bench.sweep_options import resolve_accuracy
+    from melt_bench.scenarios.accuracy import measured_kv_bytes_per_token
+    from melt_bench.scenarios.accuracy_options import resolve_accuracy
 
     plain, int4 = load_model("ouro-tiny"), load_model("ouro-tiny", kv_quant="int4")
     assert measured_kv_bytes_per_token(int4, 4, 32) == measured_kv_bytes_per_token(plain, 4, 32)

@@ -9,10 +9,10 @@ import torch
 from conftest import one_line_error
 from test_convert import config as convert_config
 
-from melt_bench.byte_tokenizer import byte_tokenizer
 from melt_bench.cli import main
-from melt_bench.convert import batch_for_step, load_texts, micro_batches, pack_rows, run_convert
+from melt_bench.evaluation.byte_tokenizer import byte_tokenizer
 from melt_bench.models import MeltForCausalLM, load_model
+from melt_bench.training.convert import batch_for_step, load_texts, micro_batches, pack_rows, run_convert
 
 DATA = Path(__file__).parent / "data" / "gsm8k" / "train.jsonl"
 

@@ -3,9 +3,9 @@ points with training-free ones, its plain verdicts, and their place in the repor
 
 import pandas as pd
 
-from melt_bench.pareto import kv_cost_per_token, matched_memory, pareto_mask, training_free_column, verdicts
-from melt_bench.report import build_report
-from melt_bench.results import ResultRow, ResultsStore, rows_to_frame
+from melt_bench.reporting.pareto import kv_cost_per_token, matched_memory, pareto_mask, training_free_column, verdicts
+from melt_bench.reporting.report import build_report
+from melt_bench.running.results import ResultRow, ResultsStore, rows_to_frame
 
 
 def test_frontier_keeps_only_undominated_points_and_ties():

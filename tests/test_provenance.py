@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 from melt_bench.cli import main
-from melt_bench.measure_memory import predicted_peak
 from melt_bench.models import cost_model, get_preset
-from melt_bench.sweep_options import CPU_DEFAULTS, CUDA_DEFAULTS
-from melt_bench.sweep_plan import SweepPoint
+from melt_bench.running.sweep_options import CPU_DEFAULTS, CUDA_DEFAULTS
+from melt_bench.running.sweep_plan import SweepPoint
+from melt_bench.scenarios.measure_memory import predicted_peak
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

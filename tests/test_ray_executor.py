@@ -10,10 +10,10 @@ import pytest
 import sweep_helpers
 
 from melt_bench.cli import main
-from melt_bench.executors import RayExecutor
-from melt_bench.results import ResultsStore, load_results
-from melt_bench.sweep import in_child, run_sweep
-from melt_bench.sweep_plan import SweepPoint
+from melt_bench.running.executors import RayExecutor
+from melt_bench.running.results import ResultsStore, load_results
+from melt_bench.running.sweep import in_child, run_sweep
+from melt_bench.running.sweep_plan import SweepPoint
 
 ray = pytest.importorskip("ray")
 

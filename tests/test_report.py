@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from melt_bench.cli import main
-from melt_bench.report import build_report, write_report
-from melt_bench.results import ResultRow, ResultsStore
+from melt_bench.reporting.report import build_report, write_report
+from melt_bench.running.results import ResultRow, ResultsStore
 
 GiB = 2**30
 EVIL = "<script>alert(1)</script>"
@@ -89,7 +89,7 @@ def accuracy_row(model, loops, value, weights=None, kv=None):
 
 
 def test_one_model_with_several_weights_is_several_series(tmp_path):
-    from melt_bench.summary_tables import tables_for
+    from melt_bench.reporting.summary_tables import tables_for
 
     rows = [accuracy_row("ouro-tiny", 4, 0.9, "/w/teacher", kv=8192),
             accuracy_row("melt-tiny", 4, 0.0, "/w/melt-fresh", kv=2048),
@@ -185,7 +185,7 @@ def test_a_single_loop_count_gets_one_whole_tick(loops, ticks, limits):
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from melt_bench.report import integer_axis
+    from melt_bench.reporting.report import integer_axis
 
     fig, ax = plt.subplots()
     ax.plot(loops, [1.0])
@@ -198,7 +198,7 @@ def test_loop_axes_tick_whole_numbers_only():
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from melt_bench.report import integer_axis
+    from melt_bench.reporting.report import integer_axis
 
     fig, ax = plt.subplots()
     ax.plot([1, 2, 3], [1.0, 2.0, 3.0])
@@ -235,8 +235,8 @@ def test_every_point_setting_is_an_axis_a_label_or_compared_like_for_like(tmp_pa
     only in --repeats); now each differing setting is named, never mixed."""
     from dataclasses import fields
 
-    from melt_bench.report import LIKE_FOR_LIKE
-    from melt_bench.sweep_plan import SweepPoint
+    from melt_bench.reporting.report import LIKE_FOR_LIKE
+    from melt_bench.running.sweep_plan import SweepPoint
 
     placed = {"command", "model", "loops", "seq_len", "batch_size", "repeat", "weights", "kv_policy", "decode_reads",
               "kv_quant"}

@@ -4,10 +4,10 @@ the latency row's ratios against its own fields."""
 import pytest
 import torch
 
-from melt_bench.measure_latency import measure_latency_point, token_agreement
-from melt_bench.measure_memory import tensor_bytes
 from melt_bench.models import MeltConfig, MeltForCausalLM, OuroConfig, OuroForCausalLM, cost_model, get_preset
-from melt_bench.sweep_plan import SweepPoint
+from melt_bench.running.sweep_plan import SweepPoint
+from melt_bench.scenarios.measure_latency import measure_latency_point, token_agreement
+from melt_bench.scenarios.point_setup import tensor_bytes
 
 # Small enough to count by hand: hidden 4, MLP 6, 2 layers, 2 query heads and 1 KV head of size 2.
 HAND = dict(vocab_size=10, hidden_size=4, intermediate_size=6, num_hidden_layers=2, num_attention_heads=2,

@@ -2,11 +2,11 @@
 
 import pytest
 
-from melt_bench import hub
-from melt_bench.ranges import RangeError, parse_int_list, parse_name_list
-from melt_bench.suite_loader import SuiteError, load_suite, shipped_suites
-from melt_bench.sweep_options import OptionError, check_weights, resolve_sweep
-from melt_bench.sweep_plan import SweepPoint
+from melt_bench.running import hub
+from melt_bench.running.ranges import RangeError, parse_int_list, parse_name_list
+from melt_bench.running.suite_loader import SuiteError, load_suite, shipped_suites
+from melt_bench.running.sweep_options import OptionError, check_weights, resolve_sweep
+from melt_bench.running.sweep_plan import SweepPoint
 
 
 @pytest.mark.parametrize(

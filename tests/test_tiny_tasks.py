@@ -3,8 +3,8 @@
 import json
 
 from melt_bench.cli import main
-from melt_bench.results import load_results
-from melt_bench.tiny_tasks import write_addition
+from melt_bench.evaluation.tiny_tasks import write_addition
+from melt_bench.running.results import load_results
 
 
 def test_addition_splits_are_held_out_and_correct(tmp_path):

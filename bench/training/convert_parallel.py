@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .lm_eval_adapter import distributed_rank
+from melt_bench.running.ranks import distributed_rank
 
 
 def process_group(cpu: bool) -> tuple[int, int]:

@@ -4,7 +4,6 @@ loaded weights, and local copies of task data for machines without the hub."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import lm_eval
@@ -13,8 +12,8 @@ from lm_eval.models.huggingface import HFLM
 
 from melt_bench.models.kv_policy import is_training_free, parse_kv_policy, policy_alters_rows
 from melt_bench.models.packed_cache import quant_bits
-
-from .jsonl import iter_jsonl
+from melt_bench.running.jsonl import iter_jsonl
+from melt_bench.running.ranks import distributed_rank
 
 EXIT_MODES = ("last", "step:K", "threshold:P", "expected", "official")
 # How a log-likelihood request's continuation is scored: "chunk" in one forward over context +
@@ -64,11 +63,6 @@ def exit_kwargs(mode: str) -> dict:
     except ValueError:
         pass
     raise ValueError(f"exit mode {mode!r} is not one of {', '.join(EXIT_MODES)} (K >= 1, 0 < P <= 1)")
-
-
-def distributed_rank() -> tuple[int, int]:
-    """(local rank, world size) under `accelerate launch` / torchrun; (0, 1) otherwise."""
-    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class LoopedHFLM(HFLM):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from .results import ResultRow
+from melt_bench.running.results import ResultRow
 
 # Per kind, the figures whose spread over repeats is kept as `<name>_repeat_min` / `_repeat_max`.
 SPREAD_METRICS = {

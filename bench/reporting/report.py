@@ -21,12 +21,12 @@ from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 from markupsafe import Markup  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from . import __version__  # noqa: E402
-from .pareto import kv_cost_per_token, matched_memory, pareto_mask, verdicts  # noqa: E402
-from .repeats import combine_repeats  # noqa: E402
-from .results import ResultsStore, rows_to_frame  # noqa: E402
-from .summary_tables import latest_rows  # noqa: E402
-from .units import format_bytes  # noqa: E402
+from melt_bench import __version__  # noqa: E402
+from melt_bench.reporting.pareto import kv_cost_per_token, matched_memory, pareto_mask, verdicts  # noqa: E402
+from melt_bench.reporting.summary_tables import latest_rows  # noqa: E402
+from melt_bench.running.repeats import combine_repeats  # noqa: E402
+from melt_bench.running.results import ResultsStore, rows_to_frame  # noqa: E402
+from melt_bench.units import format_bytes  # noqa: E402
 
 GiB = 2**30
 MARKERS = ("o", "s", "^", "D", "v", "P")
@@ -432,7 +432,7 @@ def build_report(paths: list[Path], compare: list[Path] | None = None, title: st
                             latency_section(frame), capacity_section(frame), accuracy_section(frame)) if s]
     if compare:
         sections.append(compare_section(frame, load_frame(compare)))
-    environment = Environment(loader=PackageLoader("melt_bench", "templates"),
+    environment = Environment(loader=PackageLoader("melt_bench.reporting", "templates"),
                               autoescape=select_autoescape(["html", "j2"]))
     return environment.get_template("report.html.j2").render(
         title=title or "melt-bench report: " + ", ".join(p.name for p in paths),

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-_PRELOAD = ["torch", "melt_bench.measure_memory"]  # torch, transformers, the models, the trackers
+_PRELOAD = ["torch", "melt_bench.scenarios.measure_memory"]  # torch, transformers, the models, the trackers
 _context = None
 _live: set = set()  # children running now (several at once under --gpus)
 _live_lock = threading.Lock()

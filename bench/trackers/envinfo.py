@@ -9,8 +9,8 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import __version__
-from .nvml import NvmlUnavailable, read_nvml
+from melt_bench import __version__
+from melt_bench.trackers.nvml import NvmlUnavailable, read_nvml
 
 
 @dataclass

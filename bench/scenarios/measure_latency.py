@@ -9,7 +9,7 @@ own HF forward() per token, as generate() does. Prefill is the model's forward i
 
 Every row carries its roofline: the bytes and FLOPs the config implies (models/cost_model.py),
 the device's bandwidth and matmul rate measured in this child before the point, and the ratios
-(MBU, MFU). On NVIDIA GPUs it also carries energy per prefill and per token (bench/energy.py).
+(MBU, MFU). On NVIDIA GPUs it also carries energy per prefill and per token (trackers/energy.py).
 """
 
 from __future__ import annotations
@@ -25,13 +25,12 @@ from melt_bench.models import cost_model, load_model
 from melt_bench.models.decode_engine import DecodeEngine, StepOutput
 from melt_bench.models.names import LATENCY_ENGINES
 from melt_bench.models.packed_cache import PackedKVCache
-
-from .device_ceilings import DeviceCeilings, measure_ceilings
-from .energy import EnergyMeter, energy_metrics, open_meter
-from .measure_memory import classify_failure, kv_metrics, prefill_chunking
-from .memory_trackers import nvml_index_for
-from .sweep_plan import SweepPoint
-from .units import parse_dtype
+from melt_bench.running.sweep_plan import SweepPoint
+from melt_bench.scenarios.point_setup import classify_failure, kv_metrics, prefill_chunking
+from melt_bench.trackers.device_ceilings import DeviceCeilings, measure_ceilings
+from melt_bench.trackers.energy import EnergyMeter, energy_metrics, open_meter
+from melt_bench.trackers.memory_trackers import nvml_index_for
+from melt_bench.units import parse_dtype
 
 ENGINES = LATENCY_ENGINES
 

@@ -8,9 +8,9 @@ from typing import Callable
 
 from rich.table import Table
 
-from .repeats import combine_repeats, spread_text
-from .results import ResultRow, model_label, model_labels
-from .units import format_bytes
+from melt_bench.running.repeats import combine_repeats, spread_text
+from melt_bench.running.results import ResultRow, model_label, model_labels
+from melt_bench.units import format_bytes
 
 
 def latest_rows(rows: list[ResultRow]) -> list[ResultRow]:

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import torch
 
+from melt_bench.evaluation.byte_tokenizer import load_tokenizer
+from melt_bench.evaluation.lm_eval_logs import lm_eval_output
 from melt_bench.models import load_model
-
-from .lm_eval_logs import lm_eval_output
-from .measure_memory import classify_failure, kv_metrics
-from .memory_trackers import CudaAllocatorTracker, RssTracker
-from .results import ResultRow, ResultsStore
-from .sweep import in_child, pending_points, run_sweep
-from .units import parse_dtype
+from melt_bench.running.ranks import distributed_rank, gather_from_ranks
+from melt_bench.running.results import ResultRow, ResultsStore
+from melt_bench.running.sweep import in_child, pending_points, run_sweep
+from melt_bench.scenarios.point_setup import classify_failure, kv_metrics
+from melt_bench.trackers.memory_trackers import CudaAllocatorTracker, RssTracker
+from melt_bench.units import parse_dtype
 
 
 @dataclass(frozen=True)
@@ -72,19 +73,6 @@ def metric_rows(results: dict, task: str) -> list[tuple[str, str, float, float |
     return rows
 
 
-def load_tokenizer(weights: str | None, tokenizer: str | None):
-    """The tokenizer to use: --tokenizer, else the checkpoint's, else the built-in byte tokenizer
-    (random weights have no tokenizer of their own)."""
-    source = tokenizer or weights
-    if source is None:
-        from .byte_tokenizer import byte_tokenizer
-
-        return byte_tokenizer()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(source)
-
-
 def run_accuracy(
     points: list[AccuracyPoint],
     store: ResultsStore,
@@ -102,8 +90,6 @@ def run_accuracy(
     `executor` (one at a time, one per GPU, or Ray tasks). Under `accelerate launch` every rank
     evaluates in its own process instead (the ranks form one process group). lm-eval's output
     goes to `log_path`. Returns (run, skipped)."""
-    from .lm_eval_adapter import distributed_rank
-
     args = (task_manager, tokenizer_source, meta, log_path)
     if distributed_rank()[1] > 1:
         return _run_on_ranks(points, store, args, retry_failed)
@@ -136,8 +122,7 @@ def evaluate_point(point: AccuracyPoint, task_manager, tokenizer_source: str | N
     unexpected lm-eval warnings (the rest is in `log_path`)."""
     from lm_eval import simple_evaluate
 
-    from .lm_eval_adapter import LoopedHFLM, distributed_rank
-
+    from melt_bench.evaluation.lm_eval_adapter import LoopedHFLM
     device = point.device
     local_rank, world = distributed_rank()
     if world > 1 and device.startswith("cuda"):
@@ -174,16 +159,6 @@ def measured_side_buffer_bytes(model, loops: int) -> int:
     cache of one chunk's capacity, allocated; 0 where decoded tokens read final rows)."""
     chunk = model.model.policy.open_chunk
     return 0 if chunk is None else model.new_cache(loops, capacity=chunk, batch_size=1).side_nbytes()
-
-
-def gather_from_ranks(value):
-    """Under accelerate launch: every rank's `value`, in rank order (all ranks must call this);
-    None in a single process."""
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return None
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
 
 
 def responses_hash(results: dict, task: str) -> str:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from .results import ResultsFileError, ResultsStore
-from .units import format_seconds
+from melt_bench.running.results import ResultsFileError, ResultsStore
+from melt_bench.units import format_seconds
 
 
 def planned_workers(placement: dict) -> int | None:
@@ -21,7 +21,7 @@ def planned_workers(placement: dict) -> int | None:
     if gpus is None:
         return placement.get("cpu_workers") or 1
     if gpus.strip() == "all":
-        from .nvml import NvmlUnavailable, load_pynvml
+        from melt_bench.trackers.nvml import NvmlUnavailable, load_pynvml
 
         try:
             return load_pynvml().nvmlDeviceGetCount() or None

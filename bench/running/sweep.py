@@ -8,10 +8,10 @@ from typing import Callable
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .executors import PointRunner, SerialExecutor
-from .launcher import ChildOutcome
-from .results import ResultRow, ResultsStore
-from .sweep_plan import SweepPoint
+from melt_bench.running.executors import PointRunner, SerialExecutor
+from melt_bench.running.launcher import ChildOutcome
+from melt_bench.running.results import ResultRow, ResultsStore
+from melt_bench.running.sweep_plan import SweepPoint
 
 
 class SweepInterrupted(Exception):

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
-from .launcher import ChildOutcome, kill_children, run_in_child
-from .sweep_plan import SweepPoint
+from melt_bench.running.launcher import ChildOutcome, kill_children, run_in_child
+from melt_bench.running.sweep_plan import SweepPoint
 
 
 class ExecutorError(ValueError):
@@ -248,7 +248,7 @@ def make_executor(gpus: str | None, executor: str, ray_address: str | None, allo
         return CpuPoolExecutor(cpu_workers) if cpu_workers > 1 and device == "cpu" else SerialExecutor()
     if not device.startswith("cuda"):
         raise ExecutorError(f"--gpus runs CUDA points; this sweep runs on {device}")
-    from .nvml import NvmlUnavailable, load_pynvml
+    from melt_bench.trackers.nvml import NvmlUnavailable, load_pynvml
 
     try:
         nvml = load_pynvml()

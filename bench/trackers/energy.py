@@ -121,7 +121,7 @@ class EnergyMeter:
 
 def open_meter(device_index: int | str) -> EnergyMeter | str:
     """An EnergyMeter for the NVML device (index or UUID), or the reason there is none."""
-    from .nvml import NvmlUnavailable, load_pynvml
+    from melt_bench.trackers.nvml import NvmlUnavailable, load_pynvml
 
     try:
         nvml = load_pynvml()

@@ -70,8 +70,8 @@ import torch.nn.functional as F
 
 from melt_bench.models import MeltForCausalLM, OuroForCausalLM, load_model
 from melt_bench.models.melt_transition import ATTENTION_WEIGHT, distillation_loss, transition_alpha, transition_logits
-
-from .convert_parallel import (
+from melt_bench.running.jsonl import iter_jsonl
+from melt_bench.training.convert_parallel import (
     full_state,
     full_weights,
     held_bytes,
@@ -80,8 +80,7 @@ from .convert_parallel import (
     shard,
     sum_across_ranks,
 )
-from .convert_run_dir import CHECKPOINT, LOG
-from .jsonl import iter_jsonl
+from melt_bench.training.convert_run_dir import CHECKPOINT, LOG
 
 
 @dataclass
@@ -360,8 +359,9 @@ def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | N
     """Train; returns the directory holding the final `save_pretrained` MELT model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .accuracy import gather_from_ranks, load_tokenizer
-    from .units import parse_dtype
+    from melt_bench.evaluation.byte_tokenizer import load_tokenizer
+    from melt_bench.running.ranks import gather_from_ranks
+    from melt_bench.units import parse_dtype
 
     rank, ranks = process_group(cpu=torch.device(config.device).type == "cpu")
     if config.fsdp and ranks == 1:

@@ -7,7 +7,7 @@ import itertools
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from .ranges import RangeError, parse_int_list, parse_name_list
+from melt_bench.running.ranges import RangeError, parse_int_list, parse_name_list
 
 PHASES = ("prefill", "decode", "generate")
 _OPTIONAL = ("warmup", "timed_runs", "early_exit", "engine", "static_cache", "memory_budget_bytes", "prefill_chunk",

@@ -15,8 +15,7 @@ import torch
 
 from melt_bench.models import count_parameters, get_preset, kv_bytes_per_token
 from melt_bench.models.kv_policy import kv_side_buffer_bytes
-
-from .units import parse_dtype
+from melt_bench.units import parse_dtype
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -120,9 +119,9 @@ def search_capacity(point, budget_bytes: int, timeout_s: float, limit: int = 409
     Every probe runs in a fresh child (pinned to `gpu` when given: --gpus, Ray)."""
     from dataclasses import asdict, replace
 
-    from .executors import run_pinned
-    from .launcher import run_in_child
-    from .measure_memory import measure_memory_point
+    from melt_bench.running.executors import run_pinned
+    from melt_bench.running.launcher import run_in_child
+    from melt_bench.scenarios.measure_memory import measure_memory_point
 
     def probe(batch: int) -> Probe:
         memory_point = replace(point, command="memory", batch_size=batch, memory_budget_bytes=None)

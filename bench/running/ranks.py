@@ -1,0 +1,23 @@
+"""Under `accelerate launch` / torchrun: which rank this process is, and every rank's value of
+something (memory per rank). A single process is rank 0 of 1."""
+
+from __future__ import annotations
+
+import os
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(local rank, world size) under `accelerate launch` / torchrun; (0, 1) otherwise."""
+    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gather_from_ranks(value):
+    """Under accelerate launch: every rank's `value`, in rank order (all ranks must call this);
+    None in a single process."""
+    import torch
+
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered

@@ -1,0 +1,117 @@
+"""From the accuracy command's flags to its points: the sweeps' option rules (running/sweep_options.py)
+plus what lm-eval needs checked before anything runs (its tasks, their local data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from melt_bench.running import hub
+from melt_bench.running.ranges import RangeError
+from melt_bench.running.sweep_options import (
+    CPU_DEFAULTS,
+    CUDA_DEFAULTS,
+    OptionError,
+    check_packed_caches,
+    check_weights,
+    resolve_decode_reads,
+    resolve_device,
+    resolve_kv_policies,
+    resolve_kv_quants,
+    validate_spec,
+)
+from melt_bench.running.sweep_plan import SweepSpec, as_int_list, as_name_list
+from melt_bench.scenarios.accuracy import AccuracyPoint
+
+
+def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
+    """AccuracyPoints from the accuracy command's flags (None = not given), and notices."""
+    from melt_bench.evaluation.lm_eval_adapter import (
+        CONTINUATION_SCORING,
+        chunk_scoring_problem,
+        default_scoring,
+        exit_kwargs,
+    )
+
+    notices = []
+    device = resolve_device(flags.get("device") or "auto")
+    defaults = CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
+    if flags.get("models") is None and device == "cpu":
+        notices.append("no CUDA device: using the tiny CPU presets ouro-tiny,melt-tiny (pass --models to choose)")
+    try:
+        models = as_name_list(flags.get("models") or defaults["models"], "--models")
+        loops = as_int_list(flags.get("loops") or "1,2,4", "--loops")
+        tasks = as_name_list(flags.get("tasks") or "gsm8k", "--tasks")
+    except RangeError as exc:
+        raise OptionError(str(exc)) from exc
+    dtype = flags.get("dtype") or defaults["dtype"]
+    spec = SweepSpec("accuracy", models, loops, [1], [1], dtype=dtype, device=device)
+    validate_spec(spec)
+    try:
+        exit_kwargs(flags.get("exit_mode") or "last")
+    except ValueError as exc:
+        raise OptionError(f"--exit-mode: {exc}") from exc
+    for name in ("num_fewshot", "limit", "max_gen_toks"):
+        value = flags.get(name)
+        if value is not None and value < (0 if name == "num_fewshot" else 1):
+            raise OptionError(f"--{name.replace('_', '-')}: {value} is out of range")
+    if (flags.get("batch_size") or 1) < 1:
+        raise OptionError(f"--batch-size: {flags['batch_size']} must be at least 1")
+    data_dir = flags.get("data_dir")
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            raise OptionError(f"--data-dir {data_dir}: no such directory")
+        data_dir = str(path.resolve())
+    weights = check_weights(flags.get("weights"))
+    spec.kv_policies = resolve_kv_policies(flags.get("kv_policy"), models)
+    spec.decode_reads = resolve_decode_reads(flags.get("decode_reads"), models)
+    kv_quants = resolve_kv_quants(flags.get("kv_quant"))
+    probe = flags.get("kv_probe_tokens")
+    if probe is not None and probe < 1:
+        raise OptionError(f"--kv-probe-tokens: {probe} must be at least 1")
+    scoring = flags.get("score_continuation_as")
+    if scoring is not None and scoring not in CONTINUATION_SCORING:
+        raise OptionError(f"--score-continuation-as: {scoring!r} is not one of {', '.join(CONTINUATION_SCORING)}")
+    points = [
+        AccuracyPoint(model, loop, task, flags.get("exit_mode") or "last", flags.get("num_fewshot"),
+                      flags.get("limit"), flags.get("batch_size") or 1, flags.get("max_gen_toks"), dtype,
+                      device, weights, data_dir, kv_policy=policy, decode_reads=reads,
+                      score_continuation_as=scoring or default_scoring(policy, loop, quant), kv_quant=quant,
+                      # a length matters only to packed caches: other points keep their ids
+                      kv_probe_tokens=probe if policy == "flashloop" or quant else None)
+        for model in models for policy in spec.policies_for(model) for reads in spec.decode_reads_for(model)
+        for quant in kv_quants for task in tasks for loop in loops
+    ]
+    check_packed_caches(points, "accuracy")
+    for point in points:
+        problem = chunk_scoring_problem(point.kv_policy, point.loops, point.kv_quant)
+        if point.score_continuation_as == "chunk" and problem:
+            raise OptionError(f"--score-continuation-as: {problem}")
+    return points, notices
+
+
+def check_tasks(tasks: list[str], data_dir: str | None, scratch: Path):
+    """Every task must be one lm-eval knows; with --data-dir, its local files must be there and
+    well formed (their task YAMLs are written into `scratch`). Checked before anything runs or
+    any results file is opened. Returns the lm-eval TaskManager the run evaluates with."""
+    from lm_eval.tasks import TaskManager
+
+    from melt_bench.evaluation.lm_eval_adapter import local_task_dir
+
+    if data_dir is None and (problem := hub.hub_problem()):  # before lm-eval indexes its tasks (10 s)
+        raise OptionError(f"--tasks {','.join(tasks)}: task data come from the hub and {problem}; pass "
+                          "--data-dir DIR with DIR/TASK/{train,test}.jsonl (e.g. ../shared/data), or set "
+                          "HF_DATASETS_OFFLINE=1 if they are cached")
+    include = None
+    if data_dir is not None:
+        try:
+            include = [str(local_task_dir(Path(data_dir), tasks, scratch))]
+        except (FileNotFoundError, ValueError) as exc:
+            raise OptionError(str(exc)) from exc
+    # With --data-dir every task is one of ours (its YAML names lm-eval's by path): indexing
+    # lm-eval's 14,000 built-in tasks as well took 10 s, and a parent does it once per run.
+    manager = TaskManager(include_path=include, include_defaults=include is None)
+    unknown = [task for task in tasks if task not in set(manager.all_tasks)]
+    if unknown:
+        raise OptionError(f"--tasks: lm-eval knows no task {', '.join(repr(t) for t in unknown)}")
+    return manager

@@ -1,0 +1,60 @@
+"""What every scenario's child does around its measurement: how a failure is classified (an OOM
+is data), how a model's weights and KV settings are read into the row, how the prompt is
+prefilled. One place, so memory, latency, capacity and accuracy agree."""
+
+from __future__ import annotations
+
+import torch
+
+from melt_bench.running.sweep_plan import SweepPoint
+
+
+def classify_failure(exc: BaseException) -> str:
+    """'oom' for out-of-memory of any device, else 'error'."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return "oom"
+    text = str(exc).lower()
+    if "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text:
+        return "oom"
+    return "error"
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the storages behind a module's parameters and buffers (each storage once)."""
+    seen, total = set(), 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def prefill_chunking(model, point: SweepPoint) -> tuple[list[int] | None, dict]:
+    """How the prompt is prefilled: chunk_starts for forward(), and the row's fields saying so:
+    `prefill_chunk_tokens` (tokens per chunk) and `prompt_kv_shared`. An Ouro-family model takes
+    `point.prefill_chunk`; MELT chunks by its config's chunk_size, which is part of the model (its
+    results depend on it). A later chunk reads the earlier chunks' rows as the KV policy keeps
+    them: exact for per-loop (each loop's own rows, as one whole prefill), but under a policy that
+    shares rows across loops (last-loop, mean, modulo:N below the loops, MELT) the prompt itself
+    is then processed under the sharing, not only the decoded tokens (the Ouro paper's KV-sharing
+    study shares at decode, after a whole prefill): `prompt_kv_shared` is True there."""
+    policy = model.model.policy
+    own = policy.chunk_size
+    if own is not None:
+        starts, tokens = None, min(own, point.seq_len)
+    elif point.prefill_chunk is None or point.prefill_chunk >= point.seq_len:
+        starts, tokens = None, point.seq_len
+    else:
+        starts, tokens = list(range(0, point.seq_len, point.prefill_chunk)), point.prefill_chunk
+    shared = tokens < point.seq_len and policy.shares_rows(point.loops)
+    return starts, {"prefill_chunk_tokens": tokens, "prompt_kv_shared": shared}
+
+
+def kv_metrics(model) -> dict:
+    """How the point's keys/values were kept: the KV policy it ran under and, for MELT, its chunk
+    size and what decoded tokens read (decode_reads)."""
+    metrics = {"kv_policy": model.model.policy.name, "kv_quant": model.config.kv_quant or "none"}
+    if hasattr(model.config, "decode_reads"):
+        metrics.update(chunk_size=model.config.chunk_size, decode_reads=model.config.decode_reads)
+    return metrics
