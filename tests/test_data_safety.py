@@ -327,9 +327,9 @@ def test_a_torn_last_line_is_set_aside_on_resume_and_reported_around(tmp_path, c
     # --resume moves the torn bytes beside the file, says so in one line, and goes on
     store = ResultsStore(path)
     assert len(store.read()) == 2 and store.torn_tail == torn
-    from melt_bench.cli import _open_store
+    from melt_bench.commands.support import open_store
 
-    _open_store("latency", path, resume=True)
+    open_store("latency", path, resume=True)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "last line was torn" in err[0] and "torn.jsonl.torn" in err[0]
     assert path.with_name("torn.jsonl.torn").read_bytes() == torn + b"\n"

@@ -1,0 +1,1 @@
+"""The command line's pieces, one module per group of commands; `melt_bench.cli` assembles them."""

@@ -1,0 +1,134 @@
+"""`melt-bench accuracy`: lm-eval tasks per model and loop count, through the sweeps' runner."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from melt_bench.commands.app import UserError, app, console
+from melt_bench.commands.options import (
+    ALLOW_BUSY,
+    DECODE_READS,
+    DEVICE,
+    DTYPE,
+    EXECUTOR,
+    GPUS,
+    KV_POLICY,
+    KV_QUANT,
+    MODELS,
+    OUT,
+    PROGRESS,
+    RAY_ADDRESS,
+    REPORT,
+    RESUME,
+    RETRY,
+    WEIGHTS,
+)
+from melt_bench.commands.support import (
+    check_something_measured,
+    check_syntax,
+    executor_for,
+    open_store,
+    plural,
+    print_tables,
+    write_report,
+)
+
+
+@app.command()
+def accuracy(
+    tasks: str = typer.Option("gsm8k", help="lm-eval task names, comma-separated"),
+    loops: Optional[str] = typer.Option(None, help="loop counts (default: 1,2,4)"),
+    models: Optional[str] = MODELS,
+    weights: Optional[str] = WEIGHTS,
+    tokenizer: Optional[str] = typer.Option(None, help="tokenizer dir or hub id (default: the checkpoint's; a byte "
+                                            "tokenizer for random weights)"),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="few-shot examples (default: the task's)"),
+    limit: Optional[int] = typer.Option(None, help="evaluate only the first N documents"),
+    batch_size: int = typer.Option(1, "--batch-size", help="sequences per forward / generate call"),
+    max_gen_toks: Optional[int] = typer.Option(None, "--max-gen-toks", help="generation cap (default: lm-eval's)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local task data: DIR/TASK/{train,test}.jsonl "
+                                            "(default: the hub)"),
+    exit_mode: str = typer.Option("last", "--exit-mode", help="last | step:K | threshold:P | expected | official "
+                                  "(the released Ouro code's default rule, in the model's dtype)"),
+    kv_policy: Optional[str] = KV_POLICY,
+    decode_reads: Optional[str] = DECODE_READS,
+    kv_quant: Optional[str] = KV_QUANT,
+    kv_probe_tokens: Optional[int] = typer.Option(
+        None, "--kv-probe-tokens", help="the length the row's KV bytes per token are measured at, one prompt of N "
+        "tokens (default 2048). Packed caches (flashloop, --kv-quant) keep their newest 64-127 rows at full "
+        "precision, so their bytes per token depend on it: give the task's sequence length to see what they hold "
+        "there"),
+    score_continuation_as: Optional[str] = typer.Option(
+        None, "--score-continuation-as", help="log-likelihood tasks: chunk (context + continuation in one "
+        "forward: for MELT the continuation reads its chunk's same-loop rows) | decode (the context prefilled, then "
+        "each continuation token as generation computes it under the KV policy); equal for per-loop Ouro and "
+        "chunk-grid MELT. Default: chunk, but decode under a KV policy that shares rows across loops (last-loop, "
+        "mean, ...), where one forward would score per-loop Ouro; chunk is refused there"),
+    dtype: Optional[str] = DTYPE,
+    device: Optional[str] = DEVICE,
+    out: Optional[Path] = OUT,
+    resume: bool = RESUME,
+    retry_failed: bool = RETRY,
+    point_timeout: Optional[float] = typer.Option(None, "--point-timeout", help="seconds one point may take "
+                                                  "(default: no limit; an evaluation can take hours)"),
+    progress: bool = PROGRESS,
+    report: bool = REPORT,
+    gpus: Optional[str] = GPUS,
+    executor: str = EXECUTOR,
+    ray_address: Optional[str] = RAY_ADDRESS,
+    allow_busy_gpus: bool = ALLOW_BUSY,
+) -> None:
+    """lm-eval tasks (gsm8k first) for each model across loop counts, with peak memory."""
+    flags = dict(tasks=tasks, loops=loops, models=models, weights=weights, num_fewshot=num_fewshot, limit=limit,
+                 batch_size=batch_size, max_gen_toks=max_gen_toks, data_dir=data_dir, exit_mode=exit_mode,
+                 dtype=dtype, device=device, kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant,
+                 kv_probe_tokens=kv_probe_tokens, score_continuation_as=score_continuation_as,
+                 point_timeout=point_timeout)
+    check_syntax(flags)
+    if retry_failed and not resume:
+        raise UserError("--retry-failed re-runs the failed points of an existing --out: it needs --resume")
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks > 1 and (gpus is not None or executor != "local"):
+        raise UserError("--gpus / --executor ray place points in children; under accelerate launch every rank "
+                        "evaluates each point in its own process")
+    if ranks == 1:  # one process: each point in a child (accuracy.py)
+        from melt_bench.running.launcher import start_fork_server
+
+        start_fork_server("melt_bench.scenarios.accuracy", "melt_bench.evaluation.lm_eval_adapter")
+    import tempfile
+
+    from melt_bench.evaluation.lm_eval_logs import lm_eval_output, log_path_for
+    from melt_bench.running.sweep_options import OptionError, check_tokenizer
+    from melt_bench.scenarios.accuracy import run_accuracy
+    from melt_bench.scenarios.accuracy_options import check_tasks, resolve_accuracy
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            tokenizer = check_tokenizer(tokenizer)
+            points, notices = resolve_accuracy(flags)
+            with lm_eval_output(None) as warnings:
+                task_manager = check_tasks(sorted({p.task for p in points}), points[0].data_dir, Path(scratch))
+        except OptionError as exc:
+            raise UserError(str(exc)) from exc
+        placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
+        runs_on = None if ranks > 1 else executor_for(placement, points[0].device)
+        for line in [*notices, *(f"lm-eval warning: {w}" for w in warnings)]:
+            print(f"melt-bench: {line}", file=sys.stderr)
+        store, meta = open_store("accuracy", out, resume)
+        log = log_path_for(store.path)
+        console.print(f"lm-eval's own output (progress, log lines): {log}", highlight=False)
+        before = len(store.read())
+        try:
+            ran, skipped = run_accuracy(points, store, meta, task_manager, tokenizer, log, show_progress=progress,
+                                        executor=runs_on, retry_failed=retry_failed, timeout_s=point_timeout)
+        except FileNotFoundError as exc:
+            raise UserError(str(exc)) from exc
+    print_tables("accuracy", store, {p.point_id for p in points})
+    console.print(f"{plural(ran, 'run')}, {skipped} already recorded; results in {store.path}")
+    if report:
+        console.print(f"report written to {write_report([store.path], None)}")
+    check_something_measured(store, before)

@@ -1,0 +1,102 @@
+"""Options the sweep commands share (None = not given, so a suite or a machine default decides)."""
+
+from __future__ import annotations
+
+import typer
+
+from melt_bench.running.sweep_options import COMMON_DEFAULTS, CPU_DEFAULTS, CPU_MEMORY_DEFAULTS, CUDA_DEFAULTS
+
+_GPU, _CPU = CUDA_DEFAULTS, CPU_DEFAULTS
+
+
+LOOPS = typer.Option(None, help="loop counts: 1..16, 1..16:2, 1,2,4,8 or mixes (default: 1..16)")
+
+
+SEQ_LENS = typer.Option(None, "--seq-lens", help=f"prompt lengths in tokens (default: {_GPU['seq_lens']} on CUDA, "
+                         f"{_CPU['seq_lens']} on CPU)")
+
+
+BATCH_SIZES = typer.Option(None, "--batch-sizes", help=f"batch sizes (default: {_GPU['batch_sizes']} on CUDA, "
+                            f"{_CPU['batch_sizes']} on CPU)")
+
+
+MODELS = typer.Option(None, "--models", help=f"presets (default: {_GPU['models']} on CUDA, {_CPU['models']} on CPU)")
+
+
+NEW_TOKENS = typer.Option(None, "--new-tokens", help=f"tokens to decode after the prompt (default: "
+                           f"{COMMON_DEFAULTS['new_tokens']}; {CPU_MEMORY_DEFAULTS['new_tokens']} for memory on CPU)")
+
+
+DTYPE = typer.Option(None, help=f"bfloat16 | float16 | float32 (default: {_GPU['dtype']} on CUDA, "
+                      f"{_CPU['dtype']} on CPU)")
+
+
+DEVICE = typer.Option(None, help="auto | cpu | cuda[:N] (default: auto)")
+
+
+WEIGHTS = typer.Option(None, help="checkpoint directory or hub id (default: random weights)")
+
+
+OUT = typer.Option(None, help="results file (default: results/COMMAND-TIMESTAMP.jsonl)")
+
+
+RESUME = typer.Option(False, "--resume", help="continue --out, running only points not recorded yet")
+
+
+RETRY = typer.Option(False, "--retry-failed", help="with --resume, also re-run timeout/error points")
+
+
+SUITE = typer.Option(None, help="suite name (suites/NAME.yaml) or YAML path; flags win")
+
+
+TIMEOUT = typer.Option(None, "--point-timeout", help="seconds one point may take (default: 600)")
+
+
+DRY_RUN = typer.Option(False, "--dry-run", help="list the points and exit")
+
+
+PROGRESS = typer.Option(True, "--progress/--no-progress", help="show the progress bar")
+
+
+REPORT = typer.Option(False, "--report", help="write an HTML report of the results file at the end (reports/)")
+
+
+KV_POLICY = typer.Option(None, "--kv-policy", help="training-free KV policies for Ouro-family models: "
+                          "per-loop,last-loop,mean,first-loop,modulo:N,first-then-shared:S, flashloop "
+                          "(FlashLoop 0.1.0's cross-loop INT4 cache: loops 1-4, batch 1) (default: each model's own; "
+                          "MELT keeps its gated policy)")
+
+
+GPUS = typer.Option(None, "--gpus", help="run up to one point per GPU at a time, each in a child pinned to its "
+                     "GPU: 0,1,2,3 or all (CUDA sweeps; default: one point at a time)")
+
+
+# a backslash before "[" keeps rich's markup from eating "[ray]" in the rendered help
+EXECUTOR = typer.Option("local", "--executor", help="local (this machine) | ray (Ray tasks across a cluster; "
+                         'pip install "melt-bench\\[ray]")')
+
+
+RAY_ADDRESS = typer.Option(None, "--ray-address", help="--executor ray: the cluster to join (default: "
+                            "RAY_ADDRESS, else a local Ray instance)")
+
+
+ALLOW_BUSY = typer.Option(False, "--allow-busy-gpus", help="run on GPUs where other processes run (warned; "
+                           "their memory and time mix with the points')")
+
+
+DECODE_READS = typer.Option(None, "--decode-reads", help="MELT models: final (decoded tokens read earlier tokens' "
+                             "final rows: the paper's decoding) | chunk (melt-bench's own construction, not the "
+                             "paper's: they continue the prompt's chunk grid, the open chunk's rows kept per loop "
+                             "in a side buffer); a comma list is an axis (default: the config's)")
+
+
+KV_QUANT = typer.Option(None, "--kv-quant", help="none | int8 | int4: cached rows packed KIVI-style once final "
+                         "(keys per channel, values per token, groups of 64, fp16 scales; the newest 64-127 rows "
+                         "at full precision), any model and KV policy, MELT included; a comma list is an axis "
+                         "(default: none)")
+
+
+PREFILL_CHUNK = typer.Option(None, "--prefill-chunk", help="Ouro-family models: prefill in chunks of N tokens "
+                              "(default one chunk). Exact under per-loop; under a KV policy that shares rows across "
+                              "loops later chunks read the shared rows, so the prompt itself is shared (rows record "
+                              "prompt_kv_shared). MELT always chunks by its config's chunk_size")

@@ -1,0 +1,255 @@
+"""What every command does around its work: flags checked before torch loads, the plan resolved, the
+results file opened, the runner started, the end-of-run tables and report, the exit status."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from melt_bench.commands.app import UserError, console
+
+
+def write_report(results: list[Path], output: Path | None, compare: list[Path] | None = None) -> Path:
+    from melt_bench.reporting.report import write_report
+    from melt_bench.running.results import ResultsFileError, ResultsStore
+
+    inputs = list(results) + list(compare or [])
+    for path in inputs:
+        if not path.is_file():
+            raise UserError(f"no results file {path}")
+        store = ResultsStore(path)
+        try:
+            rows = store.read()
+        except ResultsFileError as exc:
+            raise UserError(str(exc)) from exc
+        if store.torn_tail:
+            print(f"melt-bench: warning: {path}: its last line is torn (a write that never finished, "
+                  f"{len(store.torn_tail)} bytes): reporting the {len(rows)} complete rows", file=sys.stderr)
+        if not rows:
+            raise UserError(f"{path} holds no results rows: nothing to report")
+    output = output or Path("reports") / f"{results[0].stem}.html"
+    check_writable(output, "-o")
+    if output.exists() and (any(output.resolve() == path.resolve() for path in inputs) or is_results_file(output)):
+        raise UserError(f"-o {output} is a results file: a report never replaces results; choose another name")
+    try:
+        return write_report(list(results), output, compare)
+    except OSError as exc:
+        raise UserError(f"-o {output}: cannot write the report ({exc.strerror or exc})") from exc
+
+
+def is_results_file(path: Path) -> bool:
+    """Whether `path` holds melt-bench results (its first line carries our schema)."""
+    from melt_bench.running.results import SCHEMA
+
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return SCHEMA in handle.readline()
+    except OSError:
+        return False
+
+
+def check_syntax(flags: dict) -> None:
+    """What can be refused without torch, before it is imported (several seconds): the list
+    grammar of --loops, --seq-lens and --batch-sizes, counts that must be positive, and every
+    name given (models, dtype, device, KV policies, ...: sweep_options.check_names)."""
+    from melt_bench.running.ranges import RangeError, parse_int_list
+    from melt_bench.running.sweep_options import OptionError, check_names
+
+    for key in ("loops", "seq_lens", "batch_sizes"):
+        if isinstance(flags.get(key), str):
+            try:
+                parse_int_list(flags[key], f"--{key.replace('_', '-')}")
+            except RangeError as exc:
+                raise UserError(str(exc)) from exc
+    for key, least in (("new_tokens", 0), ("repeats", 1), ("point_timeout", 1e-9)):
+        if flags.get(key) is not None and flags[key] < least:
+            bound = "positive" if least else "at least 0"
+            raise UserError(f"--{key.replace('_', '-')}: {flags[key]:g} must be {bound}")
+    try:
+        check_names(flags)
+    except OptionError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def resolve(command: str, flags: dict, suite: str | None, dry_run: bool):
+    check_syntax(flags)
+    if not dry_run:  # the children's imports start now, beside this process's own (launcher.py)
+        from melt_bench.running.launcher import start_fork_server
+
+        start_fork_server()
+    from melt_bench.running.sweep_options import OptionError, resolve_sweep
+
+    try:
+        resolved = resolve_sweep(command, flags, suite)
+    except OptionError as exc:
+        raise UserError(str(exc)) from exc
+    return resolved  # its notices are printed once a run starts (_run_sweep_command), not before a refusal
+
+
+def checked_points(resolved, command: str) -> list:
+    """The sweep's points, once what a packed cache cannot run is refused (sweep_options)."""
+    from melt_bench.running.sweep_options import OptionError, check_packed_caches
+
+    points = resolved.spec.points()
+    try:
+        check_packed_caches(points, command)
+    except OptionError as exc:
+        raise UserError(str(exc)) from exc
+    return points
+
+
+def check_prefill_chunk(tokens: int | None) -> int | None:
+    if tokens is not None and tokens < 1:
+        raise UserError(f"--prefill-chunk: {tokens} must be at least 1")
+    return tokens
+
+
+def parse_early_exit(text: str) -> float | None:
+    if text == "off":
+        return None
+    prefix, _, value = text.partition(":")
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = -1.0
+    if prefix != "threshold" or not 0 < threshold <= 1:
+        raise UserError(f"--early-exit: {text!r} is not off or threshold:P with 0 < P <= 1")
+    return threshold
+
+
+def parse_budget(text: str, device: str) -> int:
+    from melt_bench.scenarios.capacity import parse_bytes
+
+    if text != "auto":
+        try:
+            return parse_bytes(text)
+        except ValueError as exc:
+            raise UserError(f"--budget: {exc}") from exc
+    if not device.startswith("cuda"):
+        raise UserError("--budget auto needs a CUDA device; on a CPU give the budget, e.g. --budget 2GiB")
+    from melt_bench.trackers.nvml import NvmlUnavailable, read_nvml
+
+    index = int(device.partition(":")[2] or 0)
+    try:
+        return read_nvml().devices[index].memory_total_bytes
+    except (NvmlUnavailable, IndexError):
+        import torch
+
+        return torch.cuda.get_device_properties(index).total_memory
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def show_plan(points, dry_run: bool, out: Path | None = None, placement: dict | None = None) -> bool:
+    """--dry-run: list the points, then how many there are and, timed from the rows already in
+    --out, about how long the pending ones take on the chosen workers."""
+    if dry_run:
+        from melt_bench.running.sweep_estimate import estimate_wall_time, planned_workers
+
+        for point in points:
+            print(json.dumps({"point_id": point.point_id, **point.to_dict()}))
+        console.print(plural(len(points), "point"))
+        console.print(estimate_wall_time(points, out, planned_workers(placement or {})))
+    return dry_run
+
+
+def open_store(kind: str, out: Path | None, resume: bool):
+    """The results store for --out (refusing an existing file without --resume, and a corrupt or
+    foreign one always, before anything runs) and the run metadata."""
+    from melt_bench.running.results import ResultsFileError, ResultsStore
+    from melt_bench.trackers.envinfo import collect_env
+
+    out = out or Path("results") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    check_writable(out, "--out")
+    store = ResultsStore(out)
+    if store.exists() and not resume:
+        raise UserError(f"--out {out} already exists: pass --resume to continue it, or choose another file")
+    try:
+        kinds = {row.kind for row in store.read()}
+    except ResultsFileError as exc:
+        raise UserError(str(exc)) from exc
+    if kinds - {kind}:
+        raise UserError(f"--out {out} holds {', '.join(sorted(kinds))} results, not {kind}: a results file holds "
+                        f"one kind; choose another file")
+    torn = len(store.torn_tail)
+    aside = store.set_torn_tail_aside()
+    if aside is not None:
+        print(f"melt-bench: {out}: its last line was torn (a write that never finished, {torn} bytes): moved to "
+              f"{aside}; resuming from the {len(store.read())} complete rows", file=sys.stderr)
+    return store, collect_env(probe_cuda=False).to_dict()
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Before anything runs: `path` can be created (or appended to) as a file. Creates missing
+    parent folders; writes nothing else."""
+    import tempfile
+
+    if path.is_dir() or str(path).endswith(os.sep):
+        raise UserError(f"{option} {path} is a directory: name a file, e.g. {Path(path) / 'results.jsonl'}")
+    parent = path.parent
+    for folder in [parent, *parent.parents]:
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{option} {path}: {folder} is a file, not a directory")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{option} {path}: the file is not writable")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot create a file in {parent} ({exc.strerror or exc})") from exc
+
+
+def print_tables(kind: str, store, planned: set[str]) -> None:
+    from melt_bench.reporting.summary_tables import tables_for
+
+    for table in tables_for(kind, [row for row in store.read() if row.point_id in planned]):
+        console.print(table)
+
+
+def executor_for(placement: dict, device: str):
+    """The executor of --gpus / --executor / --ray-address (executors.py); one line on a bad one."""
+    from melt_bench.running.executors import ExecutorError, make_executor
+
+    try:
+        return make_executor(placement["gpus"], placement["executor"], placement["ray_address"],
+                             placement["allow_busy_gpus"], device,
+                             warn=lambda line: print(f"melt-bench: warning: {line}", file=sys.stderr),
+                             cpu_workers=placement.get("cpu_workers") or 1)
+    except ExecutorError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def run_sweep_command(kind, points, runner, out, resume, retry_failed, progress, report=False,
+                       executor=None, notices: tuple[str, ...] = ()) -> None:
+    from melt_bench.running.sweep import run_sweep
+
+    if retry_failed and not resume:
+        raise UserError("--retry-failed re-runs the failed points of an existing --out: it needs --resume")
+    store, meta = open_store(kind, out, resume)
+    for notice in notices:
+        print(f"melt-bench: {notice}", file=sys.stderr)
+    before = len(store.read())
+    status = run_sweep(kind, points, store, runner, meta, retry_failed, show_progress=progress, executor=executor)
+    print_tables(kind, store, {point.point_id for point in points})
+    console.print(f"{plural(status.ran, 'point')} run, {status.skipped} already recorded; results in {store.path}")
+    if report:
+        console.print(f"report written to {write_report([store.path], None)}")
+    check_something_measured(store, before)
+
+
+class NothingMeasured(Exception):
+    """Every point this run wrote failed: exit 1 (the rows are kept)."""
+
+
+def check_something_measured(store, before: int) -> None:
+    """The run wrote rows and none of them is ok: say so in one line, exit 1."""
+    new = store.read()[before:]
+    if new and not any(row.status == "ok" for row in new):
+        statuses = ", ".join(f"{sum(r.status == s for r in new)} {s}" for s in sorted({r.status for r in new}))
+        raise NothingMeasured(f"no point succeeded: {len(new)} rows written, all failed ({statuses}); the rows are "
+                              f"kept in {store.path} (see their error field)")

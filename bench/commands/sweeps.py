@@ -1,0 +1,224 @@
+"""`melt-bench memory | latency | capacity`: sweeps of points, each measured in a fresh child."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from melt_bench.commands.app import UserError, app
+from melt_bench.commands.options import (
+    ALLOW_BUSY,
+    BATCH_SIZES,
+    DECODE_READS,
+    DEVICE,
+    DRY_RUN,
+    DTYPE,
+    EXECUTOR,
+    GPUS,
+    KV_POLICY,
+    KV_QUANT,
+    LOOPS,
+    MODELS,
+    NEW_TOKENS,
+    OUT,
+    PREFILL_CHUNK,
+    PROGRESS,
+    RAY_ADDRESS,
+    REPORT,
+    RESUME,
+    RETRY,
+    SEQ_LENS,
+    SUITE,
+    TIMEOUT,
+    WEIGHTS,
+)
+from melt_bench.commands.support import (
+    check_prefill_chunk,
+    check_syntax,
+    checked_points,
+    executor_for,
+    parse_budget,
+    parse_early_exit,
+    resolve,
+    run_sweep_command,
+    show_plan,
+)
+
+
+@app.command()
+def memory(
+    loops: Optional[str] = LOOPS,
+    seq_lens: Optional[str] = SEQ_LENS,
+    batch_sizes: Optional[str] = BATCH_SIZES,
+    models: Optional[str] = MODELS,
+    phase: Optional[str] = typer.Option(None, help="prefill | decode | generate (default: decode)"),
+    new_tokens: Optional[int] = NEW_TOKENS,
+    dtype: Optional[str] = DTYPE,
+    device: Optional[str] = DEVICE,
+    weights: Optional[str] = WEIGHTS,
+    out: Optional[Path] = OUT,
+    resume: bool = RESUME,
+    retry_failed: bool = RETRY,
+    suite: Optional[str] = SUITE,
+    point_timeout: Optional[float] = TIMEOUT,
+    repeats: Optional[int] = typer.Option(None, help="measure each point this many times, each in a fresh process "
+                                          "(default: 2 on CPU, 1 on CUDA)"),
+    nvml_interval_ms: float = typer.Option(10.0, "--nvml-interval-ms", help="NVML sampling interval"),
+    cpu_workers: Optional[int] = typer.Option(None, "--cpu-workers", help="CPU sweeps: points measured at once, each "
+                                              "in its own child with one intra-op thread (its peak is its own "
+                                              "resident set); default: the machine's cores"),
+    prefill_chunk: Optional[int] = PREFILL_CHUNK,
+    kv_policy: Optional[str] = KV_POLICY,
+    decode_reads: Optional[str] = DECODE_READS,
+    kv_quant: Optional[str] = KV_QUANT,
+    dry_run: bool = DRY_RUN,
+    progress: bool = PROGRESS,
+    report: bool = REPORT,
+    gpus: Optional[str] = GPUS,
+    executor: str = EXECUTOR,
+    ray_address: Optional[str] = RAY_ADDRESS,
+    allow_busy_gpus: bool = ALLOW_BUSY,
+) -> None:
+    """Peak memory across loops x sequence lengths x batch sizes x models, every source measured."""
+    if nvml_interval_ms <= 0:
+        raise UserError(f"--nvml-interval-ms: {nvml_interval_ms:g} must be positive")
+    if cpu_workers is not None and cpu_workers < 1:
+        raise UserError(f"--cpu-workers: {cpu_workers} must be at least 1")
+    flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase=phase,
+                 new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, repeats=repeats,
+                 point_timeout=point_timeout, kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
+    resolved = resolve("memory", flags, suite, dry_run)
+    from melt_bench.running.sweep import in_child
+    from melt_bench.scenarios.measure_memory import measure_memory_point  # torch: only once the flags are checked
+
+    resolved.spec.point_options = dict(prefill_chunk=check_prefill_chunk(prefill_chunk))
+    points = checked_points(resolved, "memory")
+    placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus,
+                     cpu_workers=(cpu_workers or os.cpu_count() or 1) if resolved.spec.device == "cpu" else 1)
+    if not show_plan(points, dry_run, out, placement):
+        runner = in_child(measure_memory_point, (nvml_interval_ms,), resolved.point_timeout)
+        run_sweep_command("memory", points, runner, out, resume, retry_failed, progress, report,
+                           executor_for(placement, resolved.spec.device), resolved.notices)
+
+
+@app.command()
+def latency(
+    loops: Optional[str] = LOOPS,
+    seq_lens: Optional[str] = SEQ_LENS,
+    batch_sizes: Optional[str] = BATCH_SIZES,
+    models: Optional[str] = MODELS,
+    new_tokens: Optional[int] = NEW_TOKENS,
+    warmup: int = typer.Option(2, help="untimed runs before the timed ones (the first one's time is reported apart)"),
+    repeats: int = typer.Option(5, help="timed runs per point; figures are medians with min and max"),
+    early_exit: str = typer.Option("off", "--early-exit", help="off | threshold:P (stop the loop once every "
+                                   "sequence's exit probability reaches P)"),
+    engine: str = typer.Option("eager", "--engine", help="eager | compiled: the same static-shape decode step, "
+                               "as is or through torch.compile (CUDA graphs on CUDA); forward: the model's "
+                               "forward() per token, as generate() calls it"),
+    static_cache: bool = typer.Option(False, "--static-cache", help="--engine forward: allocate the KV cache ahead "
+                                      "at full size (default: a growing cache; eager and compiled always do)"),
+    prefill_chunk: Optional[int] = PREFILL_CHUNK,
+    kv_policy: Optional[str] = KV_POLICY,
+    decode_reads: Optional[str] = DECODE_READS,
+    kv_quant: Optional[str] = KV_QUANT,
+    dtype: Optional[str] = DTYPE,
+    device: Optional[str] = DEVICE,
+    weights: Optional[str] = WEIGHTS,
+    out: Optional[Path] = OUT,
+    resume: bool = RESUME,
+    retry_failed: bool = RETRY,
+    suite: Optional[str] = SUITE,
+    point_timeout: Optional[float] = TIMEOUT,
+    dry_run: bool = DRY_RUN,
+    progress: bool = PROGRESS,
+    report: bool = REPORT,
+    gpus: Optional[str] = GPUS,
+    executor: str = EXECUTOR,
+    ray_address: Optional[str] = RAY_ADDRESS,
+    allow_busy_gpus: bool = ALLOW_BUSY,
+) -> None:
+    """Prefill (time to first token), per-token decode latency and tokens/s across loops."""
+    if warmup < 0 or repeats < 1:
+        raise UserError(f"--warmup must be >= 0 and --repeats >= 1 (got {warmup}, {repeats})")
+    flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase="decode",
+                 new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
+                 kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
+    from melt_bench.models.names import LATENCY_ENGINES
+
+    if engine not in LATENCY_ENGINES:
+        raise UserError(f"--engine: {engine!r} is not one of {', '.join(LATENCY_ENGINES)}")
+    check_syntax(flags)
+    from melt_bench.running.sweep import in_child
+    from melt_bench.scenarios.measure_latency import measure_latency_point  # torch: only once the flags are checked
+
+    if static_cache and engine != "forward":
+        raise UserError("--static-cache applies to --engine forward (eager and compiled always preallocate)")
+    resolved = resolve("latency", flags, suite, dry_run)
+    resolved.spec.point_options = dict(warmup=warmup, timed_runs=repeats, early_exit=parse_early_exit(early_exit),
+                                       engine=engine, static_cache=static_cache,
+                                       prefill_chunk=check_prefill_chunk(prefill_chunk))
+    points = checked_points(resolved, "latency")
+    placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
+    if not show_plan(points, dry_run, out, placement):
+        runner = in_child(measure_latency_point, (), resolved.point_timeout)
+        run_sweep_command("latency", points, runner, out, resume, retry_failed, progress, report,
+                           executor_for(placement, resolved.spec.device), resolved.notices)
+
+
+@app.command()
+def capacity(
+    budget: str = typer.Option(..., help="memory budget, e.g. 80GiB, 512MiB, or auto (a GPU's total memory)"),
+    loops: Optional[str] = LOOPS,
+    seq_lens: Optional[str] = SEQ_LENS,
+    models: Optional[str] = MODELS,
+    new_tokens: Optional[int] = NEW_TOKENS,
+    max_batch: int = typer.Option(4096, "--max-batch", help="largest batch the search tries"),
+    prefill_chunk: Optional[int] = PREFILL_CHUNK,
+    kv_policy: Optional[str] = KV_POLICY,
+    decode_reads: Optional[str] = DECODE_READS,
+    kv_quant: Optional[str] = KV_QUANT,
+    dtype: Optional[str] = DTYPE,
+    device: Optional[str] = DEVICE,
+    weights: Optional[str] = WEIGHTS,
+    out: Optional[Path] = OUT,
+    resume: bool = RESUME,
+    retry_failed: bool = RETRY,
+    suite: Optional[str] = SUITE,
+    point_timeout: Optional[float] = TIMEOUT,
+    dry_run: bool = DRY_RUN,
+    progress: bool = PROGRESS,
+    report: bool = REPORT,
+    gpus: Optional[str] = GPUS,
+    executor: str = EXECUTOR,
+    ray_address: Optional[str] = RAY_ADDRESS,
+    allow_busy_gpus: bool = ALLOW_BUSY,
+) -> None:
+    """The largest batch that decodes N new tokens within a memory budget, searched by real runs."""
+    if max_batch < 1:
+        raise UserError(f"--max-batch: {max_batch} must be at least 1")
+    flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes="1", phase="decode",
+                 new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
+                 kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
+    resolved = resolve("capacity", flags, suite, dry_run)
+    from melt_bench.running.launcher import ChildOutcome
+    from melt_bench.scenarios.capacity import search_capacity  # torch: only once the flags are checked
+
+    budget_bytes = parse_budget(budget, resolved.spec.device)
+    resolved.spec.point_options = dict(batch_size=0, memory_budget_bytes=budget_bytes,
+                                       prefill_chunk=check_prefill_chunk(prefill_chunk))
+    points = checked_points(resolved, "capacity")
+    placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
+    if not show_plan(points, dry_run, out, placement):
+        timeout_s = resolved.point_timeout
+
+        def runner(point, gpu=None):
+            started = time.monotonic()
+            value = search_capacity(point, budget_bytes, timeout_s, max_batch, gpu)
+            return ChildOutcome("ok", value=value, wall_s=time.monotonic() - started)
+
+        run_sweep_command("capacity", points, runner, out, resume, retry_failed, progress, report,
+                           executor_for(placement, resolved.spec.device), resolved.notices)
