@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 _HOMES = {
     "MAX_LOOPS": "names", "MeltConfig": "configs", "OuroConfig": "configs", "LoopedKVCache": "kv_cache",
     "kv_bytes_per_token": "kv_policy", "kv_policy_for": "kv_policy", "predict_kv_cache_bytes": "kv_policy",
-    "LoopedForCausalLM": "looped", "exit_distribution": "looped", "threshold_exit_steps": "looped",
+    "LoopedForCausalLM": "looped", "exit_distribution": "exit_rules", "threshold_exit_steps": "exit_rules",
     "MeltForCausalLM": "melt", "MeltModel": "melt", "OuroForCausalLM": "ouro", "OuroModel": "ouro",
     "PRESETS": "preset_table", "Preset": "preset_table", "UnknownPresetError": "preset_table",
     "get_preset": "preset_table", "count_parameters": "presets", "load_model": "presets",
@@ -27,9 +27,10 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from .configs import MeltConfig, OuroConfig
+    from .exit_rules import exit_distribution, threshold_exit_steps
     from .kv_cache import LoopedKVCache
     from .kv_policy import kv_bytes_per_token, kv_policy_for, predict_kv_cache_bytes
-    from .looped import LoopedForCausalLM, exit_distribution, threshold_exit_steps
+    from .looped import LoopedForCausalLM
     from .melt import MeltForCausalLM, MeltModel
     from .names import MAX_LOOPS
     from .ouro import OuroForCausalLM, OuroModel

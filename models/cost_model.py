@@ -49,7 +49,7 @@ def layer_weight_elements(config: OuroConfig) -> int:
 
 
 def gate_weight_elements(config: OuroConfig) -> int:
-    """Elements of one layer's MELT gate, by `config.gate` (kv_policy.py's GATE_CLASSES):
+    """Elements of one layer's MELT gate, by `config.gate` (melt_gates.py's GATE_CLASSES):
     elementwise W_z (with bias) and U_z, hidden x hidden each; scalar the same with one output;
     ema one decay logit; mean and last none. 0 for Ouro."""
     if not _is_melt(config):

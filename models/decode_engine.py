@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import AttentionMask, rope_cos_sin
+from .exit_rules import EarlyStop, fill_after_early_stop
 from .kv_cache import LoopedKVCache
-from .looped import AttentionMask, EarlyStop, LoopedForCausalLM, rope_cos_sin
+from .looped import LoopedForCausalLM
 from .names import STEP_ENGINES
 
 ENGINES = STEP_ENGINES
@@ -200,10 +202,7 @@ class DecodeEngine:
                 if stop.update(loop, gate, x):
                     break
             write_kept_rows(self.model, self.input_pos, keys, values, kept, loop + 1)
-            self.model.model.policy.fill_skipped_loops(self.cache, loop, self.loops, position, position + 1)
-            for later in range(loop + 1, self.loops) if side else ():  # skipped loops keep the last rows
-                for i in range(len(self.model.model.layers)):
-                    self.cache.save_open_chunk(later, self.model.model.policy.slot(later, i), position, position + 1)
+            fill_after_early_stop(self.model.model.policy, self.cache, loop, self.loops, position, position + 1)
             next_token, logits = self._head(self.model, stop.hidden)
             loops_run, exit_steps = loop + 1, stop.exit_steps
         self.cache.seq_len = position + 1

@@ -25,185 +25,19 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .attention import chunk_attention_mask, rope_cos_sin
 from .configs import MAX_LOOPS, OuroConfig, check_decode_reads
+from .decoder_layer import DecoderLayer, RMSNorm
+from .exit_rules import EarlyStop, exit_distribution, fill_after_early_stop, official_exit_steps, threshold_exit_steps
 from .kv_cache import LoopedKVCache, TransitionKVCache
-from .kv_policy import EmaGate, GateProjection, KVPolicy, kv_bytes_per_token, kv_policy_for, parse_kv_policy
+from .kv_policy import KVPolicy, kv_bytes_per_token, kv_policy_for, parse_kv_policy
+from .melt_gates import EmaGate, GateProjection
 from .packed_cache import check_kv_quant, quant_bits, quantized_cache
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.variance_epsilon = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As the official code: normalise in fp32, cast back, then scale.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x32.to(x.dtype)
-
-
-def rope_cos_sin(
-    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Default RoPE tables for (batch, seq) positions; computed per call, so there is no buffer
-    for meta-device loading to lose."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
-    inv_freq = 1.0 / (theta**exponent)
-    freqs = position_ids[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-    return x * cos + rotate_half(x) * sin
-
-
-@dataclass
-class AttentionMask:
-    """How one chunk's queries may attend: a mask (a boolean tensor, True = attend, or SDPA's
-    bottom-right causal bias) or SDPA's is_causal."""
-
-    mask: torch.Tensor | CausalBias | None
-    is_causal: bool
-
-
-def chunk_attention_mask(
-    start: int, q_len: int, key_padding: torch.Tensor | None, device: torch.device, fused: bool = True
-) -> AttentionMask:
-    """Causal mask for queries at cache positions [start, start+q_len) over keys [0, start+q_len).
-
-    Without padding no boolean mask is built: a first chunk is SDPA's `is_causal`, a later chunk
-    (cached prefix + its own causal block) the bottom-right-aligned `causal_lower_right` bias, so
-    SDPA keeps its fused kernels (`fused=False` materialises the same mask; tests compare them).
-    `key_padding` (batch, start+q_len) is True for real tokens. A query may always see itself, so
-    padded rows never attend to nothing (SDPA would return NaN that then leaks through V)."""
-    kv_len = start + q_len
-    if key_padding is None and fused:
-        if q_len == 1:
-            return AttentionMask(None, False)
-        if start == 0:
-            return AttentionMask(None, True)
-        return AttentionMask(causal_lower_right(q_len, kv_len), False)
-    q_pos = torch.arange(start, kv_len, device=device)[:, None]
-    k_pos = torch.arange(kv_len, device=device)[None, :]
-    mask = (k_pos <= q_pos)[None, None]
-    if key_padding is not None:
-        mask = (mask & key_padding[:, None, None, :kv_len]) | (k_pos == q_pos)[None, None]
-    return AttentionMask(mask, False)
-
-
-class Attention(nn.Module):
-    def __init__(self, config: OuroConfig, gate: nn.Module | None) -> None:
-        super().__init__()
-        self.n_heads = config.num_attention_heads
-        self.n_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
-        self.kv_gate = gate  # None for Ouro; MELT's KVUpdateGate
-
-    def project(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_state: torch.Tensor | None, loop: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values (batch, heads, tokens, head_dim) with RoPE applied, and what
-        the keys/values were projected from (x for Ouro, MELT's gated state h at loop `loop`)."""
-        bsz, q_len, _ = x.shape
-        kv_in = x if self.kv_gate is None else self.kv_gate(x, kv_state, loop)
-        q = self.q_proj(x).view(bsz, q_len, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(kv_in).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(kv_in).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, kv_in
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionMask) -> torch.Tensor:
-        """SDPA over the given keys/values, then the output projection."""
-        bsz, _, q_len, _ = q.shape
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn.mask, is_causal=attn.is_causal,
-            scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv_heads,
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1))
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        attn: AttentionMask,
-        cache: LoopedKVCache | TransitionKVCache | None,
-        slot: int | tuple[int, int],
-        start: int,
-        kv_state: torch.Tensor | None,
-        loop: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q, k, v, kv_in = self.project(x, rope, kv_state, loop)
-        if isinstance(cache, TransitionKVCache):  # MELT phase-1 training: mix with Ouro's rows
-            bsz, q_len, _ = x.shape
-            cos, sin = rope
-            k_o = apply_rope(self.k_proj(x).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-            v_o = self.v_proj(x).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            k, v = cache.update_mixed(slot, (k_o, v_o), (k, v), start)
-        elif cache is not None:
-            k, v = cache.update_slot(slot, k, v, start)
-        return self.attend(q, k, v, attn), (kv_in if self.kv_gate is not None else None)
-
-
-class MLP(nn.Module):
-    def __init__(self, config: OuroConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, config: OuroConfig, gate: nn.Module | None) -> None:
-        super().__init__()
-        eps = config.rms_norm_eps
-        self.self_attn = Attention(config, gate)
-        self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps)
-        self.input_layernorm_2 = RMSNorm(config.hidden_size, eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
-        self.post_attention_layernorm_2 = RMSNorm(config.hidden_size, eps)
-        # set by PreTrainedModel.gradient_checkpointing_enable(); see forward
-        self.gradient_checkpointing = False
-
-    def forward(self, x, rope, attn, cache, slot, start, kv_state, loop=0):
-        """Returns the new residual stream, the KV state (MELT's h) and the attention output."""
-        h, kv_state = self.self_attn(self.input_layernorm(x), rope, attn, cache, slot, start, kv_state, loop)
-        return self.after_attention(x, h), kv_state, h
-
-    def after_attention(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """The rest of the layer once attention has produced `h`: both residual adds and the MLP."""
-        x = x + self.input_layernorm_2(h)
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            # Only the MLP block is recomputed in backward: it holds most of a layer's activations
-            # (3 x intermediate_size per token) and has no side effects, while attention writes
-            # cache rows that a recomputation would write twice.
-            return x + self._gradient_checkpointing_func(self._mlp_block, x)
-        return x + self._mlp_block(x)
-
-    def _mlp_block(self, x: torch.Tensor) -> torch.Tensor:
-        return self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
 
 
 class LoopedPreTrainedModel(PreTrainedModel):
@@ -252,34 +86,6 @@ class LoopOutputs:
     loops_run: int  # loops actually computed (fewer than asked when early stopping)
     exit_steps: torch.Tensor | None = None  # early stopping: each token's exit loop (0-based)
     attention: dict[tuple[int, int], torch.Tensor] | None = None  # (loop, layer) -> attention output
-
-
-class EarlyStop:
-    """Stops the loop once every token's cumulative exit probability reaches `threshold` (the
-    whole batch runs until its last token exits); each token's output is its hidden state at its
-    own exit loop, as in the official threshold rule."""
-
-    def __init__(self, threshold: float, loops: int) -> None:
-        if not 0 < threshold <= 1:
-            raise ValueError(f"early-stop threshold must lie in (0, 1], got {threshold}")
-        self.threshold, self.loops = threshold, loops
-        self.remaining = self.exited = self.exit_steps = self.hidden = None
-
-    def update(self, loop: int, gate_logit: torch.Tensor, x: torch.Tensor) -> bool:
-        """Fold in loop `loop`'s gate; True when every token has exited."""
-        last = loop >= self.loops - 1
-        lam = torch.ones_like(gate_logit, dtype=torch.float32) if last else torch.sigmoid(gate_logit.float())
-        if self.remaining is None:
-            self.remaining = torch.ones_like(lam)
-            self.exited = torch.zeros_like(lam, dtype=torch.bool)
-            self.exit_steps = torch.full_like(lam, self.loops - 1, dtype=torch.long)
-            self.hidden = x
-        self.remaining = self.remaining * (1 - lam)
-        newly = (1 - self.remaining >= self.threshold) & ~self.exited
-        self.hidden = torch.where(newly[..., None], x, self.hidden)
-        self.exit_steps = torch.where(newly, torch.full_like(self.exit_steps, loop), self.exit_steps)
-        self.exited = self.exited | newly
-        return bool(self.exited.all())
 
 
 class LoopedModel(LoopedPreTrainedModel):
@@ -333,7 +139,7 @@ class LoopedModel(LoopedPreTrainedModel):
         cache = past_key_values
         if isinstance(cache, LoopedKVCache) and cache.num_slots != self.policy.num_slots(loops):
             raise ValueError(f"cache was laid out for {cache.loops} loops, forward asked for {loops}")
-        bsz, seq = input_ids.shape
+        seq = input_ids.shape[1]
         if seq == 0:
             raise ValueError("input_ids must hold at least one token")
         past = cache.seq_len if cache is not None else 0
@@ -342,8 +148,32 @@ class LoopedModel(LoopedPreTrainedModel):
             key_padding = attention_mask.bool()
         if position_ids is None:
             position_ids = _positions(attention_mask, past, seq, input_ids.device)
-        # decode_reads="chunk": pieces follow the grid of C cache positions from 0, and a piece
-        # inside an open chunk reads that chunk's earlier rows of its own loop (side buffer)
+        chunks = self.chunk_plan(seq, past, cache, chunk_starts)
+        if cache is None and len(chunks) > 1:
+            # chunks must see earlier chunks' final rows; when training, through autograd
+            training = self.training and torch.is_grad_enabled()
+            cache = LoopedKVCache(self.policy.num_slots(loops), loops, functional=True) if training \
+                else self.new_cache(loops)
+        if early_stop_threshold is not None and len(chunks) > 1:
+            raise ValueError(f"early stopping needs the input in one chunk ({seq} tokens > chunk_size {chunks[0][1]})")
+
+        x_all = self.embed_tokens(input_ids)
+        found = _Collected(loops, len(self.layers), keep_hidden_per_loop, record_attention)
+        last, stop = [], None
+        for c0, c1 in chunks:
+            stop = EarlyStop(early_stop_threshold, loops) if early_stop_threshold is not None else None
+            x = self.run_chunk(x_all[:, c0:c1], position_ids[:, c0:c1], past + c0, key_padding, cache, loops, stop,
+                               found)
+            last.append(x)
+            if cache is not None:
+                cache.seq_len = past + c1
+        return found.outputs(torch.cat(last, dim=1), stop)
+
+    def chunk_plan(self, seq: int, past: int, cache, chunk_starts: Sequence[int] | None) -> list[tuple[int, int]]:
+        """The (start, end) pieces the sequence runs in: `chunk_starts` when given, else MELT's
+        fixed chunk_size, else one piece. With decode_reads="chunk" the pieces follow the grid of C
+        cache positions from 0, so a piece inside an open chunk reads that chunk's earlier rows of
+        its own loop (the cache's side buffer)."""
         grid = cache.open_chunk if isinstance(cache, LoopedKVCache) and not cache.functional else None
         if chunk_starts is None and grid:
             chunk_starts = [0, *range(grid - past % grid, seq, grid)]
@@ -352,73 +182,80 @@ class LoopedModel(LoopedPreTrainedModel):
         elif list(chunk_starts[:1]) != [0] or any(b <= a for a, b in zip(chunk_starts, chunk_starts[1:])) \
                 or chunk_starts[-1] >= seq:
             raise ValueError(f"chunk_starts must start at 0 and increase within {seq} tokens, got {list(chunk_starts)}")
-        chunk_ends = [*chunk_starts[1:], seq]
-        if cache is None and len(chunk_ends) > 1:
-            # chunks must see earlier chunks' final rows; when training, through autograd
-            training = self.training and torch.is_grad_enabled()
-            cache = LoopedKVCache(self.policy.num_slots(loops), loops, functional=True) if training \
-                else self.new_cache(loops)
-        if early_stop_threshold is not None and len(chunk_ends) > 1:
-            raise ValueError(f"early stopping needs the input in one chunk ({seq} tokens > chunk_size {chunk_ends[0]})")
+        return list(zip(chunk_starts, [*chunk_starts[1:], seq]))
 
-        x_all = self.embed_tokens(input_ids)
-        last, gates, per_loop = [], [[] for _ in range(loops)], [[] for _ in range(loops)]
-        attention = {(t, i): [] for t in range(loops) for i in range(len(self.layers))}
-        for c0, c1 in zip(chunk_starts, chunk_ends):
-            x = x_all[:, c0:c1]
-            start = past + c0
-            rope = rope_cos_sin(position_ids[:, c0:c1], self.config.head_dim, self.config.rope_theta, x.dtype)
-            attn = chunk_attention_mask(start, x.shape[1], key_padding, x.device)
-            end = start + x.shape[1]
-            kv_states: list[torch.Tensor | None] = [None] * len(self.layers)
-            # policies that keep a combination of a token's loops fold each loop's rows in here
-            kept = [None] * len(self.layers) if self.policy.reduces_loops and cache is not None else None
-            stop = EarlyStop(early_stop_threshold, loops) if early_stop_threshold is not None else None
-            for loop in range(loops):
-                for i, layer in enumerate(self.layers):
-                    slot = self.policy.slot(loop, i)
-                    if isinstance(cache, TransitionKVCache):
-                        slot = (loop * len(self.layers) + i, slot)  # (Ouro's per-loop slot, MELT's)
-                    if grid:
-                        cache.restore_open_chunk(loop, slot, start)
-                    x, kv_states[i], attn_out = layer(x, rope, attn, cache, slot, start, kv_states[i], loop)
-                    if grid:
-                        cache.save_open_chunk(loop, slot, start, end)
-                    if kept is not None:
-                        kept[i] = self.policy.accumulate(kept[i], loop, *cache.rows(slot, start, end))
-                    if record_attention:
-                        attention[(loop, i)].append(attn_out)
-                x = self.norm(x)
-                if isinstance(cache, LoopedKVCache):
-                    cache.observe_loop_output(loop, x)
-                gates[loop].append(self.early_exit_gate(x).squeeze(-1))
-                if keep_hidden_per_loop:
-                    per_loop[loop].append(x)
-                if stop is not None and stop.update(loop, gates[loop][-1], x):
-                    if cache is not None:
-                        self.policy.fill_skipped_loops(cache, loop, loops, start, end)
-                    for later in range(loop + 1, loops) if grid else ():  # skipped loops: the last rows
-                        for i in range(len(self.layers)):
-                            cache.save_open_chunk(later, self.policy.slot(later, i), start, end)
-                    x = stop.hidden
-                    break
-            if kept is not None:
-                for i, acc in enumerate(kept):
-                    keys, values = self.policy.final(acc, loop + 1)
-                    dtype = cache.rows(self.policy.slot(0, i), start, end)[0].dtype
-                    cache.update_slot(self.policy.slot(0, i), keys.to(dtype), values.to(dtype), start)
-            last.append(x)
-            if cache is not None:
-                cache.seq_len = start + x.shape[1]
-        ran = [loop for loop in range(loops) if gates[loop]]
+    def run_chunk(
+        self, x: torch.Tensor, positions: torch.Tensor, start: int, key_padding: torch.Tensor | None, cache,
+        loops: int, stop: EarlyStop | None, found: _Collected,
+    ) -> torch.Tensor:
+        """Every loop of the layer stack over one piece at cache positions [start, start + len):
+        each (loop, layer) writes its rows through the KV policy; returns the piece's output (each
+        token's hidden state at its own exit loop when stopping early)."""
+        end = start + x.shape[1]
+        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        attn = chunk_attention_mask(start, x.shape[1], key_padding, x.device)
+        grid = cache.open_chunk if isinstance(cache, LoopedKVCache) and not cache.functional else None
+        kv_states: list[torch.Tensor | None] = [None] * len(self.layers)
+        # policies that keep a combination of a token's loops fold each loop's rows in here
+        kept = [None] * len(self.layers) if self.policy.reduces_loops and cache is not None else None
+        for loop in range(loops):
+            for i, layer in enumerate(self.layers):
+                slot = self.policy.slot(loop, i)
+                if isinstance(cache, TransitionKVCache):
+                    slot = (loop * len(self.layers) + i, slot)  # (Ouro's per-loop slot, MELT's)
+                if grid:
+                    cache.restore_open_chunk(loop, slot, start)
+                x, kv_states[i], attn_out = layer(x, rope, attn, cache, slot, start, kv_states[i], loop)
+                if grid:
+                    cache.save_open_chunk(loop, slot, start, end)
+                if kept is not None:
+                    kept[i] = self.policy.accumulate(kept[i], loop, *cache.rows(slot, start, end))
+                found.attention_output(loop, i, attn_out)
+            x = self.norm(x)
+            if isinstance(cache, LoopedKVCache):
+                cache.observe_loop_output(loop, x)
+            gate = self.early_exit_gate(x).squeeze(-1)
+            found.loop_output(loop, gate, x)
+            if stop is not None and stop.update(loop, gate, x):
+                fill_after_early_stop(self.policy, cache, loop, loops, start, end)
+                x = stop.hidden
+                break
+        if kept is not None:
+            for i, acc in enumerate(kept):
+                keys, values = self.policy.final(acc, loop + 1)
+                dtype = cache.rows(self.policy.slot(0, i), start, end)[0].dtype
+                cache.update_slot(self.policy.slot(0, i), keys.to(dtype), values.to(dtype), start)
+        return x
+
+
+class _Collected:
+    """What forward returns besides the last hidden state, gathered piece by piece: each loop's
+    exit-gate logits and (if asked) hidden states, each (loop, layer)'s attention output."""
+
+    def __init__(self, loops: int, layers: int, keep_hidden: bool, record_attention: bool) -> None:
+        self.gates: list[list[torch.Tensor]] = [[] for _ in range(loops)]
+        self.hidden = [[] for _ in range(loops)] if keep_hidden else None
+        self.attention = {(t, i): [] for t in range(loops) for i in range(layers)} if record_attention else None
+
+    def attention_output(self, loop: int, layer: int, output: torch.Tensor) -> None:
+        if self.attention is not None:
+            self.attention[(loop, layer)].append(output)
+
+    def loop_output(self, loop: int, gate: torch.Tensor, x: torch.Tensor) -> None:
+        self.gates[loop].append(gate)
+        if self.hidden is not None:
+            self.hidden[loop].append(x)
+
+    def outputs(self, last_hidden: torch.Tensor, stop: EarlyStop | None) -> LoopOutputs:
+        ran = [loop for loop, gates in enumerate(self.gates) if gates]
         return LoopOutputs(
-            last_hidden_state=torch.cat(last, dim=1),
-            gate_logits=[torch.cat(gates[loop], dim=1) for loop in ran],
-            hidden_per_loop=[torch.cat(per_loop[loop], dim=1) for loop in ran] if keep_hidden_per_loop else None,
+            last_hidden_state=last_hidden,
+            gate_logits=[torch.cat(self.gates[loop], dim=1) for loop in ran],
+            hidden_per_loop=[torch.cat(self.hidden[loop], dim=1) for loop in ran] if self.hidden is not None else None,
             loops_run=len(ran),
             exit_steps=stop.exit_steps if stop is not None else None,
-            attention={key: torch.cat(parts, dim=1) for key, parts in attention.items() if parts}
-            if record_attention else None,
+            attention={key: torch.cat(parts, dim=1) for key, parts in self.attention.items() if parts}
+            if self.attention is not None else None,
         )
 
 
@@ -428,50 +265,6 @@ def _positions(attention_mask: torch.Tensor | None, past: int, seq: int, device:
         return torch.arange(past, past + seq, device=device)[None]
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp(min=0)[:, -seq:]
-
-
-def exit_distribution(gate_logits: list[torch.Tensor]) -> torch.Tensor:
-    """p_t = lambda_t * prod_{j<t}(1 - lambda_j), the last loop taking the remaining mass.
-    Returns (batch, seq, loops)."""
-    remaining = torch.ones_like(gate_logits[0], dtype=torch.float32)
-    pdf = []
-    for t, logit in enumerate(gate_logits):
-        if t < len(gate_logits) - 1:
-            lam = torch.sigmoid(logit.float())
-            pdf.append(lam * remaining)
-            remaining = remaining * (1 - lam)
-        else:
-            pdf.append(remaining)
-    return torch.stack(pdf, dim=-1)
-
-
-def threshold_exit_steps(pdf: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Per token, the first loop (0-based) whose cumulative exit probability reaches `threshold`;
-    the last loop where none does."""
-    reached = pdf.cumsum(-1) >= threshold
-    steps = reached.float().argmax(-1)
-    return torch.where(reached.any(-1), steps, torch.full_like(steps, pdf.shape[-1] - 1))
-
-
-def official_exit_steps(gate_logits: list[torch.Tensor], threshold: float) -> torch.Tensor:
-    """The released Ouro code's default exit rule, op for op in the gates' own dtype: the exit
-    distribution (as exit_distribution, without the float32 cast), its cumulative sum, and per
-    token the first loop where it reaches `threshold` (the config's early_exit_threshold, 1.0),
-    else the last loop. In bf16 sigmoid(g) rounds to exactly 1.0 for g above about 6, so such a
-    token exits at that loop even at threshold 1.0; in float32 that needs g above about 17."""
-    remaining = torch.ones_like(gate_logits[0])
-    pdf = []
-    for t, logit in enumerate(gate_logits):
-        lam = torch.sigmoid(logit)
-        if t < len(gate_logits) - 1:
-            pdf.append(lam * remaining)
-            remaining = remaining * (1.0 - lam)
-        else:
-            pdf.append(remaining)
-    reached = torch.cumsum(torch.stack(pdf, dim=2), dim=2) >= threshold
-    steps = torch.argmax(reached.float(), dim=2)
-    steps[~reached.any(dim=2)] = len(gate_logits) - 1
-    return steps
 
 
 # transformers 5.24 renamed the output's cache field from past_key_values to cache
@@ -609,25 +402,8 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         pdf = exit_distribution(out.gate_logits)[:, keep] if early_stop_threshold is None else None
-        exit_steps = out.exit_steps[:, keep] if out.exit_steps is not None else None
-        if exit_at_step is not None:
-            logits = self.lm_head(out.hidden_per_loop[exit_at_step][:, keep])
-        elif exit_threshold is not None or official_exit:
-            if official_exit:
-                threshold = 1.0 if self.config.early_exit_threshold is None else self.config.early_exit_threshold
-                exit_steps = official_exit_steps([g[:, keep] for g in out.gate_logits], threshold)
-            else:
-                exit_steps = threshold_exit_steps(pdf, exit_threshold)
-            stacked = torch.stack([h[:, keep] for h in out.hidden_per_loop], dim=2)
-            index = exit_steps[..., None, None].expand(-1, -1, 1, stacked.shape[-1])
-            logits = self.lm_head(stacked.gather(2, index).squeeze(2))
-        elif use_weighted_exit:
-            logits = sum(
-                self.lm_head(h[:, keep]) * pdf[..., t, None].to(h.dtype) for t, h in enumerate(out.hidden_per_loop)
-            )
-        else:
-            logits = self.lm_head(out.last_hidden_state[:, keep])
-
+        logits, exit_steps = self.exit_logits(out, keep, pdf, exit_at_step, exit_threshold, use_weighted_exit,
+                                              official_exit)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
@@ -637,6 +413,31 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, exit_pdf=pdf, exit_steps=exit_steps, loops_run=out.loops_run,
             **{_CACHE_FIELD: past_key_values},
         )
+
+
+    def exit_logits(
+        self, out: LoopOutputs, keep: slice | torch.Tensor, pdf: torch.Tensor | None, exit_at_step: int | None,
+        exit_threshold: float | None, use_weighted_exit: bool, official_exit: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of the kept positions under the exit mode asked for (the official keywords'
+        precedence: a fixed step, a threshold or the official rule, the weighted expectation, else
+        the last loop computed), and each token's exit loop where a rule picked one."""
+        exit_steps = out.exit_steps[:, keep] if out.exit_steps is not None else None
+        if exit_at_step is not None:
+            return self.lm_head(out.hidden_per_loop[exit_at_step][:, keep]), exit_steps
+        if exit_threshold is not None or official_exit:
+            if official_exit:
+                threshold = 1.0 if self.config.early_exit_threshold is None else self.config.early_exit_threshold
+                exit_steps = official_exit_steps([g[:, keep] for g in out.gate_logits], threshold)
+            else:
+                exit_steps = threshold_exit_steps(pdf, exit_threshold)
+            stacked = torch.stack([h[:, keep] for h in out.hidden_per_loop], dim=2)
+            index = exit_steps[..., None, None].expand(-1, -1, 1, stacked.shape[-1])
+            return self.lm_head(stacked.gather(2, index).squeeze(2)), exit_steps
+        if use_weighted_exit:
+            return sum(self.lm_head(h[:, keep]) * pdf[..., t, None].to(h.dtype)
+                       for t, h in enumerate(out.hidden_per_loop)), exit_steps
+        return self.lm_head(out.last_hidden_state[:, keep]), exit_steps
 
 
 def register_auto_class(config_class: type, model_class: type) -> None:

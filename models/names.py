@@ -9,7 +9,7 @@ MAX_LOOPS = 64
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 DECODE_READS = ("final", "chunk")  # MeltConfig.decode_reads
-GATES = ("elementwise", "scalar", "mean", "ema", "last")  # MeltConfig.gate: the paper's ablation (kv_policy.py)
+GATES = ("elementwise", "scalar", "mean", "ema", "last")  # MeltConfig.gate: the paper's ablation (melt_gates.py)
 KV_QUANT = ("none", "int8", "int4")  # packed_cache.py
 STEP_ENGINES = ("eager", "compiled")  # decode_engine.py: the static-shape decode step
 LATENCY_ENGINES = (*STEP_ENGINES, "forward")  # latency --engine: forward is the model's own forward()

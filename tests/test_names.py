@@ -4,7 +4,7 @@ the torch modules implement: the two must not drift apart."""
 import pytest
 import torch
 
-from melt_bench.models import kv_policy, names
+from melt_bench.models import kv_policy, melt_gates, names
 from melt_bench.models.preset_table import PRESETS
 from melt_bench.units import parse_dtype
 
@@ -25,7 +25,7 @@ def test_bad_kv_policy_specs_are_refused_by_the_grammar(spec):
 
 
 def test_gates_dtypes_and_presets_resolve_to_real_objects():
-    assert set(kv_policy.GATE_CLASSES) == set(names.GATES)
+    assert set(melt_gates.GATE_CLASSES) == set(names.GATES)
     assert {parse_dtype(name) for name in names.DTYPES} == {torch.float32, torch.bfloat16, torch.float16}
     for preset in PRESETS.values():
         assert preset.config().model_type == preset.family

@@ -100,6 +100,14 @@ def accuracy(
         from melt_bench.running.launcher import start_fork_server
 
         start_fork_server("melt_bench.scenarios.accuracy", "melt_bench.evaluation.lm_eval_adapter")
+    placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
+    evaluate(flags, tokenizer, None if ranks > 1 else placement, out, resume, retry_failed, progress, report)
+
+
+def evaluate(flags: dict, tokenizer: str | None, placement: dict | None, out: Path | None, resume: bool,
+             retry_failed: bool, progress: bool, report: bool) -> None:
+    """The checked flags' points, their tasks resolved, evaluated into the results file through
+    the runner (`placement` None: under accelerate launch, every rank in its own process)."""
     import tempfile
 
     from melt_bench.evaluation.lm_eval_logs import lm_eval_output, log_path_for
@@ -114,8 +122,7 @@ def accuracy(
                 task_manager = check_tasks(sorted({p.task for p in points}), points[0].data_dir, Path(scratch))
         except OptionError as exc:
             raise UserError(str(exc)) from exc
-        placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
-        runs_on = None if ranks > 1 else executor_for(placement, points[0].device)
+        runs_on = None if placement is None else executor_for(placement, points[0].device)
         for line in [*notices, *(f"lm-eval warning: {w}" for w in warnings)]:
             print(f"melt-bench: {line}", file=sys.stderr)
         store, meta = open_store("accuracy", out, resume)
@@ -124,7 +131,7 @@ def accuracy(
         before = len(store.read())
         try:
             ran, skipped = run_accuracy(points, store, meta, task_manager, tokenizer, log, show_progress=progress,
-                                        executor=runs_on, retry_failed=retry_failed, timeout_s=point_timeout)
+                                        executor=runs_on, retry_failed=retry_failed, timeout_s=flags["point_timeout"])
         except FileNotFoundError as exc:
             raise UserError(str(exc)) from exc
     print_tables("accuracy", store, {p.point_id for p in points})

@@ -58,19 +58,55 @@ def convert(
     progress: bool = PROGRESS,
 ) -> None:
     """MELT's two-phase post-training (interpolated transition, then distillation) from Ouro."""
+    check_flags(out, data, resume, device, dtype, gate, decode_chunks, pack_to, lr_base, lr_gate,
+                {"--chunk-size": (chunk_size, 1), "--transition-steps": (transition_steps, 0),
+                 "--distill-steps": (distill_steps, 0), "--batch-size": (batch_size, 1), "--seq-len": (seq_len, 2),
+                 "--checkpoint-every": (checkpoint_every, 1), "--pack-to": (pack_to, 2),
+                 "--tokens-per-step": (tokens_per_step, 1), "--stop-after": (stop_after, 1)})
+    import torch  # only once the flags are checked
+
+    from melt_bench.running.sweep_options import OptionError, resolve_device
+    from melt_bench.training.convert import ConvertConfig, run_convert
+    from melt_bench.training.convert_run_dir import CHECKPOINT
+
+    try:
+        resolved_device = resolve_device(device or "auto")
+        source = checked_source(source)
+    except (OptionError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    config = ConvertConfig(source=source, out=str(out), data=data, chunk_size=chunk_size,
+                           transition_steps=transition_steps, distill_steps=distill_steps, lr_base=lr_base,
+                           lr_gate=lr_gate, batch_size=batch_size, seq_len=seq_len, loops=loops,
+                           device=resolved_device, dtype=dtype, checkpoint_every=checkpoint_every, seed=seed,
+                           gradient_checkpointing=gradient_checkpointing, decode_chunks=decode_chunks,
+                           pack_to=pack_to, tokens_per_step=tokens_per_step, gate=gate,
+                           fsdp=fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"),
+                           fsdp_reshard_after_forward=fsdp_reshard_after_forward)
+    if fsdp_reshard_after_forward and not config.fsdp:
+        raise UserError("--fsdp-reshard-after-forward needs --fsdp")
+    try:
+        final = run_convert(config, resume=resume, stop_after=stop_after, progress=progress)
+    except ValueError as exc:  # malformed data, or a resumption with other settings
+        raise UserError(str(exc)) from exc
+    except torch.OutOfMemoryError as exc:
+        raise UserError(out_of_memory_line(config, exc)) from exc
+    console.print(f"MELT model written to {final}" if final != out else
+                  f"stopped after step {stop_after}, checkpoint in {final / CHECKPOINT}: --resume continues")
+
+
+def check_flags(out: Path, data: str, resume: bool, device: str | None, dtype: str, gate: str, decode_chunks: bool,
+                pack_to: int | None, lr_base: float, lr_gate: float, counts: dict[str, tuple[int | None, int]]) -> None:
+    """Everything convert can refuse before torch loads (`counts`: each count flag's value and its
+    least), each as one line."""
     from melt_bench.models.names import GATES
     from melt_bench.running.sweep_options import OptionError, check_device_name
-    from melt_bench.training.convert_run_dir import CHECKPOINT, out_problem
+    from melt_bench.training.convert_run_dir import out_problem
     from melt_bench.units import check_dtype
 
-    for name, value, least in (("--chunk-size", chunk_size, 1), ("--transition-steps", transition_steps, 0),
-                               ("--distill-steps", distill_steps, 0), ("--batch-size", batch_size, 1),
-                               ("--seq-len", seq_len, 2), ("--checkpoint-every", checkpoint_every, 1),
-                               ("--pack-to", pack_to, 2), ("--tokens-per-step", tokens_per_step, 1),
-                               ("--stop-after", stop_after, 1)):
+    for name, (value, least) in counts.items():
         if value is not None and value < least:
             raise UserError(f"{name}: {value} must be at least {least}")
-    if transition_steps + distill_steps == 0 or lr_base < 0 or lr_gate < 0:
+    if counts["--transition-steps"][0] + counts["--distill-steps"][0] == 0 or lr_base < 0 or lr_gate < 0:
         raise UserError("--transition-steps + --distill-steps must be positive and learning rates non-negative")
     if pack_to is not None and decode_chunks:
         raise UserError("--pack-to and --decode-chunks do not combine: packed sequences are chunked by --chunk-size")
@@ -93,45 +129,28 @@ def convert(
 
         if problem := hub.hub_problem(data, "dataset"):
             raise UserError(f"--data {data}: {problem}; pass a local JSONL or text file instead")
-    import torch  # only once the flags are checked
 
-    from melt_bench.running.sweep_options import resolve_device
-    from melt_bench.training.convert import ConvertConfig, run_convert
 
-    try:
-        resolved_device = resolve_device(device or "auto")
-        if Path(source).exists() or "/" in source:
-            from melt_bench.running.sweep_options import check_weights
+def checked_source(source: str) -> str:
+    """--from: an Ouro preset, or a checkpoint directory (made absolute) / hub id; OptionError
+    (or the preset table's ValueError) otherwise."""
+    from melt_bench.running.sweep_options import OptionError, check_weights
 
-            source = check_weights(source, "--from")
-        else:
-            from melt_bench.models import get_preset
+    if Path(source).exists() or "/" in source:
+        return check_weights(source, "--from")
+    from melt_bench.models import get_preset
 
-            if get_preset(source).family != "ouro":
-                raise OptionError(f"--from: {source!r} is not an Ouro model")
-    except (OptionError, ValueError) as exc:
-        raise UserError(str(exc)) from exc
-    config = ConvertConfig(source=source, out=str(out), data=data, chunk_size=chunk_size,
-                           transition_steps=transition_steps, distill_steps=distill_steps, lr_base=lr_base,
-                           lr_gate=lr_gate, batch_size=batch_size, seq_len=seq_len, loops=loops,
-                           device=resolved_device, dtype=dtype, checkpoint_every=checkpoint_every, seed=seed,
-                           gradient_checkpointing=gradient_checkpointing, decode_chunks=decode_chunks,
-                           pack_to=pack_to, tokens_per_step=tokens_per_step, gate=gate,
-                           fsdp=fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"),
-                           fsdp_reshard_after_forward=fsdp_reshard_after_forward)
-    if fsdp_reshard_after_forward and not config.fsdp:
-        raise UserError("--fsdp-reshard-after-forward needs --fsdp")
-    try:
-        final = run_convert(config, resume=resume, stop_after=stop_after, progress=progress)
-    except ValueError as exc:  # malformed data, or a resumption with other settings
-        raise UserError(str(exc)) from exc
-    except torch.OutOfMemoryError as exc:
-        kept = f"the checkpoint in {out} is intact" if (out / CHECKPOINT).exists() else "no checkpoint was written yet"
-        advice = "lower --batch-size or --seq-len" + (
-            "" if gradient_checkpointing else ", or add --gradient-checkpointing")
-        raise UserError(f"convert ran out of memory on {resolved_device} ({str(exc).splitlines()[0][:80]}); "
-                        f"{kept}; {advice}") from exc
-    if final != out:
-        console.print(f"MELT model written to {final}")
-    else:
-        console.print(f"stopped after step {stop_after}, checkpoint in {final / CHECKPOINT}: --resume continues")
+    if get_preset(source).family != "ouro":
+        raise OptionError(f"--from: {source!r} is not an Ouro model")
+    return source
+
+
+def out_of_memory_line(config, exc: BaseException) -> str:
+    """What a convert that ran out of memory says: where, what is kept, what to lower."""
+    from melt_bench.training.convert_run_dir import CHECKPOINT
+
+    out = Path(config.out)
+    kept = f"the checkpoint in {out} is intact" if (out / CHECKPOINT).exists() else "no checkpoint was written yet"
+    advice = "lower --batch-size or --seq-len" + ("" if config.gradient_checkpointing
+                                                   else ", or add --gradient-checkpointing")
+    return f"convert ran out of memory on {config.device} ({str(exc).splitlines()[0][:80]}); {kept}; {advice}"

@@ -354,13 +354,38 @@ def train_step(melt, teacher, tokenizer, texts: list[TrainingText], config: Conv
     return merged
 
 
+def _measured_step(melt, teacher, tokenizer, texts, config: ConvertConfig, optimizer, step: int, loops: int,
+                   rank: int, ranks: int) -> dict:
+    """One optimiser step, with what it cost: its time, and on CUDA its allocator peak (per rank
+    and the largest); over ranks also the bytes each holds (what sharding saves, exact on any
+    device)."""
+    from melt_bench.running.ranks import gather_from_ranks
+
+    cuda = torch.device(config.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(config.device)
+    started = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    parts = train_step(melt, teacher, tokenizer, texts, config, step, loops, rank, ranks)
+    optimizer.step()
+    if ranks > 1:
+        parts["held_bytes_per_rank"] = gather_from_ranks(held_bytes([teacher, melt], optimizer))
+    if cuda:
+        torch.cuda.synchronize(config.device)
+        parts["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(config.device)
+        if ranks > 1:  # what sharding saves shows per rank; the headline is the largest
+            parts["cuda_peak_allocated_bytes_per_rank"] = gather_from_ranks(parts["cuda_peak_allocated_bytes"])
+            parts["cuda_peak_allocated_bytes"] = max(parts["cuda_peak_allocated_bytes_per_rank"])
+    parts["step_s"] = time.perf_counter() - started
+    return parts
+
+
 def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | None = None,
                 progress: bool = True) -> Path:
     """Train; returns the directory holding the final `save_pretrained` MELT model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from melt_bench.evaluation.byte_tokenizer import load_tokenizer
-    from melt_bench.running.ranks import gather_from_ranks
     from melt_bench.units import parse_dtype
 
     rank, ranks = process_group(cpu=torch.device(config.device).type == "cpu")
@@ -400,25 +425,10 @@ def run_convert(config: ConvertConfig, resume: bool = False, stop_after: int | N
     loops = config.loops or teacher.config.total_ut_steps
     columns = (TextColumn("[bold]convert"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[losses]}"))
-    cuda = torch.device(config.device).type == "cuda"
     with Progress(*columns, disable=not progress or rank != 0) as bar, open(out / LOG, "a", encoding="utf-8") as log:
         task = bar.add_task("convert", total=total, completed=step, losses="")
         while step < total and (stop_after is None or step < stop_after):
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(config.device)
-            started = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            parts = train_step(melt, teacher, tokenizer, texts, config, step, loops, rank, ranks)
-            optimizer.step()
-            if ranks > 1:  # what sharding saves, exact to the byte on any device
-                parts["held_bytes_per_rank"] = gather_from_ranks(held_bytes([teacher, melt], optimizer))
-            if cuda:
-                torch.cuda.synchronize(config.device)
-                parts["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(config.device)
-                if ranks > 1:  # what sharding saves shows per rank; the headline is the largest
-                    parts["cuda_peak_allocated_bytes_per_rank"] = gather_from_ranks(parts["cuda_peak_allocated_bytes"])
-                    parts["cuda_peak_allocated_bytes"] = max(parts["cuda_peak_allocated_bytes_per_rank"])
-            parts["step_s"] = time.perf_counter() - started
+            parts = _measured_step(melt, teacher, tokenizer, texts, config, optimizer, step, loops, rank, ranks)
             step += 1
             if rank == 0:  # one writer: the log, the checkpoints, the model
                 log.write(json.dumps({"step": step, **parts}) + "\n")

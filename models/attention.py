@@ -1,0 +1,128 @@
+"""Attention of the looped stack: RoPE, the causal masks of a chunk over its cached prefix, and
+the attention block (projections, SDPA, output projection). Module and parameter names are those
+of the official Ouro checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
+
+from .configs import OuroConfig
+from .kv_cache import LoopedKVCache, TransitionKVCache
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Default RoPE tables for (batch, seq) positions; computed per call, so there is no buffer
+    for meta-device loading to lose."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponent)
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class AttentionMask:
+    """How one chunk's queries may attend: a mask (a boolean tensor, True = attend, or SDPA's
+    bottom-right causal bias) or SDPA's is_causal."""
+
+    mask: torch.Tensor | CausalBias | None
+    is_causal: bool
+
+
+def chunk_attention_mask(
+    start: int, q_len: int, key_padding: torch.Tensor | None, device: torch.device, fused: bool = True
+) -> AttentionMask:
+    """Causal mask for queries at cache positions [start, start+q_len) over keys [0, start+q_len).
+
+    Without padding no boolean mask is built: a first chunk is SDPA's `is_causal`, a later chunk
+    (cached prefix + its own causal block) the bottom-right-aligned `causal_lower_right` bias, so
+    SDPA keeps its fused kernels (`fused=False` materialises the same mask; tests compare them).
+    `key_padding` (batch, start+q_len) is True for real tokens. A query may always see itself, so
+    padded rows never attend to nothing (SDPA would return NaN that then leaks through V)."""
+    kv_len = start + q_len
+    if key_padding is None and fused:
+        if q_len == 1:
+            return AttentionMask(None, False)
+        if start == 0:
+            return AttentionMask(None, True)
+        return AttentionMask(causal_lower_right(q_len, kv_len), False)
+    q_pos = torch.arange(start, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]
+    if key_padding is not None:
+        mask = (mask & key_padding[:, None, None, :kv_len]) | (k_pos == q_pos)[None, None]
+    return AttentionMask(mask, False)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: OuroConfig, gate: nn.Module | None) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.kv_gate = gate  # None for Ouro; MELT's KVUpdateGate
+
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_state: torch.Tensor | None, loop: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values (batch, heads, tokens, head_dim) with RoPE applied, and what
+        the keys/values were projected from (x for Ouro, MELT's gated state h at loop `loop`)."""
+        bsz, q_len, _ = x.shape
+        kv_in = x if self.kv_gate is None else self.kv_gate(x, kv_state, loop)
+        q = self.q_proj(x).view(bsz, q_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(kv_in).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(kv_in).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, kv_in
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionMask) -> torch.Tensor:
+        """SDPA over the given keys/values, then the output projection."""
+        bsz, _, q_len, _ = q.shape
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn.mask, is_causal=attn.is_causal,
+            scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionMask,
+        cache: LoopedKVCache | TransitionKVCache | None,
+        slot: int | tuple[int, int],
+        start: int,
+        kv_state: torch.Tensor | None,
+        loop: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, k, v, kv_in = self.project(x, rope, kv_state, loop)
+        if isinstance(cache, TransitionKVCache):  # MELT phase-1 training: mix with Ouro's rows
+            bsz, q_len, _ = x.shape
+            cos, sin = rope
+            k_o = apply_rope(self.k_proj(x).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            v_o = self.v_proj(x).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            k, v = cache.update_mixed(slot, (k_o, v_o), (k, v), start)
+        elif cache is not None:
+            k, v = cache.update_slot(slot, k, v, start)
+        return self.attend(q, k, v, attn), (kv_in if self.kv_gate is not None else None)
