@@ -1,5 +1,5 @@
-"""Labels say what the code does: help texts against the defaults they name, and the README's
-figures against what the code computes today and where they were measured."""
+"""Labels say what the code does: help texts against the defaults they name, and the figures of
+the README and docs/ against what the code computes today and where they were measured."""
 
 import re
 from pathlib import Path
@@ -12,7 +12,9 @@ from melt_bench.running.sweep_options import CPU_DEFAULTS, CUDA_DEFAULTS
 from melt_bench.running.sweep_plan import SweepPoint
 from melt_bench.scenarios.measure_memory import predicted_peak
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+# the user's guide and the notes split from it: a figure is checked wherever it now stands
+README = "\n\n".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
 
 
 def help_text(command: str, capsys, monkeypatch) -> str:
