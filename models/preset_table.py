@@ -63,3 +63,9 @@ def get_preset(name: str) -> Preset:
     if key not in PRESETS:
         raise UnknownPresetError(f"unknown model {name!r}; known: {', '.join(PRESETS)}")
     return PRESETS[key]
+
+
+def is_melt(name: str) -> bool:
+    """Whether the preset called `name` is a MELT model (its own gated cache) rather than an
+    Ouro-family one (a KV policy applies)."""
+    return get_preset(name).family == "melt"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from melt_bench.models.names import DECODE_READS, KV_QUANT, MAX_LOOPS, UnknownKVPolicyError, parse_kv_policy
-from melt_bench.models.preset_table import UnknownPresetError, get_preset
+from melt_bench.models.preset_table import UnknownPresetError, get_preset, is_melt
 from melt_bench.running import hub
 from melt_bench.running.ranges import RangeError
 from melt_bench.running.suite_loader import SuiteError, load_suite
@@ -190,7 +190,7 @@ def resolve_kv_policies(value: object, models: list[str]) -> list[str | None]:
     if "shared-gated" in names:
         raise OptionError("--kv-policy shared-gated is MELT's own policy, which needs its trained gate: "
                           "run a MELT model instead")
-    if all(get_preset(model).family == "melt" for model in models):
+    if all(is_melt(model) for model in models):
         raise OptionError(f"--kv-policy {value}: {', '.join(models)} keep MELT's own gated policy; training-free "
                           "KV policies apply to Ouro-family models")
     return list(dict.fromkeys(names))
@@ -223,7 +223,7 @@ def check_packed_caches(points: list, command: str) -> None:
     from melt_bench.models.packed_cache import check_kv_quant
 
     for point in points:
-        policy = point.kv_policy or ("shared-gated" if get_preset(point.model).family == "melt" else "per-loop")
+        policy = point.kv_policy or ("shared-gated" if is_melt(point.model) else "per-loop")
         try:
             check_kv_quant(point.kv_quant, policy, point.decode_reads)
         except ValueError as exc:
@@ -254,7 +254,7 @@ def resolve_decode_reads(value: object, models: list[str]) -> list[str | None]:
     if value is None:
         return [None]
     modes = _choices(value, "--decode-reads", DECODE_READS)
-    if not any(get_preset(model).family == "melt" for model in models):
+    if not any(is_melt(model) for model in models):
         raise OptionError(f"--decode-reads {value}: {', '.join(models)} are not MELT models (decode_reads is how "
                           "MELT's decoded tokens read its shared cache)")
     return modes

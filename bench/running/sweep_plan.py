@@ -7,6 +7,7 @@ import itertools
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from melt_bench.models.preset_table import is_melt
 from melt_bench.running.ranges import RangeError, parse_int_list, parse_name_list
 
 PHASES = ("prefill", "decode", "generate")
@@ -99,15 +100,11 @@ class SweepSpec:
 
     def policies_for(self, model: str) -> list[str | None]:
         """MELT keeps its own gated policy; Ouro-family models take every asked-for policy."""
-        from melt_bench.models import get_preset
-
-        return [None] if get_preset(model).family == "melt" else self.kv_policies
+        return [None] if is_melt(model) else self.kv_policies
 
     def decode_reads_for(self, model: str) -> list[str | None]:
         """decode_reads is MELT's: Ouro-family models run once."""
-        from melt_bench.models import get_preset
-
-        return self.decode_reads if get_preset(model).family == "melt" else [None]
+        return self.decode_reads if is_melt(model) else [None]
 
 
 def as_int_list(value: object, option: str) -> list[int]:
