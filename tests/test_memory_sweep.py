@@ -145,7 +145,16 @@ def test_bad_input_through_the_console_script():
 
 
 def test_dry_run_lists_the_plan(capsys):
+    """For people: what every point shares on one line, a row per point with what varies (no
+    latency-only settings on a memory plan); with --json a JSON line per point, for machines."""
     assert main(["memory", "--loops", "1..3", "--dry-run", *SMALL]) == 0
+    text = capsys.readouterr().out
+    shared = next(line for line in text.splitlines() if line.startswith("every point:"))
+    assert "command memory" in shared and "engine" not in text and "warmup" not in text
+    assert not any(line.startswith("{") for line in text.splitlines())
+    header = next(line for line in text.splitlines() if line.startswith("point_id"))
+    assert header.split()[1:] == ["model", "loops"] and "6 points" in text
+    assert main(["memory", "--loops", "1..3", "--dry-run", "--json", *SMALL]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(lines) == 6 and json.loads(lines[0])["loops"] == 1
 

@@ -252,3 +252,28 @@ def test_every_point_setting_is_an_axis_a_label_or_compared_like_for_like(tmp_pa
                                                  runs("ouro-tiny", 12.0, 5), runs("melt-tiny", 24.0, 5)])
     html = build_report([path])
     assert "timed runs 3), ouro-tiny needs 0.50x" in html and "timed runs 5), ouro-tiny needs 0.50x" in html
+
+
+@pytest.mark.parametrize("width,layout", [(260, "wide"), (258, "long"), (106, "long"), (105, "records"),
+                                          (36, "records")])
+def test_terminal_tables_fit_the_width_and_never_cut_a_header(width, layout):
+    """#25 item 4: a table wider than the terminal switches to a row per (loops, model), then to
+    named figures; no line is longer than the terminal and no header is cut (no ellipsis)."""
+    import io
+
+    from rich.console import Console
+
+    from melt_bench.reporting.summary_tables import print_fitted
+
+    rows = [latency_row(m, t, t * (20 if m[0] == "o" else 25)) for m in ("ouro-1.4b", "melt-1.4b") for t in (1, 4)]
+    console = Console(width=width, file=io.StringIO(), color_system=None)
+    print_fitted("latency", rows, console)
+    text = console.file.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= width
+    words = " ".join(text.split())
+    for header in ("prefill", "decode/token", "roofline/token", "MBU", "tok/s"):
+        assert header in words, header  # whole, as a column header or a named figure
+    assert "1.25x" in words or "0.80x" in words  # the Ouro/MELT ratio survives every layout
+    # the wide table of two models needs 259 columns here, the long one 106
+    chosen = "wide" if "ouro-1.4b decode/token" in words else "long" if "│ ouro-1.4b" in text else "records"
+    assert chosen == layout, text

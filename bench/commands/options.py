@@ -52,7 +52,8 @@ SUITE = typer.Option(None, help="suite name (suites/NAME.yaml) or YAML path; fla
 TIMEOUT = typer.Option(None, "--point-timeout", help="seconds one point may take (default: 600)")
 
 
-DRY_RUN = typer.Option(False, "--dry-run", help="list the points and exit")
+DRY_RUN = typer.Option(False, "--dry-run", help="show the plan (what the points share, what varies) and exit")
+JSON_PLAN = typer.Option(False, "--json", help="with --dry-run: a JSON line per point, for machines")
 
 
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="show the progress bar")

@@ -145,14 +145,20 @@ def plural(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def show_plan(points, dry_run: bool, out: Path | None = None, placement: dict | None = None) -> bool:
-    """--dry-run: list the points, then how many there are and, timed from the rows already in
-    --out, about how long the pending ones take on the chosen workers."""
+def show_plan(points, dry_run: bool, out: Path | None = None, placement: dict | None = None,
+              as_json: bool = False) -> bool:
+    """--dry-run: the plan (what every point shares, then a row per point with what varies; with
+    --json a JSON line per point, for machines), how many points there are and, timed from the
+    rows already in --out, about how long the pending ones take on the chosen workers."""
     if dry_run:
+        from melt_bench.reporting.plan_table import print_plan
         from melt_bench.running.sweep_estimate import estimate_wall_time, planned_workers
 
-        for point in points:
-            print(json.dumps({"point_id": point.point_id, **point.to_dict()}))
+        if as_json:
+            for point in points:
+                print(json.dumps({"point_id": point.point_id, **point.to_dict()}))
+        else:
+            print_plan([{"point_id": point.point_id, **point.settings()} for point in points], console)
         console.print(plural(len(points), "point"))
         console.print(estimate_wall_time(points, out, planned_workers(placement or {})))
     return dry_run
@@ -205,10 +211,9 @@ def check_writable(path: Path, option: str) -> None:
 
 
 def print_tables(kind: str, store, planned: set[str]) -> None:
-    from melt_bench.reporting.summary_tables import tables_for
+    from melt_bench.reporting.summary_tables import print_fitted
 
-    for table in tables_for(kind, [row for row in store.read() if row.point_id in planned]):
-        console.print(table)
+    print_fitted(kind, [row for row in store.read() if row.point_id in planned], console)
 
 
 def executor_for(placement: dict, device: str):

@@ -19,6 +19,7 @@ from melt_bench.commands.options import (
     DTYPE,
     EXECUTOR,
     GPUS,
+    JSON_PLAN,
     KV_POLICY,
     KV_QUANT,
     LOOPS,
@@ -76,6 +77,7 @@ def memory(
     decode_reads: Optional[str] = DECODE_READS,
     kv_quant: Optional[str] = KV_QUANT,
     dry_run: bool = DRY_RUN,
+    as_json: bool = JSON_PLAN,
     progress: bool = PROGRESS,
     report: bool = REPORT,
     gpus: Optional[str] = GPUS,
@@ -99,7 +101,7 @@ def memory(
     points = checked_points(resolved, "memory")
     placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus,
                      cpu_workers=(cpu_workers or os.cpu_count() or 1) if resolved.spec.device == "cpu" else 1)
-    if not show_plan(points, dry_run, out, placement):
+    if not show_plan(points, dry_run, out, placement, as_json):
         runner = in_child(measure_memory_point, (nvml_interval_ms,), resolved.point_timeout)
         run_sweep_command("memory", points, runner, out, resume, retry_failed, progress, report,
                            executor_for(placement, resolved.spec.device), resolved.notices)
@@ -134,6 +136,7 @@ def latency(
     suite: Optional[str] = SUITE,
     point_timeout: Optional[float] = TIMEOUT,
     dry_run: bool = DRY_RUN,
+    as_json: bool = JSON_PLAN,
     progress: bool = PROGRESS,
     report: bool = REPORT,
     gpus: Optional[str] = GPUS,
@@ -163,7 +166,7 @@ def latency(
                                        prefill_chunk=check_prefill_chunk(prefill_chunk))
     points = checked_points(resolved, "latency")
     placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
-    if not show_plan(points, dry_run, out, placement):
+    if not show_plan(points, dry_run, out, placement, as_json):
         runner = in_child(measure_latency_point, (), resolved.point_timeout)
         run_sweep_command("latency", points, runner, out, resume, retry_failed, progress, report,
                            executor_for(placement, resolved.spec.device), resolved.notices)
@@ -190,6 +193,7 @@ def capacity(
     suite: Optional[str] = SUITE,
     point_timeout: Optional[float] = TIMEOUT,
     dry_run: bool = DRY_RUN,
+    as_json: bool = JSON_PLAN,
     progress: bool = PROGRESS,
     report: bool = REPORT,
     gpus: Optional[str] = GPUS,
@@ -212,7 +216,7 @@ def capacity(
                                        prefill_chunk=check_prefill_chunk(prefill_chunk))
     points = checked_points(resolved, "capacity")
     placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
-    if not show_plan(points, dry_run, out, placement):
+    if not show_plan(points, dry_run, out, placement, as_json):
         timeout_s = resolved.point_timeout
 
         def runner(point, gpu=None):

@@ -71,45 +71,123 @@ SPECS = {
 }
 
 
+@dataclass
+class SummaryTable:
+    """One end-of-sweep table before it is laid out: per loop count, each model's cells (one per
+    column of the spec) and the Ouro/MELT ratios."""
+
+    title: str
+    spec: TableSpec
+    models: list[str]
+    pairs: list[tuple[str, str]]
+    cells: dict[tuple[int, str], list[str]]  # (loops, model) -> the spec's columns
+    ratios: dict[tuple[int, str], str]  # (loops, "ouro/melt") -> the headline ratio
+    loops: list[int]
+
+    def ratio_names(self) -> list[str]:
+        return [f"{ouro}/{melt} {self.spec.headline_label}" for ouro, melt in self.pairs]
+
+    def wide(self) -> Table:
+        """A row per loop count, columns per model and metric: the most compact when it fits."""
+        table = Table(title=self.title)
+        table.add_column("loops", justify="right")
+        for model in self.models:
+            for column in self.spec.columns:
+                table.add_column(model + column.name, justify="right")
+        for name in self.ratio_names():
+            table.add_column(name, justify="right")
+        for loops in self.loops:
+            cells = [str(loops)]
+            for model in self.models:
+                cells += self.cells[(loops, model)]
+            table.add_row(*cells, *(self.ratios[(loops, name)] for name in self.ratio_names()))
+        return table
+
+    def long(self) -> Table:
+        """A row per (loop count, model), a column per metric: for terminals too narrow for wide()."""
+        table = Table(title=self.title)
+        table.add_column("loops", justify="right")
+        table.add_column("model")
+        for column in self.spec.columns:
+            table.add_column(column.name.strip() or self.spec.headline_label, justify="right")
+        partner = dict(self.pairs)  # an Ouro model's row carries its ratio to its MELT partner
+        if partner:
+            table.add_column(f"Ouro/MELT {self.spec.headline_label}", justify="right")
+        for loops in self.loops:
+            for model in self.models:
+                ratio = [self.ratios[(loops, f"{model}/{partner[model]} {self.spec.headline_label}")]
+                         if model in partner else "-"] if partner else []
+                table.add_row(str(loops), model, *self.cells[(loops, model)], *ratio)
+        return table
+
+    def records(self) -> list[str]:
+        """One line per (loop count, model), each figure named: for the narrowest terminals."""
+        names = [column.name.strip() or self.spec.headline_label for column in self.spec.columns]
+        lines = [self.title]
+        for loops in self.loops:
+            for model in self.models:
+                figures = ", ".join(f"{name} {cell}" for name, cell in zip(names, self.cells[(loops, model)]))
+                lines.append(f"  loops {loops}, {model}: {figures}")
+            lines += [f"  loops {loops}, {name}: {self.ratios[(loops, name)]}" for name in self.ratio_names()]
+        return lines
+
+
 def tables_for(kind: str, rows: list[ResultRow]) -> list[Table]:
+    """The end-of-sweep tables of `rows`, laid out wide (one row per loop count)."""
+    return [summary.wide() for summary in summaries_for(kind, rows)]
+
+
+def print_fitted(kind: str, rows: list[ResultRow], console) -> None:
+    """Print the tables so every header stays whole in the console's width: wide where it fits,
+    else a row per (loops, model), else a line per (loops, model) with each figure named."""
+    from rich.measure import Measurement
+
+    for summary in summaries_for(kind, rows):
+        for table in (summary.wide(), summary.long()):
+            natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
+            if natural <= console.width:
+                console.print(table)
+                break
+        else:
+            for line in summary.records():
+                console.print(line, highlight=False, markup=False)
+
+
+def summaries_for(kind: str, rows: list[ResultRow]) -> list[SummaryTable]:
     spec = SPECS[kind]
     rows = combine_repeats([row for row in latest_rows(rows) if row.kind == kind])
     groups: dict[tuple, list[ResultRow]] = {}
     for row in rows:
         groups.setdefault(tuple(row.point.get(f) for f in spec.group_fields), []).append(row)
-    return [_table(spec, key, group) for key, group in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+    return [_summary(spec, key, group) for key, group in sorted(groups.items(), key=lambda kv: str(kv[0]))]
 
 
-def _table(spec: TableSpec, key: tuple, group: list[ResultRow]) -> Table:
+def _summary(spec: TableSpec, key: tuple, group: list[ResultRow]) -> SummaryTable:
     labels = model_labels(group)
     models = list(dict.fromkeys(model_label(row, labels) for row in group))
     pairs = [(m, melt_partner(m, models)) for m in models if melt_partner(m, models)]
     described = ", ".join(f"{field} {_describe(field, value)}" for field, value in zip(spec.group_fields, key))
     repeats = max(row.metrics.get("repeats", 1) for row in group)
     note = f" (median of {repeats} repeats, ± half their range)" if repeats > 1 else ""
-    table = Table(title=f"{spec.title}{note} | {described}")
-    table.add_column("loops", justify="right")
-    for model in models:
-        for column in spec.columns:
-            table.add_column(model + column.name, justify="right")
-    for ouro, melt in pairs:
-        table.add_column(f"{ouro}/{melt} {spec.headline_label}", justify="right")
     by_key = {(model_label(r, labels), r.point["loops"]): r for r in group}
-    for loops in sorted({r.point["loops"] for r in group}):
-        cells = [str(loops)]
+    loops_list = sorted({r.point["loops"] for r in group})
+    cells, ratios = {}, {}
+    for loops in loops_list:
         for model in models:
             row = by_key.get((model, loops))
-            for index, column in enumerate(spec.columns):
-                if row is None:
-                    cells.append("-")
-                elif row.status != "ok":
-                    cells.append(row.status.upper() if index == 0 else "-")
-                else:
-                    cells.append(column.cell(row.metrics))
+            cells[(loops, model)] = [_cell(row, column, index) for index, column in enumerate(spec.columns)]
         for ouro, melt in pairs:
-            cells.append(_ratio(by_key.get((ouro, loops)), by_key.get((melt, loops)), spec.headline))
-        table.add_row(*cells)
-    return table
+            ratios[(loops, f"{ouro}/{melt} {spec.headline_label}")] = _ratio(
+                by_key.get((ouro, loops)), by_key.get((melt, loops)), spec.headline)
+    return SummaryTable(f"{spec.title}{note} | {described}", spec, models, pairs, cells, ratios, loops_list)
+
+
+def _cell(row: ResultRow | None, column: Column, index: int) -> str:
+    if row is None:
+        return "-"
+    if row.status != "ok":
+        return row.status.upper() if index == 0 else "-"
+    return column.cell(row.metrics)
 
 
 def _max_batch(metrics: dict) -> str:

@@ -59,6 +59,14 @@ class SweepPoint:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def settings(self) -> dict:
+        """The settings that apply to this point's command (a memory point has no engine or
+        warm-up, only capacity has a budget): what a person reads in the plan."""
+        latency_only = ("warmup", "timed_runs", "early_exit", "engine", "static_cache")
+        return {name: value for name, value in asdict(self).items()
+                if (name not in latency_only or self.command == "latency")
+                and (name != "memory_budget_bytes" or self.command == "capacity")}
+
 
 @dataclass
 class SweepSpec:
