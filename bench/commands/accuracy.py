@@ -29,6 +29,8 @@ from melt_bench.commands.options import (
     WEIGHTS,
 )
 from melt_bench.commands.support import (
+    Placement,
+    RunOptions,
     check_something_measured,
     check_syntax,
     executor_for,
@@ -100,12 +102,11 @@ def accuracy(
         from melt_bench.running.launcher import start_fork_server
 
         start_fork_server("melt_bench.scenarios.accuracy", "melt_bench.evaluation.lm_eval_adapter")
-    placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
-    evaluate(flags, tokenizer, None if ranks > 1 else placement, out, resume, retry_failed, progress, report)
+    placement = None if ranks > 1 else Placement(gpus, executor, ray_address, allow_busy_gpus)
+    evaluate(flags, tokenizer, placement, RunOptions(out, resume, retry_failed, progress, report))
 
 
-def evaluate(flags: dict, tokenizer: str | None, placement: dict | None, out: Path | None, resume: bool,
-             retry_failed: bool, progress: bool, report: bool) -> None:
+def evaluate(flags: dict, tokenizer: str | None, placement: Placement | None, run: RunOptions) -> None:
     """The checked flags' points, their tasks resolved, evaluated into the results file through
     the runner (`placement` None: under accelerate launch, every rank in its own process)."""
     import tempfile
@@ -125,17 +126,18 @@ def evaluate(flags: dict, tokenizer: str | None, placement: dict | None, out: Pa
         runs_on = None if placement is None else executor_for(placement, points[0].device)
         for line in [*notices, *(f"lm-eval warning: {w}" for w in warnings)]:
             print(f"melt-bench: {line}", file=sys.stderr)
-        store, meta = open_store("accuracy", out, resume)
+        store, meta = open_store("accuracy", run.out, run.resume)
         log = log_path_for(store.path)
         console.print(f"lm-eval's own output (progress, log lines): {log}", highlight=False)
         before = len(store.read())
         try:
-            ran, skipped = run_accuracy(points, store, meta, task_manager, tokenizer, log, show_progress=progress,
-                                        executor=runs_on, retry_failed=retry_failed, timeout_s=flags["point_timeout"])
+            ran, skipped = run_accuracy(points, store, meta, task_manager, tokenizer, log, show_progress=run.progress,
+                                        executor=runs_on, retry_failed=run.retry_failed,
+                                        timeout_s=flags["point_timeout"])
         except FileNotFoundError as exc:
             raise UserError(str(exc)) from exc
     print_tables("accuracy", store, {p.point_id for p in points})
     console.print(f"{plural(ran, 'run')}, {skipped} already recorded; results in {store.path}")
-    if report:
+    if run.report:
         console.print(f"report written to {write_report([store.path], None)}")
     check_something_measured(store, before)

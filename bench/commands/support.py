@@ -7,6 +7,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from melt_bench.commands.app import UserError, console
@@ -216,33 +218,68 @@ def print_tables(kind: str, store, planned: set[str]) -> None:
     print_fitted(kind, [row for row in store.read() if row.point_id in planned], console)
 
 
-def executor_for(placement: dict, device: str):
+@dataclass
+class Placement:
+    """Where points run: --gpus, --executor, --ray-address, --allow-busy-gpus, and for CPU memory
+    sweeps how many points run side by side."""
+
+    gpus: str | None = None
+    executor: str = "local"
+    ray_address: str | None = None
+    allow_busy_gpus: bool = False
+    cpu_workers: int = 1
+
+
+@dataclass
+class RunOptions:
+    """What happens around the points: the results file, --resume, --retry-failed, the progress
+    bar, the report at the end, and a dry run (readable, or JSON lines)."""
+
+    out: Path | None = None
+    resume: bool = False
+    retry_failed: bool = False
+    progress: bool = True
+    report: bool = False
+    dry_run: bool = False
+    as_json: bool = False
+
+
+def executor_for(placement: Placement, device: str):
     """The executor of --gpus / --executor / --ray-address (executors.py); one line on a bad one."""
     from melt_bench.running.executors import ExecutorError, make_executor
 
     try:
-        return make_executor(placement["gpus"], placement["executor"], placement["ray_address"],
-                             placement["allow_busy_gpus"], device,
-                             warn=lambda line: print(f"melt-bench: warning: {line}", file=sys.stderr),
-                             cpu_workers=placement.get("cpu_workers") or 1)
+        return make_executor(placement.gpus, placement.executor, placement.ray_address, placement.allow_busy_gpus,
+                             device, warn=lambda line: print(f"melt-bench: warning: {line}", file=sys.stderr),
+                             cpu_workers=placement.cpu_workers)
     except ExecutorError as exc:
         raise UserError(str(exc)) from exc
 
 
-def run_sweep_command(kind, points, runner, out, resume, retry_failed, progress, report=False,
-                       executor=None, notices: tuple[str, ...] = ()) -> None:
+def plan_and_run(kind: str, resolved, points: list, make_runner: Callable[[], Callable], run: RunOptions,
+                 placement: Placement) -> None:
+    """The sweep commands' common end: the plan on --dry-run, else every pending point through
+    the runner on the placement's executor, then the tables, the report and the exit status."""
+    if not show_plan(points, run.dry_run, run.out, asdict(placement), run.as_json):
+        run_sweep_command(kind, points, make_runner(), run, executor_for(placement, resolved.spec.device),
+                          resolved.notices)
+
+
+def run_sweep_command(kind: str, points: list, runner: Callable, run: RunOptions, executor=None,
+                      notices: tuple[str, ...] = ()) -> None:
     from melt_bench.running.sweep import run_sweep
 
-    if retry_failed and not resume:
+    if run.retry_failed and not run.resume:
         raise UserError("--retry-failed re-runs the failed points of an existing --out: it needs --resume")
-    store, meta = open_store(kind, out, resume)
+    store, meta = open_store(kind, run.out, run.resume)
     for notice in notices:
         print(f"melt-bench: {notice}", file=sys.stderr)
     before = len(store.read())
-    status = run_sweep(kind, points, store, runner, meta, retry_failed, show_progress=progress, executor=executor)
+    status = run_sweep(kind, points, store, runner, meta, run.retry_failed, show_progress=run.progress,
+                       executor=executor)
     print_tables(kind, store, {point.point_id for point in points})
     console.print(f"{plural(status.ran, 'point')} run, {status.skipped} already recorded; results in {store.path}")
-    if report:
+    if run.report:
         console.print(f"report written to {write_report([store.path], None)}")
     check_something_measured(store, before)
 

@@ -38,15 +38,15 @@ from melt_bench.commands.options import (
     WEIGHTS,
 )
 from melt_bench.commands.support import (
+    Placement,
+    RunOptions,
     check_prefill_chunk,
     check_syntax,
     checked_points,
-    executor_for,
     parse_budget,
     parse_early_exit,
+    plan_and_run,
     resolve,
-    run_sweep_command,
-    show_plan,
 )
 
 
@@ -99,12 +99,11 @@ def memory(
 
     resolved.spec.point_options = dict(prefill_chunk=check_prefill_chunk(prefill_chunk))
     points = checked_points(resolved, "memory")
-    placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus,
-                     cpu_workers=(cpu_workers or os.cpu_count() or 1) if resolved.spec.device == "cpu" else 1)
-    if not show_plan(points, dry_run, out, placement, as_json):
-        runner = in_child(measure_memory_point, (nvml_interval_ms,), resolved.point_timeout)
-        run_sweep_command("memory", points, runner, out, resume, retry_failed, progress, report,
-                           executor_for(placement, resolved.spec.device), resolved.notices)
+    placement = Placement(gpus, executor, ray_address, allow_busy_gpus,
+                          (cpu_workers or os.cpu_count() or 1) if resolved.spec.device == "cpu" else 1)
+    run = RunOptions(out, resume, retry_failed, progress, report, dry_run, as_json)
+    plan_and_run("memory", resolved, points,
+                 lambda: in_child(measure_memory_point, (nvml_interval_ms,), resolved.point_timeout), run, placement)
 
 
 @app.command()
@@ -165,11 +164,9 @@ def latency(
                                        engine=engine, static_cache=static_cache,
                                        prefill_chunk=check_prefill_chunk(prefill_chunk))
     points = checked_points(resolved, "latency")
-    placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
-    if not show_plan(points, dry_run, out, placement, as_json):
-        runner = in_child(measure_latency_point, (), resolved.point_timeout)
-        run_sweep_command("latency", points, runner, out, resume, retry_failed, progress, report,
-                           executor_for(placement, resolved.spec.device), resolved.notices)
+    run = RunOptions(out, resume, retry_failed, progress, report, dry_run, as_json)
+    plan_and_run("latency", resolved, points, lambda: in_child(measure_latency_point, (), resolved.point_timeout),
+                 run, Placement(gpus, executor, ray_address, allow_busy_gpus))
 
 
 @app.command()
@@ -215,14 +212,12 @@ def capacity(
     resolved.spec.point_options = dict(batch_size=0, memory_budget_bytes=budget_bytes,
                                        prefill_chunk=check_prefill_chunk(prefill_chunk))
     points = checked_points(resolved, "capacity")
-    placement = dict(gpus=gpus, executor=executor, ray_address=ray_address, allow_busy_gpus=allow_busy_gpus)
-    if not show_plan(points, dry_run, out, placement, as_json):
-        timeout_s = resolved.point_timeout
 
-        def runner(point, gpu=None):
-            started = time.monotonic()
-            value = search_capacity(point, budget_bytes, timeout_s, max_batch, gpu)
-            return ChildOutcome("ok", value=value, wall_s=time.monotonic() - started)
+    def runner(point, gpu=None):  # the search runs its probes, each in a child of its own
+        started = time.monotonic()
+        value = search_capacity(point, budget_bytes, resolved.point_timeout, max_batch, gpu)
+        return ChildOutcome("ok", value=value, wall_s=time.monotonic() - started)
 
-        run_sweep_command("capacity", points, runner, out, resume, retry_failed, progress, report,
-                           executor_for(placement, resolved.spec.device), resolved.notices)
+    run = RunOptions(out, resume, retry_failed, progress, report, dry_run, as_json)
+    plan_and_run("capacity", resolved, points, lambda: runner, run, Placement(gpus, executor, ray_address,
+                                                                              allow_busy_gpus))
