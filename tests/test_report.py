@@ -277,3 +277,46 @@ def test_terminal_tables_fit_the_width_and_never_cut_a_header(width, layout):
     # the wide table of two models needs 259 columns here, the long one 106
     chosen = "wide" if "ouro-1.4b decode/token" in words else "long" if "│ ouro-1.4b" in text else "records"
     assert chosen == layout, text
+
+
+def test_report_tables_are_for_people(tmp_path):
+    """#25 item 3: headers in words with units (the field name on hover), an empty cell an em dash
+    saying why, a search stopped at --max-batch a lower bound, one labelled verdict block per
+    (task, metric, filter), and a comparison with nothing in common saying what keeps them apart."""
+    lat = [latency_row(m, t, t * (20 if m[0] == "o" else 25)) for m in ("ouro-1.4b", "melt-1.4b") for t in (1, 4)]
+    lat[0].metrics["energy_decode_j_per_token"] = 0.5  # the others have none: an em dash with the reason
+    limited = capacity_row("ouro-1.4b", 4, 64)
+    limited.metrics["hit_batch_limit"] = True
+    acc = [accuracy_row(m, t, v, kv=8192 if m[0] == "o" else 2048) for m, v in (("ouro-tiny", 0.5), ("melt-tiny", 0.4))
+           for t in (1, 4)]
+    shared = accuracy_row("ouro-tiny", 4, 0.3, kv=2048)  # a training-free policy at MELT's KV memory
+    shared.point["kv_policy"], shared.metrics["kv_policy"], shared.point_id = "last-loop", "last-loop", "acc-last"
+    acc.append(shared)
+    flexible = [ResultRow(r.kind, r.point_id + "-f", {**r.point, "filter": "flexible-extract"}, r.status, r.error,
+                          dict(r.metrics), r.meta, r.wall_s) for r in acc]
+    files = [write_rows(tmp_path / "lat.jsonl", lat), write_rows(tmp_path / "cap.jsonl", [limited]),
+             write_rows(tmp_path / "acc.jsonl", acc + flexible)]
+    html = build_report(files)
+    assert '<th title="decode_ms_per_token_mean">decode ms/token (median)</th>' in html
+    assert "decode_ms_per_token_mean</th>" not in html  # no raw field name as a header
+    assert "<td class=\"missing\" title=\"energy: NVML&#39;s energy counter" in html and "None" not in html
+    assert "<td>&gt;= 64</td>" in html
+    blocks = html.split("At equal KV memory | ")[1:]
+    assert len(blocks) == 2 and {block.split(":")[0] for block in blocks} == {
+        "gsm8k, exact_match, strict-match", "gsm8k, exact_match, flexible-extract"}
+    assert "exact_match (strict-match) 0.400" in html and "exact_match (flexible-extract) 0.400" in html
+    other = write_rows(tmp_path / "other.jsonl", [latency_row("ouro-1.4b", 8, 30.0)])
+    html = build_report([files[0]], compare=[other])
+    assert "The two runs share no points: loops 1, 4 here, 8 there." in html
+
+
+def test_byte_axes_take_the_unit_of_their_data():
+    """The KV plot once drew KiB values on a GiB axis, its ticks running together."""
+    import pandas as pd
+
+    from melt_bench.reporting.report import byte_scale
+
+    assert byte_scale(pd.Series([2048.0, 8192.0])) == (1024.0, "KiB")
+    assert byte_scale(pd.Series([3 * 2**20])) == (2.0**20, "MiB")
+    assert byte_scale(pd.Series([5 * 2**30, None])) == (2.0**30, "GiB")
+    assert byte_scale(pd.Series([100])) == (1.0, "B")

@@ -18,17 +18,17 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
-from markupsafe import Markup  # noqa: E402
+from markupsafe import Markup, escape  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from melt_bench import __version__  # noqa: E402
+from melt_bench.reporting.fields import label, missing_reason  # noqa: E402
 from melt_bench.reporting.pareto import kv_cost_per_token, matched_memory, pareto_mask, verdicts  # noqa: E402
 from melt_bench.reporting.summary_tables import latest_rows  # noqa: E402
 from melt_bench.running.repeats import combine_repeats  # noqa: E402
 from melt_bench.running.results import ResultsStore, rows_to_frame  # noqa: E402
 from melt_bench.units import format_bytes  # noqa: E402
 
-GiB = 2**30
 MARKERS = ("o", "s", "^", "D", "v", "P")
 FAILED = ("oom", "timeout", "error")
 INTEGER_COLUMNS = ("loops", "seq_len", "batch_size", "new_tokens", "max_batch", "n_samples", "num_fewshot", "limit",
@@ -73,11 +73,41 @@ def png(fig) -> str:
 
 
 def html_table(frame: pd.DataFrame) -> Markup:
-    """A sortable table; cell text escaped by pandas."""
-    # A zero-width space after each underscore lets long headers wrap between words.
-    frame = frame.rename(columns=lambda name: str(name).replace("_", "_\u200b"))
-    table = frame.to_html(index=False, escape=True, classes="sortable", border=0, na_rep="-")
-    return Markup(f'<div class="scroll">{table}</div>')
+    """A sortable table for people: each header in words with its unit (the field name on hover),
+    a missing value as an em dash saying why on hover, whole numbers as whole numbers. Every text
+    from the results is escaped."""
+    statuses = frame["status"].tolist() if "status" in frame else [None] * len(frame)
+    head = "".join(f'<th title="{escape(name)}">{escape(label(str(name)))}</th>' for name in frame.columns)
+    body = []
+    for row, status in zip(frame.itertuples(index=False), statuses):
+        cells = []
+        for name, value in zip(frame.columns, row):
+            if _missing(value):
+                cells.append(f'<td class="missing" title="{escape(missing_reason(str(name), status))}">\u2014</td>')
+            else:
+                cells.append(f"<td>{escape(_cell_text(value))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return Markup(f'<div class="scroll"><table class="sortable"><thead><tr>{head}</tr></thead>'
+                  f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+def _missing(value) -> bool:
+    return value is None or value == "-" or (not isinstance(value, (str, list, dict, tuple)) and pd.isna(value))
+
+
+def _cell_text(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return f"{int(value):,}" if abs(value) >= 10_000 else str(int(value))
+    return str(value)
+
+
+def byte_scale(values: pd.Series) -> tuple[float, str]:
+    """The binary unit that suits the largest of `values`: (bytes per unit, its name)."""
+    top = values.abs().max() if len(values) and values.notna().any() else 0
+    for scale, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if top >= scale:
+            return float(scale), name
+    return 1.0, "B"
 
 
 def _groups(frame: pd.DataFrame, keys: list[str]):
@@ -142,7 +172,8 @@ def memory_section(frame: pd.DataFrame) -> Section | None:
                              "with bars and a range column from the lowest to the highest repeat.")
     for key, part in _groups(mem, ["phase", "batch_size", "dtype", "device"]):
         title = f"peak memory vs loops | phase {key[0]}, batch {key[1]}, {key[2]}, {key[3]}"
-        section.figures.append(_line_plot(part, "loops", "peak_bytes", ["model", "seq_len"], title, "GiB", GiB))
+        scale, unit = byte_scale(part.peak_bytes)
+        section.figures.append(_line_plot(part, "loops", "peak_bytes", ["model", "seq_len"], title, unit, scale))
     table = mem[["model", "loops", "seq_len", "batch_size", "phase", "status"]].copy()
     for column in ("peak_bytes", "kv_cache_bytes", "weights_bytes", "activation_peak_bytes",
                    "nvml_device_peak_above_baseline_bytes", "rss_peak_above_baseline_bytes"):
@@ -168,12 +199,13 @@ def predicted_vs_measured(mem: pd.DataFrame) -> Figure:
     """The analytic peak (weights + KV + activation model) against the measured one, per point."""
     ok = mem[(mem.status == "ok") & mem.predicted_peak_bytes.notna()]
     fig, ax = plt.subplots(figsize=(5.5, 5))
+    scale, unit = byte_scale(pd.concat([ok.predicted_peak_bytes, ok.peak_bytes]))
     for model, part in ok.groupby("model"):
-        ax.scatter(part.predicted_peak_bytes / GiB, part.peak_bytes / GiB, label=str(model), alpha=0.8)
-    top = max(ok.predicted_peak_bytes.max(), ok.peak_bytes.max()) / GiB * 1.05 if len(ok) else 1.0
+        ax.scatter(part.predicted_peak_bytes / scale, part.peak_bytes / scale, label=str(model), alpha=0.8)
+    top = max(ok.predicted_peak_bytes.max(), ok.peak_bytes.max()) / scale * 1.05 if len(ok) else 1.0
     ax.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=1, label="measured = predicted")
-    ax.set_xlabel("predicted peak (GiB)")
-    ax.set_ylabel("measured peak (GiB)")
+    ax.set_xlabel(f"predicted peak ({unit})")
+    ax.set_ylabel(f"measured peak ({unit})")
     ax.set_title("memory: predicted vs measured peak", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -187,7 +219,8 @@ def seq_len_section(frame: pd.DataFrame) -> Section | None:
     section = Section("Memory vs sequence length", "memory-seq")
     for key, part in _groups(mem, ["phase", "batch_size"]):
         title = f"peak memory vs sequence length | phase {key[0]}, batch {key[1]}"
-        section.figures.append(_line_plot(part, "seq_len", "peak_bytes", ["model", "loops"], title, "GiB", GiB))
+        scale, unit = byte_scale(part.peak_bytes)
+        section.figures.append(_line_plot(part, "seq_len", "peak_bytes", ["model", "loops"], title, unit, scale))
     return section
 
 
@@ -197,12 +230,13 @@ def kv_section(frame: pd.DataFrame) -> Section | None:
         return None
     section = Section("KV cache: measured vs analytic", "kv")
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    scale, unit = byte_scale(pd.concat([mem.kv_cache_bytes, mem.kv_cache_bytes_predicted]))  # KiB on CPU
     for model, part in mem.groupby("model"):
-        ax.scatter(part.kv_cache_bytes_predicted / GiB, part.kv_cache_bytes / GiB, label=str(model), s=18)
-    high = max(mem.kv_cache_bytes.max(), mem.kv_cache_bytes_predicted.max()) / GiB
+        ax.scatter(part.kv_cache_bytes_predicted / scale, part.kv_cache_bytes / scale, label=str(model), s=18)
+    high = max(mem.kv_cache_bytes.max(), mem.kv_cache_bytes_predicted.max()) / scale
     ax.plot([0, high], [0, high], color="#888", linewidth=1, label="measured = analytic")
-    ax.set_xlabel("analytic KV (GiB)")
-    ax.set_ylabel("measured KV, from the cache objects (GiB)")
+    ax.set_xlabel(f"analytic KV ({unit})")
+    ax.set_ylabel(f"measured KV, from the cache objects ({unit})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     section.figures.append(Figure("KV cache bytes: measured vs analytic", png(fig)))
@@ -252,6 +286,9 @@ def capacity_section(frame: pd.DataFrame) -> Section | None:
         title = f"largest batch vs loops | budget {format_bytes(key[0])}, {key[1]}"
         section.figures.append(_line_plot(part, "loops", "max_batch", ["model", "seq_len"], title, "sequences"))
     table = cap[["model", "loops", "seq_len", "new_tokens", "status", "max_batch"]].copy()
+    if "hit_batch_limit" in cap:  # the search stopped at --max-batch: a lower bound, not the answer
+        table["max_batch"] = [f">= {int(b)}" if hit is True and pd.notna(b) else b
+                              for b, hit in zip(cap.max_batch, cap.hit_batch_limit)]
     table["budget"] = cap.memory_budget_bytes.map(format_bytes)
     table["probes"] = cap.probes.map(lambda p: len(p) if isinstance(p, list) else 0)
     section.tables.append(html_table(table.sort_values(["model", "seq_len", "loops"])))
@@ -276,13 +313,16 @@ def accuracy_section(frame: pd.DataFrame) -> Section | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         section.figures.append(Figure(f"accuracy vs loops | {_label(key)}", png(fig)))
-        section.figures.append(_accuracy_scatter(part, key, "peak_bytes", GiB,
-                                                 "peak memory during the evaluation (GiB)", "accuracy vs peak memory"))
+        scale, unit = byte_scale(part.peak_bytes)
+        section.figures.append(_accuracy_scatter(part, key, "peak_bytes", scale,
+                                                 f"peak memory during the evaluation ({unit})",
+                                                 "accuracy vs peak memory"))
         if part.get("kv_bytes_per_token") is not None and part.kv_bytes_per_token.notna().all():
             section.figures.append(_pareto_figure(part, key))
             matched = matched_memory(part)
-            if len(matched):
-                section.notes.extend(verdicts(matched, str(key[1])))
+            if len(matched):  # one labelled block per (task, metric, filter)
+                section.notes.append(f"At equal KV memory | {_label(key)}:")
+                section.notes.extend(verdicts(matched, f"{key[1]} ({key[2]})"))
                 section.tables.append(html_table(matched.round(4)))
     table = acc[["model", "loops", "task", "metric", "filter", "exit_mode", "value", "stderr", "n_samples"]].copy()
     table["peak"] = acc.peak_bytes.map(format_bytes)
@@ -419,11 +459,24 @@ def compare_section(frame: pd.DataFrame, other: pd.DataFrame) -> Section:
         merged["metric"] = metric if kind != "accuracy" else merged.get("metric", metric)
         merged["this/other"] = (merged[f"{metric} (this)"] / merged[f"{metric} (other)"]).round(3)
         rows.append(merged.rename(columns={f"{metric} (this)": "this", f"{metric} (other)": "other"}))
+    rows = [part for part in rows if len(part)]
     if rows:
         section.tables.append(html_table(pd.concat(rows, ignore_index=True)))
     else:
-        section.notes.append("The two runs share no points.")
+        section.notes.append(f"The two runs share no points: {_why_apart(frame, other, keys)}.")
     return section
+
+
+def _why_apart(frame: pd.DataFrame, other: pd.DataFrame, keys: list[str]) -> str:
+    """The settings whose values the two runs never share (what keeps every point apart)."""
+    apart = []
+    for key in keys:
+        if key in frame and key in other:
+            mine, theirs = set(frame[key].dropna()), set(other[key].dropna())
+            if mine and theirs and not mine & theirs:
+                apart.append(f"{label(key)} {', '.join(map(str, sorted(mine, key=str)))} here, "
+                             f"{', '.join(map(str, sorted(theirs, key=str)))} there")
+    return "; ".join(apart) or "no point has the same settings in both (kind, model, loops, length, batch, phase)"
 
 
 def build_report(paths: list[Path], compare: list[Path] | None = None, title: str | None = None) -> str:
