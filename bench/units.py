@@ -50,3 +50,12 @@ def format_seconds(seconds: float) -> str:
     if seconds < 2 * 3600:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def byte_scale(values) -> tuple[float, str]:
+    """The binary unit that suits the largest of `values`: (bytes per unit, its name)."""
+    top = max((abs(v) for v in values if v == v and v is not None), default=0)
+    for scale, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if top >= scale:
+            return float(scale), name
+    return 1.0, "B"

@@ -314,7 +314,7 @@ def test_byte_axes_take_the_unit_of_their_data():
     """The KV plot once drew KiB values on a GiB axis, its ticks running together."""
     import pandas as pd
 
-    from melt_bench.reporting.report import byte_scale
+    from melt_bench.units import byte_scale
 
     assert byte_scale(pd.Series([2048.0, 8192.0])) == (1024.0, "KiB")
     assert byte_scale(pd.Series([3 * 2**20])) == (2.0**20, "MiB")

@@ -18,16 +18,17 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
-from markupsafe import Markup, escape  # noqa: E402
+from markupsafe import Markup  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from melt_bench import __version__  # noqa: E402
-from melt_bench.reporting.fields import label, missing_reason  # noqa: E402
+from melt_bench.reporting.fields import label  # noqa: E402
+from melt_bench.reporting.html_table import html_table  # noqa: E402
 from melt_bench.reporting.pareto import kv_cost_per_token, matched_memory, pareto_mask, verdicts  # noqa: E402
 from melt_bench.reporting.summary_tables import latest_rows  # noqa: E402
 from melt_bench.running.repeats import combine_repeats  # noqa: E402
 from melt_bench.running.results import ResultsStore, rows_to_frame  # noqa: E402
-from melt_bench.units import format_bytes  # noqa: E402
+from melt_bench.units import byte_scale, format_bytes  # noqa: E402
 
 MARKERS = ("o", "s", "^", "D", "v", "P")
 FAILED = ("oom", "timeout", "error")
@@ -70,44 +71,6 @@ def png(fig) -> str:
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode()
-
-
-def html_table(frame: pd.DataFrame) -> Markup:
-    """A sortable table for people: each header in words with its unit (the field name on hover),
-    a missing value as an em dash saying why on hover, whole numbers as whole numbers. Every text
-    from the results is escaped."""
-    statuses = frame["status"].tolist() if "status" in frame else [None] * len(frame)
-    head = "".join(f'<th title="{escape(name)}">{escape(label(str(name)))}</th>' for name in frame.columns)
-    body = []
-    for row, status in zip(frame.itertuples(index=False), statuses):
-        cells = []
-        for name, value in zip(frame.columns, row):
-            if _missing(value):
-                cells.append(f'<td class="missing" title="{escape(missing_reason(str(name), status))}">\u2014</td>')
-            else:
-                cells.append(f"<td>{escape(_cell_text(value))}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return Markup(f'<div class="scroll"><table class="sortable"><thead><tr>{head}</tr></thead>'
-                  f'<tbody>{"".join(body)}</tbody></table></div>')
-
-
-def _missing(value) -> bool:
-    return value is None or value == "-" or (not isinstance(value, (str, list, dict, tuple)) and pd.isna(value))
-
-
-def _cell_text(value) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return f"{int(value):,}" if abs(value) >= 10_000 else str(int(value))
-    return str(value)
-
-
-def byte_scale(values: pd.Series) -> tuple[float, str]:
-    """The binary unit that suits the largest of `values`: (bytes per unit, its name)."""
-    top = values.abs().max() if len(values) and values.notna().any() else 0
-    for scale, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if top >= scale:
-            return float(scale), name
-    return 1.0, "B"
 
 
 def _groups(frame: pd.DataFrame, keys: list[str]):
