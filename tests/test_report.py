@@ -320,3 +320,18 @@ def test_byte_axes_take_the_unit_of_their_data():
     assert byte_scale(pd.Series([3 * 2**20])) == (2.0**20, "MiB")
     assert byte_scale(pd.Series([5 * 2**30, None])) == (2.0**30, "GiB")
     assert byte_scale(pd.Series([100])) == (1.0, "B")
+
+
+def test_the_first_screen_is_a_summary_with_the_headline_figures(tmp_path):
+    """#25 item 1: before any section, the key sentences (each naming what it compares, KV bytes
+    per token among them) and the headline figures: memory vs loops, decode time per token."""
+    mem = [memory_row(m, t) for m in ("ouro-1.4b", "melt-1.4b") for t in (1, 4)]
+    for row in mem:
+        row.metrics["kv_cache_tokens"] = 1024 + 8
+    lat = [latency_row(m, t, t * (20 if m[0] == "o" else 25)) for m in ("ouro-1.4b", "melt-1.4b") for t in (1, 4)]
+    html = build_report([write_rows(tmp_path / "mem.jsonl", mem), write_rows(tmp_path / "lat.jsonl", lat)])
+    summary = html[html.index('id="summary"'):html.index("<section")]
+    assert "KV cache per token at 4 loops: ouro-1.4b 1,016.06 KiB, melt-1.4b 254.02 KiB" in summary
+    assert "At 4 loops and 1,024 tokens (batch 1), ouro-1.4b needs" in summary
+    captions = [part.split("</figcaption>")[0] for part in summary.split("<figcaption>")[1:]]
+    assert [c.split(" |")[0] for c in captions] == ["peak memory vs loops", "decode latency per token"]

@@ -382,12 +382,41 @@ def headlines(frame: pd.DataFrame) -> list[str]:
                 value = format_bytes if metric.endswith("bytes") else (lambda v: f"{v:,.2f} ms")
                 lines.append(f"At {loops} loops and {seq:,} tokens (batch {batch}{_settings(keys, axes)}), {ouro} "
                              f"needs {ratio:.2f}x {melt}'s {phrase} ({value(row[ouro])} vs {value(row[melt])}).")
+        lines.extend(_kv_per_token(frame, ouro, melt))
         failed = frame[(frame.kind == "memory") & (frame.model == ouro) & (frame.status == "oom")]
         if len(failed):
             first = failed.sort_values("loops").iloc[0]
             lines.append(f"{ouro} runs out of memory from {first.loops} loops at {first.seq_len:,} tokens, "
                          f"batch {first.batch_size}.")
     return lines
+
+
+def _kv_per_token(frame: pd.DataFrame, ouro: str, melt: str) -> list[str]:
+    """KV-cache bytes per cached token, measured (the cache objects' bytes over the tokens they
+    hold), for the pair at the largest loop count where both have a finished memory point."""
+    mem = frame[(frame.kind == "memory") & (frame.status == "ok")]
+    if mem.empty or "kv_cache_tokens" not in mem:
+        return []
+    mem = mem.assign(per_token=mem.kv_cache_bytes / (mem.kv_cache_tokens * mem.batch_size))
+    both = mem[mem.model.isin([ouro, melt])].pivot_table(index="loops", columns="model", values="per_token")
+    both = both.dropna() if ouro in both and melt in both else both.iloc[0:0]
+    if not len(both):
+        return []
+    loops = both.index.max()
+    return [f"KV cache per token at {loops} loops: {ouro} {format_bytes(both[ouro][loops])}, {melt} "
+            f"{format_bytes(both[melt][loops])} (measured from the cache objects)."]
+
+
+def summary_figures(sections: list[Section]) -> list[Figure]:
+    """The figures the first screen shows: memory vs loops, decode time per token, and accuracy
+    at its KV memory, the first of each the sections hold."""
+    wanted = ("peak memory vs loops", "decode latency per token", "accuracy vs KV bytes per token")
+    found = []
+    for prefix in wanted:
+        figure = next((f for s in sections for f in s.figures if f.caption.startswith(prefix)), None)
+        if figure is not None:
+            found.append(figure)
+    return found
 
 
 def provenance(frame: pd.DataFrame, paths: list[Path]) -> list[Markup]:
@@ -454,7 +483,7 @@ def build_report(paths: list[Path], compare: list[Path] | None = None, title: st
         title=title or "melt-bench report: " + ", ".join(p.name for p in paths),
         generated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         version=__version__, sources=[str(p) for p in paths], headlines=headlines(frame),
-        sections=sections, provenance=provenance(frame, paths),
+        summary_figures=summary_figures(sections), sections=sections, provenance=provenance(frame, paths),
     )
 
 
