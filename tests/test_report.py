@@ -49,7 +49,7 @@ def test_memory_only_report_has_memory_sections_and_not_the_others(tmp_path):
         assert absent not in html
     assert "At 8 loops and 1,024 tokens (batch 1), ouro-1.4b needs 1.54x melt-1.4b&#39;s peak memory" in html
     assert "runs out of memory from 16 loops" in html
-    assert html.count("data:image/png;base64,") >= 3 and ">oom<" in html
+    assert html.count("<svg") >= 3 and ">oom<" in html  # inline SVG: text stays text
     assert "NVIDIA H100" in html and "abc123" in html
     assert "http://" not in html and "https://" not in html and "<link" not in html  # no network fetches
 
@@ -335,3 +335,20 @@ def test_the_first_screen_is_a_summary_with_the_headline_figures(tmp_path):
     assert "At 4 loops and 1,024 tokens (batch 1), ouro-1.4b needs" in summary
     captions = [part.split("</figcaption>")[0] for part in summary.split("<figcaption>")[1:]]
     assert [c.split(" |")[0] for c in captions] == ["peak memory vs loops", "decode latency per token"]
+
+
+def test_engines_are_panels_of_one_figure_with_searchable_text(tmp_path):
+    """#25 item 2: eager and compiled side by side on shared axes (small multiples), drawn as
+    inline SVG whose text is text (a browser can search it), the file still offline."""
+    rows = []
+    for engine in ("eager", "compiled"):
+        for row in (latency_row(m, t, t * (20 if m[0] == "o" else 25)) for m in ("ouro-1.4b", "melt-1.4b")
+                    for t in (1, 4)):
+            row.point["engine"], row.point_id = engine, f"{row.point_id}-{engine}"
+            rows.append(row)
+    html = build_report([write_rows(tmp_path / "lat.jsonl", rows)])
+    latency = html[html.index('id="latency"'):]
+    decode = [f for f in latency.split("<figure")[1:] if "<figcaption>decode latency per token" in f]
+    assert len(decode) == 1  # one figure for both engines
+    assert "engine eager" in decode[0] and "engine compiled" in decode[0] and "<svg" in decode[0]
+    assert "<text" in decode[0] and "ouro-1.4b, 512" in decode[0]  # legend text as text, not paths

@@ -1,45 +1,32 @@
-"""`melt-bench report`: one self-contained HTML file (plots as inline PNG, CSS and a few lines of
-JS inline, no network) from results files. matplotlib draws, pandas tabulates, Jinja2 (with
-autoescaping: every string from results is shown as text) lays out. A section appears only when
-its data does."""
+"""`melt-bench report`: one self-contained HTML file (plots as inline SVG, CSS and a few lines of
+JS inline, no network) from results files. matplotlib draws (plots.py), tables are written for
+people (html_table.py), Jinja2 (with autoescaping: every string from results is shown as text)
+lays out. The first screen is a summary; a section appears only when its data does."""
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
-from markupsafe import Markup  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from melt_bench import __version__
+from melt_bench.reporting.fields import label
+from melt_bench.reporting.html_table import html_table
+from melt_bench.reporting.pareto import kv_cost_per_token, matched_memory, pareto_mask, verdicts
+from melt_bench.reporting.plots import MARKERS, Figure, groups, integer_axis, label_of, line_plot, svg
+from melt_bench.reporting.summary_tables import latest_rows
+from melt_bench.running.repeats import combine_repeats
+from melt_bench.running.results import ResultsStore, rows_to_frame
+from melt_bench.units import byte_scale, format_bytes
 
-from melt_bench import __version__  # noqa: E402
-from melt_bench.reporting.fields import label  # noqa: E402
-from melt_bench.reporting.html_table import html_table  # noqa: E402
-from melt_bench.reporting.pareto import kv_cost_per_token, matched_memory, pareto_mask, verdicts  # noqa: E402
-from melt_bench.reporting.summary_tables import latest_rows  # noqa: E402
-from melt_bench.running.repeats import combine_repeats  # noqa: E402
-from melt_bench.running.results import ResultsStore, rows_to_frame  # noqa: E402
-from melt_bench.units import byte_scale, format_bytes  # noqa: E402
-
-MARKERS = ("o", "s", "^", "D", "v", "P")
-FAILED = ("oom", "timeout", "error")
 INTEGER_COLUMNS = ("loops", "seq_len", "batch_size", "new_tokens", "max_batch", "n_samples", "num_fewshot", "limit",
                    "memory_budget_bytes")
-
-
-@dataclass
-class Figure:
-    caption: str
-    png_base64: str
 
 
 @dataclass
@@ -66,63 +53,6 @@ def load_frame(paths: list[Path]) -> pd.DataFrame:
     return frame
 
 
-def png(fig) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def _groups(frame: pd.DataFrame, keys: list[str]):
-    keys = [k for k in keys if k in frame]
-    return frame.groupby(keys, dropna=False, sort=True) if keys else [((), frame)]
-
-
-def _label(keys: tuple | str) -> str:
-    return ", ".join(str(k) for k in (keys if isinstance(keys, tuple) else (keys,)))
-
-
-def _line_plot(frame: pd.DataFrame, x: str, y: str, series: list[str], title: str, ylabel: str, scale=1.0,
-               mark_failures: bool = True) -> Figure:
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    ok = frame[frame.status == "ok"]
-    for index, (key, part) in enumerate(_groups(ok, series)):
-        part = part.sort_values(x)
-        # Hollow markers of distinct shapes and shrinking sizes: series that coincide stay visible.
-        line, = ax.plot(part[x], part[y] / scale, marker=MARKERS[index % len(MARKERS)], fillstyle="none",
-                        markersize=max(9 - 1.5 * (index % 4), 4), label=_label(key))
-        low, high = f"{y}_repeat_min", f"{y}_repeat_max"
-        if low in part and part[low].notna().any():  # repeated points: bars span lowest to highest
-            spread = [(part[y] - part[low]).fillna(0) / scale, (part[high] - part[y]).fillna(0) / scale]
-            ax.errorbar(part[x], part[y] / scale, yerr=spread, fmt="none", ecolor=line.get_color(), capsize=3)
-    failed = frame[frame.status.isin(FAILED)]
-    if mark_failures and len(failed):
-        top = (ok[y].max() / scale) if len(ok) else 1.0
-        for status, part in failed.groupby("status"):
-            ax.scatter(part[x], [top * 1.05] * len(part), marker="x", s=60, color="#b3261e")
-            for value in part[x]:
-                ax.annotate(status.upper(), (value, top * 1.05), textcoords="offset points", xytext=(0, 6),
-                            ha="center", fontsize=7, color="#b3261e")
-    ax.set_xlabel(x.replace("_", " "))
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    integer_axis(ax, frame[x])
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    return Figure(title, png(fig))
-
-
-def integer_axis(ax, values: pd.Series) -> None:
-    """Whole-number ticks (no 1.5 loops); one value gets a single tick with room either side."""
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    distinct = sorted(set(values.dropna()))
-    if len(distinct) == 1:
-        only = distinct[0]
-        ax.set_xlim(only - 1, only + 1)
-        ax.set_xticks([only])
-
-
 def memory_section(frame: pd.DataFrame) -> Section | None:
     mem = frame[frame.kind == "memory"]
     if mem.empty:
@@ -133,10 +63,10 @@ def memory_section(frame: pd.DataFrame) -> Section | None:
     if "repeats" in mem and mem.repeats.notna().any():
         section.notes.append(f"Points measured {int(mem.repeats.max())} times, each in a fresh process: the median, "
                              "with bars and a range column from the lowest to the highest repeat.")
-    for key, part in _groups(mem, ["phase", "batch_size", "dtype", "device"]):
+    for key, part in groups(mem, ["phase", "batch_size", "dtype", "device"]):
         title = f"peak memory vs loops | phase {key[0]}, batch {key[1]}, {key[2]}, {key[3]}"
         scale, unit = byte_scale(part.peak_bytes)
-        section.figures.append(_line_plot(part, "loops", "peak_bytes", ["model", "seq_len"], title, unit, scale))
+        section.figures.append(line_plot(part, "loops", "peak_bytes", ["model", "seq_len"], title, unit, scale))
     table = mem[["model", "loops", "seq_len", "batch_size", "phase", "status"]].copy()
     for column in ("peak_bytes", "kv_cache_bytes", "weights_bytes", "activation_peak_bytes",
                    "nvml_device_peak_above_baseline_bytes", "rss_peak_above_baseline_bytes"):
@@ -172,7 +102,7 @@ def predicted_vs_measured(mem: pd.DataFrame) -> Figure:
     ax.set_title("memory: predicted vs measured peak", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return Figure("memory: predicted vs measured peak", png(fig))
+    return Figure("memory: predicted vs measured peak", svg(fig))
 
 
 def seq_len_section(frame: pd.DataFrame) -> Section | None:
@@ -180,10 +110,10 @@ def seq_len_section(frame: pd.DataFrame) -> Section | None:
     if mem.empty or mem.seq_len.nunique() < 2:
         return None
     section = Section("Memory vs sequence length", "memory-seq")
-    for key, part in _groups(mem, ["phase", "batch_size"]):
+    for key, part in groups(mem, ["phase", "batch_size"]):
         title = f"peak memory vs sequence length | phase {key[0]}, batch {key[1]}"
         scale, unit = byte_scale(part.peak_bytes)
-        section.figures.append(_line_plot(part, "seq_len", "peak_bytes", ["model", "loops"], title, unit, scale))
+        section.figures.append(line_plot(part, "seq_len", "peak_bytes", ["model", "loops"], title, unit, scale))
     return section
 
 
@@ -202,7 +132,7 @@ def kv_section(frame: pd.DataFrame) -> Section | None:
     ax.set_ylabel(f"measured KV, from the cache objects ({unit})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    section.figures.append(Figure("KV cache bytes: measured vs analytic", png(fig)))
+    section.figures.append(Figure("KV cache bytes: measured vs analytic", svg(fig)))
     mismatched = int((mem.kv_cache_bytes != mem.kv_cache_bytes_predicted).sum())
     section.notes.append(f"{len(mem) - mismatched} of {len(mem)} points match the analytic prediction to the byte.")
     return section
@@ -216,8 +146,8 @@ def latency_section(frame: pd.DataFrame) -> Section | None:
     section.notes.append("MBU: the bytes a decode step must read (weights once per loop, the lm head, the KV rows "
                          "attended; models/cost_model.py) per measured step time, over the device bandwidth measured "
                          "by a large copy in the same process. 100% is the roofline.")
-    keys = [k for k in ("batch_size", "device", "engine") if k in lat]
-    for key, part in _groups(lat, keys):
+    keys = [k for k in ("batch_size", "device") if k in lat]
+    for key, part in groups(lat, keys):
         named = zip(keys, key if isinstance(key, tuple) else (key,))
         suffix = ", ".join(f"{name.replace('_size', '')} {value}" for name, value in named if pd.notna(value))
         for metric, title, unit, scale in (
@@ -226,8 +156,9 @@ def latency_section(frame: pd.DataFrame) -> Section | None:
                 ("decode_tokens_per_s", "decode throughput", "tokens / s", 1.0),
                 ("decode_mbu", "decode bandwidth utilisation (MBU)", "% of measured bandwidth", 0.01)):
             if metric in part and part[metric].notna().any():  # absent where every point failed
-                section.figures.append(_line_plot(part, "loops", metric, ["model", "seq_len"], f"{title} | {suffix}",
-                                                  unit, scale))
+                # one panel per engine, on shared axes: eager and compiled side by side
+                section.figures.append(line_plot(part, "loops", metric, ["model", "seq_len"], f"{title} | {suffix}",
+                                                  unit, scale, panels="engine" if "engine" in part else None))
     columns = [c for c in ("model", "engine", "loops", "seq_len", "batch_size", "status", "prefill_ms",
                            "decode_ms_per_token_mean", "roofline_decode_ms_per_token", "decode_mbu", "prefill_mfu",
                            "decode_ms_per_token_p50", "decode_ms_per_token_p90", "decode_tokens_per_s",
@@ -245,9 +176,9 @@ def capacity_section(frame: pd.DataFrame) -> Section | None:
     if cap.empty:
         return None
     section = Section("Capacity: largest batch within the budget", "capacity")
-    for key, part in _groups(cap, ["memory_budget_bytes", "device"]):
+    for key, part in groups(cap, ["memory_budget_bytes", "device"]):
         title = f"largest batch vs loops | budget {format_bytes(key[0])}, {key[1]}"
-        section.figures.append(_line_plot(part, "loops", "max_batch", ["model", "seq_len"], title, "sequences"))
+        section.figures.append(line_plot(part, "loops", "max_batch", ["model", "seq_len"], title, "sequences"))
     table = cap[["model", "loops", "seq_len", "new_tokens", "status", "max_batch"]].copy()
     if "hit_batch_limit" in cap:  # the search stopped at --max-batch: a lower bound, not the answer
         table["max_batch"] = [f">= {int(b)}" if hit is True and pd.notna(b) else b
@@ -263,7 +194,7 @@ def accuracy_section(frame: pd.DataFrame) -> Section | None:
     if acc.empty:
         return None
     section = Section("Accuracy vs loops", "accuracy")
-    for key, part in _groups(acc, ["task", "metric", "filter"]):
+    for key, part in groups(acc, ["task", "metric", "filter"]):
         fig, ax = plt.subplots(figsize=(7.5, 4.2))
         for model, series in part.groupby("model"):
             series = series.sort_values("loops")
@@ -272,10 +203,10 @@ def accuracy_section(frame: pd.DataFrame) -> Section | None:
         ax.set_xlabel("loops")
         integer_axis(ax, part.loops)
         ax.set_ylabel(str(key[1]))
-        ax.set_title(f"{_label(key)}", fontsize=10)
+        ax.set_title(f"{label_of(key)}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        section.figures.append(Figure(f"accuracy vs loops | {_label(key)}", png(fig)))
+        section.figures.append(Figure(f"accuracy vs loops | {label_of(key)}", svg(fig)))
         scale, unit = byte_scale(part.peak_bytes)
         section.figures.append(_accuracy_scatter(part, key, "peak_bytes", scale,
                                                  f"peak memory during the evaluation ({unit})",
@@ -284,7 +215,7 @@ def accuracy_section(frame: pd.DataFrame) -> Section | None:
             section.figures.append(_pareto_figure(part, key))
             matched = matched_memory(part)
             if len(matched):  # one labelled block per (task, metric, filter)
-                section.notes.append(f"At equal KV memory | {_label(key)}:")
+                section.notes.append(f"At equal KV memory | {label_of(key)}:")
                 section.notes.extend(verdicts(matched, f"{key[1]} ({key[2]})"))
                 section.tables.append(html_table(matched.round(4)))
     table = acc[["model", "loops", "task", "metric", "filter", "exit_mode", "value", "stderr", "n_samples"]].copy()
@@ -308,10 +239,10 @@ def _accuracy_scatter(part: pd.DataFrame, key, column: str, scale: float, xlabel
                         textcoords="offset points")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(str(key[1]))
-    ax.set_title(f"{title} | {_label(key)}", fontsize=10)
+    ax.set_title(f"{title} | {label_of(key)}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return Figure(f"{title} | {_label(key)}", png(fig))
+    return Figure(f"{title} | {label_of(key)}", svg(fig))
 
 
 def _pareto_figure(part: pd.DataFrame, key) -> Figure:
@@ -331,11 +262,11 @@ def _pareto_figure(part: pd.DataFrame, key) -> Figure:
     ax.scatter(front.kv_bytes_per_token / 1024, front.value, s=160, facecolors="none", edgecolors="black", lw=0.8)
     ax.set_xlabel("KV cache per token, measured (KiB; MELT reading its chunk grid: + its side buffer / chunk size)")
     ax.set_ylabel(str(key[1]))
-    title = f"accuracy vs KV bytes per token (Pareto) | {_label(key)}"
+    title = f"accuracy vs KV bytes per token (Pareto) | {label_of(key)}"
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return Figure(title, png(fig))
+    return Figure(title, svg(fig))
 
 
 # Point settings that change a figure (every SweepPoint field but the ones that place a point on
@@ -371,7 +302,7 @@ def headlines(frame: pd.DataFrame) -> list[str]:
             # anything still doubled differs in no setting we know: the latest row stands
             part = part.sort_values("created_at").drop_duplicates([*axes, "loops", "seq_len", "batch_size", "model"],
                                                                   keep="last")
-            for keys, same in _groups(part, axes):
+            for keys, same in groups(part, axes):
                 keys = keys if isinstance(keys, tuple) else (keys,)
                 both = same.pivot(index=["loops", "seq_len", "batch_size"], columns="model", values=metric)
                 both = both.dropna() if ouro in both and melt in both else both.iloc[0:0]
