@@ -1,5 +1,6 @@
 """The HTML report: sections from generated results, escaping, comparison, and a real browser."""
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -155,12 +156,23 @@ def test_report_renders_in_a_real_browser(tmp_path):
     broken = tmp_path / "broken.html"
     broken.write_text("<html><body><p>x</p><script>undefinedFunction();</script></body></html>")
     assert console_errors(render(broken, tmp_path / "broken.png")), "the console check must catch a broken page"
-    page = write_report(full_files(tmp_path), tmp_path / "report.html")
+    page = write_report(people_files(tmp_path), tmp_path / "report.html")
     shot = tmp_path / "report.png"
     log = render(page, shot)
     assert shot.is_file() and not console_errors(log), console_errors(log)
     assert non_white_fraction(shot) > 0.03  # not a blank page
     shutil.copy(shot, Path(__file__).parent.parent / "reports" / "last-test-screenshot.png")
+    # #25 item 5: what the browser built, read from its DOM at 1280 px
+    dom = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,2000",
+                          f"--user-data-dir={tmp_path / 'dom-profile'}", "--dump-dom", page.resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    headers = re.findall(r"<th[^>]*>([^<]*)</th>", dom)
+    assert headers and not [h for h in headers if "_" in h], headers  # words, not field names
+    verdicts = re.findall(r'<p class="note">([^<]*falls short[^<]*|[^<]*matches it[^<]*|[^<]*beats it[^<]*)</p>', dom)
+    assert verdicts and len(verdicts) == len(set(verdicts))  # no verdict twice
+    assert "&gt;= 64" in dom  # the search that stopped at --max-batch
+    summary = dom[dom.index('id="summary"'):dom.index("<section")]
+    assert summary.count("<figure") >= 2 and "KV cache per token" in summary
 
 
 def test_report_command_and_sweep_flag(tmp_path, monkeypatch, capsys):
@@ -283,19 +295,7 @@ def test_report_tables_are_for_people(tmp_path):
     """#25 item 3: headers in words with units (the field name on hover), an empty cell an em dash
     saying why, a search stopped at --max-batch a lower bound, one labelled verdict block per
     (task, metric, filter), and a comparison with nothing in common saying what keeps them apart."""
-    lat = [latency_row(m, t, t * (20 if m[0] == "o" else 25)) for m in ("ouro-1.4b", "melt-1.4b") for t in (1, 4)]
-    lat[0].metrics["energy_decode_j_per_token"] = 0.5  # the others have none: an em dash with the reason
-    limited = capacity_row("ouro-1.4b", 4, 64)
-    limited.metrics["hit_batch_limit"] = True
-    acc = [accuracy_row(m, t, v, kv=8192 if m[0] == "o" else 2048) for m, v in (("ouro-tiny", 0.5), ("melt-tiny", 0.4))
-           for t in (1, 4)]
-    shared = accuracy_row("ouro-tiny", 4, 0.3, kv=2048)  # a training-free policy at MELT's KV memory
-    shared.point["kv_policy"], shared.metrics["kv_policy"], shared.point_id = "last-loop", "last-loop", "acc-last"
-    acc.append(shared)
-    flexible = [ResultRow(r.kind, r.point_id + "-f", {**r.point, "filter": "flexible-extract"}, r.status, r.error,
-                          dict(r.metrics), r.meta, r.wall_s) for r in acc]
-    files = [write_rows(tmp_path / "lat.jsonl", lat), write_rows(tmp_path / "cap.jsonl", [limited]),
-             write_rows(tmp_path / "acc.jsonl", acc + flexible)]
+    files = people_files(tmp_path)
     html = build_report(files)
     assert '<th title="decode_ms_per_token_mean">decode ms/token (median)</th>' in html
     assert "decode_ms_per_token_mean</th>" not in html  # no raw field name as a header
@@ -306,7 +306,7 @@ def test_report_tables_are_for_people(tmp_path):
         "gsm8k, exact_match, strict-match", "gsm8k, exact_match, flexible-extract"}
     assert "exact_match (strict-match) 0.400" in html and "exact_match (flexible-extract) 0.400" in html
     other = write_rows(tmp_path / "other.jsonl", [latency_row("ouro-1.4b", 8, 30.0)])
-    html = build_report([files[0]], compare=[other])
+    html = build_report([files[1]], compare=[other])
     assert "The two runs share no points: loops 1, 4 here, 8 there." in html
 
 
@@ -352,3 +352,26 @@ def test_engines_are_panels_of_one_figure_with_searchable_text(tmp_path):
     assert len(decode) == 1  # one figure for both engines
     assert "engine eager" in decode[0] and "engine compiled" in decode[0] and "<svg" in decode[0]
     assert "<text" in decode[0] and "ouro-1.4b, 512" in decode[0]  # legend text as text, not paths
+
+
+def people_files(tmp_path) -> list[Path]:
+    """Memory, latency on two engines, capacity with a search stopped at its limit, accuracy with
+    two lm-eval filters: what a report for people must show well."""
+    mem = [memory_row(m, t) for m in ("ouro-1.4b", "melt-1.4b") for t in (1, 4)]
+    for row in mem:
+        row.metrics["kv_cache_tokens"] = 1024 + 8
+    lat = [latency_row(m, t, t * (20 if m[0] == "o" else 25)) for m in ("ouro-1.4b", "melt-1.4b") for t in (1, 4)]
+    lat[0].metrics["energy_decode_j_per_token"] = 0.5  # the others have none: an em dash with the reason
+    limited = capacity_row("ouro-1.4b", 4, 64)
+    limited.metrics["hit_batch_limit"] = True
+    acc = [accuracy_row(m, t, v, kv=8192 if m[0] == "o" else 2048) for m, v in (("ouro-tiny", 0.5), ("melt-tiny", 0.4))
+           for t in (1, 4)]
+    shared = accuracy_row("ouro-tiny", 4, 0.3, kv=2048)  # a training-free policy at MELT's KV memory
+    shared.point["kv_policy"], shared.metrics["kv_policy"], shared.point_id = "last-loop", "last-loop", "acc-last"
+    acc.append(shared)
+    flexible = [ResultRow(r.kind, r.point_id + "-f", {**r.point, "filter": "flexible-extract"}, r.status, r.error,
+                          dict(r.metrics), r.meta, r.wall_s) for r in acc]
+    compiled = [ResultRow(r.kind, r.point_id + "-c", {**r.point, "engine": "compiled"}, r.status, r.error,
+                          dict(r.metrics), r.meta, r.wall_s) for r in lat]
+    return [write_rows(tmp_path / "mem.jsonl", mem), write_rows(tmp_path / "lat.jsonl", lat + compiled),
+            write_rows(tmp_path / "cap.jsonl", [limited]), write_rows(tmp_path / "acc.jsonl", acc + flexible)]
