@@ -305,6 +305,8 @@ def test_report_tables_are_for_people(tmp_path):
     assert len(blocks) == 2 and {block.split(":")[0] for block in blocks} == {
         "gsm8k, exact_match, strict-match", "gsm8k, exact_match, flexible-extract"}
     assert "exact_match (strict-match) 0.400" in html and "exact_match (flexible-extract) 0.400" in html
+    summary = html[html.index('id="summary"'):html.index("<section")]  # accuracy at equal memory up front
+    assert "At equal KV memory (gsm8k, exact_match, flexible-extract): melt-tiny at 1 loop" in summary
     other = write_rows(tmp_path / "other.jsonl", [latency_row("ouro-1.4b", 8, 30.0)])
     html = build_report([files[1]], compare=[other])
     assert "The two runs share no points: loops 1, 4 here, 8 there." in html

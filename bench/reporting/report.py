@@ -63,10 +63,12 @@ def memory_section(frame: pd.DataFrame) -> Section | None:
     if "repeats" in mem and mem.repeats.notna().any():
         section.notes.append(f"Points measured {int(mem.repeats.max())} times, each in a fresh process: the median, "
                              "with bars and a range column from the lowest to the highest repeat.")
-    for key, part in groups(mem, ["phase", "batch_size", "dtype", "device"]):
-        title = f"peak memory vs loops | phase {key[0]}, batch {key[1]}, {key[2]}, {key[3]}"
+    for key, part in groups(mem, ["phase", "dtype", "device"]):
+        title = f"peak memory vs loops | phase {key[0]}, {key[1]}, {key[2]}"
         scale, unit = byte_scale(part.peak_bytes)
-        section.figures.append(line_plot(part, "loops", "peak_bytes", ["model", "seq_len"], title, unit, scale))
+        # one panel per batch size, on shared axes; a line per model and sequence length
+        section.figures.append(line_plot(part, "loops", "peak_bytes", ["model", "seq_len"], title, unit, scale,
+                                         panels="batch_size" if part.batch_size.nunique() > 1 else None))
     table = mem[["model", "loops", "seq_len", "batch_size", "phase", "status"]].copy()
     for column in ("peak_bytes", "kv_cache_bytes", "weights_bytes", "activation_peak_bytes",
                    "nvml_device_peak_above_baseline_bytes", "rss_peak_above_baseline_bytes"):
@@ -319,6 +321,7 @@ def headlines(frame: pd.DataFrame) -> list[str]:
             first = failed.sort_values("loops").iloc[0]
             lines.append(f"{ouro} runs out of memory from {first.loops} loops at {first.seq_len:,} tokens, "
                          f"batch {first.batch_size}.")
+    lines.extend(_accuracy_at_equal_memory(frame))
     return lines
 
 
@@ -336,6 +339,18 @@ def _kv_per_token(frame: pd.DataFrame, ouro: str, melt: str) -> list[str]:
     loops = both.index.max()
     return [f"KV cache per token at {loops} loops: {ouro} {format_bytes(both[ouro][loops])}, {melt} "
             f"{format_bytes(both[melt][loops])} (measured from the cache objects)."]
+
+
+def _accuracy_at_equal_memory(frame: pd.DataFrame) -> list[str]:
+    """The matched-memory verdicts of the first (task, metric, filter), for the first screen."""
+    acc = frame[(frame.kind == "accuracy") & (frame.status == "ok")] if "value" in frame else frame.iloc[0:0]
+    if acc.empty or "kv_bytes_per_token" not in acc:
+        return []
+    for key, part in groups(acc, ["task", "metric", "filter"]):
+        matched = matched_memory(part) if part.kv_bytes_per_token.notna().all() else []
+        if len(matched):
+            return [f"At equal KV memory ({label_of(key)}): {line}" for line in verdicts(matched, f"{key[1]}")]
+    return []
 
 
 def summary_figures(sections: list[Section]) -> list[Figure]:
