@@ -4,7 +4,7 @@ import pytest
 from conftest import one_line_error
 
 from melt_bench.cli import main
-from melt_bench.running.results import load_results
+from melt_bench.running.results import ResultsStore, load_results
 from melt_bench.running.sweep_plan import SweepPoint
 from melt_bench.scenarios.capacity import Probe, find_max_batch, parse_bytes, probe_fits
 from melt_bench.scenarios.measure_latency import RunTiming, measure_latency_point, percentile, summarise
@@ -122,7 +122,7 @@ def test_capacity_command_on_cpu(tmp_path):
     out = tmp_path / "cap.jsonl"
     assert main(["capacity", "--budget", "96MiB", "--loops", "1,8", "--max-batch", "64", "--out", str(out),
                  "--models", "ouro-tiny,melt-tiny", "--seq-lens", "512", "--new-tokens", "4", "--device", "cpu",
-                 "--dtype", "float32", "--no-progress"]) == 0
+                 "--dtype", "float32", "--no-progress", "--timed-runs", "0"]) == 0
     frame = load_results(out)
     assert set(frame.status) == {"ok"} and (frame.batch_size == 0).all()
     assert (frame.memory_budget_bytes == 96 * 2**20).all()
@@ -131,6 +131,30 @@ def test_capacity_command_on_cpu(tmp_path):
         assert any(p["fits"] and p["batch_size"] == best for p in probes) or best == 0
     cap = frame.set_index(["model", "loops"]).max_batch
     assert cap["ouro-tiny", 8] <= cap["ouro-tiny", 1]
+    assert "throughput_engine" not in frame  # --timed-runs 0: the batch only, as before (same point ids)
+
+
+def test_capacity_measures_decode_throughput_at_the_largest_batch_and_at_batch_1(tmp_path):
+    """#26: what the largest batch is worth, measured by the latency machinery at it and at
+    batch 1, each in its own child; a budget no batch fits says so."""
+    out = tmp_path / "cap.jsonl"
+    assert main(["capacity", "--budget", "40MiB", "--loops", "2", "--max-batch", "16", "--models", "ouro-tiny",
+                 "--seq-lens", "64", "--new-tokens", "4", "--device", "cpu", "--dtype", "float32", "--no-progress",
+                 "--timed-runs", "2", "--warmup", "0", "--out", str(out)]) == 0
+    frame = load_results(out)
+    assert (frame.max_batch >= 2).all(), frame.max_batch
+    assert (frame.throughput_engine == "eager").all() and frame.throughput_source.str.contains("2 timed runs").all()
+    for name in ("decode_tokens_per_s", "decode_ms_per_step"):
+        assert (frame[f"{name}_at_max_batch"] > 0).all() and (frame[f"{name}_at_batch_1"] > 0).all()
+    # tokens/s counts every sequence: one step's tokens (the batch) over its measured time, from one run
+    measured = frame.decode_tokens_per_s_at_max_batch * frame.decode_ms_per_step_at_max_batch / 1000
+    assert (abs(measured - frame.max_batch) < 1e-6 * frame.max_batch).all()
+    assert main(["capacity", "--budget", "1MiB", "--loops", "1", "--models", "ouro-tiny", "--seq-lens", "64",
+                 "--new-tokens", "4", "--device", "cpu", "--dtype", "float32", "--no-progress", "--out",
+                 str(tmp_path / "none.jsonl")]) == 0
+    [row] = ResultsStore(tmp_path / "none.jsonl").read()
+    assert row.metrics["max_batch"] == 0 and "no batch fits" in row.metrics["throughput_note"]
+    assert "decode_tokens_per_s_at_max_batch" not in row.metrics
 
 
 def test_capacity_budget_errors(capsys):

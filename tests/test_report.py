@@ -377,3 +377,22 @@ def people_files(tmp_path) -> list[Path]:
                           dict(r.metrics), r.meta, r.wall_s) for r in lat]
     return [write_rows(tmp_path / "mem.jsonl", mem), write_rows(tmp_path / "lat.jsonl", lat + compiled),
             write_rows(tmp_path / "cap.jsonl", [limited]), write_rows(tmp_path / "acc.jsonl", acc + flexible)]
+
+
+def test_tokens_per_second_at_the_budget_is_drawn_and_said(tmp_path):
+    """#26 item 3: per budget, length and engine, tokens/s at the largest batch vs loops, each
+    point's batch written by it, and one sentence per comparison at the largest loop count."""
+    rows = []
+    for model, batches, rate in (("ouro-1.4b", {1: 40, 4: 10}, 100.0), ("melt-1.4b", {1: 48, 4: 44}, 90.0)):
+        for loops, batch in batches.items():
+            row = capacity_row(model, loops, batch)
+            row.metrics.update(decode_tokens_per_s_at_max_batch=rate * batch / loops, throughput_engine="compiled",
+                               decode_ms_per_step_at_max_batch=1000 * loops / rate, decode_tokens_per_s_at_batch_1=rate)
+            rows.append(row)
+    html = build_report([write_rows(tmp_path / "cap.jsonl", rows)])
+    assert "decode tokens/s at the budget vs loops | budget 40.00 GiB, cuda:0, 4,096 tokens, engine compiled" in html
+    figure = html.split("decode tokens/s at the budget vs loops")[1]
+    assert ">44<" in figure and ">10<" in figure  # the batches, written by their points (SVG text)
+    assert ("At 4 loops and 4,096 tokens under 40.00 GiB (engine compiled), decoding at the largest batch that "
+            "fits: melt-1.4b 990.0 tokens/s at batch 44, ouro-1.4b 250.0 tokens/s at batch 10.") in html
+    assert '<th title="decode_tokens_per_s_at_max_batch">decode tokens/s at largest batch</th>' in html

@@ -177,6 +177,10 @@ def capacity(
     models: Optional[str] = MODELS,
     new_tokens: Optional[int] = NEW_TOKENS,
     max_batch: int = typer.Option(4096, "--max-batch", help="largest batch the search tries"),
+    engine: str = typer.Option("eager", "--engine", help="the decode engine throughput is timed with (as latency)"),
+    warmup: int = typer.Option(1, help="untimed decode runs before the timed ones (throughput)"),
+    timed_runs: int = typer.Option(3, "--timed-runs", help="timed decode runs at the largest batch and at batch 1 "
+                                   "(throughput: their median); 0 finds the batch only"),
     prefill_chunk: Optional[int] = PREFILL_CHUNK,
     kv_policy: Optional[str] = KV_POLICY,
     decode_reads: Optional[str] = DECODE_READS,
@@ -198,9 +202,8 @@ def capacity(
     ray_address: Optional[str] = RAY_ADDRESS,
     allow_busy_gpus: bool = ALLOW_BUSY,
 ) -> None:
-    """The largest batch that decodes N new tokens within a memory budget, searched by real runs."""
-    if max_batch < 1:
-        raise UserError(f"--max-batch: {max_batch} must be at least 1")
+    """The largest batch that decodes N new tokens within a memory budget, and its decode tokens/s."""
+    check_throughput_flags(max_batch, engine, warmup, timed_runs)
     flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes="1", phase="decode",
                  new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
                  kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
@@ -209,8 +212,9 @@ def capacity(
     from melt_bench.scenarios.capacity import search_capacity  # torch: only once the flags are checked
 
     budget_bytes = parse_budget(budget, resolved.spec.device)
+    timing = dict(engine=engine, warmup=warmup, timed_runs=timed_runs) if timed_runs else {}  # 0: the old ids
     resolved.spec.point_options = dict(batch_size=0, memory_budget_bytes=budget_bytes,
-                                       prefill_chunk=check_prefill_chunk(prefill_chunk))
+                                       prefill_chunk=check_prefill_chunk(prefill_chunk), **timing)
     points = checked_points(resolved, "capacity")
 
     def runner(point, gpu=None):  # the search runs its probes, each in a child of its own
@@ -221,3 +225,15 @@ def capacity(
     run = RunOptions(out, resume, retry_failed, progress, report, dry_run, as_json)
     plan_and_run("capacity", resolved, points, lambda: runner, run, Placement(gpus, executor, ray_address,
                                                                               allow_busy_gpus))
+
+
+def check_throughput_flags(max_batch: int, engine: str, warmup: int, timed_runs: int) -> None:
+    """capacity's own numbers, refused in one line before torch loads."""
+    from melt_bench.models.names import LATENCY_ENGINES
+
+    if max_batch < 1:
+        raise UserError(f"--max-batch: {max_batch} must be at least 1")
+    if engine not in LATENCY_ENGINES:
+        raise UserError(f"--engine: {engine!r} is not one of {', '.join(LATENCY_ENGINES)}")
+    if warmup < 0 or timed_runs < 0:
+        raise UserError(f"--warmup and --timed-runs must be >= 0 (got {warmup}, {timed_runs})")

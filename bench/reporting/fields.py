@@ -23,6 +23,10 @@ LABELS = {
     "output_digest": "output digest",
     # capacity
     "max_batch": "largest batch", "budget": "budget", "probes": "probes",
+    "decode_tokens_per_s_at_max_batch": "decode tokens/s at largest batch",
+    "decode_ms_per_step_at_max_batch": "decode ms/step at largest batch",
+    "decode_tokens_per_s_at_batch_1": "decode tokens/s at batch 1", "decode_ms_per_step_at_batch_1":
+    "decode ms/step at batch 1", "throughput_engine": "engine (throughput)",
     # accuracy
     "value": "score", "stderr": "± stderr", "n_samples": "documents",
 }

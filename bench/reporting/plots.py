@@ -53,7 +53,7 @@ def svg(fig) -> Markup:
 
 
 def line_plot(frame: pd.DataFrame, x: str, y: str, series: list[str], title: str, ylabel: str, scale=1.0,
-               mark_failures: bool = True, panels: str | None = None) -> Figure:
+               mark_failures: bool = True, panels: str | None = None, annotate: str | None = None) -> Figure:
     """`y` against `x`, a line per `series`; with `panels`, small multiples: one panel per value of
     that setting (e.g. the engine), side by side on shared axes."""
     values = list(frame[panels].dropna().unique()) if panels else [None]
@@ -61,7 +61,7 @@ def line_plot(frame: pd.DataFrame, x: str, y: str, series: list[str], title: str
                              sharey=True, squeeze=False)
     for ax, value in zip(axes[0], values):
         part = frame if value is None else frame[frame[panels] == value]
-        _draw_lines(ax, part, x, y, series, scale, mark_failures)
+        _draw_lines(ax, part, x, y, series, scale, mark_failures, annotate)
         ax.set_xlabel(x.replace("_", " "))
         ax.set_title(title if value is None else f"{panels} {value}", fontsize=10)
     axes[0][0].set_ylabel(ylabel)
@@ -71,13 +71,17 @@ def line_plot(frame: pd.DataFrame, x: str, y: str, series: list[str], title: str
 
 
 def _draw_lines(ax, frame: pd.DataFrame, x: str, y: str, series: list[str], scale: float,
-                mark_failures: bool) -> None:
+                mark_failures: bool, annotate: str | None = None) -> None:
     ok = frame[frame.status == "ok"]
     for index, (key, part) in enumerate(groups(ok, series)):
         part = part.sort_values(x)
         # Hollow markers of distinct shapes and shrinking sizes: series that coincide stay visible.
         line, = ax.plot(part[x], part[y] / scale, marker=MARKERS[index % len(MARKERS)], fillstyle="none",
                         markersize=max(9 - 1.5 * (index % 4), 4), label=label_of(key))
+        for xv, yv, note in zip(part[x], part[y], part[annotate]) if annotate else ():  # e.g. the batch
+            if pd.notna(yv) and pd.notna(note):
+                ax.annotate(f"{note:g}" if isinstance(note, float) else str(note), (xv, yv / scale),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color())
         low, high = f"{y}_repeat_min", f"{y}_repeat_max"
         if low in part and part[low].notna().any():  # repeated points: bars span lowest to highest
             spread = [(part[y] - part[low]).fillna(0) / scale, (part[high] - part[y]).fillna(0) / scale]

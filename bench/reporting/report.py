@@ -181,12 +181,25 @@ def capacity_section(frame: pd.DataFrame) -> Section | None:
     for key, part in groups(cap, ["memory_budget_bytes", "device"]):
         title = f"largest batch vs loops | budget {format_bytes(key[0])}, {key[1]}"
         section.figures.append(line_plot(part, "loops", "max_batch", ["model", "seq_len"], title, "sequences"))
+    if "decode_tokens_per_s_at_max_batch" in cap and cap.decode_tokens_per_s_at_max_batch.notna().any():
+        section.notes.append("Decode tokens/s at the largest batch: steady-state decode at a fixed batch (every "
+                             "sequence one token a step), timed by the latency engine named; not a serving "
+                             "simulation with arrivals. The numbers by the points are the batches.")
+        for key, part in groups(cap, ["memory_budget_bytes", "device", "seq_len", "throughput_engine"]):
+            title = (f"decode tokens/s at the budget vs loops | budget {format_bytes(key[0])}, {key[1]}, "
+                     f"{key[2]:,} tokens, engine {key[3]}")
+            section.figures.append(line_plot(part, "loops", "decode_tokens_per_s_at_max_batch", ["model"], title,
+                                             "tokens / s", annotate="max_batch"))
     table = cap[["model", "loops", "seq_len", "new_tokens", "status", "max_batch"]].copy()
     if "hit_batch_limit" in cap:  # the search stopped at --max-batch: a lower bound, not the answer
         table["max_batch"] = [f">= {int(b)}" if hit is True and pd.notna(b) else b
                               for b, hit in zip(cap.max_batch, cap.hit_batch_limit)]
     table["budget"] = cap.memory_budget_bytes.map(format_bytes)
     table["probes"] = cap.probes.map(lambda p: len(p) if isinstance(p, list) else 0)
+    for column in ("decode_tokens_per_s_at_max_batch", "decode_ms_per_step_at_max_batch",
+                   "decode_tokens_per_s_at_batch_1", "decode_ms_per_step_at_batch_1", "throughput_engine"):
+        if column in cap:
+            table[column] = cap[column].round(2) if cap[column].dtype.kind == "f" else cap[column]
     section.tables.append(html_table(table.sort_values(["model", "seq_len", "loops"])))
     return section
 
@@ -321,6 +334,7 @@ def headlines(frame: pd.DataFrame) -> list[str]:
             first = failed.sort_values("loops").iloc[0]
             lines.append(f"{ouro} runs out of memory from {first.loops} loops at {first.seq_len:,} tokens, "
                          f"batch {first.batch_size}.")
+    lines.extend(_throughput_at_budget(frame))
     lines.extend(_accuracy_at_equal_memory(frame))
     return lines
 
@@ -351,6 +365,27 @@ def _accuracy_at_equal_memory(frame: pd.DataFrame) -> list[str]:
         if len(matched):
             return [f"At equal KV memory ({label_of(key)}): {line}" for line in verdicts(matched, f"{key[1]}")]
     return []
+
+
+def _throughput_at_budget(frame: pd.DataFrame) -> list[str]:
+    """Per budget, length and engine, at the largest loop count every model finished: what each
+    model decodes at its largest batch under the budget (measured, capacity rows)."""
+    metric = "decode_tokens_per_s_at_max_batch"
+    cap = frame[(frame.kind == "capacity") & (frame.status == "ok")]
+    if cap.empty or metric not in cap:
+        return []
+    lines = []
+    for key, part in groups(cap[cap[metric].notna()], ["memory_budget_bytes", "seq_len", "throughput_engine"]):
+        loops = part.groupby("loops").model.nunique()
+        if loops.max() < 2:
+            continue
+        at = loops[loops == loops.max()].index.max()
+        models = part[part.loops == at].sort_values(metric, ascending=False)
+        said = ", ".join(f"{r.model} {r[metric]:,.1f} tokens/s at batch {int(r.max_batch)}"
+                         for _, r in models.iterrows())
+        lines.append(f"At {at} loops and {key[1]:,} tokens under {format_bytes(key[0])} (engine {key[2]}), "
+                     f"decoding at the largest batch that fits: {said}.")
+    return lines
 
 
 def summary_figures(sections: list[Section]) -> list[Figure]:

@@ -66,7 +66,10 @@ SPECS = {
                      Column(" KV/token", lambda m: format_bytes(m.get("kv_bytes_per_token")))],
         "value", "score", ("task", "metric", "filter", "exit_mode", "num_fewshot", "limit")),
     "capacity": TableSpec(
-        "largest batch within the budget", [Column(" max batch", lambda m: _max_batch(m))],
+        "largest batch within the budget, and its decode throughput",
+        [Column(" max batch", lambda m: _max_batch(m)),
+         Column(" tok/s", lambda m: _rate(m, "decode_tokens_per_s_at_max_batch")),
+         Column(" tok/s batch 1", lambda m: _rate(m, "decode_tokens_per_s_at_batch_1"))],
         "max_batch", "max batch", ("seq_len", "new_tokens", "dtype", "device", "memory_budget_bytes")),
 }
 
@@ -188,6 +191,10 @@ def _cell(row: ResultRow | None, column: Column, index: int) -> str:
     if row.status != "ok":
         return row.status.upper() if index == 0 else "-"
     return column.cell(row.metrics)
+
+
+def _rate(metrics: dict, key: str) -> str:
+    return f"{metrics[key]:,.1f}" if metrics.get(key) is not None else "-"
 
 
 def _max_batch(metrics: dict) -> str:

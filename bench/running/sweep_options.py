@@ -243,7 +243,8 @@ def check_packed_caches(points: list, command: str) -> None:
         if packed and getattr(point, "static_cache", False):
             raise OptionError(f"{what} with --static-cache: a packed cache grows as it packs, it is never "
                               "allocated ahead")
-        if packed and command == "latency" and point.engine != "forward":
+        timed = command == "latency" or (command == "capacity" and point.timed_runs > 0)
+        if packed and timed and point.engine != "forward":
             raise OptionError(f"{what} needs --engine forward: the {point.engine} engine reads the cache's raw rows "
                               "(static shapes), a packed cache dequantises on read")
 

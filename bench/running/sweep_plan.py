@@ -62,9 +62,10 @@ class SweepPoint:
     def settings(self) -> dict:
         """The settings that apply to this point's command (a memory point has no engine or
         warm-up, only capacity has a budget): what a person reads in the plan."""
-        latency_only = ("warmup", "timed_runs", "early_exit", "engine", "static_cache")
+        timed = ("warmup", "timed_runs", "early_exit", "engine", "static_cache")  # latency, capacity's throughput
+        times = self.command == "latency" or (self.command == "capacity" and self.timed_runs > 0)
         return {name: value for name, value in asdict(self).items()
-                if (name not in latency_only or self.command == "latency")
+                if (name not in timed or times)
                 and (name != "memory_budget_bytes" or self.command == "capacity")}
 
 

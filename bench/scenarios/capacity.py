@@ -1,9 +1,13 @@
-"""Capacity: the largest batch that completes a decode of N new tokens within a memory budget.
+"""Capacity: the largest batch that completes a decode of N new tokens within a memory budget, and
+what that batch is worth in decode tokens per second.
 
 A real search that runs points (each probe a memory measurement in its own child), not a
 formula: the analytic KV model only chooses where to start. Assumes a batch that fits implies
 every smaller one fits; a probe fits when it finishes without OOM and its peak (the CUDA
-allocator's, or the process RSS above baseline on a CPU) is within the budget."""
+allocator's, or the process RSS above baseline on a CPU) is within the budget. Then, when the
+point asks for timed runs, the latency machinery (its engine, warm-up, timed runs, roofline)
+measures steady-state decode at the largest batch and at batch 1, each in a fresh child:
+throughput is measured, never derived from the batch size."""
 
 from __future__ import annotations
 
@@ -146,4 +150,49 @@ def search_capacity(point, budget_bytes: int, timeout_s: float, limit: int = 409
         "probes": [asdict(p) for p in result.probes],
     }
     error = f"probe at batch {failed[0].batch_size}: {failed[0].status}" if status == "error" else None
+    if point.timed_runs > 0:
+        metrics.update(throughput_at_budget(point, result.max_batch, timeout_s, gpu))
     return {"status": status, "error": error, "metrics": metrics}
+
+
+# What a throughput row keeps from a latency measurement, and under which name (units in them).
+THROUGHPUT_FIGURES = {"decode_tokens_per_s": "decode_tokens_per_s", "decode_ms_per_token_mean": "decode_ms_per_step",
+                      "decode_mbu": "decode_mbu"}
+
+
+def throughput_at_budget(point, max_batch: int, timeout_s: float, gpu: str | None) -> dict:
+    """Decode tokens/s and ms per step (one token for every sequence) at the largest batch that
+    fit and at batch 1, each measured by measure_latency_point in a fresh child with the point's
+    engine, warm-up and timed runs. A budget no batch fits has nothing to time: it says so."""
+    metrics = {"throughput_engine": point.engine,
+               "throughput_source": f"measure_latency_point, engine {point.engine}: median of {point.timed_runs} "
+                                    f"timed runs after {point.warmup} warm-up"}
+    if max_batch < 1:
+        metrics["throughput_note"] = "no batch fits the budget: no throughput to measure"
+        return metrics
+    for batch, suffix in ((max_batch, "at_max_batch"), (1, "at_batch_1")):
+        if batch == 1 and max_batch == 1:
+            metrics.update({f"{name}_at_batch_1": metrics.get(f"{name}_at_max_batch")
+                            for name in THROUGHPUT_FIGURES.values()})  # the same measurement
+            break
+        figures, problem = _timed_decode(point, batch, timeout_s, gpu)
+        metrics.update({f"{name}_{suffix}": figures.get(key) for key, name in THROUGHPUT_FIGURES.items()})
+        if problem:
+            metrics[f"throughput_error_{suffix}"] = problem
+    return metrics
+
+
+def _timed_decode(point, batch: int, timeout_s: float, gpu: str | None) -> tuple[dict, str | None]:
+    from dataclasses import replace
+
+    from melt_bench.running.executors import run_pinned
+    from melt_bench.running.launcher import run_in_child
+    from melt_bench.scenarios.measure_latency import measure_latency_point
+
+    latency_point = replace(point, command="latency", batch_size=batch, memory_budget_bytes=None)
+    outcome = run_in_child(run_pinned, (gpu, measure_latency_point, latency_point), timeout_s)
+    if outcome.status != "ok":
+        return {}, f"batch {batch}: {outcome.status} ({outcome.error})"
+    if outcome.value["status"] != "ok":
+        return {}, f"batch {batch}: {outcome.value['status']} ({outcome.value['error']})"
+    return outcome.value["metrics"], None
