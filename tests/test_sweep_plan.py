@@ -93,3 +93,21 @@ def test_prefill_points_ignore_new_tokens():
     a = resolve_sweep("memory", {"device": "cpu", "phase": "prefill", "new_tokens": 5}, None)
     b = resolve_sweep("memory", {"device": "cpu", "phase": "prefill", "new_tokens": 9}, None)
     assert [p.point_id for p in a.spec.points()] == [p.point_id for p in b.spec.points()]
+
+
+def test_a_row_records_only_the_settings_its_command_has():
+    """#24: a memory row once said `engine: eager, warmup: 0` for an engine it never ran; only
+    latency (and capacity when it times throughput) records engine and timing, only capacity a
+    budget. The point id still hashes every field, so earlier results keep their ids."""
+    from dataclasses import replace
+
+    from melt_bench.running.sweep_plan import SweepPoint
+
+    memory = SweepPoint("memory", "ouro-tiny", 2, 64, 1, "decode", 4, "float32", "cpu")
+    assert {"engine", "warmup", "timed_runs", "memory_budget_bytes"}.isdisjoint(memory.to_dict())
+    latency = replace(memory, command="latency", warmup=1, timed_runs=3)
+    assert latency.to_dict()["engine"] == "eager" and "memory_budget_bytes" not in latency.to_dict()
+    capacity = replace(memory, command="capacity", batch_size=0, memory_budget_bytes=2**30)
+    assert capacity.to_dict()["memory_budget_bytes"] == 2**30 and "engine" not in capacity.to_dict()
+    assert "engine" in replace(capacity, timed_runs=3).to_dict()
+    assert memory.point_id == "fba46d4915866c77"  # the id this point had before rows dropped those fields

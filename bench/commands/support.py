@@ -160,7 +160,7 @@ def show_plan(points, dry_run: bool, out: Path | None = None, placement: dict | 
             for point in points:
                 print(json.dumps({"point_id": point.point_id, **point.to_dict()}))
         else:
-            print_plan([{"point_id": point.point_id, **point.settings()} for point in points], console)
+            print_plan([{"point_id": point.point_id, **point.to_dict()} for point in points], console)
         console.print(plural(len(points), "point"))
         console.print(estimate_wall_time(points, out, planned_workers(placement or {})))
     return dry_run
