@@ -105,9 +105,11 @@ def test_chunk_scoring_of_a_sharing_policy_is_refused():
 
 
 def test_the_cli_scores_sharing_policies_as_decoded_and_refuses_chunk(capsys):
+    from melt_bench.running.sweep_options import AccuracyFlags
     from melt_bench.scenarios.accuracy_options import resolve_accuracy
 
-    flags = dict(tasks="addition", loops="1,3", models="ouro-tiny", kv_policy="per-loop,last-loop", device="cpu")
+    flags = AccuracyFlags(tasks="addition", loops="1,3", models="ouro-tiny", kv_policy="per-loop,last-loop",
+                          device="cpu")
     points, _ = resolve_accuracy(flags)
     scored = {(p.kv_policy, p.loops): p.score_continuation_as for p in points}
     assert scored == {("per-loop", 1): "chunk", ("per-loop", 3): "chunk", ("last-loop", 1): "chunk",

@@ -228,11 +228,11 @@ def test_cpu_memory_repeats_are_stable_and_show_their_spread(tmp_path, capsys):
 
 
 def test_the_default_cpu_memory_sweep_repeats_each_point():
-    from melt_bench.running.sweep_options import resolve_sweep
+    from melt_bench.running.sweep_options import SweepFlags, resolve_sweep
 
-    assert resolve_sweep("memory", {"device": "cpu"}, None).spec.repeats == 2
-    assert resolve_sweep("latency", {"device": "cpu"}, None).spec.repeats == 1
-    assert resolve_sweep("memory", {"device": "cpu", "repeats": 1}, None).spec.repeats == 1
+    assert resolve_sweep("memory", SweepFlags(device="cpu"), None).spec.repeats == 2
+    assert resolve_sweep("latency", SweepFlags(device="cpu"), None).spec.repeats == 1
+    assert resolve_sweep("memory", SweepFlags(device="cpu", repeats=1), None).spec.repeats == 1
 
 
 def test_repeats_fold_into_a_median_with_their_range_and_a_failure_marks_the_point(tmp_path):

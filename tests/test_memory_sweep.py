@@ -15,7 +15,7 @@ from melt_bench.cli import main
 from melt_bench.running.launcher import run_in_child
 from melt_bench.running.results import ResultsFileError, ResultsStore, load_results
 from melt_bench.running.sweep import in_child, run_sweep
-from melt_bench.running.sweep_options import resolve_sweep
+from melt_bench.running.sweep_options import SweepFlags, resolve_sweep
 
 SMALL = ["--models", "ouro-tiny,melt-tiny", "--seq-lens", "32", "--batch-sizes", "2", "--new-tokens", "4",
          "--device", "cpu", "--dtype", "float32", "--repeats", "1", "--no-progress"]
@@ -43,8 +43,9 @@ def test_real_sweep_end_to_end(tmp_path):
 
 
 def measure_rows(tmp_path, measure, loops="1..4", timeout=120.0):
-    spec = resolve_sweep("memory", {"models": "ouro-tiny", "loops": loops, "seq_lens": "16", "batch_sizes": "1",
-                                    "new_tokens": 2, "device": "cpu", "dtype": "float32"}, None).spec
+    flags = SweepFlags(models="ouro-tiny", loops=loops, seq_lens="16", batch_sizes="1", new_tokens=2, device="cpu",
+                       dtype="float32")
+    spec = resolve_sweep("memory", flags, None).spec
     store = ResultsStore(tmp_path / "rows.jsonl")
     run_sweep("memory", spec.points(), store, in_child(measure, (), timeout), {"host": "test"}, show_progress=False)
     return store.read()
@@ -93,8 +94,9 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path):
 
 def test_retry_failed_reruns_only_failures(tmp_path):
     store = ResultsStore(tmp_path / "rows.jsonl")
-    spec = resolve_sweep("memory", {"models": "ouro-tiny", "loops": "1,2", "seq_lens": "16", "batch_sizes": "1",
-                                    "new_tokens": 2, "device": "cpu", "dtype": "float32", "repeats": 1}, None).spec
+    flags = SweepFlags(models="ouro-tiny", loops="1,2", seq_lens="16", batch_sizes="1", new_tokens=2, device="cpu",
+                       dtype="float32", repeats=1)
+    spec = resolve_sweep("memory", flags, None).spec
     run_sweep("memory", spec.points(), store, in_child(sweep_helpers.raise_error), {}, show_progress=False)
     status = run_sweep("memory", spec.points(), store, in_child(sweep_helpers.oom_at_loops_3), {},
                        retry_failed=True, show_progress=False)

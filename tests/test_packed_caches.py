@@ -180,14 +180,16 @@ def test_rows_record_the_quantisation_and_latency_runs_on_the_forward_engine():
 def test_the_probe_length_is_an_option_and_short_sequences_pack_nothing(capsys):
     """On a 32-token sequence a packed cache holds every row in its full-precision tail: INT4
     saves nothing there, which a 2,048-token probe would hide (the row says which it measured)."""
+    from melt_bench.running.sweep_options import AccuracyFlags
     from melt_bench.scenarios.accuracy import measured_kv_bytes_per_token
     from melt_bench.scenarios.accuracy_options import resolve_accuracy
 
     plain, int4 = load_model("ouro-tiny"), load_model("ouro-tiny", kv_quant="int4")
     assert measured_kv_bytes_per_token(int4, 4, 32) == measured_kv_bytes_per_token(plain, 4, 32)
     assert measured_kv_bytes_per_token(int4, 4, 2048) < measured_kv_bytes_per_token(plain, 4, 2048) / 2
-    plain_point, point = resolve_accuracy(dict(tasks="addition", loops="4", models="ouro-tiny", kv_quant="none,int4",
-                                               kv_probe_tokens=32, device="cpu"))[0]
+    flags = AccuracyFlags(tasks="addition", loops="4", models="ouro-tiny", kv_quant="none,int4", kv_probe_tokens=32,
+                          device="cpu")
+    plain_point, point = resolve_accuracy(flags)[0]
     assert point.kv_probe_tokens == 32 and point.score_continuation_as == "decode"
     assert plain_point.kv_probe_tokens is None  # a length does not change an unpacked cache's bytes: same id
     err = one_line_error(["accuracy", "--models", "ouro-tiny", "--tasks", "addition", "--kv-probe-tokens", "0",

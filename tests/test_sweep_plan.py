@@ -5,7 +5,7 @@ import pytest
 from melt_bench.running import hub
 from melt_bench.running.ranges import RangeError, parse_int_list, parse_name_list
 from melt_bench.running.suite_loader import SuiteError, load_suite, shipped_suites
-from melt_bench.running.sweep_options import OptionError, check_weights, resolve_sweep
+from melt_bench.running.sweep_options import OptionError, SweepFlags, check_weights, resolve_sweep
 from melt_bench.running.sweep_plan import SweepPoint
 
 
@@ -36,7 +36,7 @@ def test_shipped_suites_load_and_resolve():
     assert {"smoke", "paper", "long-context"} <= set(shipped_suites())
     paper = load_suite("paper")
     assert paper["models"] == ["ouro-1.4b", "melt-1.4b"] and paper["loops"] == "1..16"
-    smoke = resolve_sweep("memory", {}, "smoke")
+    smoke = resolve_sweep("memory", SweepFlags(), "smoke")
     assert smoke.spec.models == ["ouro-tiny", "melt-tiny"] and smoke.spec.device == "cpu"
     assert len(smoke.spec.points()) == 2 * 4 * 2
 
@@ -44,7 +44,7 @@ def test_shipped_suites_load_and_resolve():
 def test_flags_win_over_the_suite(tmp_path):
     suite = tmp_path / "mine.yaml"
     suite.write_text("models: [ouro-tiny]\nloops: [1, 2]\nseq_lens: 32\nbatch_sizes: '1,2'\ndevice: cpu\n")
-    resolved = resolve_sweep("memory", {"loops": "4..5", "models": None}, str(suite))
+    resolved = resolve_sweep("memory", SweepFlags(loops="4..5"), str(suite))
     assert resolved.spec.loops == [4, 5] and resolved.spec.models == ["ouro-tiny"]
     assert resolved.spec.seq_lens == [32] and resolved.spec.batch_sizes == [1, 2]
 
@@ -63,7 +63,7 @@ def test_bad_options_are_one_line_errors(tmp_path, flags, suite_text, needle):
         suite = str(tmp_path / "bad.yaml")
         (tmp_path / "bad.yaml").write_text(suite_text)
     with pytest.raises(OptionError) as info:
-        resolve_sweep("memory", {"device": "cpu", **flags}, suite)
+        resolve_sweep("memory", SweepFlags(**{"device": "cpu", **flags}), suite)
     assert needle in str(info.value) and "\n" not in str(info.value)
 
 
@@ -90,8 +90,8 @@ def test_point_ids_are_content_hashes():
 
 
 def test_prefill_points_ignore_new_tokens():
-    a = resolve_sweep("memory", {"device": "cpu", "phase": "prefill", "new_tokens": 5}, None)
-    b = resolve_sweep("memory", {"device": "cpu", "phase": "prefill", "new_tokens": 9}, None)
+    a = resolve_sweep("memory", SweepFlags(device="cpu", phase="prefill", new_tokens=5), None)
+    b = resolve_sweep("memory", SweepFlags(device="cpu", phase="prefill", new_tokens=9), None)
     assert [p.point_id for p in a.spec.points()] == [p.point_id for p in b.spec.points()]
 
 

@@ -39,6 +39,7 @@ from melt_bench.commands.support import (
     print_tables,
     write_report,
 )
+from melt_bench.running.sweep_options import AccuracyFlags
 
 
 @app.command()
@@ -86,11 +87,11 @@ def accuracy(
     allow_busy_gpus: bool = ALLOW_BUSY,
 ) -> None:
     """lm-eval tasks (gsm8k first) for each model across loop counts, with peak memory."""
-    flags = dict(tasks=tasks, loops=loops, models=models, weights=weights, num_fewshot=num_fewshot, limit=limit,
-                 batch_size=batch_size, max_gen_toks=max_gen_toks, data_dir=data_dir, exit_mode=exit_mode,
-                 dtype=dtype, device=device, kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant,
-                 kv_probe_tokens=kv_probe_tokens, score_continuation_as=score_continuation_as,
-                 point_timeout=point_timeout)
+    flags = AccuracyFlags(tasks=tasks, loops=loops, models=models, weights=weights, num_fewshot=num_fewshot,
+                          limit=limit, batch_size=batch_size, max_gen_toks=max_gen_toks, data_dir=data_dir,
+                          exit_mode=exit_mode, dtype=dtype, device=device, kv_policy=kv_policy,
+                          decode_reads=decode_reads, kv_quant=kv_quant, kv_probe_tokens=kv_probe_tokens,
+                          score_continuation_as=score_continuation_as, point_timeout=point_timeout)
     check_syntax(flags)
     if retry_failed and not resume:
         raise UserError("--retry-failed re-runs the failed points of an existing --out: it needs --resume")
@@ -106,7 +107,7 @@ def accuracy(
     evaluate(flags, tokenizer, placement, RunOptions(out, resume, retry_failed, progress, report))
 
 
-def evaluate(flags: dict, tokenizer: str | None, placement: Placement | None, run: RunOptions) -> None:
+def evaluate(flags: AccuracyFlags, tokenizer: str | None, placement: Placement | None, run: RunOptions) -> None:
     """The checked flags' points, their tasks resolved, evaluated into the results file through
     the runner (`placement` None: under accelerate launch, every rank in its own process)."""
     import tempfile
@@ -133,7 +134,7 @@ def evaluate(flags: dict, tokenizer: str | None, placement: Placement | None, ru
         try:
             ran, skipped = run_accuracy(points, store, meta, task_manager, tokenizer, log, show_progress=run.progress,
                                         executor=runs_on, retry_failed=run.retry_failed,
-                                        timeout_s=flags["point_timeout"])
+                                        timeout_s=flags.point_timeout)
         except FileNotFoundError as exc:
             raise UserError(str(exc)) from exc
     print_tables("accuracy", store, {p.point_id for p in points})

@@ -10,8 +10,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from melt_bench.commands.app import UserError, console
+
+if TYPE_CHECKING:
+    from melt_bench.running.sweep_options import SweepFlags
 
 
 def write_report(results: list[Path], output: Path | None, compare: list[Path] | None = None) -> Path:
@@ -53,30 +57,32 @@ def is_results_file(path: Path) -> bool:
         return False
 
 
-def check_syntax(flags: dict) -> None:
+def check_syntax(flags: SweepFlags) -> None:
     """What can be refused without torch, before it is imported (several seconds): the list
     grammar of --loops, --seq-lens and --batch-sizes, counts that must be positive, and every
     name given (models, dtype, device, KV policies, ...: sweep_options.check_names)."""
     from melt_bench.running.ranges import RangeError, parse_int_list
     from melt_bench.running.sweep_options import OptionError, check_names
 
+    given = flags.given()
+
     for key in ("loops", "seq_lens", "batch_sizes"):
-        if isinstance(flags.get(key), str):
+        if isinstance(given.get(key), str):
             try:
-                parse_int_list(flags[key], f"--{key.replace('_', '-')}")
+                parse_int_list(given[key], f"--{key.replace('_', '-')}")
             except RangeError as exc:
                 raise UserError(str(exc)) from exc
     for key, least in (("new_tokens", 0), ("repeats", 1), ("point_timeout", 1e-9)):
-        if flags.get(key) is not None and flags[key] < least:
+        if given.get(key) is not None and given[key] < least:
             bound = "positive" if least else "at least 0"
-            raise UserError(f"--{key.replace('_', '-')}: {flags[key]:g} must be {bound}")
+            raise UserError(f"--{key.replace('_', '-')}: {given[key]:g} must be {bound}")
     try:
-        check_names(flags)
+        check_names(given)
     except OptionError as exc:
         raise UserError(str(exc)) from exc
 
 
-def resolve(command: str, flags: dict, suite: str | None, dry_run: bool):
+def resolve(command: str, flags: SweepFlags, suite: str | None, dry_run: bool):
     check_syntax(flags)
     if not dry_run:  # the children's imports start now, beside this process's own (launcher.py)
         from melt_bench.running.launcher import start_fork_server

@@ -48,6 +48,7 @@ from melt_bench.commands.support import (
     plan_and_run,
     resolve,
 )
+from melt_bench.running.sweep_options import SweepFlags
 
 
 @app.command()
@@ -90,9 +91,9 @@ def memory(
         raise UserError(f"--nvml-interval-ms: {nvml_interval_ms:g} must be positive")
     if cpu_workers is not None and cpu_workers < 1:
         raise UserError(f"--cpu-workers: {cpu_workers} must be at least 1")
-    flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase=phase,
-                 new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, repeats=repeats,
-                 point_timeout=point_timeout, kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
+    flags = SweepFlags(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase=phase,
+                       new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, repeats=repeats,
+                       point_timeout=point_timeout, kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
     resolved = resolve("memory", flags, suite, dry_run)
     from melt_bench.running.sweep import in_child
     from melt_bench.scenarios.measure_memory import measure_memory_point  # torch: only once the flags are checked
@@ -146,9 +147,9 @@ def latency(
     """Prefill (time to first token), per-token decode latency and tokens/s across loops."""
     if warmup < 0 or repeats < 1:
         raise UserError(f"--warmup must be >= 0 and --repeats >= 1 (got {warmup}, {repeats})")
-    flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase="decode",
-                 new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
-                 kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
+    flags = SweepFlags(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase="decode",
+                       new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
+                       kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
     from melt_bench.models.names import LATENCY_ENGINES
 
     if engine not in LATENCY_ENGINES:
@@ -204,9 +205,9 @@ def capacity(
 ) -> None:
     """The largest batch that decodes N new tokens within a memory budget, and its decode tokens/s."""
     check_throughput_flags(max_batch, engine, warmup, timed_runs)
-    flags = dict(models=models, loops=loops, seq_lens=seq_lens, batch_sizes="1", phase="decode",
-                 new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
-                 kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
+    flags = SweepFlags(models=models, loops=loops, seq_lens=seq_lens, batch_sizes="1", phase="decode",
+                       new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
+                       kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
     resolved = resolve("capacity", flags, suite, dry_run)
     from melt_bench.running.launcher import ChildOutcome
     from melt_bench.scenarios.capacity import search_capacity  # torch: only once the flags are checked

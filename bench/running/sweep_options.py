@@ -4,7 +4,7 @@ explicit flags win, then machine-dependent defaults. Every problem is a one-line
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from melt_bench.models.names import DECODE_READS, KV_QUANT, MAX_LOOPS, UnknownKVPolicyError, parse_kv_policy
@@ -31,6 +31,46 @@ COMMON_DEFAULTS = {"loops": "1..16", "phase": "decode", "new_tokens": 32, "repea
 
 class OptionError(ValueError):
     pass
+
+
+@dataclass
+class SweepFlags:
+    """The sweep options as the command line gave them (None: not given, so a suite or a machine
+    default decides). Typed: an option the resolver does not know is an error where it is built."""
+
+    models: str | None = None
+    loops: str | None = None
+    seq_lens: str | None = None
+    batch_sizes: str | None = None
+    phase: str | None = None
+    new_tokens: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+    weights: str | None = None
+    repeats: int | None = None
+    point_timeout: float | None = None
+    kv_policy: str | None = None
+    decode_reads: str | None = None
+    kv_quant: str | None = None
+
+    def given(self) -> dict:
+        """The options given, by name."""
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+
+@dataclass
+class AccuracyFlags(SweepFlags):
+    """accuracy's options besides the sweeps' (None: not given)."""
+
+    tasks: str | None = None
+    num_fewshot: int | None = None
+    limit: int | None = None
+    batch_size: int | None = None
+    max_gen_toks: int | None = None
+    data_dir: str | None = None
+    exit_mode: str | None = None
+    kv_probe_tokens: int | None = None
+    score_continuation_as: str | None = None
 
 
 @dataclass
@@ -132,14 +172,14 @@ def check_weights(weights: str | None, option: str = "--weights") -> str | None:
     raise OptionError(f"{option} {weights}: no such directory (and not a hub id like org/name)")
 
 
-def resolve_sweep(command: str, flags: dict, suite: str | None) -> ResolvedSweep:
-    """`flags` maps option names (models, loops, seq_lens, ...) to values or None (not given)."""
+def resolve_sweep(command: str, flags: SweepFlags, suite: str | None) -> ResolvedSweep:
+    """The sweep of `flags` over `suite`'s settings (flags win), with the machine's defaults."""
     try:
         settings = load_suite(suite) if suite else {}
     except SuiteError as exc:
         raise OptionError(str(exc)) from exc
     settings = {key: value for key, value in settings.items() if key not in ("name", "description")}
-    settings.update({key: value for key, value in flags.items() if value is not None})
+    settings.update(flags.given())
     notices = []
     device = resolve_device(str(settings.get("device", "auto")))
     machine_defaults = CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS

@@ -10,6 +10,7 @@ from melt_bench.running.ranges import RangeError
 from melt_bench.running.sweep_options import (
     CPU_DEFAULTS,
     CUDA_DEFAULTS,
+    AccuracyFlags,
     OptionError,
     check_packed_caches,
     check_weights,
@@ -23,7 +24,7 @@ from melt_bench.running.sweep_plan import SweepSpec, as_int_list, as_name_list
 from melt_bench.scenarios.accuracy import AccuracyPoint
 
 
-def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
+def resolve_accuracy(flags: AccuracyFlags) -> tuple[list, list[str]]:
     """AccuracyPoints from the accuracy command's flags (None = not given), and notices."""
     from melt_bench.evaluation.lm_eval_adapter import (
         CONTINUATION_SCORING,
@@ -33,48 +34,48 @@ def resolve_accuracy(flags: dict) -> tuple[list, list[str]]:
     )
 
     notices = []
-    device = resolve_device(flags.get("device") or "auto")
+    device = resolve_device(flags.device or "auto")
     defaults = CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
-    if flags.get("models") is None and device == "cpu":
+    if flags.models is None and device == "cpu":
         notices.append("no CUDA device: using the tiny CPU presets ouro-tiny,melt-tiny (pass --models to choose)")
     try:
-        models = as_name_list(flags.get("models") or defaults["models"], "--models")
-        loops = as_int_list(flags.get("loops") or "1,2,4", "--loops")
-        tasks = as_name_list(flags.get("tasks") or "gsm8k", "--tasks")
+        models = as_name_list(flags.models or defaults["models"], "--models")
+        loops = as_int_list(flags.loops or "1,2,4", "--loops")
+        tasks = as_name_list(flags.tasks or "gsm8k", "--tasks")
     except RangeError as exc:
         raise OptionError(str(exc)) from exc
-    dtype = flags.get("dtype") or defaults["dtype"]
+    dtype = flags.dtype or defaults["dtype"]
     spec = SweepSpec("accuracy", models, loops, [1], [1], dtype=dtype, device=device)
     validate_spec(spec)
     try:
-        exit_kwargs(flags.get("exit_mode") or "last")
+        exit_kwargs(flags.exit_mode or "last")
     except ValueError as exc:
         raise OptionError(f"--exit-mode: {exc}") from exc
     for name in ("num_fewshot", "limit", "max_gen_toks"):
-        value = flags.get(name)
+        value = getattr(flags, name)
         if value is not None and value < (0 if name == "num_fewshot" else 1):
             raise OptionError(f"--{name.replace('_', '-')}: {value} is out of range")
-    if (flags.get("batch_size") or 1) < 1:
-        raise OptionError(f"--batch-size: {flags['batch_size']} must be at least 1")
-    data_dir = flags.get("data_dir")
+    if flags.batch_size is not None and flags.batch_size < 1:
+        raise OptionError(f"--batch-size: {flags.batch_size} must be at least 1")
+    data_dir = flags.data_dir
     if data_dir is not None:
         path = Path(data_dir).expanduser()
         if not path.is_dir():
             raise OptionError(f"--data-dir {data_dir}: no such directory")
         data_dir = str(path.resolve())
-    weights = check_weights(flags.get("weights"))
-    spec.kv_policies = resolve_kv_policies(flags.get("kv_policy"), models)
-    spec.decode_reads = resolve_decode_reads(flags.get("decode_reads"), models)
-    kv_quants = resolve_kv_quants(flags.get("kv_quant"))
-    probe = flags.get("kv_probe_tokens")
+    weights = check_weights(flags.weights)
+    spec.kv_policies = resolve_kv_policies(flags.kv_policy, models)
+    spec.decode_reads = resolve_decode_reads(flags.decode_reads, models)
+    kv_quants = resolve_kv_quants(flags.kv_quant)
+    probe = flags.kv_probe_tokens
     if probe is not None and probe < 1:
         raise OptionError(f"--kv-probe-tokens: {probe} must be at least 1")
-    scoring = flags.get("score_continuation_as")
+    scoring = flags.score_continuation_as
     if scoring is not None and scoring not in CONTINUATION_SCORING:
         raise OptionError(f"--score-continuation-as: {scoring!r} is not one of {', '.join(CONTINUATION_SCORING)}")
     points = [
-        AccuracyPoint(model, loop, task, flags.get("exit_mode") or "last", flags.get("num_fewshot"),
-                      flags.get("limit"), flags.get("batch_size") or 1, flags.get("max_gen_toks"), dtype,
+        AccuracyPoint(model, loop, task, flags.exit_mode or "last", flags.num_fewshot,
+                      flags.limit, flags.batch_size or 1, flags.max_gen_toks, dtype,
                       device, weights, data_dir, kv_policy=policy, decode_reads=reads,
                       score_continuation_as=scoring or default_scoring(policy, loop, quant), kv_quant=quant,
                       # a length matters only to packed caches: other points keep their ids
