@@ -92,32 +92,50 @@ def check_names(flags: dict) -> None:
     seconds of imports. What needs the resolved machine (defaults, model families) comes later."""
     try:
         if flags.get("models") is not None:
-            for model in as_name_list(flags["models"], "--models"):
-                get_preset(model)
-        most = max(as_int_list(flags["loops"], "--loops")) if flags.get("loops") is not None else 0
-        if most > MAX_LOOPS:
-            raise OptionError(f"--loops: {most} is above the maximum of {MAX_LOOPS}")
+            _check_models(as_name_list(flags["models"], "--models"))
+        if flags.get("loops") is not None:
+            _check_loops(as_int_list(flags["loops"], "--loops"))
         if flags.get("kv_policy") is not None:
             for name in as_name_list(flags["kv_policy"], "--kv-policy"):
                 parse_kv_policy(name)
     except RangeError as exc:
         raise OptionError(str(exc)) from exc
-    except UnknownPresetError as exc:
-        raise OptionError(f"--models: {exc}") from exc
     except UnknownKVPolicyError as exc:
         raise OptionError(f"--kv-policy: {exc}") from exc
-    if flags.get("phase") is not None and flags["phase"] not in PHASES:
-        raise OptionError(f"--phase: {flags['phase']!r} is not one of {', '.join(PHASES)}")
+    if flags.get("phase") is not None:
+        _check_phase(flags["phase"])
     if flags.get("dtype") is not None:
-        try:
-            check_dtype(flags["dtype"])
-        except ValueError as exc:
-            raise OptionError(f"--dtype: {exc}") from exc
+        _check_dtype(flags["dtype"])
     if flags.get("device") is not None:
         check_device_name(flags["device"])
     for key, allowed in (("decode_reads", DECODE_READS), ("kv_quant", KV_QUANT)):
         if flags.get(key) is not None:
             _choices(flags[key], f"--{key.replace('_', '-')}", allowed)
+
+
+def _check_models(models: list[str]) -> None:
+    for model in models:
+        try:
+            get_preset(model)
+        except UnknownPresetError as exc:
+            raise OptionError(f"--models: {exc}") from exc
+
+
+def _check_loops(loops: list[int]) -> None:
+    if max(loops) > MAX_LOOPS:
+        raise OptionError(f"--loops: {max(loops)} is above the maximum of {MAX_LOOPS}")
+
+
+def _check_phase(phase: str) -> None:
+    if phase not in PHASES:
+        raise OptionError(f"--phase: {phase!r} is not one of {', '.join(PHASES)}")
+
+
+def _check_dtype(dtype: str) -> None:
+    try:
+        check_dtype(dtype)
+    except ValueError as exc:
+        raise OptionError(f"--dtype: {exc}") from exc
 
 
 def resolve_device(text: str) -> str:
@@ -302,22 +320,14 @@ def resolve_decode_reads(value: object, models: list[str]) -> list[str | None]:
 
 
 def validate_spec(spec: SweepSpec) -> None:
-    for model in spec.models:
-        try:
-            get_preset(model)
-        except UnknownPresetError as exc:
-            raise OptionError(f"--models: {exc}") from exc
-    if max(spec.loops) > MAX_LOOPS:
-        raise OptionError(f"--loops: {max(spec.loops)} is above the maximum of {MAX_LOOPS}")
-    if spec.phase not in PHASES:
-        raise OptionError(f"--phase: {spec.phase!r} is not one of {', '.join(PHASES)}")
+    """The resolved sweep (suite values and defaults included), by the same rules as check_names."""
+    _check_models(spec.models)
+    _check_loops(spec.loops)
+    _check_phase(spec.phase)
     if spec.phase != "prefill" and spec.new_tokens < 1:
         raise OptionError(f"--new-tokens: {spec.new_tokens} must be at least 1 for phase {spec.phase}")
     if spec.new_tokens < 0:
         raise OptionError(f"--new-tokens: {spec.new_tokens} must not be negative")
     if spec.repeats < 1:
         raise OptionError(f"--repeats: {spec.repeats} must be at least 1")
-    try:
-        check_dtype(spec.dtype)
-    except ValueError as exc:
-        raise OptionError(f"--dtype: {exc}") from exc
+    _check_dtype(spec.dtype)

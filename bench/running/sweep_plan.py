@@ -57,10 +57,6 @@ class SweepPoint:
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
-        """The point as its results row records it: the settings that apply to its command."""
-        return self.settings()
-
-    def settings(self) -> dict:
         """The settings that apply to this point's command (a memory point has no engine or
         warm-up, only capacity has a budget): what a row records and the plan shows. The point
         id still hashes every field (ids of earlier results stay valid)."""
