@@ -17,9 +17,9 @@ import time
 from dataclasses import replace
 
 from melt_bench.running.executors import GpuPoolExecutor, PointRunner, RayExecutor, SerialExecutor
-from melt_bench.running.sweep_plan import SweepPoint
+from melt_bench.scenarios.memory import MemoryPoint
 
-POINT = SweepPoint("memory", "ouro-tiny", 1, 16, 1, "decode", 2, "float32", "cpu")
+POINT = MemoryPoint("memory", "ouro-tiny", 1, 16, 1, "decode", 2, "float32", "cpu")
 
 
 def sleep_point(point, seconds):

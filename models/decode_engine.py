@@ -2,8 +2,9 @@
 
 `decode_one_token` computes one whole decode step (embedding, every loop and layer, the final
 norm, the lm head and the greedy pick) over a preallocated cache whose shapes never change: the
-position is a tensor, cache rows are written with `index_copy_`, and attention reads the whole
-capacity with a mask of the positions written so far. Called as it is, it is the eager engine;
+position is a tensor, cache rows are written in place through the cache's static-shape writes
+(`write_at`, `index_copy_` at a tensor position), and attention reads the whole capacity with a
+mask of the positions written so far. Called as it is, it is the eager engine;
 through `torch.compile` (CUDA graphs on CUDA, `mode="reduce-overhead"`) it is the compiled
 engine: the same code either way, so one graph is captured per (batch, capacity, loops).
 
@@ -32,35 +33,30 @@ ENGINES = STEP_ENGINES
 
 
 def run_loop(
-    model: LoopedForCausalLM, x: torch.Tensor, input_pos: torch.Tensor, keys: list[torch.Tensor],
-    values: list[torch.Tensor], kv_states: list[torch.Tensor | None], loop: int, kept: list | None = None,
-    side: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    model: LoopedForCausalLM, x: torch.Tensor, input_pos: torch.Tensor, cache: LoopedKVCache,
+    kv_states: list[torch.Tensor | None], loop: int, kept: list | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor, list | None]:
     """One loop of the layer stack for the token at `input_pos` (a 1-element tensor): returns the
     normed output, each layer's KV state (MELT's h, None for Ouro), the exit-gate logit and, for
-    policies that keep a combination of the loops' rows, each layer's running combination.
-    `side` (MELT, decode_reads="chunk"): the cache's open-chunk buffers (see open_chunk_window)."""
+    policies that keep a combination of the loops' rows, each layer's running combination. Rows
+    go into `cache` through its static-shape writes (write_at; MELT with decode_reads="chunk":
+    swap_open_chunk_at, its open-chunk buffers)."""
     base, config = model.model, model.config
-    capacity = keys[0].shape[2]
+    capacity = cache.keys[0].shape[2]
     # Rows past the current position hold zeros or an earlier run's rows: masked out.
     attn = AttentionMask((torch.arange(capacity, device=x.device) <= input_pos)[None, None, None], False)
     rope = rope_cos_sin(input_pos[None], config.head_dim, config.rope_theta, x.dtype)
     states: list[torch.Tensor | None] = []
     folded = [] if base.policy.reduces_loops else None
-    if side is not None:
-        window, offset = open_chunk_window(base.policy.open_chunk, input_pos, side[0][0].shape[2], capacity)
+    if cache.open_chunk:
+        window, offset = cache.open_chunk_window(input_pos)
     for i, layer in enumerate(base.layers):
         slot = base.policy.slot(loop, i)
         q, k, v, kv_in = layer.self_attn.project(layer.input_layernorm(x), rope, kv_states[i], loop)
-        if side is not None:  # the open chunk's earlier tokens read as they did at this loop
-            buffered = loop * len(keys) + slot
-            keys[slot].index_copy_(2, window, side[0][buffered])
-            values[slot].index_copy_(2, window, side[1][buffered])
-            side[0][buffered].index_copy_(2, offset, k)
-            side[1][buffered].index_copy_(2, offset, v)
-        keys[slot].index_copy_(2, input_pos, k)
-        values[slot].index_copy_(2, input_pos, v)
-        x = layer.after_attention(x, layer.self_attn.attend(q, keys[slot], values[slot], attn))
+        if cache.open_chunk:  # the open chunk's earlier tokens read as they did at this loop
+            cache.swap_open_chunk_at(loop, slot, window, offset, k, v)
+        cache.write_at(slot, input_pos, k, v)
+        x = layer.after_attention(x, layer.self_attn.attend(q, cache.keys[slot], cache.values[slot], attn))
         states.append(kv_in if layer.self_attn.kv_gate is not None else None)
         if folded is not None:
             folded.append(base.policy.accumulate(kept[i] if kept else None, loop, k, v))
@@ -68,29 +64,14 @@ def run_loop(
     return x, states, base.early_exit_gate(x).squeeze(-1), folded
 
 
-def open_chunk_window(
-    chunk: int, input_pos: torch.Tensor, rows: int, capacity: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Static-shape indices for decode_reads="chunk": the cache positions the side buffer's `rows`
-    rows map to (the open chunk from its start, clamped into the capacity) and the token's offset
-    in it. Copying all of them keeps shapes fixed; rows past the token are masked out and are
-    rewritten before anyone reads them, and a clamped duplicate lands at or past the token."""
-    offset = input_pos % chunk
-    window = (input_pos - offset + torch.arange(rows, device=input_pos.device)).clamp(max=capacity - 1)
-    return window, offset
-
-
-def write_kept_rows(model: LoopedForCausalLM, input_pos: torch.Tensor, keys: list[torch.Tensor],
-                    values: list[torch.Tensor], kept: list | None, loops_run: int) -> None:
+def write_kept_rows(model: LoopedForCausalLM, input_pos: torch.Tensor, cache: LoopedKVCache, kept: list | None,
+                    loops_run: int) -> None:
     """The rows the policy keeps for the token once its loops are done (mean, first loop)."""
     policy = model.model.policy
     if kept is None:
         return
     for i, acc in enumerate(kept):
-        k, v = policy.final(acc, loops_run)
-        slot = policy.slot(0, i)
-        keys[slot].index_copy_(2, input_pos, k.to(keys[slot].dtype))
-        values[slot].index_copy_(2, input_pos, v.to(values[slot].dtype))
+        cache.write_at(policy.slot(0, i), input_pos, *policy.final(acc, loops_run))
 
 
 def greedy_head(model: LoopedForCausalLM, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,16 +81,15 @@ def greedy_head(model: LoopedForCausalLM, x: torch.Tensor) -> tuple[torch.Tensor
 
 
 def decode_one_token(
-    model: LoopedForCausalLM, token: torch.Tensor, input_pos: torch.Tensor, keys: list[torch.Tensor],
-    values: list[torch.Tensor], loops: int, side: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    model: LoopedForCausalLM, token: torch.Tensor, input_pos: torch.Tensor, cache: LoopedKVCache, loops: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole decode step for `token` (batch, 1) at `input_pos`: (next token, logits)."""
     x = model.model.embed_tokens(token)
     states: list[torch.Tensor | None] = [None] * len(model.model.layers)
     kept = None
     for loop in range(loops):
-        x, states, _, kept = run_loop(model, x, input_pos, keys, values, states, loop, kept, side)
-    write_kept_rows(model, input_pos, keys, values, kept, loops)
+        x, states, _, kept = run_loop(model, x, input_pos, cache, states, loop, kept)
+    write_kept_rows(model, input_pos, cache, kept, loops)
     return greedy_head(model, x)
 
 
@@ -184,12 +164,10 @@ class DecodeEngine:
     def step(self, token: torch.Tensor) -> StepOutput:
         """Decode one token for every sequence: writes its rows at the next position."""
         position = self.cache.seq_len
-        keys, values = self.cache.keys, self.cache.values
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        side = (self.cache.chunk_keys, self.cache.chunk_values) if self.cache.open_chunk else None
         if self.early_stop_threshold is None:
-            next_token, logits = self._step(self.model, token, self.input_pos, keys, values, self.loops, side)
+            next_token, logits = self._step(self.model, token, self.input_pos, self.cache, self.loops)
             loops_run, exit_steps = self.loops, None
         else:
             x = self.model.model.embed_tokens(token)
@@ -197,11 +175,10 @@ class DecodeEngine:
             stop = EarlyStop(self.early_stop_threshold, self.loops)
             kept = None
             for loop in range(self.loops):
-                x, states, gate, kept = self._loop(self.model, x, self.input_pos, keys, values, states, loop, kept,
-                                                   side)
+                x, states, gate, kept = self._loop(self.model, x, self.input_pos, self.cache, states, loop, kept)
                 if stop.update(loop, gate, x):
                     break
-            write_kept_rows(self.model, self.input_pos, keys, values, kept, loop + 1)
+            write_kept_rows(self.model, self.input_pos, self.cache, kept, loop + 1)
             fill_after_early_stop(self.model.model.policy, self.cache, loop, self.loops, position, position + 1)
             next_token, logits = self._head(self.model, stop.hidden)
             loops_run, exit_steps = loop + 1, stop.exit_steps

@@ -112,6 +112,33 @@ class LoopedKVCache(Cache):
         self.chunk_keys[side] = self._write(self.chunk_keys[side], keys, start - begin, end - begin, rows)
         self.chunk_values[side] = self._write(self.chunk_values[side], values, start - begin, end - begin, rows)
 
+    # --- static-shape writes (the decode engine's): the position is a tensor and no buffer is
+    # ever reallocated, so the buffers keep their addresses (CUDA graphs replay over them) -------
+    def write_at(self, slot: int, position: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """The rows of the token at `position` (a 1-element index tensor) into `slot`, in place."""
+        self.keys[slot].index_copy_(2, position, key.to(self.keys[slot].dtype))
+        self.values[slot].index_copy_(2, position, value.to(self.values[slot].dtype))
+
+    def open_chunk_window(self, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """decode_reads="chunk" at a tensor position: the cache positions the side buffer's rows
+        map to (the open chunk from its start, clamped into the capacity) and the token's offset
+        in it. Copying all of them keeps shapes fixed; rows past the token are masked out and are
+        rewritten before anyone reads them, and a clamped duplicate lands at or past the token."""
+        offset = position % self.open_chunk
+        rows = torch.arange(self.chunk_keys[0].shape[2], device=position.device)
+        return (position - offset + rows).clamp(max=self.keys[0].shape[2] - 1), offset
+
+    def swap_open_chunk_at(self, loop: int, slot: int, window: torch.Tensor, offset: torch.Tensor,
+                           key: torch.Tensor, value: torch.Tensor) -> None:
+        """Static-shape restore_open_chunk + save_open_chunk for one token: the open chunk's
+        loop-`loop` rows back into `slot` (at `window`), and the token's new rows kept in the side
+        buffer (at `offset`)."""
+        side = loop * self.num_slots + slot
+        self.keys[slot].index_copy_(2, window, self.chunk_keys[side])
+        self.values[slot].index_copy_(2, window, self.chunk_values[side])
+        self.chunk_keys[side].index_copy_(2, offset, key)
+        self.chunk_values[side].index_copy_(2, offset, value)
+
     def _write(
         self, buf: torch.Tensor | None, rows: torch.Tensor, start: int, end: int, capacity: int | None
     ) -> torch.Tensor:

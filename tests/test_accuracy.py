@@ -13,9 +13,9 @@ from melt_bench.evaluation.byte_tokenizer import byte_tokenizer
 from melt_bench.evaluation.lm_eval_adapter import LoopedHFLM, exit_kwargs, local_task_dir
 from melt_bench.models import load_model
 from melt_bench.running.results import load_results
-from melt_bench.scenarios import accuracy as accuracy_module
-from melt_bench.scenarios.accuracy import AccuracyPoint, evaluate_point, metric_rows
-from melt_bench.scenarios.accuracy_options import check_tasks
+from melt_bench.scenarios import measure_accuracy as accuracy_module
+from melt_bench.scenarios.accuracy import AccuracyPoint, check_tasks
+from melt_bench.scenarios.measure_accuracy import evaluate_point, metric_rows
 
 DATA = Path(__file__).parent / "data"
 RUN = ["--limit", "2", "--num-fewshot", "1", "--max-gen-toks", "8", "--data-dir", str(DATA), "--device", "cpu",

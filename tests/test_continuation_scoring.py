@@ -105,8 +105,7 @@ def test_chunk_scoring_of_a_sharing_policy_is_refused():
 
 
 def test_the_cli_scores_sharing_policies_as_decoded_and_refuses_chunk(capsys):
-    from melt_bench.running.sweep_options import AccuracyFlags
-    from melt_bench.scenarios.accuracy_options import resolve_accuracy
+    from melt_bench.scenarios.accuracy import AccuracyFlags, resolve_accuracy
 
     flags = AccuracyFlags(tasks="addition", loops="1,3", models="ouro-tiny", kv_policy="per-loop,last-loop",
                           device="cpu")

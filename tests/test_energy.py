@@ -5,7 +5,7 @@ import bisect
 
 import pytest
 
-from melt_bench.running.sweep_plan import SweepPoint
+from melt_bench.scenarios.latency import LatencyPoint
 from melt_bench.scenarios.measure_latency import measure_latency_point
 from melt_bench.trackers.energy import COUNTER, POWER, EnergyMeter, energy_metrics
 
@@ -114,7 +114,7 @@ def test_latency_point_reads_energy_through_the_meter():
     run advances (CPU compute, fake energy)."""
     gpu = FakeGpu(update_s=0.02)
     meter = meter_for(gpu)
-    point = SweepPoint("latency", "ouro-tiny", 2, 16, 2, "decode", 4, "float32", "cpu", warmup=0, timed_runs=1)
+    point = LatencyPoint("latency", "ouro-tiny", 2, 16, 2, "decode", 4, "float32", "cpu", warmup=0, timed_runs=1)
     calls = []
     real_measure = meter.measure
 

@@ -15,8 +15,9 @@ from melt_bench.running.executors import ExecutorError, GpuPoolExecutor, busy_gp
 from melt_bench.running.results import ResultsStore
 from melt_bench.running.sweep import in_child, run_sweep
 from melt_bench.running.sweep_plan import SweepPoint
+from melt_bench.scenarios.memory import MemoryPoint
 
-POINT = SweepPoint("memory", "ouro-tiny", 1, 16, 1, "decode", 2, "float32", "cuda:0")
+POINT = MemoryPoint("memory", "ouro-tiny", 1, 16, 1, "decode", 2, "float32", "cuda:0")
 
 
 def points(count: int) -> list[SweepPoint]:

@@ -73,10 +73,10 @@ def test_nvml_sees_a_one_gib_allocation():
 
 @cuda
 def test_latency_timed_with_cuda_events():
-    from melt_bench.running.sweep_plan import SweepPoint
+    from melt_bench.scenarios.latency import LatencyPoint
     from melt_bench.scenarios.measure_latency import measure_latency_point
 
-    point = SweepPoint("latency", "ouro-tiny", 4, 64, 2, "decode", 8, "bfloat16", "cuda:0", warmup=1, timed_runs=3)
+    point = LatencyPoint("latency", "ouro-tiny", 4, 64, 2, "decode", 8, "bfloat16", "cuda:0", warmup=1, timed_runs=3)
     row = measure_latency_point(point)
     assert row["status"] == "ok", row["error"]
     m = row["metrics"]
@@ -86,10 +86,10 @@ def test_latency_timed_with_cuda_events():
 @cuda
 def test_capacity_budget_caps_the_cuda_allocator():
     from melt_bench.running.launcher import run_in_child
-    from melt_bench.running.sweep_plan import SweepPoint
     from melt_bench.scenarios.measure_memory import measure_memory_point
+    from melt_bench.scenarios.memory import MemoryPoint
 
-    point = SweepPoint("memory", "ouro-1.4b", 1, 128, 1, "decode", 4, "bfloat16", "cuda:0")
+    point = MemoryPoint("memory", "ouro-1.4b", 1, 128, 1, "decode", 4, "bfloat16", "cuda:0")
     # the weights alone are 2.7 GiB; in a child, so the cap does not stay on this process
     over = run_in_child(measure_memory_point, (point, 10.0, None, 2 * 2**30), 300).value
     fits = run_in_child(measure_memory_point, (point, 10.0, None, 8 * 2**30), 300).value
@@ -122,11 +122,11 @@ def test_convert_on_cuda_in_bf16_and_checkpointing_lowers_the_peak(tmp_path):
 def test_compiled_engine_with_cuda_graphs_decodes_the_eager_tokens(model):
     from dataclasses import replace
 
-    from melt_bench.running.sweep_plan import SweepPoint
+    from melt_bench.scenarios.latency import LatencyPoint
     from melt_bench.scenarios.measure_latency import measure_latency_point
 
-    point = SweepPoint("latency", model, 4, 64, 2, "decode", 8, "float32", "cuda:0", warmup=2, timed_runs=3,
-                       engine="compiled")
+    point = LatencyPoint("latency", model, 4, 64, 2, "decode", 8, "float32", "cuda:0", warmup=2, timed_runs=3,
+                         engine="compiled")
     compiled = measure_latency_point(point)
     eager = measure_latency_point(replace(point, engine="eager"))
     assert compiled["status"] == eager["status"] == "ok", (compiled["error"], eager["error"])

@@ -231,16 +231,16 @@ def test_models_lists_the_policies_with_their_kv_bytes(capsys):
 def test_a_chunked_prefill_says_when_the_prompt_itself_was_shared(policy, shared):
     """--prefill-chunk is exact only where the policy keeps every loop's rows: under a sharing
     policy later chunks read the earlier chunks' kept rows, the logits move, and the row says so."""
-    from melt_bench.running.sweep_plan import SweepPoint
+    from melt_bench.scenarios.memory import MemoryPoint
     from melt_bench.scenarios.point_setup import prefill_chunking
 
     model, tokens = ouro(policy), ids(length=8)
-    point = SweepPoint("memory", "ouro-tiny", 4, 8, 2, "prefill", 1, "float32", "cpu", prefill_chunk=3)
+    point = MemoryPoint("memory", "ouro-tiny", 4, 8, 2, "prefill", 1, "float32", "cpu", prefill_chunk=3)
     starts, fields = prefill_chunking(model, point)
     assert starts == [0, 3, 6] and fields == {"prefill_chunk_tokens": 3, "prompt_kv_shared": shared}
     with torch.no_grad():
         whole = model(tokens, past_key_values=model.new_cache(4), loops=4).logits
         chunked = model(tokens, past_key_values=model.new_cache(4), loops=4, chunk_starts=starts).logits
     assert torch.allclose(chunked, whole, atol=1e-5) != shared
-    one_chunk = SweepPoint("memory", "ouro-tiny", 4, 8, 2, "prefill", 1, "float32", "cpu")
+    one_chunk = MemoryPoint("memory", "ouro-tiny", 4, 8, 2, "prefill", 1, "float32", "cpu")
     assert prefill_chunking(model, one_chunk)[1]["prompt_kv_shared"] is False

@@ -5,8 +5,9 @@ from conftest import one_line_error
 
 from melt_bench.cli import main
 from melt_bench.running.results import ResultsStore, load_results
-from melt_bench.running.sweep_plan import SweepPoint
-from melt_bench.scenarios.capacity import Probe, find_max_batch, parse_bytes, probe_fits
+from melt_bench.scenarios.capacity import parse_bytes
+from melt_bench.scenarios.latency import LatencyPoint
+from melt_bench.scenarios.measure_capacity import Probe, find_max_batch, probe_fits
 from melt_bench.scenarios.measure_latency import RunTiming, measure_latency_point, percentile, summarise
 
 SMALL = ["--models", "ouro-tiny,melt-tiny", "--seq-lens", "32", "--new-tokens", "4", "--device", "cpu",
@@ -16,7 +17,7 @@ SMALL = ["--models", "ouro-tiny,melt-tiny", "--seq-lens", "32", "--new-tokens", 
 def latency_point(**overrides):
     fields = dict(command="latency", model="melt-tiny", loops=4, seq_len=32, batch_size=2, phase="decode",
                   new_tokens=6, dtype="float32", device="cpu", warmup=1, timed_runs=3)
-    return SweepPoint(**{**fields, **overrides})
+    return LatencyPoint(**{**fields, **overrides})
 
 
 def test_percentiles_and_summary_invariants():

@@ -29,3 +29,40 @@ def test_no_module_over_500_lines_and_no_function_over_80():
                 too_big.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: "
                                f"{node.end_lineno - node.lineno + 1} lines")
     assert too_big == []
+
+
+# Which wings a wing may import (ARCHITECTURE.md's "Rules the layout keeps"): dependencies point one
+# way, so the runner can run any scenario and the report reads any results file.
+FORBIDDEN = {
+    "running": ("melt_bench.scenarios", "melt_bench.commands", "melt_bench.reporting", "melt_bench.training"),
+    "reporting": ("melt_bench.scenarios", "melt_bench.commands", "melt_bench.training"),
+    "trackers": ("melt_bench.scenarios", "melt_bench.commands", "melt_bench.running", "melt_bench.reporting"),
+    "scenarios": ("melt_bench.commands",),
+    "models": ("melt_bench.running", "melt_bench.scenarios", "melt_bench.commands", "melt_bench.reporting",
+               "melt_bench.trackers", "melt_bench.training", "melt_bench.evaluation"),
+}
+
+
+def test_imports_point_one_way():
+    import ast
+
+    wrong = []
+    for wing, forbidden in FORBIDDEN.items():
+        folder = ROOT / ("models" if wing == "models" else f"bench/{wing}")
+        for path in sorted(folder.glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                         else [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+                wrong += [f"{path.relative_to(ROOT)}:{node.lineno} imports {name}" for name in names
+                          if name.startswith(forbidden)]
+    assert wrong == []
+
+
+def test_scenario_modules_load_without_torch():
+    """The command line builds a command's options and points before torch loads (seconds)."""
+    import sys
+
+    code = ("import sys\nfrom melt_bench.scenarios import accuracy, capacity, latency, memory\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -16,6 +16,7 @@ from melt_bench.running.launcher import run_in_child
 from melt_bench.running.results import ResultsFileError, ResultsStore, load_results
 from melt_bench.running.sweep import in_child, run_sweep
 from melt_bench.running.sweep_options import SweepFlags, resolve_sweep
+from melt_bench.scenarios.memory import MemoryOptions
 
 SMALL = ["--models", "ouro-tiny,melt-tiny", "--seq-lens", "32", "--batch-sizes", "2", "--new-tokens", "4",
          "--device", "cpu", "--dtype", "float32", "--repeats", "1", "--no-progress"]
@@ -47,7 +48,8 @@ def measure_rows(tmp_path, measure, loops="1..4", timeout=120.0):
                        dtype="float32")
     spec = resolve_sweep("memory", flags, None).spec
     store = ResultsStore(tmp_path / "rows.jsonl")
-    run_sweep("memory", spec.points(), store, in_child(measure, (), timeout), {"host": "test"}, show_progress=False)
+    run_sweep("memory", spec.points(MemoryOptions()), store, in_child(measure, (), timeout), {"host": "test"},
+              show_progress=False)
     return store.read()
 
 
@@ -97,8 +99,9 @@ def test_retry_failed_reruns_only_failures(tmp_path):
     flags = SweepFlags(models="ouro-tiny", loops="1,2", seq_lens="16", batch_sizes="1", new_tokens=2, device="cpu",
                        dtype="float32", repeats=1)
     spec = resolve_sweep("memory", flags, None).spec
-    run_sweep("memory", spec.points(), store, in_child(sweep_helpers.raise_error), {}, show_progress=False)
-    status = run_sweep("memory", spec.points(), store, in_child(sweep_helpers.oom_at_loops_3), {},
+    points = spec.points(MemoryOptions())
+    run_sweep("memory", points, store, in_child(sweep_helpers.raise_error), {}, show_progress=False)
+    status = run_sweep("memory", points, store, in_child(sweep_helpers.oom_at_loops_3), {},
                        retry_failed=True, show_progress=False)
     assert status.ran == 2
     assert [row.status for row in store.read()] == ["error", "error", "ok", "ok"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from melt_bench.running.launcher import run_in_child
-from melt_bench.running.sweep_plan import SweepPoint
 from melt_bench.scenarios.measure_memory import Trackers, measure_memory_point
+from melt_bench.scenarios.memory import MemoryPoint
 from melt_bench.scenarios.point_setup import classify_failure
 from melt_bench.trackers.memory_trackers import (
     CudaAllocatorTracker,
@@ -114,7 +114,7 @@ class FakeCuda:
 def point(**overrides):
     fields = dict(command="memory", model="ouro-tiny", loops=4, seq_len=16, batch_size=2, phase="decode",
                   new_tokens=4, dtype="float32", device="cpu")
-    return SweepPoint(**{**fields, **overrides})
+    return MemoryPoint(**{**fields, **overrides})
 
 
 def test_gpu_path_through_fakes_records_every_source():

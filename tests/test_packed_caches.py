@@ -129,7 +129,7 @@ def test_flashloop_bytes_for_ouro_1_4b_agree_with_flashloops_own_storage_bytes()
 
 
 def test_measured_kv_per_token_of_packed_caches_is_taken_at_the_probe_length():
-    from melt_bench.scenarios.accuracy import KV_PROBE_TOKENS, measured_kv_bytes_per_token
+    from melt_bench.scenarios.measure_accuracy import KV_PROBE_TOKENS, measured_kv_bytes_per_token
 
     for spec in (dict(kv_policy="flashloop"), dict(kv_quant="int4"), {}):
         model = load_model("ouro-tiny", **spec)
@@ -157,17 +157,18 @@ def test_bad_packed_cache_combinations_are_one_line(args, needle, capsys, tmp_pa
 
 
 def test_rows_record_the_quantisation_and_latency_runs_on_the_forward_engine():
-    from melt_bench.running.sweep_plan import SweepPoint
+    from melt_bench.scenarios.latency import LatencyPoint
     from melt_bench.scenarios.measure_latency import measure_latency_point
     from melt_bench.scenarios.measure_memory import measure_memory_point
+    from melt_bench.scenarios.memory import MemoryPoint
 
-    point = SweepPoint("memory", "melt-tiny", 2, 130, 1, "decode", 4, "float32", "cpu", kv_quant="int4", repeat=0)
+    point = MemoryPoint("memory", "melt-tiny", 2, 130, 1, "decode", 4, "float32", "cpu", kv_quant="int4", repeat=0)
     row = measure_memory_point(point)
     assert row["status"] == "ok", row["error"]
     metrics = row["metrics"]
     assert metrics["kv_quant"] == "int4" and metrics["kv_cache_bytes"] == metrics["kv_cache_bytes_predicted"]
-    assert point.point_id != SweepPoint("memory", "melt-tiny", 2, 130, 1, "decode", 4, "float32", "cpu").point_id
-    latency = SweepPoint("latency", "ouro-tiny", 4, 130, 1, "decode", 3, "float32", "cpu", kv_policy="flashloop",
+    assert point.point_id != MemoryPoint("memory", "melt-tiny", 2, 130, 1, "decode", 4, "float32", "cpu").point_id
+    latency = LatencyPoint("latency", "ouro-tiny", 4, 130, 1, "decode", 3, "float32", "cpu", kv_policy="flashloop",
                          engine="forward", warmup=0, timed_runs=1)
     row = measure_latency_point(latency)
     assert row["status"] == "ok", row["error"]
@@ -180,9 +181,8 @@ def test_rows_record_the_quantisation_and_latency_runs_on_the_forward_engine():
 def test_the_probe_length_is_an_option_and_short_sequences_pack_nothing(capsys):
     """On a 32-token sequence a packed cache holds every row in its full-precision tail: INT4
     saves nothing there, which a 2,048-token probe would hide (the row says which it measured)."""
-    from melt_bench.running.sweep_options import AccuracyFlags
-    from melt_bench.scenarios.accuracy import measured_kv_bytes_per_token
-    from melt_bench.scenarios.accuracy_options import resolve_accuracy
+    from melt_bench.scenarios.accuracy import AccuracyFlags, resolve_accuracy
+    from melt_bench.scenarios.measure_accuracy import measured_kv_bytes_per_token
 
     plain, int4 = load_model("ouro-tiny"), load_model("ouro-tiny", kv_quant="int4")
     assert measured_kv_bytes_per_token(int4, 4, 32) == measured_kv_bytes_per_token(plain, 4, 32)

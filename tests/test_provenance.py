@@ -9,8 +9,8 @@ import torch
 from melt_bench.cli import main
 from melt_bench.models import cost_model, get_preset
 from melt_bench.running.sweep_options import CPU_DEFAULTS, CUDA_DEFAULTS
-from melt_bench.running.sweep_plan import SweepPoint
 from melt_bench.scenarios.measure_memory import predicted_peak
+from melt_bench.scenarios.memory import MemoryPoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # the user's guide and the notes split from it: a figure is checked wherever it now stands
@@ -33,7 +33,7 @@ def test_help_names_the_defaults_the_code_uses_and_keeps_the_ray_extra(capsys, m
 
 def test_the_predicted_peak_in_the_readme_is_what_the_code_computes():
     model = type("Stub", (), {"config": get_preset("ouro-1.4b").config()})()
-    point = SweepPoint("memory", "ouro-1.4b", 1, 4096, 1, "decode", 16, "bfloat16", "cuda:0")
+    point = MemoryPoint("memory", "ouro-1.4b", 1, 4096, 1, "decode", 16, "bfloat16", "cuda:0")
     predicted = predicted_peak(model, point, 4096, 4096 + 16, torch.bfloat16)["predicted_peak_bytes"]
     assert f"as the code\ncomputes them today, come to {predicted / 2**30:.2f} GiB" in README
 

@@ -13,11 +13,11 @@ from melt_bench.cli import main
 from melt_bench.running.executors import RayExecutor
 from melt_bench.running.results import ResultsStore, load_results
 from melt_bench.running.sweep import in_child, run_sweep
-from melt_bench.running.sweep_plan import SweepPoint
+from melt_bench.scenarios.memory import MemoryPoint
 
 ray = pytest.importorskip("ray")
 
-POINT = SweepPoint("memory", "ouro-tiny", 1, 16, 1, "decode", 2, "float32", "cpu")
+POINT = MemoryPoint("memory", "ouro-tiny", 1, 16, 1, "decode", 2, "float32", "cpu")
 HERE = str(Path(__file__).parent)
 
 

@@ -91,6 +91,7 @@ def accuracy_row(model, loops, value, weights=None, kv=None):
 
 def test_one_model_with_several_weights_is_several_series(tmp_path):
     from melt_bench.reporting.summary_tables import tables_for
+    from melt_bench.scenarios.accuracy import SUMMARY
 
     rows = [accuracy_row("ouro-tiny", 4, 0.9, "/w/teacher", kv=8192),
             accuracy_row("melt-tiny", 4, 0.0, "/w/melt-fresh", kv=2048),
@@ -98,7 +99,7 @@ def test_one_model_with_several_weights_is_several_series(tmp_path):
     html = build_report([write_rows(tmp_path / "proof.jsonl", rows)])
     assert "melt-tiny @ w/melt-fresh" in html and "melt-tiny @ melt-converted/model" in html
     assert "accuracy vs KV bytes per token" in html and "8.00 KiB" in html
-    [table] = tables_for("accuracy", rows)
+    [table] = tables_for(SUMMARY, rows)
     headers = [str(column.header) for column in table.columns]
     assert "melt-tiny @ melt-converted/model" in headers and "melt-tiny @ w/melt-fresh KV/token" in headers
     cells = {str(column.header): list(column.cells) for column in table.columns}
@@ -248,11 +249,14 @@ def test_every_point_setting_is_an_axis_a_label_or_compared_like_for_like(tmp_pa
     from dataclasses import fields
 
     from melt_bench.reporting.report import LIKE_FOR_LIKE
-    from melt_bench.running.sweep_plan import SweepPoint
+    from melt_bench.scenarios.capacity import CapacityPoint
+    from melt_bench.scenarios.latency import LatencyPoint
+    from melt_bench.scenarios.memory import MemoryPoint
 
     placed = {"command", "model", "loops", "seq_len", "batch_size", "repeat", "weights", "kv_policy", "decode_reads",
               "kv_quant"}
-    assert {f.name for f in fields(SweepPoint)} - placed == set(LIKE_FOR_LIKE)
+    settings = {f.name for point_type in (MemoryPoint, LatencyPoint, CapacityPoint) for f in fields(point_type)}
+    assert settings - placed == set(LIKE_FOR_LIKE)
 
     def runs(model, ms, timed_runs):
         row = latency_row(model, 2, ms)
@@ -276,10 +280,11 @@ def test_terminal_tables_fit_the_width_and_never_cut_a_header(width, layout):
     from rich.console import Console
 
     from melt_bench.reporting.summary_tables import print_fitted
+    from melt_bench.scenarios.latency import SUMMARY
 
     rows = [latency_row(m, t, t * (20 if m[0] == "o" else 25)) for m in ("ouro-1.4b", "melt-1.4b") for t in (1, 4)]
     console = Console(width=width, file=io.StringIO(), color_system=None)
-    print_fitted("latency", rows, console)
+    print_fitted(SUMMARY, rows, console)
     text = console.file.getvalue()
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= width
     words = " ".join(text.split())

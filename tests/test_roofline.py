@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from melt_bench.models import MeltConfig, MeltForCausalLM, OuroConfig, OuroForCausalLM, cost_model, get_preset
-from melt_bench.running.sweep_plan import SweepPoint
+from melt_bench.scenarios.latency import LatencyPoint
 from melt_bench.scenarios.measure_latency import measure_latency_point, token_agreement
 from melt_bench.scenarios.point_setup import tensor_bytes
 
@@ -49,7 +49,7 @@ def test_weights_formula_equals_the_models_storage(cls, config, tied):
 
 
 def test_latency_row_carries_a_consistent_roofline():
-    point = SweepPoint("latency", "ouro-tiny", 2, 16, 1, "decode", 4, "float32", "cpu", warmup=1, timed_runs=2)
+    point = LatencyPoint("latency", "ouro-tiny", 2, 16, 1, "decode", 4, "float32", "cpu", warmup=1, timed_runs=2)
     row = measure_latency_point(point)
     m = row["metrics"]
     assert row["status"] == "ok", row["error"]

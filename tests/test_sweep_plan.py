@@ -6,7 +6,7 @@ from melt_bench.running import hub
 from melt_bench.running.ranges import RangeError, parse_int_list, parse_name_list
 from melt_bench.running.suite_loader import SuiteError, load_suite, shipped_suites
 from melt_bench.running.sweep_options import OptionError, SweepFlags, check_weights, resolve_sweep
-from melt_bench.running.sweep_plan import SweepPoint
+from melt_bench.scenarios.memory import MemoryPoint
 
 
 @pytest.mark.parametrize(
@@ -83,9 +83,9 @@ def test_weights_accepts_dirs_with_config_and_hub_ids(tmp_path, monkeypatch):
 
 
 def test_point_ids_are_content_hashes():
-    a = SweepPoint("memory", "ouro-tiny", 2, 64, 1, "decode", 8, "float32", "cpu")
-    b = SweepPoint("memory", "ouro-tiny", 2, 64, 1, "decode", 8, "float32", "cpu")
-    c = SweepPoint("memory", "ouro-tiny", 3, 64, 1, "decode", 8, "float32", "cpu")
+    a = MemoryPoint("memory", "ouro-tiny", 2, 64, 1, "decode", 8, "float32", "cpu")
+    b = MemoryPoint("memory", "ouro-tiny", 2, 64, 1, "decode", 8, "float32", "cpu")
+    c = MemoryPoint("memory", "ouro-tiny", 3, 64, 1, "decode", 8, "float32", "cpu")
     assert a.point_id == b.point_id != c.point_id
 
 
@@ -96,18 +96,56 @@ def test_prefill_points_ignore_new_tokens():
 
 
 def test_a_row_records_only_the_settings_its_command_has():
-    """#24: a memory row once said `engine: eager, warmup: 0` for an engine it never ran; only
-    latency (and capacity when it times throughput) records engine and timing, only capacity a
-    budget. The point id still hashes every field, so earlier results keep their ids."""
-    from dataclasses import replace
+    """#24: a memory row once said `engine: eager, warmup: 0` for an engine it never ran; each
+    command's point type holds its own settings (latency: engine and timing; capacity: a budget,
+    and engine and timing only when it times throughput). Ids are those the points had before."""
+    from melt_bench.running.sweep_plan import SweepSpec
+    from melt_bench.scenarios.capacity import CapacityOptions
+    from melt_bench.scenarios.latency import LatencyOptions
+    from melt_bench.scenarios.memory import MemoryOptions
 
-    from melt_bench.running.sweep_plan import SweepPoint
+    def one(command, options):
+        [point] = SweepSpec(command, ["ouro-tiny"], [2], [64], [1], new_tokens=4, dtype="float32").points(options)
+        return point
 
-    memory = SweepPoint("memory", "ouro-tiny", 2, 64, 1, "decode", 4, "float32", "cpu")
+    memory = one("memory", MemoryOptions())
     assert {"engine", "warmup", "timed_runs", "memory_budget_bytes"}.isdisjoint(memory.to_dict())
-    latency = replace(memory, command="latency", warmup=1, timed_runs=3)
+    latency = one("latency", LatencyOptions(warmup=1, timed_runs=3))
     assert latency.to_dict()["engine"] == "eager" and "memory_budget_bytes" not in latency.to_dict()
-    capacity = replace(memory, command="capacity", batch_size=0, memory_budget_bytes=2**30)
+    capacity = one("capacity", CapacityOptions(2**30, timed_runs=0))
     assert capacity.to_dict()["memory_budget_bytes"] == 2**30 and "engine" not in capacity.to_dict()
-    assert "engine" in replace(capacity, timed_runs=3).to_dict()
+    assert capacity.batch_size == 0  # searched
+    assert "engine" in one("capacity", CapacityOptions(2**30, timed_runs=3)).to_dict()
     assert memory.point_id == "fba46d4915866c77"  # the id this point had before rows dropped those fields
+
+
+# Ids of points as the command line planned them before each command had its own point type
+# (melt-bench at ae23461): results files written then still resume.
+PINNED_IDS = [
+    (["memory", "--models", "ouro-tiny", "--loops", "2", "--new-tokens", "2", "--repeats", "1", "--prefill-chunk",
+      "8"], "a0d95c05d17b2e05"),
+    (["latency", "--models", "melt-tiny", "--loops", "2", "--new-tokens", "2", "--engine", "compiled", "--warmup", "1",
+      "--repeats", "2", "--early-exit", "threshold:0.5", "--prefill-chunk", "4"], "92644a318715e7ab"),
+    (["latency", "--models", "ouro-tiny", "--loops", "2", "--engine", "forward", "--kv-quant", "int8"],
+     "9ce4dcd4d55be9f2"),
+    (["latency", "--models", "melt-tiny", "--loops", "3", "--batch-sizes", "2", "--engine", "forward",
+      "--static-cache"], "bbd3ae641f5cc766"),
+    (["latency", "--models", "ouro-tiny", "--loops", "2", "--kv-policy", "last-loop"], "132af79ac933a3e5"),
+    (["capacity", "--budget", "1GiB", "--models", "ouro-tiny", "--loops", "2"], "5a87dc84edb6c52b"),
+    (["capacity", "--budget", "1GiB", "--models", "melt-tiny", "--loops", "2", "--timed-runs", "0",
+      "--decode-reads", "chunk"], "0fae71390f27c7d4"),
+]
+
+
+@pytest.mark.parametrize("argv,point_id", PINNED_IDS, ids=[" ".join(argv[:1] + argv[-2:]) for argv, _ in PINNED_IDS])
+def test_point_ids_of_earlier_results_stay(argv, point_id, capsys):
+    import json
+
+    from melt_bench.cli import main
+
+    batch = ["--batch-sizes", "1"] if argv[0] != "capacity" and "--batch-sizes" not in argv else []
+    shape = ["--seq-lens", "16", "--device", "cpu", *batch]
+    dtype = ["--dtype", "float32"] if argv[0] == "memory" or "compiled" in argv else []
+    assert main([*argv, *shape, *dtype, "--dry-run", "--json"]) == 0
+    planned = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [point["point_id"] for point in planned] == [point_id]

@@ -39,7 +39,7 @@ from melt_bench.commands.support import (
     print_tables,
     write_report,
 )
-from melt_bench.running.sweep_options import AccuracyFlags
+from melt_bench.scenarios.accuracy import AccuracyFlags
 
 
 @app.command()
@@ -102,7 +102,7 @@ def accuracy(
     if ranks == 1:  # one process: each point in a child (accuracy.py)
         from melt_bench.running.launcher import start_fork_server
 
-        start_fork_server("melt_bench.scenarios.accuracy", "melt_bench.evaluation.lm_eval_adapter")
+        start_fork_server("melt_bench.scenarios.measure_accuracy", "melt_bench.evaluation.lm_eval_adapter")
     placement = None if ranks > 1 else Placement(gpus, executor, ray_address, allow_busy_gpus)
     evaluate(flags, tokenizer, placement, RunOptions(out, resume, retry_failed, progress, report))
 
@@ -114,8 +114,8 @@ def evaluate(flags: AccuracyFlags, tokenizer: str | None, placement: Placement |
 
     from melt_bench.evaluation.lm_eval_logs import lm_eval_output, log_path_for
     from melt_bench.running.sweep_options import OptionError, check_tokenizer
-    from melt_bench.scenarios.accuracy import run_accuracy
-    from melt_bench.scenarios.accuracy_options import check_tasks, resolve_accuracy
+    from melt_bench.scenarios.accuracy import SUMMARY, check_tasks, resolve_accuracy
+    from melt_bench.scenarios.measure_accuracy import run_accuracy
     with tempfile.TemporaryDirectory() as scratch:
         try:
             tokenizer = check_tokenizer(tokenizer)
@@ -137,7 +137,7 @@ def evaluate(flags: AccuracyFlags, tokenizer: str | None, placement: Placement |
                                         timeout_s=flags.point_timeout)
         except FileNotFoundError as exc:
             raise UserError(str(exc)) from exc
-    print_tables("accuracy", store, {p.point_id for p in points})
+    print_tables(SUMMARY, store, {p.point_id for p in points})
     console.print(f"{plural(ran, 'run')}, {skipped} already recorded; results in {store.path}")
     if run.report:
         console.print(f"report written to {write_report([store.path], None)}")

@@ -97,13 +97,14 @@ def resolve(command: str, flags: SweepFlags, suite: str | None, dry_run: bool):
     return resolved  # its notices are printed once a run starts (_run_sweep_command), not before a refusal
 
 
-def checked_points(resolved, command: str) -> list:
-    """The sweep's points, once what a packed cache cannot run is refused (sweep_options)."""
+def checked_points(resolved, options) -> list:
+    """The sweep's points as its command's (`options`: scenarios/memory.MemoryOptions, ...), once
+    what a packed cache cannot run is refused (sweep_options)."""
     from melt_bench.running.sweep_options import OptionError, check_packed_caches
 
-    points = resolved.spec.points()
+    points = resolved.spec.points(options)
     try:
-        check_packed_caches(points, command)
+        check_packed_caches(points, resolved.spec.command)
     except OptionError as exc:
         raise UserError(str(exc)) from exc
     return points
@@ -129,7 +130,7 @@ def parse_early_exit(text: str) -> float | None:
 
 
 def parse_budget(text: str, device: str) -> int:
-    from melt_bench.scenarios.capacity import parse_bytes
+    from melt_bench.scenarios.capacity import parse_bytes  # torch-free
 
     if text != "auto":
         try:
@@ -218,10 +219,11 @@ def check_writable(path: Path, option: str) -> None:
         raise UserError(f"{option} {path}: cannot create a file in {parent} ({exc.strerror or exc})") from exc
 
 
-def print_tables(kind: str, store, planned: set[str]) -> None:
+def print_tables(summary, store, planned: set[str]) -> None:
+    """The end-of-run tables of the scenario's `summary` (a TableSpec) over this run's points."""
     from melt_bench.reporting.summary_tables import print_fitted
 
-    print_fitted(kind, [row for row in store.read() if row.point_id in planned], console)
+    print_fitted(summary, [row for row in store.read() if row.point_id in planned], console)
 
 
 @dataclass
@@ -262,18 +264,21 @@ def executor_for(placement: Placement, device: str):
         raise UserError(str(exc)) from exc
 
 
-def plan_and_run(kind: str, resolved, points: list, make_runner: Callable[[], Callable], run: RunOptions,
+def plan_and_run(summary, resolved, points: list, make_runner: Callable[[], Callable], run: RunOptions,
                  placement: Placement) -> None:
     """The sweep commands' common end: the plan on --dry-run, else every pending point through
-    the runner on the placement's executor, then the tables, the report and the exit status."""
+    the runner on the placement's executor, then the scenario's `summary` tables (a TableSpec),
+    the report and the exit status."""
     if not show_plan(points, run.dry_run, run.out, asdict(placement), run.as_json):
-        run_sweep_command(kind, points, make_runner(), run, executor_for(placement, resolved.spec.device),
+        run_sweep_command(summary, points, make_runner(), run, executor_for(placement, resolved.spec.device),
                           resolved.notices)
 
 
-def run_sweep_command(kind: str, points: list, runner: Callable, run: RunOptions, executor=None,
+def run_sweep_command(summary, points: list, runner: Callable, run: RunOptions, executor=None,
                       notices: tuple[str, ...] = ()) -> None:
     from melt_bench.running.sweep import run_sweep
+
+    kind = summary.command
 
     if run.retry_failed and not run.resume:
         raise UserError("--retry-failed re-runs the failed points of an existing --out: it needs --resume")
@@ -283,7 +288,7 @@ def run_sweep_command(kind: str, points: list, runner: Callable, run: RunOptions
     before = len(store.read())
     status = run_sweep(kind, points, store, runner, meta, run.retry_failed, show_progress=run.progress,
                        executor=executor)
-    print_tables(kind, store, {point.point_id for point in points})
+    print_tables(summary, store, {point.point_id for point in points})
     console.print(f"{plural(status.ran, 'point')} run, {status.skipped} already recorded; results in {store.path}")
     if run.report:
         console.print(f"report written to {write_report([store.path], None)}")

@@ -96,15 +96,15 @@ def memory(
                        point_timeout=point_timeout, kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
     resolved = resolve("memory", flags, suite, dry_run)
     from melt_bench.running.sweep import in_child
-    from melt_bench.scenarios.measure_memory import measure_memory_point  # torch: only once the flags are checked
+    from melt_bench.scenarios import memory as scenario
 
-    resolved.spec.point_options = dict(prefill_chunk=check_prefill_chunk(prefill_chunk))
-    points = checked_points(resolved, "memory")
+    options = scenario.MemoryOptions(check_prefill_chunk(prefill_chunk), nvml_interval_ms)
+    points = checked_points(resolved, options)
     placement = Placement(gpus, executor, ray_address, allow_busy_gpus,
                           (cpu_workers or os.cpu_count() or 1) if resolved.spec.device == "cpu" else 1)
     run = RunOptions(out, resume, retry_failed, progress, report, dry_run, as_json)
-    plan_and_run("memory", resolved, points,
-                 lambda: in_child(measure_memory_point, (nvml_interval_ms,), resolved.point_timeout), run, placement)
+    plan_and_run(scenario.SUMMARY, resolved, points,
+                 lambda: in_child(scenario.measure, (options,), resolved.point_timeout), run, placement)
 
 
 @app.command()
@@ -155,18 +155,17 @@ def latency(
     if engine not in LATENCY_ENGINES:
         raise UserError(f"--engine: {engine!r} is not one of {', '.join(LATENCY_ENGINES)}")
     check_syntax(flags)
-    from melt_bench.running.sweep import in_child
-    from melt_bench.scenarios.measure_latency import measure_latency_point  # torch: only once the flags are checked
-
     if static_cache and engine != "forward":
         raise UserError("--static-cache applies to --engine forward (eager and compiled always preallocate)")
     resolved = resolve("latency", flags, suite, dry_run)
-    resolved.spec.point_options = dict(warmup=warmup, timed_runs=repeats, early_exit=parse_early_exit(early_exit),
-                                       engine=engine, static_cache=static_cache,
-                                       prefill_chunk=check_prefill_chunk(prefill_chunk))
-    points = checked_points(resolved, "latency")
+    from melt_bench.running.sweep import in_child
+    from melt_bench.scenarios import latency as scenario
+
+    options = scenario.LatencyOptions(warmup, repeats, parse_early_exit(early_exit), engine, static_cache,
+                                      check_prefill_chunk(prefill_chunk))
+    points = checked_points(resolved, options)
     run = RunOptions(out, resume, retry_failed, progress, report, dry_run, as_json)
-    plan_and_run("latency", resolved, points, lambda: in_child(measure_latency_point, (), resolved.point_timeout),
+    plan_and_run(scenario.SUMMARY, resolved, points, lambda: in_child(scenario.measure, (), resolved.point_timeout),
                  run, Placement(gpus, executor, ray_address, allow_busy_gpus))
 
 
@@ -210,22 +209,20 @@ def capacity(
                        kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
     resolved = resolve("capacity", flags, suite, dry_run)
     from melt_bench.running.launcher import ChildOutcome
-    from melt_bench.scenarios.capacity import search_capacity  # torch: only once the flags are checked
+    from melt_bench.scenarios import capacity as scenario
 
-    budget_bytes = parse_budget(budget, resolved.spec.device)
-    timing = dict(engine=engine, warmup=warmup, timed_runs=timed_runs) if timed_runs else {}  # 0: the old ids
-    resolved.spec.point_options = dict(batch_size=0, memory_budget_bytes=budget_bytes,
-                                       prefill_chunk=check_prefill_chunk(prefill_chunk), **timing)
-    points = checked_points(resolved, "capacity")
+    options = scenario.CapacityOptions(parse_budget(budget, resolved.spec.device), max_batch, engine, warmup,
+                                       timed_runs, check_prefill_chunk(prefill_chunk))
+    points = checked_points(resolved, options)
 
     def runner(point, gpu=None):  # the search runs its probes, each in a child of its own
         started = time.monotonic()
-        value = search_capacity(point, budget_bytes, resolved.point_timeout, max_batch, gpu)
+        value = scenario.measure(point, options, resolved.point_timeout, gpu)
         return ChildOutcome("ok", value=value, wall_s=time.monotonic() - started)
 
     run = RunOptions(out, resume, retry_failed, progress, report, dry_run, as_json)
-    plan_and_run("capacity", resolved, points, lambda: runner, run, Placement(gpus, executor, ray_address,
-                                                                              allow_busy_gpus))
+    plan_and_run(scenario.SUMMARY, resolved, points, lambda: runner, run, Placement(gpus, executor, ray_address,
+                                                                                    allow_busy_gpus))
 
 
 def check_throughput_flags(max_batch: int, engine: str, warmup: int, timed_runs: int) -> None:

@@ -284,9 +284,9 @@ def _pareto_figure(part: pd.DataFrame, key) -> Figure:
     return Figure(title, svg(fig))
 
 
-# Point settings that change a figure (every SweepPoint field but the ones that place a point on
-# the axes or in the model's label): a ratio compares two models only where all of them agree,
-# and names those that differ across the file (eager vs compiled, bf16 vs fp32, ...).
+# Point settings that change a figure (every field of the sweeps' point types but those that place
+# a point on the axes or in the model's label): a ratio compares two models only where all of them
+# agree, and names those that differ across the file (eager vs compiled, bf16 vs fp32, ...).
 LIKE_FOR_LIKE = ("engine", "dtype", "device", "phase", "new_tokens", "prefill_chunk", "early_exit", "static_cache",
                  "warmup", "timed_runs", "memory_budget_bytes")
 

@@ -34,6 +34,10 @@ class Column:
 
 @dataclass
 class TableSpec:
+    """How a command's rows are tabulated at the end of a sweep (each scenario module has one:
+    scenarios/memory.SUMMARY, ...)."""
+
+    command: str  # the kind of rows it tabulates
     title: str
     columns: list[Column]
     headline: str  # the metric the Ouro/MELT ratio divides
@@ -41,37 +45,19 @@ class TableSpec:
     group_fields: tuple[str, ...] = ("phase", "seq_len", "batch_size", "dtype", "device")
 
 
-def _ms(key: str) -> Callable[[dict], str]:
+def ms_cell(key: str) -> Callable[[dict], str]:
+    """A time in milliseconds, with the spread of repeats."""
     return lambda m: f"{m[key]:,.2f} ms{spread_text(m, key)}" if m.get(key) is not None else "-"
 
 
-def _bytes(key: str) -> Callable[[dict], str]:
+def bytes_cell(key: str) -> Callable[[dict], str]:
+    """A byte count in its unit, with the spread of repeats."""
     return lambda m: format_bytes(m.get(key)) + spread_text(m, key) if m.get(key) is not None else "-"
 
 
-SPECS = {
-    "memory": TableSpec(
-        "peak memory", [Column("", _bytes("peak_bytes")),
-                        Column(" KV", lambda m: format_bytes(m.get("kv_cache_bytes")))], "peak_bytes", "peak"),
-    "latency": TableSpec(
-        "latency (median over timed runs)",
-        [Column(" prefill", _ms("prefill_ms")), Column(" decode/token", _ms("decode_ms_per_token_mean")),
-         Column(" roofline/token", _ms("roofline_decode_ms_per_token")),
-         Column(" MBU", lambda m: f"{m['decode_mbu']:.1%}" if m.get("decode_mbu") is not None else "-"),
-         Column(" tok/s", lambda m: f"{m['decode_tokens_per_s']:,.1f}" if "decode_tokens_per_s" in m else "-")],
-        "decode_ms_per_token_mean", "decode ms/token", ("phase", "seq_len", "batch_size", "dtype", "device", "engine")),
-    "accuracy": TableSpec(
-        "accuracy", [Column("", lambda m: f"{m['value']:.4f} ± {m['stderr'] or 0:.4f}" if "value" in m else "-"),
-                     Column(" peak", _bytes("peak_bytes")),
-                     Column(" KV/token", lambda m: format_bytes(m.get("kv_bytes_per_token")))],
-        "value", "score", ("task", "metric", "filter", "exit_mode", "num_fewshot", "limit")),
-    "capacity": TableSpec(
-        "largest batch within the budget, and its decode throughput",
-        [Column(" max batch", lambda m: _max_batch(m)),
-         Column(" tok/s", lambda m: _rate(m, "decode_tokens_per_s_at_max_batch")),
-         Column(" tok/s batch 1", lambda m: _rate(m, "decode_tokens_per_s_at_batch_1"))],
-        "max_batch", "max batch", ("seq_len", "new_tokens", "dtype", "device", "memory_budget_bytes")),
-}
+def rate_cell(key: str) -> Callable[[dict], str]:
+    """A rate (tokens per second), one decimal."""
+    return lambda m: f"{m[key]:,.1f}" if m.get(key) is not None else "-"
 
 
 @dataclass
@@ -135,17 +121,17 @@ class SummaryTable:
         return lines
 
 
-def tables_for(kind: str, rows: list[ResultRow]) -> list[Table]:
+def tables_for(spec: TableSpec, rows: list[ResultRow]) -> list[Table]:
     """The end-of-sweep tables of `rows`, laid out wide (one row per loop count)."""
-    return [summary.wide() for summary in summaries_for(kind, rows)]
+    return [summary.wide() for summary in summaries_for(spec, rows)]
 
 
-def print_fitted(kind: str, rows: list[ResultRow], console) -> None:
+def print_fitted(spec: TableSpec, rows: list[ResultRow], console) -> None:
     """Print the tables so every header stays whole in the console's width: wide where it fits,
     else a row per (loops, model), else a line per (loops, model) with each figure named."""
     from rich.measure import Measurement
 
-    for summary in summaries_for(kind, rows):
+    for summary in summaries_for(spec, rows):
         for table in (summary.wide(), summary.long()):
             natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
             if natural <= console.width:
@@ -156,9 +142,8 @@ def print_fitted(kind: str, rows: list[ResultRow], console) -> None:
                 console.print(line, highlight=False, markup=False)
 
 
-def summaries_for(kind: str, rows: list[ResultRow]) -> list[SummaryTable]:
-    spec = SPECS[kind]
-    rows = combine_repeats([row for row in latest_rows(rows) if row.kind == kind])
+def summaries_for(spec: TableSpec, rows: list[ResultRow]) -> list[SummaryTable]:
+    rows = combine_repeats([row for row in latest_rows(rows) if row.kind == spec.command])
     groups: dict[tuple, list[ResultRow]] = {}
     for row in rows:
         groups.setdefault(tuple(row.point.get(f) for f in spec.group_fields), []).append(row)
@@ -191,19 +176,6 @@ def _cell(row: ResultRow | None, column: Column, index: int) -> str:
     if row.status != "ok":
         return row.status.upper() if index == 0 else "-"
     return column.cell(row.metrics)
-
-
-def _rate(metrics: dict, key: str) -> str:
-    return f"{metrics[key]:,.1f}" if metrics.get(key) is not None else "-"
-
-
-def _max_batch(metrics: dict) -> str:
-    """The search's answer; '>= N' when it stopped at --max-batch without a failure."""
-    if "max_batch" not in metrics:
-        return "-"
-    text = f">= {metrics['max_batch']}" if metrics.get("hit_batch_limit") else str(metrics["max_batch"])
-    low, high = metrics.get("max_batch_repeat_min"), metrics.get("max_batch_repeat_max")
-    return text + (f" ({low}-{high})" if low is not None and low != high else "")
 
 
 def _describe(field: str, value) -> str:

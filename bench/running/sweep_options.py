@@ -59,21 +59,6 @@ class SweepFlags:
 
 
 @dataclass
-class AccuracyFlags(SweepFlags):
-    """accuracy's options besides the sweeps' (None: not given)."""
-
-    tasks: str | None = None
-    num_fewshot: int | None = None
-    limit: int | None = None
-    batch_size: int | None = None
-    max_gen_toks: int | None = None
-    data_dir: str | None = None
-    exit_mode: str | None = None
-    kv_probe_tokens: int | None = None
-    score_continuation_as: str | None = None
-
-
-@dataclass
 class ResolvedSweep:
     spec: SweepSpec
     point_timeout: float
@@ -301,8 +286,7 @@ def check_packed_caches(points: list, command: str) -> None:
         if packed and getattr(point, "static_cache", False):
             raise OptionError(f"{what} with --static-cache: a packed cache grows as it packs, it is never "
                               "allocated ahead")
-        timed = command == "latency" or (command == "capacity" and point.timed_runs > 0)
-        if packed and timed and point.engine != "forward":
+        if packed and getattr(point, "timed", False) and point.engine != "forward":
             raise OptionError(f"{what} needs --engine forward: the {point.engine} engine reads the cache's raw rows "
                               "(static shapes), a packed cache dequantises on read")
 

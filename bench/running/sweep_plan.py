@@ -5,19 +5,25 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
+from typing import Protocol
 
 from melt_bench.models.preset_table import is_melt
 from melt_bench.running.ranges import RangeError, parse_int_list, parse_name_list
 
 PHASES = ("prefill", "decode", "generate")
-_OPTIONAL = ("warmup", "timed_runs", "early_exit", "engine", "static_cache", "memory_budget_bytes", "prefill_chunk",
-             "kv_policy", "decode_reads", "kv_quant")
+# Settings a point id leaves out while they hold these values (the values every point had before
+# the setting existed), so adding a setting keeps the ids of earlier results: --resume keys on them.
+# Fixed here, not read from the point types, whose defaults may differ (latency warms up twice).
+_ID_DEFAULTS = {"warmup": 0, "timed_runs": 0, "early_exit": None, "engine": "eager", "static_cache": False,
+                "memory_budget_bytes": None, "prefill_chunk": None, "kv_policy": None, "decode_reads": None,
+                "kv_quant": None}
 
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One measurement: everything that decides what the child process runs."""
+    """One measurement's axes, which every sweep shares; each command's point type
+    (scenarios/memory.py, latency.py, capacity.py) adds its own settings."""
 
     command: str
     model: str
@@ -30,41 +36,39 @@ class SweepPoint:
     device: str
     weights: str | None = None
     repeat: int = 0
-    # Ouro-family models: prefill in chunks of this many tokens (None = one chunk; MELT chunks by
-    # its config's chunk_size)
-    prefill_chunk: int | None = None
     # Ouro-family models: run under this training-free KV policy (None = the model's own)
     kv_policy: str | None = None
     # MELT models: what decoded tokens read, "final" or "chunk" (None = the config's)
     decode_reads: str | None = None
     # any model: cached rows packed to "int8" / "int4" (None = full precision)
     kv_quant: str | None = None
-    # latency only
-    warmup: int = 0
-    timed_runs: int = 0
-    early_exit: float | None = None  # early-stop threshold, None = off
-    engine: str = "eager"  # eager | compiled (the same step function) | forward (the model's forward)
-    static_cache: bool = False  # forward engine: allocate the cache ahead
-    # capacity only: the budget a batch must fit in (batch_size 0 = searched)
-    memory_budget_bytes: int | None = None
 
     @property
     def point_id(self) -> str:
-        """Content hash of the normalised point (fields at their defaults left out, so adding a
-        field keeps old ids), stable across runs (used by --resume)."""
-        defaults = {f.name: f.default for f in fields(self)}
-        blob = {k: v for k, v in asdict(self).items() if k not in _OPTIONAL or v != defaults[k]}
+        """Content hash of the point's settings (those at their _ID_DEFAULTS left out), stable
+        across runs and versions (used by --resume)."""
+        blob = {k: v for k, v in asdict(self).items() if k not in _ID_DEFAULTS or v != _ID_DEFAULTS[k]}
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
-        """The settings that apply to this point's command (a memory point has no engine or
-        warm-up, only capacity has a budget): what a row records and the plan shows. The point
-        id still hashes every field (ids of earlier results stay valid)."""
-        timed = ("warmup", "timed_runs", "early_exit", "engine", "static_cache")  # latency, capacity's throughput
-        times = self.command == "latency" or (self.command == "capacity" and self.timed_runs > 0)
-        return {name: value for name, value in asdict(self).items()
-                if (name not in timed or times)
-                and (name != "memory_budget_bytes" or self.command == "capacity")}
+        """The point's settings: what a row records and the plan shows."""
+        return asdict(self)
+
+    def axes(self) -> dict:
+        """The shared axes by name, for a command's point type to extend (PointOptions.point)."""
+        return {f.name: getattr(self, f.name) for f in fields(SweepPoint)}
+
+    @property
+    def timed(self) -> bool:
+        """Whether the point times decode steps (latency; capacity's throughput)."""
+        return False
+
+
+class PointOptions(Protocol):
+    """A command's own settings (typed: scenarios/memory.MemoryOptions, ...), which turn the
+    sweep's axes into that command's point."""
+
+    def point(self, axes: SweepPoint) -> SweepPoint: ...
 
 
 @dataclass
@@ -88,22 +92,20 @@ class SweepSpec:
     decode_reads: list[str | None] = field(default_factory=lambda: [None])
     # KV quantisation modes ([None]: full precision)
     kv_quants: list[str | None] = field(default_factory=lambda: [None])
-    point_options: dict = field(default_factory=dict)  # command-specific SweepPoint fields
 
-    def points(self) -> list[SweepPoint]:
+    def points(self, options: PointOptions | None = None) -> list[SweepPoint]:
+        """Every combination of the lists, as the command's points (`options`; None: the bare axes)."""
         # Loops vary fastest so a model's memory-vs-loops curve (and its OOM wall) fills in order.
-        return [
-            replace(
-                SweepPoint(self.command, model, loops, seq, batch, self.phase, self.new_tokens, self.dtype,
-                           self.device, self.weights, repeat, kv_policy=policy, decode_reads=reads, kv_quant=quant),
-                **self.point_options,
-            )
+        axes = [
+            SweepPoint(self.command, model, loops, seq, batch, self.phase, self.new_tokens, self.dtype, self.device,
+                       self.weights, repeat, kv_policy=policy, decode_reads=reads, kv_quant=quant)
             for model in self.models for policy in self.policies_for(model) for reads in self.decode_reads_for(model)
             for quant in self.kv_quants
             for seq, batch, repeat, loops in itertools.product(
                 self.seq_lens, self.batch_sizes, range(self.repeats), self.loops
             )
         ]
+        return axes if options is None else [options.point(point) for point in axes]
 
     def policies_for(self, model: str) -> list[str | None]:
         """MELT keeps its own gated policy; Ouro-family models take every asked-for policy."""

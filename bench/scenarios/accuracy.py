@@ -1,26 +1,48 @@
-"""Accuracy across loop counts: lm-eval tasks on our models, one results row per (model, loops,
-task, metric, filter), with the peak memory of the evaluation. Each point runs in a fresh child
-that loads the model, so its peak memory is its own whatever ran before it."""
+"""`melt-bench accuracy`: its options, its point, its end-of-sweep table, and the way from its
+flags to its points: the sweeps' option rules (running/sweep_options.py) plus what lm-eval needs
+checked before anything runs (its tasks, their local data). The evaluation itself, in each
+point's child, is scenarios/measure_accuracy.py. Torch-free."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
+from melt_bench.reporting.summary_tables import Column, TableSpec, bytes_cell
+from melt_bench.running import hub
+from melt_bench.running.ranges import RangeError
+from melt_bench.running.sweep_options import (
+    CPU_DEFAULTS,
+    CUDA_DEFAULTS,
+    OptionError,
+    SweepFlags,
+    check_packed_caches,
+    check_weights,
+    resolve_decode_reads,
+    resolve_device,
+    resolve_kv_policies,
+    resolve_kv_quants,
+    validate_spec,
+)
+from melt_bench.running.sweep_plan import SweepSpec, as_int_list, as_name_list
+from melt_bench.units import format_bytes
 
-from melt_bench.evaluation.byte_tokenizer import load_tokenizer
-from melt_bench.evaluation.lm_eval_logs import lm_eval_output
-from melt_bench.models import load_model
-from melt_bench.running.ranks import distributed_rank, gather_from_ranks
-from melt_bench.running.results import ResultRow, ResultsStore
-from melt_bench.running.sweep import in_child, pending_points, run_sweep
-from melt_bench.scenarios.point_setup import classify_failure, kv_metrics
-from melt_bench.trackers.memory_trackers import CudaAllocatorTracker, RssTracker
-from melt_bench.units import parse_dtype
+
+@dataclass
+class AccuracyFlags(SweepFlags):
+    """accuracy's options besides the sweeps' (None: not given)."""
+
+    tasks: str | None = None
+    num_fewshot: int | None = None
+    limit: int | None = None
+    batch_size: int | None = None
+    max_gen_toks: int | None = None
+    data_dir: str | None = None
+    exit_mode: str | None = None
+    kv_probe_tokens: int | None = None
+    score_continuation_as: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,164 +81,104 @@ class AccuracyPoint:
         return {"command": "accuracy", **asdict(self)}
 
 
-def metric_rows(results: dict, task: str) -> list[tuple[str, str, float, float | None, int]]:
-    """(metric, filter, value, stderr, n) for every metric lm-eval reported for `task`."""
-    scores = results["results"][task]
-    n = int(results["n-samples"][task]["effective"])
-    rows = []
-    for key, value in scores.items():
-        metric, sep, filter_name = key.partition(",")
-        if not sep or metric.endswith("_stderr") or not isinstance(value, (int, float)):
-            continue
-        stderr = scores.get(f"{metric}_stderr,{filter_name}")
-        rows.append((metric, filter_name, float(value), None if stderr in (None, "N/A") else float(stderr), n))
-    return rows
+SUMMARY = TableSpec(
+    "accuracy", "accuracy",
+    [Column("", lambda m: f"{m['value']:.4f} ± {m['stderr'] or 0:.4f}" if "value" in m else "-"),
+     Column(" peak", bytes_cell("peak_bytes")),
+     Column(" KV/token", lambda m: format_bytes(m.get("kv_bytes_per_token")))],
+    "value", "score", ("task", "metric", "filter", "exit_mode", "num_fewshot", "limit"),
+)
 
 
-def run_accuracy(
-    points: list[AccuracyPoint],
-    store: ResultsStore,
-    meta: dict,
-    task_manager,
-    tokenizer_source: str | None = None,
-    log_path: Path | None = None,
-    show_progress: bool = True,
-    executor=None,
-    retry_failed: bool = False,
-    timeout_s: float | None = None,
-) -> tuple[int, int]:
-    """Evaluate every point not yet in `store` through the sweeps' runner: each point in a fresh
-    child that loads the model (so no point's peak memory depends on what ran before it), on
-    `executor` (one at a time, one per GPU, or Ray tasks). Under `accelerate launch` every rank
-    evaluates in its own process instead (the ranks form one process group). lm-eval's output
-    goes to `log_path`. Returns (run, skipped)."""
-    args = (task_manager, tokenizer_source, meta, log_path)
-    if distributed_rank()[1] > 1:
-        return _run_on_ranks(points, store, args, retry_failed)
-    status = run_sweep("accuracy", points, store, in_child(measure_accuracy_point, args, timeout_s), meta,
-                       retry_failed, show_progress=show_progress, executor=executor)
-    return status.ran, status.skipped
+def resolve_accuracy(flags: AccuracyFlags) -> tuple[list, list[str]]:
+    """AccuracyPoints from the accuracy command's flags (None = not given), and notices."""
+    from melt_bench.evaluation.lm_eval_adapter import (
+        CONTINUATION_SCORING,
+        chunk_scoring_problem,
+        default_scoring,
+        exit_kwargs,
+    )
 
-
-def _run_on_ranks(points: list[AccuracyPoint], store: ResultsStore, args: tuple, retry_failed: bool) -> tuple[int, int]:
-    """Under accelerate launch: every rank evaluates each point in its own process, together;
-    rank 0 writes the rows."""
-    todo = pending_points(points, store, retry_failed)
-    for point in todo:
-        rows, _ = evaluate_point(point, *args)
-        for row in rows:
-            store.append(row)
-    return len(todo), len(points) - len(todo)
-
-
-def measure_accuracy_point(point: AccuracyPoint, task_manager, tokenizer_source: str | None, meta: dict,
-                           log_path: Path | None) -> dict:
-    """In the point's child: its rows and the unexpected lm-eval warnings, for the runner."""
-    rows, warnings = evaluate_point(point, task_manager, tokenizer_source, meta, log_path)
-    return {"rows": rows, "warnings": [f"lm-eval warning: {warning}" for warning in warnings]}
-
-
-def evaluate_point(point: AccuracyPoint, task_manager, tokenizer_source: str | None, meta: dict,
-                   log_path: Path | None) -> tuple[list[ResultRow], list[str]]:
-    """Load the point's model and evaluate it (in the child). Returns its rows and the
-    unexpected lm-eval warnings (the rest is in `log_path`)."""
-    from lm_eval import simple_evaluate
-
-    from melt_bench.evaluation.lm_eval_adapter import LoopedHFLM
-    device = point.device
-    local_rank, world = distributed_rank()
-    if world > 1 and device.startswith("cuda"):
-        device = f"cuda:{local_rank}"  # data parallel: one model copy per GPU
-    with lm_eval_output(log_path, capture_stderr=world == 1) as warnings:
-        model = load_model(point.model, point.weights, dtype=parse_dtype(point.dtype), device=device,
-                           kv_policy=point.kv_policy, decode_reads=point.decode_reads, kv_quant=point.kv_quant)
-        tokenizer = load_tokenizer(point.weights, tokenizer_source)
-        lm = LoopedHFLM(model, tokenizer, loops=point.loops, exit_mode=point.exit_mode,
-                        score_continuation_as=point.score_continuation_as, batch_size=point.batch_size,
-                        max_length=model.config.max_position_embeddings)
-        rows = _evaluate(lm, point, task_manager, simple_evaluate, meta)
-    return rows, list(warnings)
-
-
-# The probe's length: a packed cache (flashloop, --kv-quant) keeps its newest 64-127 rows at full
-# precision, so its bytes per token depend on the length; every policy is measured at this one.
-KV_PROBE_TOKENS = 2048
-
-
-def measured_kv_bytes_per_token(model, loops: int, tokens: int = KV_PROBE_TOKENS) -> int:
-    """KV-cache bytes per token the model holds at `loops` loops, measured: the storage bytes of
-    a cache sized to exactly `tokens` tokens after a forward over them (batch 1, as one prompt),
-    less MELT's open-chunk side buffer, which is per sequence (measured_side_buffer_bytes)."""
-    cache = model.new_cache(loops, capacity=tokens)
-    ids = torch.full((1, tokens), model.config.eos_token_id or 0, device=model.device)
-    with torch.no_grad():
-        model(ids, past_key_values=cache, loops=loops, logits_to_keep=1)
-    return (cache.nbytes() - cache.side_nbytes()) // tokens
-
-
-def measured_side_buffer_bytes(model, loops: int) -> int:
-    """Bytes of the open-chunk side buffer one sequence holds at `loops` loops, at full size (a
-    cache of one chunk's capacity, allocated; 0 where decoded tokens read final rows)."""
-    chunk = model.model.policy.open_chunk
-    return 0 if chunk is None else model.new_cache(loops, capacity=chunk, batch_size=1).side_nbytes()
-
-
-def responses_hash(results: dict, task: str) -> str:
-    """SHA-256 of every scored document's id and filtered responses, in document order: equal
-    hashes mean the same documents got the same answers (one process or several)."""
-    samples = sorted(((s["doc_id"], s["filter"], s["filtered_resps"]) for s in results["samples"][task]),
-                     key=lambda item: (item[0], item[1]))
-    return hashlib.sha256(json.dumps(samples, default=str).encode()).hexdigest()
-
-
-def _evaluate(lm, point: AccuracyPoint, task_manager, simple_evaluate, meta: dict) -> list[ResultRow]:
-    device = torch.device(point.device)
-    rss, allocator = RssTracker(), (CudaAllocatorTracker(torch.cuda, device) if device.type == "cuda" else None)
-    rss.start()
-    if allocator is not None:
-        allocator.start()
-    started = time.perf_counter()
-    results = None
+    notices = []
+    device = resolve_device(flags.device or "auto")
+    defaults = CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
+    if flags.models is None and device == "cpu":
+        notices.append("no CUDA device: using the tiny CPU presets ouro-tiny,melt-tiny (pass --models to choose)")
     try:
-        # samples logged: their responses' hash says which answers produced the score
-        results = simple_evaluate(
-            model=lm, tasks=[point.task], num_fewshot=point.num_fewshot, limit=point.limit,
-            task_manager=task_manager, log_samples=True,
-            gen_kwargs=f"max_gen_toks={point.max_gen_toks}" if point.max_gen_toks else None,
-        )
-        scores, status, error = (metric_rows(results, point.task) if results else []), "ok", None
-    except Exception as exc:
-        scores, status, error = [], classify_failure(exc), f"{type(exc).__name__}: {exc}"[:2000]
-    wall = time.perf_counter() - started
-    rss_result = rss.result()
-    memory = {"rss_peak_above_baseline_bytes": rss_result.peak_above_baseline_bytes, "rss_source": rss_result.source,
-              "rss_malloc": rss_result.malloc}
-    if allocator is not None:
-        memory["cuda_max_allocated_bytes"] = allocator.result().max_allocated_bytes
-    memory["peak_bytes"] = memory.get("cuda_max_allocated_bytes", memory["rss_peak_above_baseline_bytes"])
-    memory["peak_source"] = ("torch.cuda.max_memory_allocated" if allocator
-                             else "process RSS above baseline (in-process)")
-    per_rank = gather_from_ranks(memory["peak_bytes"])  # every rank takes part; rank 0 keeps the list
-    if results is None and status == "ok":  # a non-zero rank under accelerate launch: rank 0 writes the rows
-        return []
-    if per_rank is not None:
-        memory.update(peak_bytes_per_rank=per_rank, peak_bytes=max(per_rank), ranks=len(per_rank),
-                      peak_source=memory["peak_source"] + ", the largest of the ranks")
-    if status != "ok":
-        return [ResultRow("accuracy", point.point_id, point.to_dict(), status, error, memory, meta, wall)]
-    memory["responses_sha256"] = responses_hash(results, point.task)
-    probe = point.kv_probe_tokens or KV_PROBE_TOKENS
-    kv = {"kv_bytes_per_token": measured_kv_bytes_per_token(lm.model, point.loops, probe),
-          "kv_side_buffer_bytes_per_sequence": measured_side_buffer_bytes(lm.model, point.loops),
-          "kv_source": f"LoopedKVCache.nbytes() / {probe} after a {probe}-token forward",
-          "kv_probe_tokens": probe, "torch_num_threads": torch.get_num_threads(),
-          "exited_early_fraction": lm.exited_early_fraction, "exit_tokens": lm.exit_counts[1],
-          # log-likelihood requests and how their continuations were scored (none: the task generates)
-          "loglikelihood_requests": lm.loglikelihood_requests,
-          "continuation_scored_as": point.score_continuation_as if lm.loglikelihood_requests else None,
-          **kv_metrics(lm.model)}
-    return [
-        ResultRow("accuracy", point.point_id, {**point.to_dict(), "metric": metric, "filter": filter_name}, "ok", None,
-                  {"value": value, "stderr": stderr, "n_samples": n, "eval_s": wall, **memory, **kv}, meta, wall)
-        for metric, filter_name, value, stderr, n in scores
+        models = as_name_list(flags.models or defaults["models"], "--models")
+        loops = as_int_list(flags.loops or "1,2,4", "--loops")
+        tasks = as_name_list(flags.tasks or "gsm8k", "--tasks")
+    except RangeError as exc:
+        raise OptionError(str(exc)) from exc
+    dtype = flags.dtype or defaults["dtype"]
+    spec = SweepSpec("accuracy", models, loops, [1], [1], dtype=dtype, device=device)
+    validate_spec(spec)
+    try:
+        exit_kwargs(flags.exit_mode or "last")
+    except ValueError as exc:
+        raise OptionError(f"--exit-mode: {exc}") from exc
+    for name in ("num_fewshot", "limit", "max_gen_toks"):
+        value = getattr(flags, name)
+        if value is not None and value < (0 if name == "num_fewshot" else 1):
+            raise OptionError(f"--{name.replace('_', '-')}: {value} is out of range")
+    if flags.batch_size is not None and flags.batch_size < 1:
+        raise OptionError(f"--batch-size: {flags.batch_size} must be at least 1")
+    data_dir = flags.data_dir
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            raise OptionError(f"--data-dir {data_dir}: no such directory")
+        data_dir = str(path.resolve())
+    weights = check_weights(flags.weights)
+    spec.kv_policies = resolve_kv_policies(flags.kv_policy, models)
+    spec.decode_reads = resolve_decode_reads(flags.decode_reads, models)
+    kv_quants = resolve_kv_quants(flags.kv_quant)
+    probe = flags.kv_probe_tokens
+    if probe is not None and probe < 1:
+        raise OptionError(f"--kv-probe-tokens: {probe} must be at least 1")
+    scoring = flags.score_continuation_as
+    if scoring is not None and scoring not in CONTINUATION_SCORING:
+        raise OptionError(f"--score-continuation-as: {scoring!r} is not one of {', '.join(CONTINUATION_SCORING)}")
+    points = [
+        AccuracyPoint(model, loop, task, flags.exit_mode or "last", flags.num_fewshot,
+                      flags.limit, flags.batch_size or 1, flags.max_gen_toks, dtype,
+                      device, weights, data_dir, kv_policy=policy, decode_reads=reads,
+                      score_continuation_as=scoring or default_scoring(policy, loop, quant), kv_quant=quant,
+                      # a length matters only to packed caches: other points keep their ids
+                      kv_probe_tokens=probe if policy == "flashloop" or quant else None)
+        for model in models for policy in spec.policies_for(model) for reads in spec.decode_reads_for(model)
+        for quant in kv_quants for task in tasks for loop in loops
     ]
+    check_packed_caches(points, "accuracy")
+    for point in points:
+        problem = chunk_scoring_problem(point.kv_policy, point.loops, point.kv_quant)
+        if point.score_continuation_as == "chunk" and problem:
+            raise OptionError(f"--score-continuation-as: {problem}")
+    return points, notices
+
+
+def check_tasks(tasks: list[str], data_dir: str | None, scratch: Path):
+    """Every task must be one lm-eval knows; with --data-dir, its local files must be there and
+    well formed (their task YAMLs are written into `scratch`). Checked before anything runs or
+    any results file is opened. Returns the lm-eval TaskManager the run evaluates with."""
+    from lm_eval.tasks import TaskManager
+
+    from melt_bench.evaluation.lm_eval_adapter import local_task_dir
+
+    if data_dir is None and (problem := hub.hub_problem()):  # before lm-eval indexes its tasks (10 s)
+        raise OptionError(f"--tasks {','.join(tasks)}: task data come from the hub and {problem}; pass "
+                          "--data-dir DIR with DIR/TASK/{train,test}.jsonl (e.g. ../shared/data), or set "
+                          "HF_DATASETS_OFFLINE=1 if they are cached")
+    include = None
+    if data_dir is not None:
+        try:
+            include = [str(local_task_dir(Path(data_dir), tasks, scratch))]
+        except (FileNotFoundError, ValueError) as exc:
+            raise OptionError(str(exc)) from exc
+    # With --data-dir every task is one of ours (its YAML names lm-eval's by path): indexing
+    # lm-eval's 14,000 built-in tasks as well took 10 s, and a parent does it once per run.
+    manager = TaskManager(include_path=include, include_defaults=include is None)
+    unknown = [task for task in tasks if task not in set(manager.all_tasks)]
+    if unknown:
+        raise OptionError(f"--tasks: lm-eval knows no task {', '.join(repr(t) for t in unknown)}")
+    return manager

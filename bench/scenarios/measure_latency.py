@@ -25,7 +25,7 @@ from melt_bench.models import cost_model, load_model
 from melt_bench.models.decode_engine import DecodeEngine, StepOutput
 from melt_bench.models.names import LATENCY_ENGINES
 from melt_bench.models.packed_cache import PackedKVCache
-from melt_bench.running.sweep_plan import SweepPoint
+from melt_bench.scenarios.latency import LatencyPoint
 from melt_bench.scenarios.point_setup import classify_failure, kv_metrics, prefill_chunking
 from melt_bench.trackers.device_ceilings import DeviceCeilings, measure_ceilings
 from melt_bench.trackers.energy import EnergyMeter, energy_metrics, open_meter
@@ -63,7 +63,7 @@ class ForwardDecoder:
 
     description = "model.forward() per token"
 
-    def __init__(self, model, point: SweepPoint) -> None:
+    def __init__(self, model, point: LatencyPoint) -> None:
         self.model, self.point = model, point
         self.cache = None
 
@@ -96,7 +96,7 @@ class RunTiming:
     tokens: torch.Tensor | None = None  # (batch, 1 + new_tokens): the greedy picks, prefill's first
 
 
-def timed_run(decoder, point: SweepPoint, input_ids: torch.Tensor, chunk_starts=None) -> RunTiming:
+def timed_run(decoder, point: LatencyPoint, input_ids: torch.Tensor, chunk_starts=None) -> RunTiming:
     """Prefill, then exactly `new_tokens` greedy steps (EOS ignored)."""
     marks = Marks(input_ids.device.type == "cuda")
     timing = RunTiming(0.0, [])
@@ -178,7 +178,7 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in zip(flat_a, flat_b)) / len(flat_a)
 
 
-def roofline_fields(config, point: SweepPoint, metrics: dict, ceilings: DeviceCeilings, packed: bool = False) -> dict:
+def roofline_fields(config, point: LatencyPoint, metrics: dict, ceilings: DeviceCeilings, packed: bool = False) -> dict:
     """Bytes and FLOPs the config implies for this point, and how close the measured times are
     to the device's measured ceilings. For a packed KV cache (flashloop, --kv-quant) the byte
     model, which counts full-precision rows, does not apply: the decode-side figures are None
@@ -208,7 +208,7 @@ def roofline_fields(config, point: SweepPoint, metrics: dict, ceilings: DeviceCe
     }
 
 
-def make_decoder(model, point: SweepPoint):
+def make_decoder(model, point: LatencyPoint):
     if point.engine == "forward":
         return ForwardDecoder(model, point)
     return DecodeEngine(model, point.loops, point.batch_size, point.seq_len + point.new_tokens, point.engine,
@@ -220,7 +220,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_energy(meter: EnergyMeter, decoder, point: SweepPoint, input_ids: torch.Tensor, chunk_starts):
+def measure_energy(meter: EnergyMeter, decoder, point: LatencyPoint, input_ids: torch.Tensor, chunk_starts):
     """Energy per prefill and per generated token, in windows of repeated runs after the timed ones."""
     device = input_ids.device
 
@@ -243,7 +243,7 @@ def measure_energy(meter: EnergyMeter, decoder, point: SweepPoint, input_ids: to
     return prefill, meter.measure(decode_once)
 
 
-def measure_latency_point(point: SweepPoint, meter: EnergyMeter | str | None = None) -> dict:
+def measure_latency_point(point: LatencyPoint, meter: EnergyMeter | str | None = None) -> dict:
     """Returns {"status", "error", "metrics"}; failures are data, never raised. `meter` replaces
     the NVML energy meter (tests pass fakes)."""
     metrics: dict = {"timer": "cuda events" if point.device.startswith("cuda") else "perf_counter_ns",

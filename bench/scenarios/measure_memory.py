@@ -10,14 +10,14 @@ import torch
 
 from melt_bench.models import cost_model, load_model, predict_kv_cache_bytes
 from melt_bench.models.kv_policy import kv_side_buffer_bytes
-from melt_bench.running.sweep_plan import SweepPoint
+from melt_bench.scenarios.memory import MemoryPoint
 from melt_bench.scenarios.point_setup import classify_failure, kv_metrics, prefill_chunking, tensor_bytes
 from melt_bench.trackers.memory_trackers import CudaAllocatorTracker, NvmlSampler, RssTracker, nvml_index_for
 from melt_bench.trackers.nvml import load_pynvml
 from melt_bench.units import parse_dtype
 
 
-def predicted_peak(model, point: SweepPoint, chunk_tokens: int, tokens: int, dtype: torch.dtype) -> dict:
+def predicted_peak(model, point: MemoryPoint, chunk_tokens: int, tokens: int, dtype: torch.dtype) -> dict:
     """The analytic peak: weights + KV + the activation model of models/cost_model.py."""
     config = model.config
     weights = cost_model.weights_bytes(config, dtype)
@@ -28,7 +28,7 @@ def predicted_peak(model, point: SweepPoint, chunk_tokens: int, tokens: int, dty
             "predicted_source": "models/cost_model.py: weights + analytic KV + activation model"}
 
 
-def run_phase(model, point: SweepPoint, input_ids: torch.Tensor, chunk_starts: list[int] | None = None):
+def run_phase(model, point: MemoryPoint, input_ids: torch.Tensor, chunk_starts: list[int] | None = None):
     """Run the point's phase; return the KV cache it filled and how many tokens it holds.
     prefill and decode allocate the whole cache before the first forward (as serving engines
     do); generate uses the growing cache generate() gets by default."""
@@ -80,7 +80,7 @@ def default_trackers(device: torch.device, nvml_interval_ms: float, metrics: dic
 
 
 def measure_memory_point(
-    point: SweepPoint, nvml_interval_ms: float = 10.0, trackers: Trackers | None = None,
+    point: MemoryPoint, nvml_interval_ms: float = 10.0, trackers: Trackers | None = None,
     budget_bytes: int | None = None,
 ) -> dict:
     """Measure one point in this process (a fresh child). `trackers` replaces the default

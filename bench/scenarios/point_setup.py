@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from melt_bench.running.sweep_plan import SweepPoint
+from melt_bench.scenarios.latency import LatencyPoint
+from melt_bench.scenarios.memory import MemoryPoint
 
 
 def classify_failure(exc: BaseException) -> str:
@@ -30,7 +31,7 @@ def tensor_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-def prefill_chunking(model, point: SweepPoint) -> tuple[list[int] | None, dict]:
+def prefill_chunking(model, point: MemoryPoint | LatencyPoint) -> tuple[list[int] | None, dict]:
     """How the prompt is prefilled: chunk_starts for forward(), and the row's fields saying so:
     `prefill_chunk_tokens` (tokens per chunk) and `prompt_kv_shared`. An Ouro-family model takes
     `point.prefill_chunk`; MELT chunks by its config's chunk_size, which is part of the model (its

@@ -1,0 +1,181 @@
+"""Capacity: the largest batch that completes a decode of N new tokens within a memory budget, and
+what that batch is worth in decode tokens per second.
+
+A real search that runs points (each probe a memory measurement in its own child), not a
+formula: the analytic KV model only chooses where to start. Assumes a batch that fits implies
+every smaller one fits; a probe fits when it finishes without OOM and its peak (the CUDA
+allocator's, or the process RSS above baseline on a CPU) is within the budget. Then, when the
+point asks for timed runs, the latency machinery (its engine, warm-up, timed runs, roofline)
+measures steady-state decode at the largest batch and at batch 1, each in a fresh child:
+throughput is measured, never derived from the batch size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from melt_bench.models import count_parameters, get_preset, kv_bytes_per_token
+from melt_bench.models.kv_policy import kv_side_buffer_bytes
+from melt_bench.scenarios.capacity import CapacityPoint
+from melt_bench.units import parse_dtype
+
+
+@dataclass
+class Probe:
+    batch_size: int
+    fits: bool
+    status: str
+    peak_bytes: int | None
+
+
+@dataclass
+class SearchResult:
+    max_batch: int  # 0 when even batch 1 does not fit
+    start_batch: int
+    probes: list[Probe] = field(default_factory=list)
+    hit_limit: bool = False  # stopped at max_batch_limit without a failure
+
+
+def find_max_batch(probe: Callable[[int], Probe], start: int, limit: int = 4096) -> SearchResult:
+    """Exponential search from `start` (up while it fits, down while it does not), then
+    bisection between the last fit and the first failure. Each batch is probed at most once."""
+    start = max(1, min(start, limit))
+    result = SearchResult(0, start)
+    seen: dict[int, Probe] = {}
+
+    def fits(batch: int) -> bool:
+        if batch not in seen:
+            seen[batch] = probe(batch)
+            result.probes.append(seen[batch])
+        return seen[batch].fits
+
+    if fits(start):
+        good, bad = start, None
+        while bad is None:
+            if good == limit:
+                result.max_batch, result.hit_limit = good, True
+                return result
+            trial = min(good * 2, limit)
+            if fits(trial):
+                good = trial
+            else:
+                bad = trial
+    else:
+        good, bad = 0, start
+        while bad > 1:
+            trial = bad // 2
+            if fits(trial):
+                good = trial
+                break
+            bad = trial
+        if good == 0:
+            return result
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    result.max_batch = good
+    return result
+
+
+def analytic_start(model: str, loops: int, tokens: int, dtype: str, budget_bytes: int,
+                   kv_policy: str | None = None, decode_reads: str | None = None, kv_quant: str | None = None) -> int:
+    """Where the search starts: the batch whose weights + KV cache alone fill the budget."""
+    preset = get_preset(model)
+    torch_dtype = parse_dtype(dtype)
+    weights = count_parameters(preset) * torch.empty((), dtype=torch_dtype).element_size()
+    config = preset.config()
+    if decode_reads is not None:
+        config.decode_reads = decode_reads
+    per_sequence = (kv_bytes_per_token(config, loops, torch_dtype, kv_policy, kv_quant) * tokens
+                    + kv_side_buffer_bytes(config, loops, torch_dtype, tokens))
+    return max(1, (budget_bytes - weights) // max(per_sequence, 1))
+
+
+def probe_fits(row: dict, budget_bytes: int) -> Probe:
+    """A probe's verdict from its memory row: finished, and peaked within the budget."""
+    peak = row["metrics"].get("peak_bytes")
+    fits = row["status"] == "ok" and peak is not None and peak <= budget_bytes
+    return Probe(row["batch_size"], fits, row["status"], peak)
+
+
+def search_capacity(point: CapacityPoint, timeout_s: float, limit: int = 4096, gpu: str | None = None) -> dict:
+    """Run the search for one (model, loops, seq_len) point within its budget; returns the row's
+    status/metrics. Every probe runs in a fresh child (pinned to `gpu` when given: --gpus, Ray)."""
+    from dataclasses import asdict
+
+    from melt_bench.running.executors import run_pinned
+    from melt_bench.running.launcher import run_in_child
+    from melt_bench.scenarios.measure_memory import measure_memory_point
+
+    budget_bytes = point.memory_budget_bytes
+
+    def probe(batch: int) -> Probe:
+        outcome = run_in_child(run_pinned, (gpu, measure_memory_point, point.probe(batch), 10.0, None, budget_bytes),
+                               timeout_s)
+        if outcome.status != "ok":
+            return Probe(batch, False, "timeout" if outcome.status == "timeout" else "error", None)
+        return probe_fits({**outcome.value, "batch_size": batch}, budget_bytes)
+
+    start = analytic_start(point.model, point.loops, point.seq_len + point.new_tokens, point.dtype, budget_bytes,
+                           point.kv_policy, point.decode_reads, point.kv_quant)
+    result = find_max_batch(probe, start, limit)
+    failed = [p for p in result.probes if p.status not in ("ok", "oom")]
+    status = "error" if failed and result.max_batch == 0 else "ok"
+    fitting = [p for p in result.probes if p.fits and p.batch_size == result.max_batch]
+    metrics = {
+        "max_batch": result.max_batch,
+        "start_batch": result.start_batch,
+        "hit_batch_limit": result.hit_limit,
+        "budget_bytes": budget_bytes,
+        "peak_bytes_at_max_batch": fitting[0].peak_bytes if fitting else None,
+        "probes": [asdict(p) for p in result.probes],
+    }
+    error = f"probe at batch {failed[0].batch_size}: {failed[0].status}" if status == "error" else None
+    if point.timed_runs > 0:
+        metrics.update(throughput_at_budget(point, result.max_batch, timeout_s, gpu))
+    return {"status": status, "error": error, "metrics": metrics}
+
+
+# What a throughput row keeps from a latency measurement, and under which name (units in them).
+THROUGHPUT_FIGURES = {"decode_tokens_per_s": "decode_tokens_per_s", "decode_ms_per_token_mean": "decode_ms_per_step",
+                      "decode_mbu": "decode_mbu"}
+
+
+def throughput_at_budget(point: CapacityPoint, max_batch: int, timeout_s: float, gpu: str | None) -> dict:
+    """Decode tokens/s and ms per step (one token for every sequence) at the largest batch that
+    fit and at batch 1, each measured by measure_latency_point in a fresh child with the point's
+    engine, warm-up and timed runs. A budget no batch fits has nothing to time: it says so."""
+    metrics = {"throughput_engine": point.engine,
+               "throughput_source": f"measure_latency_point, engine {point.engine}: median of {point.timed_runs} "
+                                    f"timed runs after {point.warmup} warm-up"}
+    if max_batch < 1:
+        metrics["throughput_note"] = "no batch fits the budget: no throughput to measure"
+        return metrics
+    for batch, suffix in ((max_batch, "at_max_batch"), (1, "at_batch_1")):
+        if batch == 1 and max_batch == 1:
+            metrics.update({f"{name}_at_batch_1": metrics.get(f"{name}_at_max_batch")
+                            for name in THROUGHPUT_FIGURES.values()})  # the same measurement
+            break
+        figures, problem = _timed_decode(point, batch, timeout_s, gpu)
+        metrics.update({f"{name}_{suffix}": figures.get(key) for key, name in THROUGHPUT_FIGURES.items()})
+        if problem:
+            metrics[f"throughput_error_{suffix}"] = problem
+    return metrics
+
+
+def _timed_decode(point: CapacityPoint, batch: int, timeout_s: float, gpu: str | None) -> tuple[dict, str | None]:
+    from melt_bench.running.executors import run_pinned
+    from melt_bench.running.launcher import run_in_child
+    from melt_bench.scenarios.measure_latency import measure_latency_point
+
+    outcome = run_in_child(run_pinned, (gpu, measure_latency_point, point.timed_at(batch)), timeout_s)
+    if outcome.status != "ok":
+        return {}, f"batch {batch}: {outcome.status} ({outcome.error})"
+    if outcome.value["status"] != "ok":
+        return {}, f"batch {batch}: {outcome.value['status']} ({outcome.value['error']})"
+    return outcome.value["metrics"], None
