@@ -94,3 +94,38 @@ def test_env_shows_nvml_facts(monkeypatch, capsys):
     assert facts["torch"] and facts["transformers"].startswith("5.")
     assert main(["env"]) == 0
     assert "NVIDIA H100 80GB HBM3" in capsys.readouterr().out
+
+
+def test_run_flags_reach_a_command_as_run_options_and_placement():
+    """The flags every run takes are declared once (commands/options.run_flags) and arrive typed."""
+    from pathlib import Path
+
+    import typer
+    from typer.testing import CliRunner
+
+    from melt_bench.commands.options import run_flags
+    from melt_bench.commands.support import Placement, RunOptions
+
+    app, seen = typer.Typer(), []
+
+    @app.command()
+    @run_flags()
+    def probe(loops: int = typer.Option(1), run: RunOptions = None, placement: Placement = None) -> None:
+        seen.append((loops, run, placement))
+
+    result = CliRunner().invoke(app, ["--loops", "3", "--out", "r.jsonl", "--resume", "--dry-run", "--no-progress",
+                                      "--gpus", "0,1", "--executor", "ray"])
+    assert result.exit_code == 0, result.output
+    [(loops, run, placement)] = seen
+    assert loops == 3 and run == RunOptions(Path("r.jsonl"), resume=True, progress=False, dry_run=True)
+    assert placement == Placement("0,1", "ray")
+
+    evaluation = typer.Typer()
+
+    @evaluation.command()
+    @run_flags(plan=False)  # accuracy: no plan to show
+    def evaluate(run: RunOptions = None, placement: Placement = None) -> None:
+        pass
+
+    shown = CliRunner().invoke(evaluation, ["--help"]).output
+    assert "--dry-run" not in shown and "--retry-failed" in shown and "--allow-busy-gpus" in shown

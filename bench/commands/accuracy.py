@@ -11,22 +11,14 @@ import typer
 
 from melt_bench.commands.app import UserError, app, console
 from melt_bench.commands.options import (
-    ALLOW_BUSY,
     DECODE_READS,
     DEVICE,
     DTYPE,
-    EXECUTOR,
-    GPUS,
     KV_POLICY,
     KV_QUANT,
     MODELS,
-    OUT,
-    PROGRESS,
-    RAY_ADDRESS,
-    REPORT,
-    RESUME,
-    RETRY,
     WEIGHTS,
+    run_flags,
 )
 from melt_bench.commands.support import (
     Placement,
@@ -43,6 +35,7 @@ from melt_bench.scenarios.accuracy import AccuracyFlags
 
 
 @app.command()
+@run_flags(plan=False)
 def accuracy(
     tasks: str = typer.Option("gsm8k", help="lm-eval task names, comma-separated"),
     loops: Optional[str] = typer.Option(None, help="loop counts (default: 1,2,4)"),
@@ -74,17 +67,10 @@ def accuracy(
         "mean, ...), where one forward would score per-loop Ouro; chunk is refused there"),
     dtype: Optional[str] = DTYPE,
     device: Optional[str] = DEVICE,
-    out: Optional[Path] = OUT,
-    resume: bool = RESUME,
-    retry_failed: bool = RETRY,
     point_timeout: Optional[float] = typer.Option(None, "--point-timeout", help="seconds one point may take "
                                                   "(default: no limit; an evaluation can take hours)"),
-    progress: bool = PROGRESS,
-    report: bool = REPORT,
-    gpus: Optional[str] = GPUS,
-    executor: str = EXECUTOR,
-    ray_address: Optional[str] = RAY_ADDRESS,
-    allow_busy_gpus: bool = ALLOW_BUSY,
+    run: RunOptions = None,
+    placement: Placement = None,
 ) -> None:
     """lm-eval tasks (gsm8k first) for each model across loop counts, with peak memory."""
     flags = AccuracyFlags(tasks=tasks, loops=loops, models=models, weights=weights, num_fewshot=num_fewshot,
@@ -93,18 +79,17 @@ def accuracy(
                           decode_reads=decode_reads, kv_quant=kv_quant, kv_probe_tokens=kv_probe_tokens,
                           score_continuation_as=score_continuation_as, point_timeout=point_timeout)
     check_syntax(flags)
-    if retry_failed and not resume:
+    if run.retry_failed and not run.resume:
         raise UserError("--retry-failed re-runs the failed points of an existing --out: it needs --resume")
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
-    if ranks > 1 and (gpus is not None or executor != "local"):
+    if ranks > 1 and (placement.gpus is not None or placement.executor != "local"):
         raise UserError("--gpus / --executor ray place points in children; under accelerate launch every rank "
                         "evaluates each point in its own process")
     if ranks == 1:  # one process: each point in a child (accuracy.py)
         from melt_bench.running.launcher import start_fork_server
 
         start_fork_server("melt_bench.scenarios.measure_accuracy", "melt_bench.evaluation.lm_eval_adapter")
-    placement = None if ranks > 1 else Placement(gpus, executor, ray_address, allow_busy_gpus)
-    evaluate(flags, tokenizer, placement, RunOptions(out, resume, retry_failed, progress, report))
+    evaluate(flags, tokenizer, None if ranks > 1 else placement, run)
 
 
 def evaluate(flags: AccuracyFlags, tokenizer: str | None, placement: Placement | None, run: RunOptions) -> None:

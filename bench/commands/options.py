@@ -1,6 +1,14 @@
-"""Options the sweep commands share (None = not given, so a suite or a machine default decides)."""
+"""Options the sweep commands share (None = not given, so a suite or a machine default decides), and
+`run_flags`, which gives a command the flags every run takes."""
 
 from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 
@@ -101,3 +109,75 @@ PREFILL_CHUNK = typer.Option(None, "--prefill-chunk", help="Ouro-family models: 
                               "(default one chunk). Exact under per-loop; under a KV policy that shares rows across "
                               "loops later chunks read the shared rows, so the prompt itself is shared (rows record "
                               "prompt_kv_shared). MELT always chunks by its config's chunk_size")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A flag several commands take: its parameter name, type and typer option."""
+
+    name: str
+    annotation: Any
+    option: Any
+
+
+# Where results go and how the run goes (RunOptions), the plan (--dry-run), where points run (Placement).
+RUN_FLAGS = (Flag("out", Optional[Path], OUT), Flag("resume", bool, RESUME), Flag("retry_failed", bool, RETRY),
+             Flag("progress", bool, PROGRESS), Flag("report", bool, REPORT))
+PLAN_FLAGS = (Flag("dry_run", bool, DRY_RUN), Flag("as_json", bool, JSON_PLAN))
+PLACEMENT_FLAGS = (Flag("gpus", Optional[str], GPUS), Flag("executor", str, EXECUTOR),
+                   Flag("ray_address", Optional[str], RAY_ADDRESS), Flag("allow_busy_gpus", bool, ALLOW_BUSY))
+# The axes memory, latency and capacity share (SweepFlags; phase and repeats are memory's own).
+SWEEP_FLAGS = (Flag("loops", Optional[str], LOOPS), Flag("seq_lens", Optional[str], SEQ_LENS),
+               Flag("batch_sizes", Optional[str], BATCH_SIZES), Flag("models", Optional[str], MODELS),
+               Flag("new_tokens", Optional[int], NEW_TOKENS), Flag("dtype", Optional[str], DTYPE),
+               Flag("device", Optional[str], DEVICE), Flag("weights", Optional[str], WEIGHTS),
+               Flag("point_timeout", Optional[float], TIMEOUT), Flag("kv_policy", Optional[str], KV_POLICY),
+               Flag("decode_reads", Optional[str], DECODE_READS), Flag("kv_quant", Optional[str], KV_QUANT))
+
+
+def run_flags(plan: bool = True) -> Callable[[Callable], Callable]:
+    """A command decorator (below `@app.command()`): the flags every run takes, after the
+    command's own, reaching it as `run: RunOptions` and `placement: Placement` (`plan`: it also
+    takes --dry-run and --json)."""
+    from melt_bench.commands.support import Placement, RunOptions
+
+    def build(given: dict) -> dict:
+        run = RunOptions(given["out"], given["resume"], given["retry_failed"], given["progress"], given["report"],
+                         given.get("dry_run", False), given.get("as_json", False))
+        placement = Placement(given["gpus"], given["executor"], given["ray_address"], given["allow_busy_gpus"])
+        return {"run": run, "placement": placement}
+
+    flags = [*RUN_FLAGS, *(PLAN_FLAGS if plan else ()), *PLACEMENT_FLAGS]
+    return _flag_group(flags, ("run", "placement"), build, first=False)
+
+
+def sweep_flags(batch_sizes: bool = True) -> Callable[[Callable], Callable]:
+    """A command decorator (below `@app.command()`): the sweep axes, before the command's own
+    flags, reaching it as `flags: SweepFlags` (`batch_sizes` False: the command sets its own)."""
+    from melt_bench.running.sweep_options import SweepFlags
+
+    flags = [flag for flag in SWEEP_FLAGS if batch_sizes or flag.name != "batch_sizes"]
+    return _flag_group(flags, ("flags",), lambda given: {"flags": SweepFlags(**given)}, first=True)
+
+
+def _flag_group(flags: list[Flag], made: tuple[str, ...], build: Callable[[dict], dict],
+                first: bool) -> Callable[[Callable], Callable]:
+    """Add `flags` to a command's signature (typer reads it; `first`: before the command's own)
+    and call the command with the parameters named `made`, which `build` makes of their values."""
+    def decorate(command: Callable) -> Callable:
+        own = inspect.signature(command, eval_str=True).parameters
+        kept = [param.replace(kind=inspect.Parameter.KEYWORD_ONLY) for name, param in own.items() if name not in made]
+        added = [inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=flag.option,
+                                   annotation=flag.annotation) for flag in flags]
+
+        @functools.wraps(command)
+        def with_flags(**given):
+            values = {flag.name: given.pop(flag.name) for flag in flags}
+            return command(**given, **build(values))
+
+        params = added + kept if first else kept + added
+        with_flags.__signature__ = inspect.Signature(params)
+        with_flags.__annotations__ = {param.name: param.annotation for param in params}
+        return with_flags
+
+    return decorate

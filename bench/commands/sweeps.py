@@ -4,38 +4,17 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
+from dataclasses import replace
 from typing import Optional
 
 import typer
 
 from melt_bench.commands.app import UserError, app
 from melt_bench.commands.options import (
-    ALLOW_BUSY,
-    BATCH_SIZES,
-    DECODE_READS,
-    DEVICE,
-    DRY_RUN,
-    DTYPE,
-    EXECUTOR,
-    GPUS,
-    JSON_PLAN,
-    KV_POLICY,
-    KV_QUANT,
-    LOOPS,
-    MODELS,
-    NEW_TOKENS,
-    OUT,
     PREFILL_CHUNK,
-    PROGRESS,
-    RAY_ADDRESS,
-    REPORT,
-    RESUME,
-    RETRY,
-    SEQ_LENS,
     SUITE,
-    TIMEOUT,
-    WEIGHTS,
+    run_flags,
+    sweep_flags,
 )
 from melt_bench.commands.support import (
     Placement,
@@ -52,21 +31,11 @@ from melt_bench.running.sweep_options import SweepFlags
 
 
 @app.command()
+@sweep_flags()
+@run_flags()
 def memory(
-    loops: Optional[str] = LOOPS,
-    seq_lens: Optional[str] = SEQ_LENS,
-    batch_sizes: Optional[str] = BATCH_SIZES,
-    models: Optional[str] = MODELS,
     phase: Optional[str] = typer.Option(None, help="prefill | decode | generate (default: decode)"),
-    new_tokens: Optional[int] = NEW_TOKENS,
-    dtype: Optional[str] = DTYPE,
-    device: Optional[str] = DEVICE,
-    weights: Optional[str] = WEIGHTS,
-    out: Optional[Path] = OUT,
-    resume: bool = RESUME,
-    retry_failed: bool = RETRY,
     suite: Optional[str] = SUITE,
-    point_timeout: Optional[float] = TIMEOUT,
     repeats: Optional[int] = typer.Option(None, help="measure each point this many times, each in a fresh process "
                                           "(default: 2 on CPU, 1 on CUDA)"),
     nvml_interval_ms: float = typer.Option(10.0, "--nvml-interval-ms", help="NVML sampling interval"),
@@ -74,46 +43,32 @@ def memory(
                                               "in its own child with one intra-op thread (its peak is its own "
                                               "resident set); default: the machine's cores"),
     prefill_chunk: Optional[int] = PREFILL_CHUNK,
-    kv_policy: Optional[str] = KV_POLICY,
-    decode_reads: Optional[str] = DECODE_READS,
-    kv_quant: Optional[str] = KV_QUANT,
-    dry_run: bool = DRY_RUN,
-    as_json: bool = JSON_PLAN,
-    progress: bool = PROGRESS,
-    report: bool = REPORT,
-    gpus: Optional[str] = GPUS,
-    executor: str = EXECUTOR,
-    ray_address: Optional[str] = RAY_ADDRESS,
-    allow_busy_gpus: bool = ALLOW_BUSY,
+    flags: SweepFlags = None,
+    run: RunOptions = None,
+    placement: Placement = None,
 ) -> None:
     """Peak memory across loops x sequence lengths x batch sizes x models, every source measured."""
     if nvml_interval_ms <= 0:
         raise UserError(f"--nvml-interval-ms: {nvml_interval_ms:g} must be positive")
     if cpu_workers is not None and cpu_workers < 1:
         raise UserError(f"--cpu-workers: {cpu_workers} must be at least 1")
-    flags = SweepFlags(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase=phase,
-                       new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, repeats=repeats,
-                       point_timeout=point_timeout, kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
-    resolved = resolve("memory", flags, suite, dry_run)
+    flags = replace(flags, phase=phase, repeats=repeats)
+    resolved = resolve("memory", flags, suite, run.dry_run)
     from melt_bench.running.sweep import in_child
     from melt_bench.scenarios import memory as scenario
 
     options = scenario.MemoryOptions(check_prefill_chunk(prefill_chunk), nvml_interval_ms)
     points = checked_points(resolved, options)
-    placement = Placement(gpus, executor, ray_address, allow_busy_gpus,
-                          (cpu_workers or os.cpu_count() or 1) if resolved.spec.device == "cpu" else 1)
-    run = RunOptions(out, resume, retry_failed, progress, report, dry_run, as_json)
+    workers = (cpu_workers or os.cpu_count() or 1) if resolved.spec.device == "cpu" else 1
     plan_and_run(scenario.SUMMARY, resolved, points,
-                 lambda: in_child(scenario.measure, (options,), resolved.point_timeout), run, placement)
+                 lambda: in_child(scenario.measure, (options,), resolved.point_timeout), run,
+                 replace(placement, cpu_workers=workers))
 
 
 @app.command()
+@sweep_flags()
+@run_flags()
 def latency(
-    loops: Optional[str] = LOOPS,
-    seq_lens: Optional[str] = SEQ_LENS,
-    batch_sizes: Optional[str] = BATCH_SIZES,
-    models: Optional[str] = MODELS,
-    new_tokens: Optional[int] = NEW_TOKENS,
     warmup: int = typer.Option(2, help="untimed runs before the timed ones (the first one's time is reported apart)"),
     repeats: int = typer.Option(5, help="timed runs per point; figures are medians with min and max"),
     early_exit: str = typer.Option("off", "--early-exit", help="off | threshold:P (stop the loop once every "
@@ -124,32 +79,15 @@ def latency(
     static_cache: bool = typer.Option(False, "--static-cache", help="--engine forward: allocate the KV cache ahead "
                                       "at full size (default: a growing cache; eager and compiled always do)"),
     prefill_chunk: Optional[int] = PREFILL_CHUNK,
-    kv_policy: Optional[str] = KV_POLICY,
-    decode_reads: Optional[str] = DECODE_READS,
-    kv_quant: Optional[str] = KV_QUANT,
-    dtype: Optional[str] = DTYPE,
-    device: Optional[str] = DEVICE,
-    weights: Optional[str] = WEIGHTS,
-    out: Optional[Path] = OUT,
-    resume: bool = RESUME,
-    retry_failed: bool = RETRY,
     suite: Optional[str] = SUITE,
-    point_timeout: Optional[float] = TIMEOUT,
-    dry_run: bool = DRY_RUN,
-    as_json: bool = JSON_PLAN,
-    progress: bool = PROGRESS,
-    report: bool = REPORT,
-    gpus: Optional[str] = GPUS,
-    executor: str = EXECUTOR,
-    ray_address: Optional[str] = RAY_ADDRESS,
-    allow_busy_gpus: bool = ALLOW_BUSY,
+    flags: SweepFlags = None,
+    run: RunOptions = None,
+    placement: Placement = None,
 ) -> None:
     """Prefill (time to first token), per-token decode latency and tokens/s across loops."""
     if warmup < 0 or repeats < 1:
         raise UserError(f"--warmup must be >= 0 and --repeats >= 1 (got {warmup}, {repeats})")
-    flags = SweepFlags(models=models, loops=loops, seq_lens=seq_lens, batch_sizes=batch_sizes, phase="decode",
-                       new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
-                       kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
+    flags = replace(flags, phase="decode")
     from melt_bench.models.names import LATENCY_ENGINES
 
     if engine not in LATENCY_ENGINES:
@@ -157,57 +95,37 @@ def latency(
     check_syntax(flags)
     if static_cache and engine != "forward":
         raise UserError("--static-cache applies to --engine forward (eager and compiled always preallocate)")
-    resolved = resolve("latency", flags, suite, dry_run)
+    resolved = resolve("latency", flags, suite, run.dry_run)
     from melt_bench.running.sweep import in_child
     from melt_bench.scenarios import latency as scenario
 
     options = scenario.LatencyOptions(warmup, repeats, parse_early_exit(early_exit), engine, static_cache,
                                       check_prefill_chunk(prefill_chunk))
     points = checked_points(resolved, options)
-    run = RunOptions(out, resume, retry_failed, progress, report, dry_run, as_json)
     plan_and_run(scenario.SUMMARY, resolved, points, lambda: in_child(scenario.measure, (), resolved.point_timeout),
-                 run, Placement(gpus, executor, ray_address, allow_busy_gpus))
+                 run, placement)
 
 
 @app.command()
+@sweep_flags(batch_sizes=False)
+@run_flags()
 def capacity(
     budget: str = typer.Option(..., help="memory budget, e.g. 80GiB, 512MiB, or auto (a GPU's total memory)"),
-    loops: Optional[str] = LOOPS,
-    seq_lens: Optional[str] = SEQ_LENS,
-    models: Optional[str] = MODELS,
-    new_tokens: Optional[int] = NEW_TOKENS,
     max_batch: int = typer.Option(4096, "--max-batch", help="largest batch the search tries"),
     engine: str = typer.Option("eager", "--engine", help="the decode engine throughput is timed with (as latency)"),
     warmup: int = typer.Option(1, help="untimed decode runs before the timed ones (throughput)"),
     timed_runs: int = typer.Option(3, "--timed-runs", help="timed decode runs at the largest batch and at batch 1 "
                                    "(throughput: their median); 0 finds the batch only"),
     prefill_chunk: Optional[int] = PREFILL_CHUNK,
-    kv_policy: Optional[str] = KV_POLICY,
-    decode_reads: Optional[str] = DECODE_READS,
-    kv_quant: Optional[str] = KV_QUANT,
-    dtype: Optional[str] = DTYPE,
-    device: Optional[str] = DEVICE,
-    weights: Optional[str] = WEIGHTS,
-    out: Optional[Path] = OUT,
-    resume: bool = RESUME,
-    retry_failed: bool = RETRY,
     suite: Optional[str] = SUITE,
-    point_timeout: Optional[float] = TIMEOUT,
-    dry_run: bool = DRY_RUN,
-    as_json: bool = JSON_PLAN,
-    progress: bool = PROGRESS,
-    report: bool = REPORT,
-    gpus: Optional[str] = GPUS,
-    executor: str = EXECUTOR,
-    ray_address: Optional[str] = RAY_ADDRESS,
-    allow_busy_gpus: bool = ALLOW_BUSY,
+    flags: SweepFlags = None,
+    run: RunOptions = None,
+    placement: Placement = None,
 ) -> None:
     """The largest batch that decodes N new tokens within a memory budget, and its decode tokens/s."""
     check_throughput_flags(max_batch, engine, warmup, timed_runs)
-    flags = SweepFlags(models=models, loops=loops, seq_lens=seq_lens, batch_sizes="1", phase="decode",
-                       new_tokens=new_tokens, dtype=dtype, device=device, weights=weights, point_timeout=point_timeout,
-                       kv_policy=kv_policy, decode_reads=decode_reads, kv_quant=kv_quant)
-    resolved = resolve("capacity", flags, suite, dry_run)
+    flags = replace(flags, batch_sizes="1", phase="decode")  # the batch is searched
+    resolved = resolve("capacity", flags, suite, run.dry_run)
     from melt_bench.running.launcher import ChildOutcome
     from melt_bench.scenarios import capacity as scenario
 
@@ -220,9 +138,7 @@ def capacity(
         value = scenario.measure(point, options, resolved.point_timeout, gpu)
         return ChildOutcome("ok", value=value, wall_s=time.monotonic() - started)
 
-    run = RunOptions(out, resume, retry_failed, progress, report, dry_run, as_json)
-    plan_and_run(scenario.SUMMARY, resolved, points, lambda: runner, run, Placement(gpus, executor, ray_address,
-                                                                                    allow_busy_gpus))
+    plan_and_run(scenario.SUMMARY, resolved, points, lambda: runner, run, placement)
 
 
 def check_throughput_flags(max_batch: int, engine: str, warmup: int, timed_runs: int) -> None:
