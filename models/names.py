@@ -4,15 +4,22 @@ once. The classes behind the names live elsewhere; tests/test_names.py keeps the
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 MAX_LOOPS = 64
 # dtype names -> the torch attribute (units.parse_dtype)
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
-DECODE_READS = ("final", "chunk")  # MeltConfig.decode_reads
+DecodeReads = Literal["final", "chunk"]  # MeltConfig.decode_reads
+DECODE_READS: tuple[str, ...] = get_args(DecodeReads)
 GATES = ("elementwise", "scalar", "mean", "ema", "last")  # MeltConfig.gate: the paper's ablation (melt_gates.py)
-KV_QUANT = ("none", "int8", "int4")  # packed_cache.py
-STEP_ENGINES = ("eager", "compiled")  # decode_engine.py: the static-shape decode step
-LATENCY_ENGINES = (*STEP_ENGINES, "forward")  # latency --engine: forward is the model's own forward()
+KvQuant = Literal["int8", "int4"]  # packed_cache.py; "none" on the command line: full precision
+KV_QUANT: tuple[str, ...] = ("none", *get_args(KvQuant))
+# latency --engine: eager and compiled run decode_engine.py's static-shape decode step, forward
+# the model's own forward()
+Engine = Literal["eager", "compiled", "forward"]
+LATENCY_ENGINES: tuple[str, ...] = get_args(Engine)
+STEP_ENGINES = LATENCY_ENGINES[:2]
 
 # KV policies (kv_policy.py) by the name `--kv-policy` takes; "KIND:N" passes N slots per layer.
 PLAIN_KV_POLICIES = ("per-loop", "last-loop", "mean", "first-loop", "flashloop", "shared-gated")

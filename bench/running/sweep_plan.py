@@ -6,12 +6,14 @@ import hashlib
 import itertools
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
+from melt_bench.models.names import DecodeReads, KvQuant
 from melt_bench.models.preset_table import is_melt
 from melt_bench.running.ranges import RangeError, parse_int_list, parse_name_list
 
-PHASES = ("prefill", "decode", "generate")
+Phase = Literal["prefill", "decode", "generate"]
+PHASES: tuple[str, ...] = get_args(Phase)
 # Settings a point id leaves out while they hold these values (the values every point had before
 # the setting existed), so adding a setting keeps the ids of earlier results: --resume keys on them.
 # Fixed here, not read from the point types, whose defaults may differ (latency warms up twice).
@@ -30,7 +32,7 @@ class SweepPoint:
     loops: int
     seq_len: int
     batch_size: int
-    phase: str
+    phase: Phase
     new_tokens: int
     dtype: str
     device: str
@@ -39,9 +41,9 @@ class SweepPoint:
     # Ouro-family models: run under this training-free KV policy (None = the model's own)
     kv_policy: str | None = None
     # MELT models: what decoded tokens read, "final" or "chunk" (None = the config's)
-    decode_reads: str | None = None
+    decode_reads: DecodeReads | None = None
     # any model: cached rows packed to "int8" / "int4" (None = full precision)
-    kv_quant: str | None = None
+    kv_quant: KvQuant | None = None
 
     @property
     def point_id(self) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from melt_bench.models.names import Engine
 from melt_bench.reporting.summary_tables import Column, TableSpec, rate_cell
 from melt_bench.running.sweep_plan import SweepPoint
 from melt_bench.scenarios.latency import LatencyPoint
@@ -60,7 +61,7 @@ class CapacityOptions:
 
     budget_bytes: int
     max_batch: int = 4096
-    engine: str = "eager"
+    engine: Engine = "eager"
     warmup: int = 1
     timed_runs: int = 3
     prefill_chunk: int | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from melt_bench.models.names import Engine
 from melt_bench.reporting.summary_tables import Column, TableSpec, ms_cell, rate_cell
 from melt_bench.running.sweep_plan import SweepPoint
 
@@ -19,7 +20,7 @@ class LatencyPoint(SweepPoint):
     warmup: int = 0  # untimed runs first
     timed_runs: int = 0
     early_exit: float | None = None  # early-stop threshold, None = off
-    engine: str = "eager"  # eager | compiled (the same step function) | forward (the model's forward)
+    engine: Engine = "eager"  # eager | compiled (the same step function) | forward (the model's forward)
     static_cache: bool = False  # forward engine: allocate the cache ahead
 
     @property
@@ -34,7 +35,7 @@ class LatencyOptions:
     warmup: int = 2
     timed_runs: int = 5
     early_exit: float | None = None
-    engine: str = "eager"
+    engine: Engine = "eager"
     static_cache: bool = False
     prefill_chunk: int | None = None
 
