@@ -83,13 +83,18 @@ def test_engine_refuses_an_unknown_engine():
 # Compiling costs seconds per graph on a CPU: four cases, tiny shapes.
 @pytest.mark.parametrize("name,threshold", [("ouro", None), ("melt", None), ("ouro", 0.5), ("melt-chunk-reads", None)])
 def test_compiled_engine_gives_the_eager_tokens_and_logits(name, threshold, ids):
+    from torch._dynamo.utils import counters
+
     model = MODELS[name]()
     capacity = ids.shape[1] + NEW_TOKENS
     with torch.inference_mode():
         eager = engine_decode(DecodeEngine(model, 4, ids.shape[0], capacity, "eager", threshold), ids)
         compiled_engine = DecodeEngine(model, 4, ids.shape[0], capacity, "compiled", threshold)
         compiled = engine_decode(compiled_engine, ids)
+        graphs = counters["stats"]["unique_graphs"]
         again = engine_decode(compiled_engine, ids)  # a second run reuses the graphs over the same cache
+    # nothing that changes per step (the position, the cache's length) is baked into a graph
+    assert counters["stats"]["unique_graphs"] == graphs
     assert "torch.compile" in compiled_engine.description
     assert torch.equal(compiled[0], eager[0]) and torch.equal(again[0], eager[0])
     assert max_diff(compiled[1], eager[1]) < 1e-5

@@ -66,3 +66,14 @@ def test_scenario_modules_load_without_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_every_package_folder_is_installed():
+    """pyproject lists the packages (bench/ installs as melt_bench): a folder left out works in an
+    editable install and breaks a wheel (melt_bench.commands once did)."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {"melt_bench" + ("." + init.parent.name if init.parent.name != "bench" else "")
+               for init in ROOT.glob("bench/**/__init__.py")}
+    assert folders | {"melt_bench.models", "melt_bench.suites"} == set(setuptools["packages"])

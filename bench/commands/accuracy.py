@@ -85,7 +85,7 @@ def accuracy(
     if ranks > 1 and (placement.gpus is not None or placement.executor != "local"):
         raise UserError("--gpus / --executor ray place points in children; under accelerate launch every rank "
                         "evaluates each point in its own process")
-    if ranks == 1:  # one process: each point in a child (accuracy.py)
+    if ranks == 1:  # one process: each point in a child (measure_accuracy.py)
         from melt_bench.running.launcher import start_fork_server
 
         start_fork_server("melt_bench.scenarios.measure_accuracy", "melt_bench.evaluation.lm_eval_adapter")
