@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
@@ -31,7 +31,9 @@ from melt_bench.commands.support import (
     print_tables,
     write_report,
 )
-from melt_bench.scenarios.accuracy import AccuracyFlags
+
+if TYPE_CHECKING:
+    from melt_bench.scenarios.accuracy import AccuracyFlags
 
 
 @app.command()
@@ -73,6 +75,8 @@ def accuracy(
     placement: Placement = None,
 ) -> None:
     """lm-eval tasks (gsm8k first) for each model across loop counts, with peak memory."""
+    from melt_bench.scenarios.accuracy import AccuracyFlags  # its table spec loads rich: not at every start
+
     flags = AccuracyFlags(tasks=tasks, loops=loops, models=models, weights=weights, num_fewshot=num_fewshot,
                           limit=limit, batch_size=batch_size, max_gen_toks=max_gen_toks, data_dir=data_dir,
                           exit_mode=exit_mode, dtype=dtype, device=device, kv_policy=kv_policy,

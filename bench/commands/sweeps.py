@@ -20,7 +20,6 @@ from melt_bench.commands.support import (
     Placement,
     RunOptions,
     check_prefill_chunk,
-    check_syntax,
     checked_points,
     parse_budget,
     parse_early_exit,
@@ -88,11 +87,7 @@ def latency(
     if warmup < 0 or repeats < 1:
         raise UserError(f"--warmup must be >= 0 and --repeats >= 1 (got {warmup}, {repeats})")
     flags = replace(flags, phase="decode")
-    from melt_bench.models.names import LATENCY_ENGINES
-
-    if engine not in LATENCY_ENGINES:
-        raise UserError(f"--engine: {engine!r} is not one of {', '.join(LATENCY_ENGINES)}")
-    check_syntax(flags)
+    check_engine(engine)
     if static_cache and engine != "forward":
         raise UserError("--static-cache applies to --engine forward (eager and compiled always preallocate)")
     resolved = resolve("latency", flags, suite, run.dry_run)
@@ -143,11 +138,16 @@ def capacity(
 
 def check_throughput_flags(max_batch: int, engine: str, warmup: int, timed_runs: int) -> None:
     """capacity's own numbers, refused in one line before torch loads."""
-    from melt_bench.models.names import LATENCY_ENGINES
-
     if max_batch < 1:
         raise UserError(f"--max-batch: {max_batch} must be at least 1")
-    if engine not in LATENCY_ENGINES:
-        raise UserError(f"--engine: {engine!r} is not one of {', '.join(LATENCY_ENGINES)}")
+    check_engine(engine)
     if warmup < 0 or timed_runs < 0:
         raise UserError(f"--warmup and --timed-runs must be >= 0 (got {warmup}, {timed_runs})")
+
+
+def check_engine(engine: str) -> None:
+    """--engine (latency, capacity's throughput), refused in one line before torch loads."""
+    from melt_bench.models.names import LATENCY_ENGINES
+
+    if engine not in LATENCY_ENGINES:
+        raise UserError(f"--engine: {engine!r} is not one of {', '.join(LATENCY_ENGINES)}")
