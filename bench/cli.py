@@ -15,6 +15,7 @@ import typer  # noqa: E402
 
 from melt_bench.commands.app import UserError, app  # noqa: E402
 from melt_bench.commands.support import NothingMeasured  # noqa: E402
+from melt_bench.running.ranks import leave_process_group  # noqa: E402
 
 for _group in ("info", "sweeps", "accuracy", "report", "convert"):  # registered in the order `--help` lists them
     importlib.import_module(f"melt_bench.commands.{_group}")
@@ -26,11 +27,20 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors (bad options included) become one line on stderr and exit code 2."""
+    """Entry point: user errors (bad options included) become one line on stderr and exit code 2.
+    A rank of a data-parallel run leaves its process group before it exits."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        return _run_app(args)
+    finally:
+        leave_process_group()
+
+
+def _run_app(args: list[str]) -> int:
+    """The command's exit code; errors the user can fix as one line."""
     from melt_bench.running.results import ResultsWriteError
     from melt_bench.running.sweep import SweepInterrupted
 
-    args = sys.argv[1:] if argv is None else argv
     try:
         app(args=args or ["--help"], prog_name="melt-bench", standalone_mode=False)
     except UserError as exc:

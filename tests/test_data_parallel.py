@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from melt_bench.cli import main
 from melt_bench.models import load_model
 from melt_bench.running.results import ResultsStore
 from melt_bench.training.convert import ConvertConfig, micro_batches
@@ -109,3 +110,17 @@ def test_two_ranks_score_the_same_documents_once_with_one_set_of_rows(tmp_path):
         assert a.metrics["responses_sha256"] == b.metrics["responses_sha256"]  # the same answers to the same documents
         assert b.metrics["ranks"] == 2 and len(b.metrics["peak_bytes_per_rank"]) == 2
         assert b.metrics["peak_bytes"] == max(b.metrics["peak_bytes_per_rank"]) and "ranks" not in a.metrics
+
+
+def test_a_rank_leaves_its_process_group_on_the_way_out(tmp_path):
+    """A rank that exits with gloo's threads alive can abort after measuring everything
+    ("terminate called without an active exception"): the command line destroys the group."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["models"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

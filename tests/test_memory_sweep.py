@@ -12,7 +12,7 @@ import sweep_helpers
 from conftest import one_line_error
 
 from melt_bench.cli import main
-from melt_bench.running.launcher import run_in_child
+from melt_bench.running.launcher import child_context, run_in_child
 from melt_bench.running.results import ResultsFileError, ResultsStore, load_results
 from melt_bench.running.sweep import in_child, run_sweep
 from melt_bench.running.sweep_options import SweepFlags, resolve_sweep
@@ -68,6 +68,19 @@ def test_timeouts_and_crashes_are_rows(tmp_path):
     assert rows[0].status == "oom" and "SIGKILL" in rows[0].error
     rows = measure_rows(tmp_path / "c", sweep_helpers.raise_error, loops="1")
     assert rows[0].status == "error" and "something broke" in rows[0].error
+
+
+def test_children_ignore_ctrl_c_from_their_first_instruction():
+    """A child runs (unpickling, bootstrap) before `_child_main` ignores SIGINT; a Ctrl-C then
+    printed "Process ForkServerProcess-N:" beside the parent's one line. A child that gets SIGINT
+    at its very start now ends cleanly."""
+    context = child_context()
+    if context.get_start_method() != "forkserver":
+        pytest.skip("only a fork server's children start with its handlers")
+    proc = context.Process(target=signal.raise_signal, args=(signal.SIGINT,))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
 
 
 def test_child_processes_are_fresh():

@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-_PRELOAD = ["torch", "melt_bench.scenarios.measure_memory"]  # torch, transformers, the models, the trackers
+# Ctrl-C ignored from a child's start; torch, transformers, the models, the trackers
+_PRELOAD = ["melt_bench.running.fork_server_signals", "torch", "melt_bench.scenarios.measure_memory"]
 _context = None
 _live: set = set()  # children running now (several at once under --gpus)
 _live_lock = threading.Lock()
@@ -57,6 +58,7 @@ class ChildOutcome:
 def _child_main(conn, target: Callable, args: tuple) -> None:
     # Ctrl-C reaches the whole process group; the parent decides (it kills this child and keeps
     # the rows already written), so the child neither dies half-way nor prints a traceback.
+    # (Children of the fork server ignore it from their start: fork_server_signals.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         value = target(*args)

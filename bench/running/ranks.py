@@ -4,6 +4,7 @@ something (memory per rank). A single process is rank 0 of 1."""
 from __future__ import annotations
 
 import os
+import sys
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -21,3 +22,13 @@ def gather_from_ranks(value):
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, value)
     return gathered
+
+
+def leave_process_group() -> None:
+    """Destroy the process group this process joined under accelerate launch / torchrun (none:
+    nothing to do; torch is not imported for it). Called on the way out, while the interpreter is
+    whole: a rank that exits with gloo's worker threads alive can abort ("terminate called
+    without an active exception") and fail a run that measured everything."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
