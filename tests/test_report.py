@@ -90,7 +90,7 @@ def accuracy_row(model, loops, value, weights=None, kv=None):
 
 
 def test_one_model_with_several_weights_is_several_series(tmp_path):
-    from melt_bench.reporting.summary_tables import tables_for
+    from melt_bench.reporting.summary_tables import summaries_for
     from melt_bench.scenarios.accuracy import SUMMARY
 
     rows = [accuracy_row("ouro-tiny", 4, 0.9, "/w/teacher", kv=8192),
@@ -99,7 +99,7 @@ def test_one_model_with_several_weights_is_several_series(tmp_path):
     html = build_report([write_rows(tmp_path / "proof.jsonl", rows)])
     assert "melt-tiny @ w/melt-fresh" in html and "melt-tiny @ melt-converted/model" in html
     assert "accuracy vs KV bytes per token" in html and "8.00 KiB" in html
-    [table] = tables_for(SUMMARY, rows)
+    [table] = [summary.wide() for summary in summaries_for(SUMMARY, rows)]
     headers = [str(column.header) for column in table.columns]
     assert "melt-tiny @ melt-converted/model" in headers and "melt-tiny @ w/melt-fresh KV/token" in headers
     cells = {str(column.header): list(column.cells) for column in table.columns}

@@ -121,11 +121,6 @@ class SummaryTable:
         return lines
 
 
-def tables_for(spec: TableSpec, rows: list[ResultRow]) -> list[Table]:
-    """The end-of-sweep tables of `rows`, laid out wide (one row per loop count)."""
-    return [summary.wide() for summary in summaries_for(spec, rows)]
-
-
 def print_fitted(spec: TableSpec, rows: list[ResultRow], console) -> None:
     """Print the tables so every header stays whole in the console's width: wide where it fits,
     else a row per (loops, model), else a line per (loops, model) with each figure named."""
@@ -143,6 +138,7 @@ def print_fitted(spec: TableSpec, rows: list[ResultRow], console) -> None:
 
 
 def summaries_for(spec: TableSpec, rows: list[ResultRow]) -> list[SummaryTable]:
+    """One table per group of `spec.group_fields` among the command's latest rows, repeats combined."""
     rows = combine_repeats([row for row in latest_rows(rows) if row.kind == spec.command])
     groups: dict[tuple, list[ResultRow]] = {}
     for row in rows:

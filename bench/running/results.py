@@ -99,9 +99,6 @@ class ResultsStore:
         self.torn_tail = b""
         return aside
 
-    def recorded_ids(self) -> set[str]:
-        return {row.point_id for row in self.read()}
-
     def append(self, row: ResultRow) -> None:
         """Append one row and fsync, so a killed sweep loses no finished point. One write() of
         one whole line keeps lines intact."""

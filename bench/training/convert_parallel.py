@@ -66,12 +66,6 @@ def shard(model: nn.Module, reshard_after_forward: bool = False) -> None:
         unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(module, FSDPModule) for module in model.modules())
-
-
 def held_bytes(models: list[nn.Module], optimizer: torch.optim.Optimizer) -> int:
     """Bytes this rank holds of the models' weights, their gradients and the optimiser state
     (under FSDP its shards: about 1 / ranks of what DDP holds)."""
