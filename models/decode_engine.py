@@ -29,8 +29,6 @@ from .kv_cache import LoopedKVCache
 from .looped import LoopedForCausalLM
 from .names import STEP_ENGINES
 
-ENGINES = STEP_ENGINES
-
 
 def run_loop(
     model: LoopedForCausalLM, x: torch.Tensor, input_pos: torch.Tensor, cache: LoopedKVCache,
@@ -70,8 +68,10 @@ def write_kept_rows(model: LoopedForCausalLM, input_pos: torch.Tensor, cache: Lo
     policy = model.model.policy
     if kept is None:
         return
+    dtype = cache.keys[0].dtype
     for i, acc in enumerate(kept):
-        cache.write_at(policy.slot(0, i), input_pos, *policy.final(acc, loops_run))
+        key, value = policy.final(acc, loops_run)  # the mean accumulates in float32
+        cache.write_at(policy.slot(0, i), input_pos, key.to(dtype), value.to(dtype))
 
 
 def greedy_head(model: LoopedForCausalLM, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +111,8 @@ class DecodeEngine:
         self, model: LoopedForCausalLM, loops: int, batch_size: int, capacity: int, engine: str = "eager",
         early_stop_threshold: float | None = None,
     ) -> None:
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        if engine not in STEP_ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(STEP_ENGINES)}, got {engine!r}")
         self.model, self.loops, self.engine = model, loops, engine
         self.early_stop_threshold = early_stop_threshold
         self.cache: LoopedKVCache = model.new_cache(loops, capacity=capacity)

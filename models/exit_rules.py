@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .kv_cache import LoopedKVCache
+from .kv_cache import open_chunk_grid
 
 
 class EarlyStop:
@@ -89,7 +89,7 @@ def fill_after_early_stop(policy, cache, last_loop: int, loops: int, start: int,
     if cache is None:
         return
     policy.fill_skipped_loops(cache, last_loop, loops, start, end)
-    if isinstance(cache, LoopedKVCache) and cache.open_chunk and not cache.functional:
+    if open_chunk_grid(cache):
         for later in range(last_loop + 1, loops):
             for layer in range(policy.num_layers):
                 cache.save_open_chunk(later, policy.slot(later, layer), start, end)

@@ -115,9 +115,10 @@ class LoopedKVCache(Cache):
     # --- static-shape writes (the decode engine's): the position is a tensor and no buffer is
     # ever reallocated, so the buffers keep their addresses (CUDA graphs replay over them) -------
     def write_at(self, slot: int, position: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """The rows of the token at `position` (a 1-element index tensor) into `slot`, in place."""
-        self.keys[slot].index_copy_(2, position, key.to(self.keys[slot].dtype))
-        self.values[slot].index_copy_(2, position, value.to(self.values[slot].dtype))
+        """The rows of the token at `position` (a 1-element index tensor) into `slot`, in place
+        (in the cache's dtype: a cast here would cost every per-loop write a call)."""
+        self.keys[slot].index_copy_(2, position, key)
+        self.values[slot].index_copy_(2, position, value)
 
     def open_chunk_window(self, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """decode_reads="chunk" at a tensor position: the cache positions the side buffer's rows
@@ -226,6 +227,12 @@ class LoopedKVCache(Cache):
             f"LoopedKVCache(slots={self.num_slots}, loops={self.loops}, seq_len={self.seq_len}, "
             f"capacity={self.capacity}, nbytes={self.nbytes()})"
         )
+
+
+def open_chunk_grid(cache) -> int | None:
+    """The chunk grid C on which `cache` keeps MELT's open-chunk side buffers (decode_reads=
+    "chunk"); None for any other cache, and for a functional (training) one."""
+    return cache.open_chunk if isinstance(cache, LoopedKVCache) and not cache.functional else None
 
 
 class TransitionKVCache:

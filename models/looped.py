@@ -34,7 +34,7 @@ from .attention import chunk_attention_mask, rope_cos_sin
 from .configs import MAX_LOOPS, OuroConfig, check_decode_reads
 from .decoder_layer import DecoderLayer, RMSNorm
 from .exit_rules import EarlyStop, exit_distribution, fill_after_early_stop, official_exit_steps, threshold_exit_steps
-from .kv_cache import LoopedKVCache, TransitionKVCache
+from .kv_cache import LoopedKVCache, TransitionKVCache, open_chunk_grid
 from .kv_policy import KVPolicy, kv_bytes_per_token, kv_policy_for, parse_kv_policy
 from .melt_gates import EmaGate, GateProjection
 from .packed_cache import check_kv_quant, quant_bits, quantized_cache
@@ -174,7 +174,7 @@ class LoopedModel(LoopedPreTrainedModel):
         fixed chunk_size, else one piece. With decode_reads="chunk" the pieces follow the grid of C
         cache positions from 0, so a piece inside an open chunk reads that chunk's earlier rows of
         its own loop (the cache's side buffer)."""
-        grid = cache.open_chunk if isinstance(cache, LoopedKVCache) and not cache.functional else None
+        grid = open_chunk_grid(cache)
         if chunk_starts is None and grid:
             chunk_starts = [0, *range(grid - past % grid, seq, grid)]
         elif chunk_starts is None:
@@ -194,7 +194,7 @@ class LoopedModel(LoopedPreTrainedModel):
         end = start + x.shape[1]
         rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         attn = chunk_attention_mask(start, x.shape[1], key_padding, x.device)
-        grid = cache.open_chunk if isinstance(cache, LoopedKVCache) and not cache.functional else None
+        grid = open_chunk_grid(cache)
         kv_states: list[torch.Tensor | None] = [None] * len(self.layers)
         # policies that keep a combination of a token's loops fold each loop's rows in here
         kept = [None] * len(self.layers) if self.policy.reduces_loops and cache is not None else None

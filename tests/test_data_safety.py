@@ -417,10 +417,17 @@ BAD_FLAGS = [  # (argv, what the one line names)
     (["memory", "--kv-quant", "int3"], "--kv-quant"),
     (["latency", "--engine", "turbo"], "--engine"),
     (["latency", "--decode-reads", "all"], "--decode-reads"),
+    (["latency", "--early-exit", "sometimes"], "--early-exit"),
+    (["memory", "--prefill-chunk", "0"], "--prefill-chunk"),
+    (["capacity", "--budget", "lots"], "--budget"),
     (["accuracy", "--models", "gpt2"], "unknown model 'gpt2'"),
     (["models", "--dtype", "fp64"], "unknown dtype"),
     (["convert", "--from", "ouro-tiny", "--data", "org/set", "--out", "o", "--gate", "sigmoid"], "--gate"),
     (["convert", "--from", "ouro-tiny", "--data", "org/set", "--out", "o", "--dtype", "fp8"], "unknown dtype"),
+    (["convert", "--from", "melt-tiny", "--data", str(DATA / "gsm8k" / "train.jsonl"), "--out", "o"],
+     "not an Ouro model"),
+    (["convert", "--from", "ouro-tiny", "--data", str(DATA / "gsm8k" / "train.jsonl"), "--out", "o",
+      "--fsdp-reshard-after-forward"], "needs --fsdp"),
 ]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -23,14 +22,13 @@ from melt_bench.commands.options import (
 from melt_bench.commands.support import (
     Placement,
     RunOptions,
-    check_something_measured,
     check_syntax,
     executor_for,
+    finish_run,
     open_store,
     plural,
-    print_tables,
-    write_report,
 )
+from melt_bench.running.ranks import distributed_rank
 
 if TYPE_CHECKING:
     from melt_bench.scenarios.accuracy import AccuracyFlags
@@ -83,9 +81,7 @@ def accuracy(
                           decode_reads=decode_reads, kv_quant=kv_quant, kv_probe_tokens=kv_probe_tokens,
                           score_continuation_as=score_continuation_as, point_timeout=point_timeout)
     check_syntax(flags)
-    if run.retry_failed and not run.resume:
-        raise UserError("--retry-failed re-runs the failed points of an existing --out: it needs --resume")
-    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    ranks = distributed_rank()[1]
     if ranks > 1 and (placement.gpus is not None or placement.executor != "local"):
         raise UserError("--gpus / --executor ray place points in children; under accelerate launch every rank "
                         "evaluates each point in its own process")
@@ -126,8 +122,4 @@ def evaluate(flags: AccuracyFlags, tokenizer: str | None, placement: Placement |
                                         timeout_s=flags.point_timeout)
         except FileNotFoundError as exc:
             raise UserError(str(exc)) from exc
-    print_tables(SUMMARY, store, {p.point_id for p in points})
-    console.print(f"{plural(ran, 'run')}, {skipped} already recorded; results in {store.path}")
-    if run.report:
-        console.print(f"report written to {write_report([store.path], None)}")
-    check_something_measured(store, before)
+    finish_run(SUMMARY, store, points, before, f"{plural(ran, 'run')}, {skipped}", run)

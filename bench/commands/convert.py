@@ -63,16 +63,23 @@ def convert(
                  "--distill-steps": (distill_steps, 0), "--batch-size": (batch_size, 1), "--seq-len": (seq_len, 2),
                  "--checkpoint-every": (checkpoint_every, 1), "--pack-to": (pack_to, 2),
                  "--tokens-per-step": (tokens_per_step, 1), "--stop-after": (stop_after, 1)})
+    from melt_bench.running.sweep_options import OptionError, resolve_device
+
+    fsdp = fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    if fsdp_reshard_after_forward and not fsdp:
+        raise UserError("--fsdp-reshard-after-forward needs --fsdp")
+    try:
+        source = checked_source(source)
+    except (OptionError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
     import torch  # only once the flags are checked
 
-    from melt_bench.running.sweep_options import OptionError, resolve_device
     from melt_bench.training.convert import ConvertConfig, run_convert
     from melt_bench.training.convert_run_dir import CHECKPOINT
 
     try:
         resolved_device = resolve_device(device or "auto")
-        source = checked_source(source)
-    except (OptionError, ValueError) as exc:
+    except OptionError as exc:
         raise UserError(str(exc)) from exc
     config = ConvertConfig(source=source, out=str(out), data=data, chunk_size=chunk_size,
                            transition_steps=transition_steps, distill_steps=distill_steps, lr_base=lr_base,
@@ -80,10 +87,7 @@ def convert(
                            device=resolved_device, dtype=dtype, checkpoint_every=checkpoint_every, seed=seed,
                            gradient_checkpointing=gradient_checkpointing, decode_chunks=decode_chunks,
                            pack_to=pack_to, tokens_per_step=tokens_per_step, gate=gate,
-                           fsdp=fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"),
-                           fsdp_reshard_after_forward=fsdp_reshard_after_forward)
-    if fsdp_reshard_after_forward and not config.fsdp:
-        raise UserError("--fsdp-reshard-after-forward needs --fsdp")
+                           fsdp=fsdp, fsdp_reshard_after_forward=fsdp_reshard_after_forward)
     try:
         final = run_convert(config, resume=resume, stop_after=stop_after, progress=progress)
     except ValueError as exc:  # malformed data, or a resumption with other settings

@@ -6,7 +6,6 @@ import json
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from melt_bench.commands.app import UserError, app, console
 
@@ -30,6 +29,8 @@ def models(
         check_dtype(dtype)
     except ValueError as exc:
         raise UserError(f"--dtype: {exc}") from exc
+    from rich.table import Table
+
     from melt_bench.models.kv_policy import STATED_TOKENS  # torch: only once the flags are checked
     from melt_bench.reporting.model_card import preset_cards
 
@@ -75,6 +76,7 @@ def models(
 def _print_cost_card(dtype, names: str | None, loops: str, seq_len: int, batch_size: int, device: str,
                      as_json: bool) -> None:
     import torch
+    from rich.table import Table
 
     from melt_bench.models import PRESETS, UnknownPresetError, get_preset
     from melt_bench.reporting.model_card import cost_cards
@@ -116,6 +118,8 @@ def _print_cost_card(dtype, names: str | None, loops: str, seq_len: int, batch_s
 @app.command()
 def env(as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
     """Show torch / CUDA / NVML / driver / GPU facts of this machine."""
+    from rich.table import Table
+
     from melt_bench.trackers.envinfo import collect_env
     from melt_bench.units import format_bytes
 

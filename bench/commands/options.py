@@ -139,9 +139,12 @@ def run_flags(plan: bool = True) -> Callable[[Callable], Callable]:
     """A command decorator (below `@app.command()`): the flags every run takes, after the
     command's own, reaching it as `run: RunOptions` and `placement: Placement` (`plan`: it also
     takes --dry-run and --json)."""
+    from melt_bench.commands.app import UserError
     from melt_bench.commands.support import Placement, RunOptions
 
     def build(given: dict) -> dict:
+        if given["retry_failed"] and not given["resume"]:
+            raise UserError("--retry-failed re-runs the failed points of an existing --out: it needs --resume")
         run = RunOptions(given["out"], given["resume"], given["retry_failed"], given["progress"], given["report"],
                          given.get("dry_run", False), given.get("as_json", False))
         placement = Placement(given["gpus"], given["executor"], given["ray_address"], given["allow_busy_gpus"])

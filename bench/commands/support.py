@@ -129,14 +129,21 @@ def parse_early_exit(text: str) -> float | None:
     return threshold
 
 
-def parse_budget(text: str, device: str) -> int:
+def parse_budget(text: str) -> int | None:
+    """--budget in bytes, refused in one line before torch loads; None for auto (the device's
+    total memory: device_total_bytes, once the device is resolved)."""
     from melt_bench.scenarios.capacity import parse_bytes  # torch-free
 
-    if text != "auto":
-        try:
-            return parse_bytes(text)
-        except ValueError as exc:
-            raise UserError(f"--budget: {exc}") from exc
+    if text == "auto":
+        return None
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise UserError(f"--budget: {exc}") from exc
+
+
+def device_total_bytes(device: str) -> int:
+    """--budget auto: the CUDA device's total memory (NVML, else torch)."""
     if not device.startswith("cuda"):
         raise UserError("--budget auto needs a CUDA device; on a CPU give the budget, e.g. --budget 2GiB")
     from melt_bench.trackers.nvml import NvmlUnavailable, read_nvml
@@ -219,13 +226,6 @@ def check_writable(path: Path, option: str) -> None:
         raise UserError(f"{option} {path}: cannot create a file in {parent} ({exc.strerror or exc})") from exc
 
 
-def print_tables(summary, store, planned: set[str]) -> None:
-    """The end-of-run tables of the scenario's `summary` (a TableSpec) over this run's points."""
-    from melt_bench.reporting.summary_tables import print_fitted
-
-    print_fitted(summary, [row for row in store.read() if row.point_id in planned], console)
-
-
 @dataclass
 class Placement:
     """Where points run: --gpus, --executor, --ray-address, --allow-busy-gpus, and for CPU memory
@@ -279,30 +279,37 @@ def run_sweep_command(summary, points: list, runner: Callable, run: RunOptions, 
     from melt_bench.running.sweep import run_sweep
 
     kind = summary.command
-
-    if run.retry_failed and not run.resume:
-        raise UserError("--retry-failed re-runs the failed points of an existing --out: it needs --resume")
     store, meta = open_store(kind, run.out, run.resume)
     for notice in notices:
         print(f"melt-bench: {notice}", file=sys.stderr)
     before = len(store.read())
     status = run_sweep(kind, points, store, runner, meta, run.retry_failed, show_progress=run.progress,
                        executor=executor)
-    print_tables(summary, store, {point.point_id for point in points})
-    console.print(f"{plural(status.ran, 'point')} run, {status.skipped} already recorded; results in {store.path}")
+    finish_run(summary, store, points, before, f"{plural(status.ran, 'point')} run, {status.skipped}", run)
+
+
+def finish_run(summary, store, points: list, before: int, counts: str, run: RunOptions) -> None:
+    """Every run's end: the scenario's `summary` tables over its `points`, what ran (`counts`)
+    and where the results are, the --report, and exit 1 when none of the rows written after the
+    first `before` is ok."""
+    from melt_bench.reporting.summary_tables import print_fitted
+
+    rows = store.read()
+    planned = {point.point_id for point in points}
+    print_fitted(summary, [row for row in rows if row.point_id in planned], console)
+    console.print(f"{counts} already recorded; results in {store.path}")
     if run.report:
         console.print(f"report written to {write_report([store.path], None)}")
-    check_something_measured(store, before)
+    check_something_measured(rows[before:], store.path)
 
 
 class NothingMeasured(Exception):
     """Every point this run wrote failed: exit 1 (the rows are kept)."""
 
 
-def check_something_measured(store, before: int) -> None:
-    """The run wrote rows and none of them is ok: say so in one line, exit 1."""
-    new = store.read()[before:]
+def check_something_measured(new: list, path: Path) -> None:
+    """The run wrote rows (`new`) and none of them is ok: say so in one line, exit 1."""
     if new and not any(row.status == "ok" for row in new):
         statuses = ", ".join(f"{sum(r.status == s for r in new)} {s}" for s in sorted({r.status for r in new}))
         raise NothingMeasured(f"no point succeeded: {len(new)} rows written, all failed ({statuses}); the rows are "
-                              f"kept in {store.path} (see their error field)")
+                              f"kept in {path} (see their error field)")

@@ -21,6 +21,7 @@ from melt_bench.commands.support import (
     RunOptions,
     check_prefill_chunk,
     checked_points,
+    device_total_bytes,
     parse_budget,
     parse_early_exit,
     plan_and_run,
@@ -52,11 +53,12 @@ def memory(
     if cpu_workers is not None and cpu_workers < 1:
         raise UserError(f"--cpu-workers: {cpu_workers} must be at least 1")
     flags = replace(flags, phase=phase, repeats=repeats)
+    prefill_chunk = check_prefill_chunk(prefill_chunk)
     resolved = resolve("memory", flags, suite, run.dry_run)
     from melt_bench.running.sweep import in_child
     from melt_bench.scenarios import memory as scenario
 
-    options = scenario.MemoryOptions(check_prefill_chunk(prefill_chunk), nvml_interval_ms)
+    options = scenario.MemoryOptions(prefill_chunk, nvml_interval_ms)
     points = checked_points(resolved, options)
     workers = (cpu_workers or os.cpu_count() or 1) if resolved.spec.device == "cpu" else 1
     plan_and_run(scenario.SUMMARY, resolved, points,
@@ -90,12 +92,12 @@ def latency(
     check_engine(engine)
     if static_cache and engine != "forward":
         raise UserError("--static-cache applies to --engine forward (eager and compiled always preallocate)")
+    threshold, prefill_chunk = parse_early_exit(early_exit), check_prefill_chunk(prefill_chunk)
     resolved = resolve("latency", flags, suite, run.dry_run)
     from melt_bench.running.sweep import in_child
     from melt_bench.scenarios import latency as scenario
 
-    options = scenario.LatencyOptions(warmup, repeats, parse_early_exit(early_exit), engine, static_cache,
-                                      check_prefill_chunk(prefill_chunk))
+    options = scenario.LatencyOptions(warmup, repeats, threshold, engine, static_cache, prefill_chunk)
     points = checked_points(resolved, options)
     plan_and_run(scenario.SUMMARY, resolved, points, lambda: in_child(scenario.measure, (), resolved.point_timeout),
                  run, placement)
@@ -120,12 +122,14 @@ def capacity(
     """The largest batch that decodes N new tokens within a memory budget, and its decode tokens/s."""
     check_throughput_flags(max_batch, engine, warmup, timed_runs)
     flags = replace(flags, batch_sizes="1", phase="decode")  # the batch is searched
+    budget_bytes, prefill_chunk = parse_budget(budget), check_prefill_chunk(prefill_chunk)
     resolved = resolve("capacity", flags, suite, run.dry_run)
     from melt_bench.running.launcher import ChildOutcome
     from melt_bench.scenarios import capacity as scenario
 
-    options = scenario.CapacityOptions(parse_budget(budget, resolved.spec.device), max_batch, engine, warmup,
-                                       timed_runs, check_prefill_chunk(prefill_chunk))
+    if budget_bytes is None:  # auto
+        budget_bytes = device_total_bytes(resolved.spec.device)
+    options = scenario.CapacityOptions(budget_bytes, max_batch, engine, warmup, timed_runs, prefill_chunk)
     points = checked_points(resolved, options)
 
     def runner(point, gpu=None):  # the search runs its probes, each in a child of its own

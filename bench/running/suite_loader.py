@@ -6,8 +6,6 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 SUITE_KEYS = {
     "name", "description", "models", "loops", "seq_lens", "batch_sizes", "phase", "new_tokens",
     "dtype", "device", "weights", "repeats", "point_timeout", "kv_policy", "decode_reads",
@@ -25,6 +23,8 @@ def shipped_suites() -> list[str]:
 
 def load_suite(name_or_path: str) -> dict:
     """The suite's settings as a dict of option name -> value (lists still unparsed)."""
+    import yaml  # here, not at the command line's start (~20 ms)
+
     path = Path(name_or_path)
     if path.is_file():
         try:

@@ -65,20 +65,6 @@ def in_child(measure: Callable[..., dict], args: tuple = (), timeout_s: float = 
     return PointRunner(measure, args, timeout_s)
 
 
-def variant_label(point) -> str:
-    """The model with the KV policy / decode reads a point asks for: 'melt-tiny reads=chunk'."""
-    policy = f" kv={point.kv_policy}" if point.kv_policy else ""
-    quant = f" kv_quant={point.kv_quant}" if getattr(point, "kv_quant", None) else ""
-    return point.model + policy + (f" reads={point.decode_reads}" if point.decode_reads else "") + quant
-
-
-def point_label(point) -> str:
-    if hasattr(point, "task"):  # an accuracy point
-        return f"{variant_label(point)} loops={point.loops} {point.task} exit={point.exit_mode}"
-    batch = point.batch_size or "searched"  # capacity points search their batch
-    return f"{variant_label(point)} loops={point.loops} seq={point.seq_len} batch={batch}"
-
-
 def run_sweep(
     kind: str,
     points: list[SweepPoint],
@@ -87,7 +73,6 @@ def run_sweep(
     meta: dict | None = None,
     retry_failed: bool = False,
     show_progress: bool = True,
-    on_row: Callable[[ResultRow], None] | None = None,
     executor=None,
 ) -> SweepStatus:
     """Run every point not yet in `store` through `run_point` (usually `in_child(...)`), on
@@ -108,13 +93,11 @@ def run_sweep(
                 for row in outcome_to_rows(kind, done.point, done.outcome, meta or {}):
                     row.metrics.update(done.placement)  # which GPU / node ran it
                     store.append(row)
-                    if on_row is not None:
-                        on_row(row)
                 for warning in _warnings(done.outcome):  # what a child asks to show (lm-eval's), once each
                     if warning not in shown:
                         shown.add(warning)
                         progress.console.print(warning, style="yellow", markup=False, highlight=False)
-                progress.update(task, advance=1, last=f"done: {point_label(done.point)}")
+                progress.update(task, advance=1, last=f"done: {done.point.label()}")
         except KeyboardInterrupt:
             finished.close()
             progress.stop()

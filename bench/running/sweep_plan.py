@@ -65,6 +65,19 @@ class SweepPoint:
         """Whether the point times decode steps (latency; capacity's throughput)."""
         return False
 
+    def label(self) -> str:
+        """What the progress bar shows of the point: 'melt-tiny reads=chunk loops=4 seq=512 batch=1'."""
+        batch = self.batch_size or "searched"  # capacity points search their batch
+        return f"{variant_label(self)} loops={self.loops} seq={self.seq_len} batch={batch}"
+
+
+def variant_label(point) -> str:
+    """The model with the KV policy / decode reads / KV quantisation a point (of any command)
+    asks for: 'melt-tiny reads=chunk'."""
+    policy = f" kv={point.kv_policy}" if point.kv_policy else ""
+    quant = f" kv_quant={point.kv_quant}" if point.kv_quant else ""
+    return point.model + policy + (f" reads={point.decode_reads}" if point.decode_reads else "") + quant
+
 
 class PointOptions(Protocol):
     """A command's own settings (typed: scenarios/memory.MemoryOptions, ...), which turn the

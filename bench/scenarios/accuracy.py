@@ -26,7 +26,7 @@ from melt_bench.running.sweep_options import (
     resolve_kv_quants,
     validate_spec,
 )
-from melt_bench.running.sweep_plan import SweepSpec, as_int_list, as_name_list
+from melt_bench.running.sweep_plan import SweepSpec, as_int_list, as_name_list, variant_label
 from melt_bench.units import format_bytes
 
 
@@ -76,6 +76,10 @@ class AccuracyPoint:
                 del fields[name]
         blob = json.dumps({"command": "accuracy", **fields}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def label(self) -> str:
+        """What the progress bar shows of the point."""
+        return f"{variant_label(self)} loops={self.loops} {self.task} exit={self.exit_mode}"
 
     def to_dict(self) -> dict:
         return {"command": "accuracy", **asdict(self)}

@@ -6,7 +6,7 @@ torch loads."""
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from melt_bench.models.names import Engine
 from melt_bench.reporting.summary_tables import Column, TableSpec, rate_cell
@@ -44,14 +44,15 @@ class CapacityPoint(LatencyPoint):
 
     def probe(self, batch: int) -> MemoryPoint:
         """The memory point that tells whether `batch` fits."""
-        return MemoryPoint(**{**self.axes(), "command": "memory", "batch_size": batch},
-                           prefill_chunk=self.prefill_chunk)
+        return self._as(MemoryPoint, command="memory", batch_size=batch)
 
     def timed_at(self, batch: int) -> LatencyPoint:
         """The latency point that times decode at `batch`."""
-        return LatencyPoint(**{**self.axes(), "command": "latency", "batch_size": batch},
-                            prefill_chunk=self.prefill_chunk, warmup=self.warmup, timed_runs=self.timed_runs,
-                            early_exit=self.early_exit, engine=self.engine, static_cache=self.static_cache)
+        return self._as(LatencyPoint, command="latency", batch_size=batch)
+
+    def _as(self, kind: type, **changes):
+        """This point as a `kind` point (a type whose fields this one has), with `changes`."""
+        return kind(**{**{f.name: getattr(self, f.name) for f in fields(kind)}, **changes})
 
 
 @dataclass(frozen=True)

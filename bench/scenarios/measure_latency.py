@@ -23,7 +23,6 @@ import torch
 
 from melt_bench.models import cost_model, load_model
 from melt_bench.models.decode_engine import DecodeEngine, StepOutput
-from melt_bench.models.names import LATENCY_ENGINES
 from melt_bench.models.packed_cache import PackedKVCache
 from melt_bench.scenarios.latency import LatencyPoint
 from melt_bench.scenarios.point_setup import classify_failure, kv_metrics, prefill_chunking
@@ -31,8 +30,6 @@ from melt_bench.trackers.device_ceilings import DeviceCeilings, measure_ceilings
 from melt_bench.trackers.energy import EnergyMeter, energy_metrics, open_meter
 from melt_bench.trackers.memory_trackers import nvml_index_for
 from melt_bench.units import parse_dtype
-
-ENGINES = LATENCY_ENGINES
 
 
 class Marks:
