@@ -68,10 +68,7 @@ def convert(
     fsdp = fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
     if fsdp_reshard_after_forward and not fsdp:
         raise UserError("--fsdp-reshard-after-forward needs --fsdp")
-    try:
-        source = checked_source(source)
-    except (OptionError, ValueError) as exc:
-        raise UserError(str(exc)) from exc
+    source = checked_source(source)
     import torch  # only once the flags are checked
 
     from melt_bench.training.convert import ConvertConfig, run_convert
@@ -136,16 +133,19 @@ def check_flags(out: Path, data: str, resume: bool, device: str | None, dtype: s
 
 
 def checked_source(source: str) -> str:
-    """--from: an Ouro preset, or a checkpoint directory (made absolute) / hub id; OptionError
-    (or the preset table's ValueError) otherwise."""
+    """--from: an Ouro preset, or a checkpoint directory (made absolute) / hub id; one line
+    (UserError) otherwise, before torch loads."""
+    from melt_bench.models import UnknownPresetError, get_preset
     from melt_bench.running.sweep_options import OptionError, check_weights
 
-    if Path(source).exists() or "/" in source:
-        return check_weights(source, "--from")
-    from melt_bench.models import get_preset
-
-    if get_preset(source).family != "ouro":
-        raise OptionError(f"--from: {source!r} is not an Ouro model")
+    try:
+        if Path(source).exists() or "/" in source:
+            return check_weights(source, "--from")
+        family = get_preset(source).family
+    except (OptionError, UnknownPresetError) as exc:
+        raise UserError(str(exc)) from exc
+    if family != "ouro":
+        raise UserError(f"--from: {source!r} is not an Ouro model")
     return source
 
 
