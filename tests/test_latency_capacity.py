@@ -7,7 +7,9 @@ from melt_bench.cli import main
 from melt_bench.running.results import ResultsStore, load_results
 from melt_bench.scenarios.capacity import parse_bytes
 from melt_bench.scenarios.latency import LatencyPoint
-from melt_bench.scenarios.measure_capacity import Probe, find_max_batch, probe_fits
+from melt_bench.scenarios import measure_capacity
+from melt_bench.scenarios.capacity import CapacityPoint
+from melt_bench.scenarios.measure_capacity import Probe, find_max_batch, probe_fits, throughput_at_budget
 from melt_bench.scenarios.measure_latency import RunTiming, measure_latency_point, percentile, summarise
 
 SMALL = ["--models", "ouro-tiny,melt-tiny", "--seq-lens", "32", "--new-tokens", "4", "--device", "cpu",
@@ -150,6 +152,8 @@ def test_capacity_measures_decode_throughput_at_the_largest_batch_and_at_batch_1
     # tokens/s counts every sequence: one step's tokens (the batch) over its measured time, from one run
     measured = frame.decode_tokens_per_s_at_max_batch * frame.decode_ms_per_step_at_max_batch / 1000
     assert (abs(measured - frame.max_batch) < 1e-6 * frame.max_batch).all()
+    for peaks in frame.timed_run_peak_bytes_at_max_batch:  # each timed run's own peak, beside its figures
+        assert len(peaks) == 2 and all(peak > 0 for peak in peaks)
     assert main(["capacity", "--budget", "1MiB", "--loops", "1", "--models", "ouro-tiny", "--seq-lens", "64",
                  "--new-tokens", "4", "--device", "cpu", "--dtype", "float32", "--no-progress", "--out",
                  str(tmp_path / "none.jsonl")]) == 0
@@ -202,3 +206,36 @@ def test_memory_prefill_chunk_is_recorded_and_lowers_ouros_activation_prediction
     assert ouro.kv_cache_bytes == ouro.kv_cache_bytes_predicted
     assert ouro.predicted_peak_bytes == ouro.predicted_weights_bytes + ouro.kv_cache_bytes_predicted \
         + ouro.predicted_activation_peak_bytes
+
+
+def _capacity_point(**overrides) -> CapacityPoint:
+    fields = dict(command="capacity", model="ouro-tiny", loops=4, seq_len=2048, batch_size=0, phase="decode",
+                  new_tokens=4, dtype="float32", device="cpu", warmup=1, timed_runs=3,
+                  memory_budget_bytes=40 * 2**20)
+    return CapacityPoint(**{**fields, **overrides})
+
+
+def test_capacity_times_batch_1_when_it_is_the_largest_and_names_runs_over_the_budget(monkeypatch):
+    """#31 item 3: a largest batch of 1 is measured (once), not copied from a measurement never
+    made; a timed run that peaked above the budget is named in the row."""
+    timed = []
+
+    def fake_timed_decode(point, batch, timeout_s, gpu):
+        timed.append(batch)
+        return {"decode_tokens_per_s": 50.0 * batch, "decode_ms_per_token_mean": 20.0, "decode_mbu": 0.5,
+                "timed_run_peak_bytes": [30 * 2**20, 41 * 2**20, 39 * 2**20], "timed_run_peak_source": "fake"}, None
+
+    monkeypatch.setattr(measure_capacity, "_timed_decode", fake_timed_decode)
+    point = _capacity_point()
+    one = throughput_at_budget(point, 1, 60.0, None)
+    assert timed == [1]
+    assert one["decode_tokens_per_s_at_max_batch"] == one["decode_tokens_per_s_at_batch_1"] == 50.0
+    assert "largest batch, which is 1" in one["throughput_at_batch_1_source"]
+    assert "at batch 1" in one["throughput_source"] and "3 timed runs" in one["throughput_source"]
+    assert one["timed_run_peak_bytes_at_max_batch"] == [30 * 2**20, 41 * 2**20, 39 * 2**20]
+    assert one["throughput_over_budget_at_max_batch"].startswith("1 of 3 timed runs at batch 1 peaked above")
+    timed.clear()
+    four = throughput_at_budget(point, 4, 60.0, None)
+    assert timed == [4, 1] and four["decode_tokens_per_s_at_max_batch"] == 200.0
+    assert "at batch 4 and batch 1" in four["throughput_source"]
+    assert "throughput_at_batch_1_source" not in four

@@ -60,9 +60,15 @@ def test_latency_row_carries_a_consistent_roofline():
     prefill_s = m["prefill_ms"] / 1000
     assert m["prefill_mfu"] == pytest.approx(m["prefill_flops"] / prefill_s / m["device_matmul_flops_per_s"])
     assert m["roofline_decode_ms_per_token"] < m["decode_ms_per_token_mean"]  # nothing beats the roofline
-    # Mean context of 4 decode steps after 16 tokens: 16 + 2.5 rows.
+    # #31 item 5: the static-shape engine attends over its whole capacity (16 + 4 rows) at every
+    # step, so its roofline counts 20 rows; forward() reads the rows written, 16 + 2.5 on average.
     config = get_preset("ouro-tiny").config()
-    assert m["decode_bytes_per_token"] == cost_model.decode_bytes_per_token(config, 2, 1, 18.5, torch.float32)
+    assert m["decode_rows_attended_per_step"] == 20 and "capacity" in m["decode_rows_attended_source"]
+    assert m["decode_bytes_per_token"] == cost_model.decode_bytes_per_token(config, 2, 1, 20, torch.float32)
+    forward = measure_latency_point(LatencyPoint("latency", "ouro-tiny", 2, 16, 1, "decode", 4, "float32", "cpu",
+                                                 warmup=0, timed_runs=1, engine="forward"))["metrics"]
+    assert forward["decode_rows_attended_per_step"] == 18.5
+    assert forward["decode_bytes_per_token"] == cost_model.decode_bytes_per_token(config, 2, 1, 18.5, torch.float32)
     assert m["energy_prefill_j"] is None and m["energy_decode_j_per_token"] is None
     assert m["energy_source"].startswith("unavailable: no NVIDIA GPU")
 

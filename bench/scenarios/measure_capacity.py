@@ -149,22 +149,35 @@ THROUGHPUT_FIGURES = {"decode_tokens_per_s": "decode_tokens_per_s", "decode_ms_p
 def throughput_at_budget(point: CapacityPoint, max_batch: int, timeout_s: float, gpu: str | None) -> dict:
     """Decode tokens/s and ms per step (one token for every sequence) at the largest batch that
     fit and at batch 1, each measured by measure_latency_point in a fresh child with the point's
-    engine, warm-up and timed runs. A budget no batch fits has nothing to time: it says so."""
-    metrics = {"throughput_engine": point.engine,
-               "throughput_source": f"measure_latency_point, engine {point.engine}: median of {point.timed_runs} "
-                                    f"timed runs after {point.warmup} warm-up"}
+    engine, warm-up and timed runs (one measurement when the largest batch is 1, and the row says
+    so). Each timed run's own peak is kept beside its figures, and a run that went over the budget
+    is named. A budget no batch fits has nothing to time: it says so."""
+    metrics = {"throughput_engine": point.engine}
     if max_batch < 1:
         metrics["throughput_note"] = "no batch fits the budget: no throughput to measure"
         return metrics
-    for batch, suffix in ((max_batch, "at_max_batch"), (1, "at_batch_1")):
-        if batch == 1 and max_batch == 1:
-            metrics.update({f"{name}_at_batch_1": metrics.get(f"{name}_at_max_batch")
-                            for name in THROUGHPUT_FIGURES.values()})  # the same measurement
-            break
+    batches = [(max_batch, "at_max_batch")] + ([(1, "at_batch_1")] if max_batch > 1 else [])
+    timed = []
+    for batch, suffix in batches:
         figures, problem = _timed_decode(point, batch, timeout_s, gpu)
         metrics.update({f"{name}_{suffix}": figures.get(key) for key, name in THROUGHPUT_FIGURES.items()})
         if problem:
             metrics[f"throughput_error_{suffix}"] = problem
+            continue
+        timed.append(f"batch {batch}")
+        runs = figures.get("timed_run_peak_bytes") or []
+        metrics[f"timed_run_peak_bytes_{suffix}"] = runs
+        over = [peak for peak in runs if peak > point.memory_budget_bytes]
+        if over:
+            metrics[f"throughput_over_budget_{suffix}"] = (
+                f"{len(over)} of {len(runs)} timed runs at batch {batch} peaked above the budget of "
+                f"{point.memory_budget_bytes:,} B (largest {max(over):,} B; {figures.get('timed_run_peak_source')})")
+    if max_batch == 1 and "throughput_error_at_max_batch" not in metrics:
+        metrics.update({f"{name}_at_batch_1": metrics[f"{name}_at_max_batch"] for name in THROUGHPUT_FIGURES.values()})
+        metrics["throughput_at_batch_1_source"] = "the measurement at the largest batch, which is 1"
+    metrics["throughput_source"] = (
+        f"measure_latency_point, engine {point.engine}: median of {point.timed_runs} timed runs after "
+        f"{point.warmup} warm-up, at {' and '.join(timed)}" if timed else "no timed run finished: see throughput_error_*")
     return metrics
 
 

@@ -28,7 +28,7 @@ from melt_bench.scenarios.latency import LatencyPoint
 from melt_bench.scenarios.point_setup import classify_failure, kv_metrics, prefill_chunking
 from melt_bench.trackers.device_ceilings import DeviceCeilings, measure_ceilings
 from melt_bench.trackers.energy import EnergyMeter, energy_metrics, open_meter
-from melt_bench.trackers.memory_trackers import nvml_index_for
+from melt_bench.trackers.memory_trackers import RunPeakMeter, nvml_index_for
 from melt_bench.units import parse_dtype
 
 
@@ -175,18 +175,40 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in zip(flat_a, flat_b)) / len(flat_a)
 
 
-def roofline_fields(config, point: LatencyPoint, metrics: dict, ceilings: DeviceCeilings, packed: bool = False) -> dict:
-    """Bytes and FLOPs the config implies for this point, and how close the measured times are
-    to the device's measured ceilings. For a packed KV cache (flashloop, --kv-quant) the byte
-    model, which counts full-precision rows, does not apply: the decode-side figures are None
-    and `roofline_source` says why (prefill FLOPs do not depend on the cache)."""
+def attended_rows(decoder, point: LatencyPoint) -> tuple[float, str]:
+    """The K/V rows a decode step reads per (loop, layer) and sequence, as the engine reads them:
+    the static-shape engines attend over the whole preallocated capacity (masked) at every step;
+    forward() over the rows written so far (the mean over the decode steps)."""
+    if isinstance(decoder, DecodeEngine):
+        capacity = decoder.cache.keys[0].shape[2]
+        return float(capacity), f"the whole preallocated capacity ({capacity} rows, masked) at every step"
+    return point.seq_len + (point.new_tokens + 1) / 2, "the rows written so far (mean over the decode steps)"
+
+
+def roofline_fields(config, point: LatencyPoint, metrics: dict, ceilings: DeviceCeilings, packed: bool = False,
+                    rows: tuple[float, str] | None = None) -> dict:
+    """Bytes and FLOPs the config implies for this point, with the K/V rows the engine attends
+    (`rows`: attended_rows), and how close the measured times are to the device's measured
+    ceilings. For a packed KV cache (flashloop, --kv-quant) the byte model, which counts
+    full-precision rows, does not apply: the decode-side figures are None and `roofline_source`
+    says why (prefill FLOPs do not depend on the cache)."""
     dtype = parse_dtype(point.dtype)
     loops = metrics["loops_executed_mean"]
-    context = point.seq_len + (point.new_tokens + 1) / 2  # mean rows attended over the decode steps
+    context, rows_source = rows or (point.seq_len + (point.new_tokens + 1) / 2, "the rows written so far")
     decode_bytes = cost_model.decode_bytes_per_token(config, loops, point.batch_size, context, dtype)
     decode_flops = cost_model.decode_flops_per_token(config, loops, point.batch_size, context)
     prefill_flops = cost_model.prefill_flops(config, point.loops, point.batch_size, point.seq_len)
     step_s = metrics["decode_ms_per_token_mean"] / 1000
+    prefill_mfu = prefill_flops / (metrics["prefill_ms"] / 1000) / ceilings.matmul_flops_per_s
+    attended = {"decode_rows_attended_per_step": context, "decode_rows_attended_source": rows_source}
+    if packed:
+        return {
+            "decode_bytes_per_token": None, "decode_flops_per_token": decode_flops, "prefill_flops": prefill_flops,
+            "roofline_decode_ms_per_token": None, "decode_bandwidth_achieved_bytes_per_s": None, "decode_mbu": None,
+            "prefill_mfu": prefill_mfu, **attended,
+            "roofline_source": "decode bytes unavailable for a packed KV cache: the cost model counts full-precision "
+                               "rows (prefill FLOPs from models/cost_model.py)",
+        }
     return {
         "decode_bytes_per_token": decode_bytes,
         "decode_flops_per_token": decode_flops,
@@ -194,14 +216,9 @@ def roofline_fields(config, point: LatencyPoint, metrics: dict, ceilings: Device
         "roofline_decode_ms_per_token": decode_bytes / ceilings.bandwidth_bytes_per_s * 1000,
         "decode_bandwidth_achieved_bytes_per_s": decode_bytes / step_s,
         "decode_mbu": decode_bytes / step_s / ceilings.bandwidth_bytes_per_s,
-        "prefill_mfu": prefill_flops / (metrics["prefill_ms"] / 1000) / ceilings.matmul_flops_per_s,
-        "roofline_source": "models/cost_model.py formulas over measured device ceilings",
-    } if not packed else {
-        "decode_bytes_per_token": None, "decode_flops_per_token": decode_flops, "prefill_flops": prefill_flops,
-        "roofline_decode_ms_per_token": None, "decode_bandwidth_achieved_bytes_per_s": None, "decode_mbu": None,
-        "prefill_mfu": prefill_flops / (metrics["prefill_ms"] / 1000) / ceilings.matmul_flops_per_s,
-        "roofline_source": "decode bytes unavailable for a packed KV cache: the cost model counts full-precision "
-                           "rows (prefill FLOPs from models/cost_model.py)",
+        "prefill_mfu": prefill_mfu, **attended,
+        "roofline_source": "models/cost_model.py formulas over measured device ceilings, K/V rows as the engine "
+                           "reads them (decode_rows_attended_source)",
     }
 
 
@@ -257,6 +274,8 @@ def measure_latency_point(point: LatencyPoint, meter: EnergyMeter | str | None =
             meter.measure_idle()  # before the model loads: the device as it idles
         ceilings = measure_ceilings(device, dtype)
         metrics.update(ceilings.to_metrics())
+        peaks = RunPeakMeter(device, torch.cuda if device.type == "cuda" else None)
+        peaks.start()
         model = load_model(point.model, point.weights, dtype=dtype, device=device, kv_policy=point.kv_policy,
                            decode_reads=point.decode_reads,
                            kv_quant=point.kv_quant)
@@ -272,17 +291,23 @@ def measure_latency_point(point: LatencyPoint, meter: EnergyMeter | str | None =
             metrics["engine"] = point.engine
             metrics["engine_description"] = decoder.description
             metrics["prefill_engine"] = "eager: model.forward()"
+            run_peaks = []
             for index in range(point.warmup + point.timed_runs):
                 started = time.perf_counter()
+                peaks.begin_run()
                 run = timed_run(decoder, point, input_ids, chunk_starts)
+                peak = peaks.end_run()
                 if index == 0:
                     metrics["first_run_s"] = time.perf_counter() - started
                 if index >= point.warmup:
                     runs.append(run)
+                    run_peaks.append(peak)
             metrics.update(summarise(runs, point.batch_size))
+            metrics.update(timed_run_peak_bytes=run_peaks, timed_run_peak_source=peaks.source)
             metrics.update(output_fields(runs))
             packed = isinstance(getattr(decoder, "cache", None), PackedKVCache)
-            metrics.update(roofline_fields(model.config, point, metrics, ceilings, packed))
+            metrics.update(roofline_fields(model.config, point, metrics, ceilings, packed,
+                                           attended_rows(decoder, point)))
             windows = (None, None)
             if packed:  # the energy windows rewind the cache to the prompt, which packed rows cannot
                 meter = "unavailable: a packed KV cache cannot rewind to the prompt between energy windows"

@@ -4,6 +4,7 @@
     process-level, so it counts everything the process holds, not only tensors.
   - `CudaAllocatorTracker`: torch's caching allocator, `max_memory_allocated/reserved` after
     `reset_peak_memory_stats`.
+  - `RunPeakMeter`: the peak of each timed run of a latency point (allocator or VmHWM, reset per run);
   - `NvmlSampler`: device memory used as the driver sees it, sampled by a background thread at a
     fixed interval, and this process's own usage where NVML reports it.
 """
@@ -100,6 +101,46 @@ class RssTracker:
     def result(self) -> RssResult:
         peak = max(self.peak_bytes(), self.baseline)
         return RssResult(self.baseline, peak, peak - self.baseline, self.source, self.malloc)
+
+
+class RunPeakMeter:
+    """The peak of each timed run, comparable with a memory point's `peak_bytes`: on a GPU the
+    torch allocator's `max_memory_allocated` since the run began (weights and cache included); on
+    a CPU the process's VmHWM, reset when the run begins, above the RSS before the model loaded.
+    Unlike RssTracker it leaves the C allocator as it is (its setting slows the timed code), so a
+    CPU figure may also count freed blocks glibc kept resident: an upper bound of what the run held.
+    `cuda` is `torch.cuda` (a fake in tests)."""
+
+    def __init__(self, device, cuda=None) -> None:
+        self.device, self.cuda = device, cuda
+        self.baseline = 0
+        self.source = ("torch.cuda.max_memory_allocated during the run" if cuda is not None
+                       else "process VmHWM during the run above the RSS before the model loaded (glibc's "
+                            "default allocator: an upper bound)")
+
+    def start(self) -> None:
+        """Before the model loads."""
+        if self.cuda is None:
+            self.baseline = current_rss_bytes()
+
+    def begin_run(self) -> None:
+        if self.cuda is not None:
+            self.cuda.synchronize(self.device)
+            self.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")
+        except OSError:
+            self.source = "ru_maxrss (peak since the process started) above the RSS before the model loaded"
+
+    def end_run(self) -> int:
+        if self.cuda is not None:
+            self.cuda.synchronize(self.device)
+            return int(self.cuda.max_memory_allocated(self.device))
+        kib = _proc_status_kib("VmHWM") if self.source.startswith("process VmHWM") else None
+        peak = kib * 1024 if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return max(0, peak - self.baseline)
 
 
 # --- torch CUDA allocator ---------------------------------------------------------------------
