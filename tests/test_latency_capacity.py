@@ -5,10 +5,9 @@ from conftest import one_line_error
 
 from melt_bench.cli import main
 from melt_bench.running.results import ResultsStore, load_results
-from melt_bench.scenarios.capacity import parse_bytes
-from melt_bench.scenarios.latency import LatencyPoint
 from melt_bench.scenarios import measure_capacity
-from melt_bench.scenarios.capacity import CapacityPoint
+from melt_bench.scenarios.capacity import CapacityPoint, parse_bytes
+from melt_bench.scenarios.latency import LatencyPoint
 from melt_bench.scenarios.measure_capacity import Probe, find_max_batch, probe_fits, throughput_at_budget
 from melt_bench.scenarios.measure_latency import RunTiming, measure_latency_point, percentile, summarise
 

@@ -177,7 +177,8 @@ def throughput_at_budget(point: CapacityPoint, max_batch: int, timeout_s: float,
         metrics["throughput_at_batch_1_source"] = "the measurement at the largest batch, which is 1"
     metrics["throughput_source"] = (
         f"measure_latency_point, engine {point.engine}: median of {point.timed_runs} timed runs after "
-        f"{point.warmup} warm-up, at {' and '.join(timed)}" if timed else "no timed run finished: see throughput_error_*")
+        f"{point.warmup} warm-up, at {' and '.join(timed)}" if timed
+        else "no timed run finished: see throughput_error_*")
     return metrics
 
 
