@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .configs import OuroConfig
+from .kivi_cache import kivi_slot_bytes
 from .melt_gates import GATE_CLASSES
 from .names import TRAINING_FREE_POLICIES, UnknownKVPolicyError, parse_kv_policy  # noqa: F401  (re-exported)
 from .packed_cache import (
@@ -29,6 +30,7 @@ from .packed_cache import (
     flashloop_layer_bytes,
     layout_after,
     quant_bits,
+    quant_tail,
     quantized_slot_bytes,
     selected_count,
 )
@@ -378,7 +380,9 @@ def predict_kv_cache_bytes(
                 packed_prompt = selected if layout.packed >= prompt else min(selected - 1, layout.packed)
             late.append(packed_prompt + max(0, layout.packed - prompt))
         return config.num_hidden_layers * flashloop_layer_bytes(layout, loops, tuple(late), heads, head_dim, itemsize)
-    if (bits := quant_bits(quant)) is not None:
+    if (bits := quant_bits(quant)) is not None and quant_tail(quant) == "kivi":
+        return policy.num_slots(loops) * kivi_slot_bytes(tokens, batch, heads, head_dim, itemsize, bits)
+    if bits is not None:
         layout = layout_after(commits_for(tokens, prompt_tokens, policy.chunk_size))
         slot = quantized_slot_bytes(layout, batch, heads, head_dim, itemsize, bits, TailRule())
         return policy.num_slots(loops) * slot

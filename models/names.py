@@ -13,7 +13,9 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 DecodeReads = Literal["final", "chunk"]  # MeltConfig.decode_reads
 DECODE_READS: tuple[str, ...] = get_args(DecodeReads)
 GATES = ("elementwise", "scalar", "mean", "ema", "last")  # MeltConfig.gate: the paper's ablation (melt_gates.py)
-KvQuant = Literal["int8", "int4"]  # packed_cache.py; "none" on the command line: full precision
+# packed_cache.py: "int8" / "int4" keep KIVI's full-precision rows (kivi_cache.py), ":flashloop-tail"
+# FlashLoop's tail rule; "none" on the command line: full precision
+KvQuant = Literal["int8", "int4", "int8:flashloop-tail", "int4:flashloop-tail"]
 KV_QUANT: tuple[str, ...] = ("none", *get_args(KvQuant))
 # latency --engine: eager and compiled run decode_engine.py's static-shape decode step, forward
 # the model's own forward()

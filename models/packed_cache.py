@@ -34,8 +34,24 @@ from .names import KV_QUANT
 
 
 def quant_bits(mode: str | None) -> int | None:
-    """4 or 8 for "int4" / "int8"; None for full precision (None, "none")."""
-    return None if mode in (None, "none") else int(mode.removeprefix("int"))
+    """4 or 8 for "int4" / "int8" (and their ":flashloop-tail" forms); None for full precision."""
+    return None if mode in (None, "none") else int(mode.removeprefix("int").partition(":")[0])
+
+
+def quant_tail(mode: str | None) -> str | None:
+    """Which rows a quantised cache keeps at full precision: "kivi" (KIVI's rule, kivi_cache.py:
+    the T mod 64 newest keys and the 64 newest values; "int8" / "int4") or "flashloop-tail"
+    (FlashLoop's: the newest 64-127 rows of both; "int8:flashloop-tail"); None unquantised."""
+    if quant_bits(mode) is None:
+        return None
+    return mode.partition(":")[2] or "kivi"
+
+
+QUANT_TAIL_RULES = {
+    "kivi": "KIVI's rule: keys packed 64 rows at a time (the T mod 64 newest at full precision), values packed "
+            "once they leave a window of the 64 newest",
+    "flashloop-tail": "FlashLoop's tail rule: the newest 64-127 rows of keys and values at full precision",
+}
 
 
 def selected_count(fraction: float, prompt_tokens: int) -> int:
@@ -57,10 +73,18 @@ def check_kv_quant(mode: str | None, kv_policy: str, decode_reads: str | None = 
                          "chunk, which a packed cache has already packed")
 
 
-def quantized_cache(config, num_slots: int, loops: int, capacity: int | None) -> QuantizedKVCache | None:
-    """The config's `kv_quant` cache ("int8" / "int4"), or None for full-precision rows."""
-    bits = quant_bits(getattr(config, "kv_quant", None))
-    return None if bits is None else QuantizedKVCache(num_slots, loops, bits, capacity)
+def quantized_cache(config, num_slots: int, loops: int, capacity: int | None) -> PackedKVCache | None:
+    """The config's `kv_quant` cache (KIVI's for "int8" / "int4", FlashLoop's tail rule for
+    "int8:flashloop-tail" / "int4:flashloop-tail"), or None for full-precision rows."""
+    mode = getattr(config, "kv_quant", None)
+    bits = quant_bits(mode)
+    if bits is None:
+        return None
+    if quant_tail(mode) == "kivi":
+        from .kivi_cache import KiviKVCache  # it builds on this module's PackedKVCache
+
+        return KiviKVCache(num_slots, loops, bits, capacity)
+    return QuantizedKVCache(num_slots, loops, bits, capacity)
 
 
 @dataclass(frozen=True)
@@ -167,29 +191,36 @@ class PackedKVCache(LoopedKVCache):
         raise NotImplementedError
 
     # --- reads and writes ------------------------------------------------------------------
+    def offsets(self) -> tuple[int, int]:
+        """Rows packed so far, of keys and of values: positions below them are packed, the rest in
+        the full-precision rows (one count here; KIVI's differ)."""
+        return self.layout.packed, self.layout.packed
+
     def update_slot(self, slot: int, key: torch.Tensor, value: torch.Tensor, start: int):
-        offset, end = start - self.layout.packed, start + key.shape[2]
-        if offset < 0:
+        end = start + key.shape[2]
+        if min(self.offsets()) > start:
             raise ValueError(f"positions from {start} are packed: a packed KV cache cannot rewrite them")
         if self.capacity is not None and end > self.capacity:
             raise ValueError(f"KV cache capacity {self.capacity} tokens exceeded (need {end})")
         if key.shape[0] != 1 and self.batch_one:
             raise ValueError(f"{type(self).__name__} holds one sequence (FlashLoop 0.1.0 runs batch 1), "
                              f"got {key.shape[0]}")
-        self.keys[slot] = self._write(self.keys[slot], key, offset, offset + key.shape[2], None)
-        self.values[slot] = self._write(self.values[slot], value, offset, offset + key.shape[2], None)
-        tail = end - self.layout.packed
-        keys, values = self.keys[slot][:, :, :tail], self.values[slot][:, :, :tail]
-        packed = self.read_packed(slot) if self.layout.packed else None
-        if packed is None:
-            return keys, values
-        return torch.cat([packed[0], keys], dim=2), torch.cat([packed[1], values], dim=2)
+        packed = self.read_packed(slot) if any(self.offsets()) else (None, None)
+        out = []
+        for kind, (store, rows, done) in enumerate(zip((self.keys, self.values), (key, value), self.offsets())):
+            if start < done:
+                raise ValueError(f"positions from {start} are packed: a packed KV cache cannot rewrite them")
+            store[slot] = self._write(store[slot], rows, start - done, end - done, None)
+            recent = store[slot][:, :, :end - done]
+            out.append(recent if packed[kind] is None else torch.cat([packed[kind], recent], dim=2))
+        return out[0], out[1]
 
     def rows(self, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        packed = self.layout.packed
-        if start < packed:
+        keys_done, values_done = self.offsets()
+        if start < max(keys_done, values_done):
             raise ValueError(f"positions from {start} are packed")
-        return self.keys[slot][:, :, start - packed:end - packed], self.values[slot][:, :, start - packed:end - packed]
+        return (self.keys[slot][:, :, start - keys_done:end - keys_done],
+                self.values[slot][:, :, start - values_done:end - values_done])
 
     def allocate(self, *args, **kwargs) -> None:
         """Nothing to allocate ahead: a packed cache grows as it packs (as FlashLoop's)."""
@@ -211,8 +242,8 @@ class PackedKVCache(LoopedKVCache):
         (ValueError: start a new cache instead)."""
         keep = self._seq_len + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove
         keep = max(0, min(self._seq_len, keep))
-        if keep < self.layout.packed:
-            raise ValueError(f"a packed KV cache cannot rewind to {keep} tokens: rows up to {self.layout.packed} "
+        if keep < max(self.offsets()):
+            raise ValueError(f"a packed KV cache cannot rewind to {keep} tokens: rows up to {max(self.offsets())} "
                              "are packed")
         tail = keep - self.layout.packed
         self.layout = TailLayout(self.layout.packed, tail, self.layout.capacity, self.layout.started)
@@ -220,7 +251,9 @@ class PackedKVCache(LoopedKVCache):
 
 
 class QuantizedKVCache(PackedKVCache):
-    """Every slot's rows packed to `bits` bits (KIVI, kv_packing.py) once final, the newest in the tail."""
+    """Every slot's rows packed to `bits` bits (KIVI's layout, kv_packing.py) once final, the newest
+    64-127 in the tail as FlashLoop keeps them (`int8:flashloop-tail`; KIVI's own rule:
+    kivi_cache.py)."""
 
     def __init__(self, num_slots: int, loops: int, bits: int, capacity: int | None = None,
                  rule: TailRule = TailRule()) -> None:

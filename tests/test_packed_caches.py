@@ -67,7 +67,8 @@ def exact(model):
 
 @pytest.mark.parametrize("model,policy,quant", [("ouro-tiny", None, "int4"), ("ouro-tiny", None, "int8"),
                                                 ("ouro-tiny", "last-loop", "int4"), ("ouro-tiny", "mean", "int8"),
-                                                ("melt-tiny", None, "int4"), ("ouro-tiny", "flashloop", None)])
+                                                ("melt-tiny", None, "int4"), ("ouro-tiny", "flashloop", None),
+                                                ("ouro-tiny", None, "int4:flashloop-tail")])
 def test_measured_bytes_equal_the_formula_through_prefill_decode_and_packing(model, policy, quant):
     model = load_model(model, kv_policy=policy, kv_quant=quant)
     run(model, check=exact(model))
@@ -79,6 +80,60 @@ def test_early_exit_keeps_the_bytes_exact(policy, quant):
     with torch.no_grad():
         model.model.early_exit_gate.bias.fill_(8.0)  # every token exits after its first loop
     run(model, early_exit=0.5, check=exact(model))
+
+
+def kivi_full_precision_rows(prompt: int, decoded: int, residual: int = 64) -> list[tuple[int, int]]:
+    """KIVI's own bookkeeping (jy-yuan/KIVI, models/llama_kivi.py, LlamaAttention_KIVI.forward), as
+    counts: the full-precision keys and values it holds after the prompt and after each step."""
+    keys = prompt % residual if prompt >= residual else prompt  # prefill: T mod R keys stay full
+    values = min(prompt, residual)  # prefill: the last R values stay full
+    held = [(keys, values)]
+    for _ in range(decoded):
+        keys += 1
+        if keys == residual:  # the full keys reach R: all quantised
+            keys = 0
+        values += 1
+        if values > residual:  # the window holds R + 1: the oldest is quantised
+            values -= 1
+        held.append((keys, values))
+    return held
+
+
+@pytest.mark.parametrize("prompt", [40, 64, 130, 340])
+def test_int4_keeps_kivis_full_precision_rows(prompt):
+    """#31 item 2: KIVI keeps the T mod 64 newest keys and the 64 newest values at full precision
+    (FlashLoop's 64-127 rows of both only under int4:flashloop-tail), bytes exact at every step."""
+    model = load_model("ouro-tiny", kv_quant="int4")
+    held = iter(kivi_full_precision_rows(prompt, 70))
+
+    def check(cache, tokens_held):
+        keys, values = next(held)
+        assert all(cache.keys[slot].shape[2] == keys and cache.values[slot].shape[2] == values
+                   for slot in range(cache.num_slots)), tokens_held
+        assert cache.packed_keys[0].rows == tokens_held - keys and cache.packed_values[0].rows == tokens_held - values
+        exact(model)(cache, tokens_held)
+
+    run(model, prompt, 70, check=check)
+
+
+def test_kivi_bytes_at_340_tokens_are_kivis_not_flashloops_tail():
+    """The figure an independent KIVI quantiser holds for this shape (4 layers, 2 KV heads x 64,
+    3 loops, fp32, INT4, 340 tokens): 1,031,040 B; FlashLoop's tail rule holds 1,474,560 B."""
+    from conftest import TINY
+
+    from melt_bench.models import OuroConfig, OuroForCausalLM
+
+    config = OuroConfig(**{**TINY, "head_dim": 64, "num_hidden_layers": 4})
+    assert predict_kv_cache_bytes(config, 3, 1, 340, torch.float32, kv_quant="int4") == 1_031_040
+    assert predict_kv_cache_bytes(config, 3, 1, 340, torch.float32, kv_quant="int4:flashloop-tail") == 1_474_560
+    model = OuroForCausalLM(config).eval()
+    model.use_kv_quant("int4")
+    cache = model.new_cache(3)
+    with torch.no_grad():
+        model(tokens(300) % TINY["vocab_size"], past_key_values=cache, loops=3)
+        for position in range(300, 340):
+            model(tokens(1, position) % TINY["vocab_size"], past_key_values=cache, loops=3)
+    assert cache.nbytes() == 1_031_040
 
 
 def test_melt_prompt_in_chunks_packs_chunk_by_chunk():

@@ -56,7 +56,7 @@ def accuracy(
     kv_quant: Optional[str] = KV_QUANT,
     kv_probe_tokens: Optional[int] = typer.Option(
         None, "--kv-probe-tokens", help="the length the row's KV bytes per token are measured at, one prompt of N "
-        "tokens (default 2048). Packed caches (flashloop, --kv-quant) keep their newest 64-127 rows at full "
+        "tokens (default 2048). Packed caches (flashloop, --kv-quant) keep their newest rows at full "
         "precision, so their bytes per token depend on it: give the task's sequence length to see what they hold "
         "there"),
     score_continuation_as: Optional[str] = typer.Option(

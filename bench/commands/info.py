@@ -62,8 +62,10 @@ def models(
                           ("melt", "MELT's own cache and KV quantisation (--kv-quant)")):
         members = [c for c in cards if c.family == family]
         policies = Table(title=f"{title}: KV bytes per token at the trained loop count, {dtype}; packed caches "
-                               f"(flashloop, int8, int4) over a {STATED_TOKENS:,}-token prompt (their newest 64-127 "
-                               "rows are full precision, so the figure depends on the length)")
+                               f"(flashloop, int8, int4) over a {STATED_TOKENS:,}-token prompt (their newest rows are "
+                               "full precision, so the figure depends on the length); int8 / int4 keep KIVI's "
+                               "full-precision rows (the T mod 64 newest keys, the 64 newest values), "
+                               ":flashloop-tail FlashLoop's (the newest 64-127 of both)")
         policies.add_column("KV policy")
         for c in members:
             policies.add_column(f"{c.name} ({c.loops} loops)", justify="right")

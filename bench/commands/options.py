@@ -99,10 +99,11 @@ DECODE_READS = typer.Option(None, "--decode-reads", help="MELT models: final (de
                              "in a side buffer); a comma list is an axis (default: the config's)")
 
 
-KV_QUANT = typer.Option(None, "--kv-quant", help="none | int8 | int4: cached rows packed KIVI-style once final "
-                         "(keys per channel, values per token, groups of 64, fp16 scales; the newest 64-127 rows "
-                         "at full precision), any model and KV policy, MELT included; a comma list is an axis "
-                         "(default: none)")
+KV_QUANT = typer.Option(None, "--kv-quant", help="none | int8 | int4: cached rows packed as KIVI packs them "
+                         "(keys per channel, values per token, groups of 64, fp16 scales; at full precision the "
+                         "T mod 64 newest keys and the 64 newest values, KIVI's rule); int8:flashloop-tail | "
+                         "int4:flashloop-tail: the same packing with FlashLoop's tail (the newest 64-127 rows of "
+                         "both); any model and KV policy, MELT included; a comma list is an axis (default: none)")
 
 
 PREFILL_CHUNK = typer.Option(None, "--prefill-chunk", help="Ouro-family models: prefill in chunks of N tokens "

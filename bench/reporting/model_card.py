@@ -36,7 +36,7 @@ class ModelCard:
 # The policies `models` lists, with the slot counts the CLI's examples use, and the KV
 # quantisations (--kv-quant) listed beside a policy: "POLICY + int4".
 LISTED_POLICIES = ("per-loop", "last-loop", "mean", "first-loop", "modulo:2", "first-then-shared:2", "flashloop",
-                   "per-loop + int8", "per-loop + int4", "last-loop + int4")
+                   "per-loop + int8", "per-loop + int4", "per-loop + int4:flashloop-tail", "last-loop + int4")
 MELT_LISTED = ("", " + int8", " + int4")
 
 

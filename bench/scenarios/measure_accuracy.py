@@ -102,7 +102,7 @@ def evaluate_point(point: AccuracyPoint, task_manager, tokenizer_source: str | N
     return rows, list(warnings)
 
 
-# The probe's length: a packed cache (flashloop, --kv-quant) keeps its newest 64-127 rows at full
+# The probe's length: a packed cache (flashloop, --kv-quant) keeps its newest rows at full
 # precision, so its bytes per token depend on the length; every policy is measured at this one.
 KV_PROBE_TOKENS = 2048
 

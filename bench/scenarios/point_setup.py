@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from melt_bench.models.packed_cache import QUANT_TAIL_RULES, quant_tail
 from melt_bench.scenarios.latency import LatencyPoint
 from melt_bench.scenarios.memory import MemoryPoint
 
@@ -53,9 +54,12 @@ def prefill_chunking(model, point: MemoryPoint | LatencyPoint) -> tuple[list[int
 
 
 def kv_metrics(model) -> dict:
-    """How the point's keys/values were kept: the KV policy it ran under and, for MELT, its chunk
-    size and what decoded tokens read (decode_reads)."""
+    """How the point's keys/values were kept: the KV policy it ran under, the KV quantisation and
+    which rows it keeps at full precision, and, for MELT, its chunk size and what decoded tokens
+    read (decode_reads)."""
     metrics = {"kv_policy": model.model.policy.name, "kv_quant": model.config.kv_quant or "none"}
+    if (tail := quant_tail(model.config.kv_quant)) is not None:
+        metrics["kv_quant_rule"] = f"{tail}: {QUANT_TAIL_RULES[tail]}"
     if hasattr(model.config, "decode_reads"):
         metrics.update(chunk_size=model.config.chunk_size, decode_reads=model.config.decode_reads)
     return metrics
