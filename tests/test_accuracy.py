@@ -106,6 +106,9 @@ def test_exact_match_equals_the_fraction_answered_right(tmp_path, monkeypatch):
     scores = {(r.point["filter"], r.metrics["value"]) for r in rows}
     assert scores == {("strict-match", 0.75), ("flexible-extract", 0.75)}
     assert set(seen_loops) == {1, 3}
+    # each row keeps its per-document scores (lm-eval's per-sample log), for paired verdicts
+    for r in rows:
+        assert r.metrics["document_scores"] == [[0, 1.0], [1, 0.0], [2, 1.0], [3, 1.0]]
 
 
 def test_batched_generation_matches_batch_of_one():

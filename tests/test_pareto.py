@@ -22,7 +22,10 @@ def row(model, loops, value, kv, policy=None, weights=None, stderr=0.01, record_
                  data_dir=None, metric="exact_match", filter="strict-match")
     if policy:
         point["kv_policy"] = policy
-    metrics = {"value": value, "stderr": stderr, "n_samples": 200, "peak_bytes": 10**8, "kv_bytes_per_token": kv}
+    # per-document scores: the first round(200 x value) documents answered, so runs pair up
+    scores = [[doc, float(doc < round(200 * value))] for doc in range(200)]
+    metrics = {"value": value, "stderr": stderr, "n_samples": 200, "peak_bytes": 10**8, "kv_bytes_per_token": kv,
+               "document_scores": scores}
     if record_policy:
         metrics["kv_policy"] = policy or ("shared-gated" if model.startswith("melt") else "per-loop")
     return ResultRow("accuracy", f"{model}-{policy}-{weights}-{loops}", point, "ok", None, metrics, {"host": "h"}, 1.0)
@@ -52,12 +55,15 @@ def test_verdicts_say_plainly_who_wins_at_equal_memory():
     lines = verdicts(matched_memory(rows_to_frame(proof_rows())), "exact_match")
     converted, fresh = sorted(lines)
     assert converted.startswith("melt-tiny @ melt-converted/model at 4 loops: exact_match 1.000 with 2,048 KV")
-    assert "ouro-tiny (last-loop) at 3 loops, scores 0.950 (-0.050): it falls short." in converted
-    assert fresh.endswith("(+0.950): it beats it.")
-    # within the larger standard error is a match, not a win
+    assert "ouro-tiny (last-loop) at 3 loops, scores 0.950 (-0.050): it falls short (paired over n = 200" in converted
+    assert "discordant 0 (rival right only) vs 10" in converted
+    assert "(+0.950): it beats it (paired over n = 200" in fresh
+    # #31 item 4: within the larger standard error is no longer a match; the paired 95% interval
+    # [-0.024, +0.004] reaches past the 0.02 margin, so it is undecided
     close = [row("ouro-tiny", 4, 0.97, 2048, "mean", stderr=0.02), row("melt-tiny", 4, 0.98, 2048)]
     [line] = verdicts(matched_memory(rows_to_frame(close)))
-    assert line.endswith("(-0.010): it matches it.")
+    assert "(-0.010): it is undecided at n = 200 (paired over n = 200 documents: difference -0.010, paired SE 0.007, " \
+           "95% interval [-0.024, +0.004]" in line
 
 
 def test_rows_without_a_recorded_policy_fall_back_on_the_preset_family():
@@ -73,7 +79,7 @@ def test_report_draws_the_frontier_and_states_the_verdict(tmp_path):
         store.append(result)
     html = build_report([store.path])
     assert "accuracy vs KV bytes per token (Pareto)" in html
-    assert "it falls short." in html and "best training-free" in html
+    assert "it falls short (paired over n = 200" in html and "best training-free" in html and "95% interval" in html
     # without a trained-gate point there is nothing to match: the plot stays, the verdict goes
     only_ouro = ResultsStore(tmp_path / "ouro.jsonl")
     for result in proof_rows()[:5]:
@@ -93,7 +99,7 @@ def test_a_chunk_reading_melt_pays_for_its_side_buffer():
     assert list(kv_cost_per_token(frame)) == [10240.0, 8192.0, 2048.0]
     [line] = verdicts(matched_memory(frame))
     assert "with 10,240 KV bytes per token" in line
-    assert "ouro-tiny (per-loop) at 4 loops, scores 1.000 (+0.000): it matches it." in line
+    assert "ouro-tiny (per-loop) at 4 loops, scores 1.000 (+0.000): it matches it (within +-0.02)" in line
 
 
 def test_the_report_lists_the_side_buffer_of_chunk_reads(tmp_path):

@@ -11,6 +11,7 @@ import pandas as pd
 
 from melt_bench.models import PRESETS
 from melt_bench.models.kv_policy import is_training_free
+from melt_bench.reporting.paired import compare_paired, describe, in_unit_range, paired_verdict
 
 
 def pareto_mask(cost: Sequence[float], value: Sequence[float]) -> list[bool]:
@@ -47,8 +48,9 @@ def kv_cost_per_token(frame: pd.DataFrame) -> pd.Series:
 def matched_memory(frame: pd.DataFrame) -> pd.DataFrame:
     """For every trained-gate point, the best training-free point (any model, policy and loop
     count) whose KV bytes per token (kv_cost_per_token) are at most the trained point's: one row
-    each with both values and the difference (training-free minus trained). Empty when either
-    side is."""
+    each with both values, the difference (training-free minus trained) and the paired comparison
+    over the documents both scored (reporting/paired.py: n, paired SE, 95% interval, discordant
+    counts and McNemar p for 0/1 scores, the verdict). Empty when either side is."""
     frame = frame[frame.kv_bytes_per_token.notna() & frame.value.notna()]
     frame = frame.assign(kv_bytes_per_token=kv_cost_per_token(frame))
     free = training_free_column(frame)
@@ -60,31 +62,40 @@ def matched_memory(frame: pd.DataFrame) -> pd.DataFrame:
             continue
         # the best value; among equals the smaller memory, then the fewer loops
         best = within.sort_values(["value", "kv_bytes_per_token", "loops"], ascending=[False, True, True]).iloc[0]
+        ours, theirs = _scores(point), _scores(best)
+        paired = compare_paired(theirs, ours)
         rows.append({"trained": point.model, "loops": point.loops, "value": point.value,
-                     "stderr": _stderr(point), "KV/token": int(point.kv_bytes_per_token),
+                     "KV/token": int(point.kv_bytes_per_token),
                      "best training-free": best.model, "its loops": best.loops, "its value": best.value,
-                     "its stderr": _stderr(best), "its KV/token": int(best.kv_bytes_per_token),
-                     "difference": best.value - point.value})
+                     "its KV/token": int(best.kv_bytes_per_token),
+                     "difference": best.value - point.value,
+                     "n paired": paired.n if paired else None,
+                     "paired SE": paired.paired_se if paired else None,
+                     "95% interval": paired.interval() if paired else None,
+                     "discordant (it / trained)": (f"{paired.rival_only} / {paired.reference_only}"
+                                                   if paired and paired.binary else None),
+                     "McNemar p": paired.mcnemar_p if paired else None,
+                     "verdict": paired_verdict(paired, in_unit_range(ours) and in_unit_range(theirs)),
+                     "evidence": describe(paired)})
     return pd.DataFrame(rows)
 
 
-def _stderr(row) -> float:
-    stderr = row.get("stderr")
-    return float(stderr) if stderr is not None and pd.notna(stderr) else 0.0
+def _scores(row) -> list | None:
+    scores = row.get("document_scores")
+    return scores if isinstance(scores, list) else None
 
 
 def verdicts(matched: pd.DataFrame, metric: str = "value") -> list[str]:
     """One plain sentence per trained model, at its best point (highest value, fewest loops):
-    whether a training-free policy matches it with no more KV memory. "Matches" means within the
-    larger of the two standard errors."""
+    whether the best training-free policy with no more KV memory beats it, falls short, matches it
+    or is undecided, as the paired 95% interval says (matched_memory), with the figures behind it."""
     lines = []
     for model, rows in matched.groupby("trained", sort=True):
         row = rows.sort_values(["value", "loops"], ascending=[False, True]).iloc[0]
-        gap, noise = row["difference"], max(row["stderr"], row["its stderr"])
-        outcome = ("matches it" if abs(gap) <= noise else "beats it" if gap > 0 else "falls short")
         lines.append(f"{model} at {_loops(row.loops)}: {metric} {row.value:.3f} with {row['KV/token']:,} KV bytes per "
                      f"token. The best training-free point with no more KV memory, {row['best training-free']} at "
-                     f"{_loops(row['its loops'])}, scores {row['its value']:.3f} ({gap:+.3f}): it {outcome}.")
+                     f"{_loops(row['its loops'])}, scores {row['its value']:.3f} ({row['difference']:+.3f}): it "
+                     f"{row['verdict']} ({row['evidence']}).")
     return lines
 
 

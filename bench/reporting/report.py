@@ -232,7 +232,7 @@ def accuracy_section(frame: pd.DataFrame) -> Section | None:
             if len(matched):  # one labelled block per (task, metric, filter)
                 section.notes.append(f"At equal KV memory | {label_of(key)}:")
                 section.notes.extend(verdicts(matched, f"{key[1]} ({key[2]})"))
-                section.tables.append(html_table(matched.round(4)))
+                section.tables.append(html_table(matched.drop(columns=["evidence"]).round(4)))
     table = acc[["model", "loops", "task", "metric", "filter", "exit_mode", "value", "stderr", "n_samples"]].copy()
     table["peak"] = acc.peak_bytes.map(format_bytes)
     if "kv_bytes_per_token" in acc:

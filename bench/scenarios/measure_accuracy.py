@@ -133,6 +133,21 @@ def responses_hash(results: dict, task: str) -> str:
     return hashlib.sha256(json.dumps(samples, default=str).encode()).hexdigest()
 
 
+def document_scores(results: dict, task: str, metric: str, filter_name: str) -> list[list] | None:
+    """[doc_id, score] of every scored document for one metric and filter, in document order, from
+    lm-eval's per-sample log: what a paired comparison of two runs over the same documents needs
+    (reporting/paired.py). None where the metric has no number per document (a corpus metric)."""
+    scores = []
+    for sample in results["samples"][task]:
+        if sample.get("filter") != filter_name:
+            continue
+        value = sample.get(metric)
+        if not isinstance(value, (bool, int, float)):  # bool is an int: a 0/1 score
+            return None
+        scores.append([sample["doc_id"], float(value)])
+    return sorted(scores) or None
+
+
 def _evaluate(lm, point: AccuracyPoint, task_manager, simple_evaluate, meta: dict) -> list[ResultRow]:
     device = torch.device(point.device)
     rss, allocator = RssTracker(), (CudaAllocatorTracker(torch.cuda, device) if device.type == "cuda" else None)
@@ -181,6 +196,7 @@ def _evaluate(lm, point: AccuracyPoint, task_manager, simple_evaluate, meta: dic
           **kv_metrics(lm.model)}
     return [
         ResultRow("accuracy", point.point_id, {**point.to_dict(), "metric": metric, "filter": filter_name}, "ok", None,
-                  {"value": value, "stderr": stderr, "n_samples": n, "eval_s": wall, **memory, **kv}, meta, wall)
+                  {"value": value, "stderr": stderr, "n_samples": n, "eval_s": wall, **memory, **kv,
+                   "document_scores": document_scores(results, point.task, metric, filter_name)}, meta, wall)
         for metric, filter_name, value, stderr, n in scores
     ]
