@@ -5,9 +5,9 @@ standard error takes that into account, where comparing each run's own standard 
 
 A verdict follows the interval only: the rival "beats" the reference where the whole interval is
 above 0, "falls short" where it is below 0, "matches" where it lies within +-EQUIVALENCE_MARGIN
-(two one-sided tests at 2.5% each: equivalence within the margin), and is "undecided at n = N"
-otherwise ("is undecided", in a sentence). (Anchor: 818 vs 813 of GSM8K's 1,319, 36 and 31 discordant questions, gives a paired
-standard error of 0.62 points.)
+(two one-sided tests at 2.5% each: equivalence within the margin), and "is undecided at n = N"
+otherwise. (Anchor: 818 vs 813 of GSM8K's 1,319, 36 and 31 discordant questions, gives a
+paired standard error of 0.62 points.)
 """
 
 from __future__ import annotations
