@@ -125,4 +125,7 @@ class Attention(nn.Module):
             k, v = cache.update_mixed(slot, (k_o, v_o), (k, v), start)
         elif cache is not None:
             k, v = cache.update_slot(slot, k, v, start)
+            out = cache.attend(self, slot, q, k, v)
+            if out is not None:
+                return out, (kv_in if self.kv_gate is not None else None)
         return self.attend(q, k, v, attn), (kv_in if self.kv_gate is not None else None)

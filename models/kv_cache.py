@@ -87,6 +87,16 @@ class LoopedKVCache(Cache):
         """The normed output of loop `loop` for the tokens being processed (caches that choose
         what to keep from it, FlashLoop's, override this)."""
 
+    def active_tokens(self, loop: int) -> torch.Tensor | None:
+        """Which of the tokens being processed loop `loop` updates (None: all). FlashLoop's prompt
+        updates a chosen few at its late loops; the others keep their hidden state."""
+        return None
+
+    def attend(self, attention, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """An attention output the cache computes itself from the rows `update_slot` returned
+        (None: the layer's usual attention). FlashLoop's decode re-reads loop 2's chosen keys."""
+        return None
+
     def open_chunk_start(self, start: int) -> int:
         """Where the chunk holding cache position `start` begins (on the grid of C from 0)."""
         return start - start % self.open_chunk

@@ -37,9 +37,9 @@ def stream_bytes(kind: str, rows: int, batch: int, kv_heads: int, head_dim: int,
     return 4 * batch * kv_heads * rows * (_ceil(head_dim, per_word) + _ceil(head_dim, group))
 
 
-def _quantise(x: torch.Tensor, dim: int, bits: int, group: int):
-    """Codes (uint8, the shape of x) and fp16 min / scale per group of `group` along `dim` (a
-    last partial group uses only its own entries)."""
+def _quantise(x: torch.Tensor, dim: int, bits: int, group: int, meta_dtype: torch.dtype = torch.float16):
+    """Codes (uint8, the shape of x) and min / scale per group of `group` along `dim` (a last
+    partial group uses only its own entries), stored in `meta_dtype` (fp16 in KIVI's layout)."""
     x32 = x.float().movedim(dim, -1)
     n = x32.shape[-1]
     pad = _ceil(n, group) * group - n
@@ -51,7 +51,7 @@ def _quantise(x: torch.Tensor, dim: int, bits: int, group: int):
     scale = torch.where(high > low, scale, torch.ones_like(scale))
     codes = torch.round((grouped - low[..., None]) / scale[..., None]).clamp_(0, 2**bits - 1)
     codes = codes.flatten(-2)[..., :n].to(torch.uint8).movedim(-1, dim)
-    return codes, low.half().movedim(-1, dim), scale.half().movedim(-1, dim)
+    return codes, low.to(meta_dtype).movedim(-1, dim), scale.to(meta_dtype).movedim(-1, dim)
 
 
 def _dequantise(codes: torch.Tensor, low: torch.Tensor, scale: torch.Tensor, dim: int, group: int,

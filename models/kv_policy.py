@@ -20,20 +20,11 @@ import torch
 from torch import nn
 
 from .configs import OuroConfig
+from .flashloop import FlashLoopCache, flashloop_bytes
 from .kivi_cache import kivi_slot_bytes
 from .melt_gates import GATE_CLASSES
 from .names import TRAINING_FREE_POLICIES, UnknownKVPolicyError, parse_kv_policy  # noqa: F401  (re-exported)
-from .packed_cache import (
-    FlashLoopCache,
-    TailRule,
-    commits_for,
-    flashloop_layer_bytes,
-    layout_after,
-    quant_bits,
-    quant_tail,
-    quantized_slot_bytes,
-    selected_count,
-)
+from .packed_cache import TailRule, commits_for, layout_after, quant_bits, quant_tail, quantized_slot_bytes
 
 Row = tuple[torch.Tensor, torch.Tensor]  # one layer's keys and values for the tokens being processed
 
@@ -57,6 +48,7 @@ class KVPolicy:
     reduces_loops = False  # True: the kept row combines the loops' rows (accumulate / final)
     training_free = True  # runs on Ouro weights unchanged
     lossy = False  # True: kept rows are compressed (quantised), not the rows the loops computed
+    early_stop = True  # False: the policy's computation has no early exit (FlashLoop's)
 
     def __init__(self, config: OuroConfig) -> None:
         self.num_layers = config.num_hidden_layers
@@ -228,21 +220,21 @@ class FirstThenSharedKVPolicy(FixedSlotsKVPolicy):
 
 
 class FlashLoopKVPolicy(KVPolicy):
-    """FlashLoop 0.1.0's cross-loop cache on Ouro's per-loop slots (packed_cache.FlashLoopCache):
-    loop 1 an INT4 anchor, loop 2 an INT4 residual over it, loops 3 and 4 INT4 residuals for the
-    top 25% / 10% of prompt tokens and every decoded token, the newest 64-127 tokens in a bf16
-    tail. Loops 1-4 (its definition), one sequence (its batch).
+    """FlashLoop 0.1.0 on Ouro weights, computed as its pure-torch reference computes it
+    (flashloop.py): a token-sparse prefill (loops 3 and 4 update the 25% / 10% of prompt tokens
+    whose normed state moved most), decode loops 3 and 4 re-reading loop 2's top 10% of keys, and
+    its cross-loop INT4 cache (loop 1 an anchor, later loops residuals over the loop before, loops
+    3/4 only for the tokens they updated, the newest 64-127 rows at full precision). Loops 1-4 (its
+    definition), one sequence (its batch), no early exit (it always reads loop 4).
 
-    Source: FlashLoop (arXiv 2609.29812; PyPI `flashloop` 0.1.0, `CrossLoopKVLayer`, `kivi_outer`
-    backend, default config). Its token-sparse prefill and sparse decode attention are compute
-    options and are left out: loops 3 and 4 run densely over every token, and what the cache
-    keeps follows FlashLoop's selection rule (the tokens whose hidden state moved most at the loop
-    before, nested, the last prompt token always in). KV bytes: `packed_cache.flashloop_layer_bytes`
-    x layers, which depends on the prompt length; asymptotically about 1/5.9 of `per-loop` at 4
-    loops."""
+    Source: FlashLoop (arXiv 2609.29812; PyPI `flashloop` 0.1.0, `flashloop_torch.flashloop`,
+    defaults: 4 bits, groups of 64, residual 64, fractions 0.25 / 0.10, decode fraction 0.10).
+    KV bytes: `flashloop.flashloop_bytes`, which depends on the prompt length and on which tokens
+    were chosen; asymptotically about 1/6 of `per-loop` at 4 loops."""
 
     name = "flashloop"
     lossy = True
+    early_stop = False
 
     def cache(self, loops: int, capacity: int | None):
         return FlashLoopCache(self.num_slots(loops), loops, capacity)
@@ -350,18 +342,17 @@ def kv_side_buffer_bytes(config: OuroConfig, loops: int, dtype: torch.dtype, tok
 def predict_kv_cache_bytes(
     config: OuroConfig, loops: int, batch: int, tokens: int, dtype: torch.dtype, kv_policy: str | None = None,
     prompt_tokens: int | None = None, kv_quant: str | None = None,
-    late_rows_in_tail: tuple[int, int] | None = None,
+    flashloop_late_rows: list[tuple[int, int]] | None = None,
 ) -> int:
     """Analytic bytes a cache holding `tokens` tokens for `batch` sequences must hold (the rows
     kept per token, plus MELT's open-chunk side buffer where decoding continues the chunk grid),
     under `kv_policy` and `kv_quant` (default: the config's).
 
-    Packed caches (packed_cache.py) depend on how the tokens came: `prompt_tokens` of them as the
-    prompt (default: all; MELT's in chunks of its chunk_size), the rest decoded one at a time.
-    FlashLoop's loop-3/4 residuals cover the selected prompt tokens that have left the tail; which
-    ones are selected depends on the data, so `late_rows_in_tail` says how many selected prompt
-    tokens (loop 3, loop 4) are still in the tail; by default as few as can be (the always-selected
-    last one, or those the packed rows cannot hold): the most a cache can hold, an upper bound."""
+    Packed caches depend on how the tokens came: `prompt_tokens` of them as the prompt (default:
+    all; MELT's in chunks of its chunk_size), the rest decoded one at a time. FlashLoop's loop-3/4
+    residuals cover the tokens its loops 3/4 updated; which prompt tokens those are depends on the
+    data, so `flashloop_late_rows` gives their count per packed group (FlashLoopCache.
+    selected_per_group); by default they are assumed spread evenly over the prompt."""
     policy = kv_policy_for(config, kv_policy)
     itemsize = torch.empty((), dtype=dtype).element_size()
     heads, head_dim = config.num_key_value_heads, config.head_dim
@@ -369,17 +360,9 @@ def predict_kv_cache_bytes(
     if policy.name == "flashloop":
         if batch != 1:
             raise ValueError("flashloop: FlashLoop 0.1.0 holds one sequence (batch 1)")
-        layout = layout_after(commits_for(tokens, prompt_tokens, None))
         prompt = tokens if prompt_tokens is None else min(prompt_tokens, tokens)
-        late = []
-        for index, fraction in enumerate(FlashLoopCache.FRACTIONS):
-            selected = selected_count(fraction, prompt)
-            if late_rows_in_tail is not None:
-                packed_prompt = selected - late_rows_in_tail[index]
-            else:  # every selected token but the last packed, as far as the packed prompt rows reach
-                packed_prompt = selected if layout.packed >= prompt else min(selected - 1, layout.packed)
-            late.append(packed_prompt + max(0, layout.packed - prompt))
-        return config.num_hidden_layers * flashloop_layer_bytes(layout, loops, tuple(late), heads, head_dim, itemsize)
+        return flashloop_bytes(tokens, prompt, loops, config.num_hidden_layers, heads, head_dim, itemsize,
+                               flashloop_late_rows)
     if (bits := quant_bits(quant)) is not None and quant_tail(quant) == "kivi":
         return policy.num_slots(loops) * kivi_slot_bytes(tokens, batch, heads, head_dim, itemsize, bits)
     if bits is not None:

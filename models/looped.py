@@ -154,6 +154,8 @@ class LoopedModel(LoopedPreTrainedModel):
             training = self.training and torch.is_grad_enabled()
             cache = LoopedKVCache(self.policy.num_slots(loops), loops, functional=True) if training \
                 else self.new_cache(loops)
+        if early_stop_threshold is not None and not self.policy.early_stop:
+            raise ValueError(f"early stopping under KV policy {self.policy.name}: it always computes every loop")
         if early_stop_threshold is not None and len(chunks) > 1:
             raise ValueError(f"early stopping needs the input in one chunk ({seq} tokens > chunk_size {chunks[0][1]})")
 
@@ -199,19 +201,24 @@ class LoopedModel(LoopedPreTrainedModel):
         # policies that keep a combination of a token's loops fold each loop's rows in here
         kept = [None] * len(self.layers) if self.policy.reduces_loops and cache is not None else None
         for loop in range(loops):
+            # FlashLoop's prompt: at its late loops only the chosen tokens move on
+            active = cache.active_tokens(loop) if isinstance(cache, LoopedKVCache) else None
             for i, layer in enumerate(self.layers):
                 slot = self.policy.slot(loop, i)
                 if isinstance(cache, TransitionKVCache):
                     slot = (loop * len(self.layers) + i, slot)  # (Ouro's per-loop slot, MELT's)
                 if grid:
                     cache.restore_open_chunk(loop, slot, start)
+                before = x
                 x, kv_states[i], attn_out = layer(x, rope, attn, cache, slot, start, kv_states[i], loop)
+                if active is not None:
+                    x = torch.where(active[None, :, None], x, before)
                 if grid:
                     cache.save_open_chunk(loop, slot, start, end)
                 if kept is not None:
                     kept[i] = self.policy.accumulate(kept[i], loop, *cache.rows(slot, start, end))
                 found.attention_output(loop, i, attn_out)
-            x = self.norm(x)
+            x = self.norm(x) if active is None else torch.where(active[None, :, None], self.norm(x), x)
             if isinstance(cache, LoopedKVCache):
                 cache.observe_loop_output(loop, x)
             gate = self.early_exit_gate(x).squeeze(-1)

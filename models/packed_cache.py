@@ -23,7 +23,6 @@ directly and never materialise the rows, which changes time, not the bytes held)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -52,11 +51,6 @@ QUANT_TAIL_RULES = {
             "once they leave a window of the 64 newest",
     "flashloop-tail": "FlashLoop's tail rule: the newest 64-127 rows of keys and values at full precision",
 }
-
-
-def selected_count(fraction: float, prompt_tokens: int) -> int:
-    """How many prompt tokens FlashLoop keeps a late-loop residual for: max(1, ceil(f x P))."""
-    return max(1, math.ceil(prompt_tokens * fraction))
 
 
 def check_kv_quant(mode: str | None, kv_policy: str, decode_reads: str | None = None) -> None:
@@ -281,187 +275,6 @@ class QuantizedKVCache(PackedKVCache):
         super()._map_batch(fn)
         for stream in self.packed_keys + self.packed_values:
             stream.map(fn)
-
-
-def _select(scores: torch.Tensor, fraction: float, eligible: torch.Tensor) -> torch.Tensor:
-    """FlashLoop's `select_prefill_tokens` (batch 1): the last token, then the top-scored eligible
-    tokens up to max(1, ceil(fraction x tokens)) in all."""
-    tokens = scores.shape[-1]
-    chosen = torch.zeros(tokens, dtype=torch.bool, device=scores.device)
-    chosen[-1] = True
-    candidates = torch.nonzero(eligible, as_tuple=False).flatten()
-    candidates = candidates[candidates != tokens - 1]
-    take = min(selected_count(fraction, tokens), candidates.numel() + 1) - 1
-    if take > 0:
-        chosen[candidates[torch.topk(scores[candidates].float(), k=take).indices]] = True
-    return chosen
-
-
-class FlashLoopCache(PackedKVCache):
-    """FlashLoop 0.1.0's cache (see the module docstring) for Ouro's per-loop slots
-    (slot = loop x layers + layer), 1 to 4 loops, one sequence. Per layer it holds what
-    `CrossLoopKVLayer.storage_bytes` counts: the packed streams, per late loop (3, 4) the packed
-    positions that have a residual (int32) and a rank map over the packed rows (int32, -1 for
-    none), and the tail's flags of which rows are residual-carrying (bool)."""
-
-    batch_one = True
-    FRACTIONS = (0.25, 0.10)  # loops 3 and 4: the share of prompt tokens keeping a residual
-
-    def __init__(self, num_slots: int, loops: int, capacity: int | None = None, rule: TailRule = TailRule()) -> None:
-        if not 1 <= loops <= 4:
-            raise ValueError(f"flashloop: FlashLoop 0.1.0 defines loops 1-4, got {loops}")
-        self.num_layers = num_slots // loops
-        self.late = loops - 2 if loops > 2 else 0  # late loops (3, 4) present
-        super().__init__(num_slots, loops, capacity, rule)
-        self.clear_packed()
-        self._previous: torch.Tensor | None = None
-        self._scores: list[torch.Tensor | None] = [None, None]
-        self.active: list[torch.Tensor | None] = [None] * self.late  # per late loop, over the tail (1, rows)
-
-    def clear_packed(self) -> None:
-        self.streams = [[(PackedKeys(4, self.rule.group), PackedValues(4, self.rule.group)) for _ in range(self.loops)]
-                        for _ in range(self.num_layers)]
-        # per layer and late loop: packed positions with a residual, and the rank map over packed rows
-        self.positions = [[torch.zeros(0, dtype=torch.int32) for _ in range(self.late)] for _ in range(self.num_layers)]
-        self.ranks = [[torch.zeros(0, dtype=torch.int32) for _ in range(self.late)] for _ in range(self.num_layers)]
-        self.flags = [[None] * self.late for _ in range(self.num_layers)]  # per layer: the tail flags (1, capacity)
-
-    def slot(self, loop: int, layer: int) -> int:
-        return loop * self.num_layers + layer
-
-    # --- selection, from the prompt's per-loop hidden states --------------------------------
-    def observe_loop_output(self, loop: int, hidden: torch.Tensor) -> None:
-        if self.layout.started or loop > 2:
-            return
-        if loop > 0:  # how far the token moved at this loop: ||h_t - h_t-1|| / ||h_t||, in fp32
-            h, prev = hidden[0].float(), self._previous[0].float()
-            self._scores[loop - 1] = (h - prev).norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12)
-        self._previous = hidden
-
-    def before_pack(self, before: TailLayout, rows: int) -> None:
-        """Flag which of the new rows keep loop-3 / loop-4 residuals: for the prompt (the first
-        commit) the selected tokens, whose unselected rows take the loop before's; for decoded
-        tokens all."""
-        if not before.started:
-            self.prompt_tokens = rows
-        if not self.late:
-            return
-        device = self.keys[0].device
-        if not before.started:
-            eligible, new = torch.ones(rows, dtype=torch.bool, device=device), []
-            for index in range(self.late):
-                scores = self._scores[index]
-                eligible = _select(torch.zeros(rows, device=device) if scores is None else scores,
-                                   self.FRACTIONS[index], eligible)
-                new.append(eligible)
-            self._keep_selected_rows(new)
-        else:
-            new = [torch.ones(rows, dtype=torch.bool, device=device)] * self.late
-        empty = torch.zeros(0, dtype=torch.bool, device=device)
-        self.active = [torch.cat([(old if old is not None else empty)[:before.tail], flags])
-                       for old, flags in zip(self.active, new)]
-        self._previous, self._scores = None, [None, None]
-
-    prompt_tokens = 0
-
-    def late_rows_in_tail(self) -> tuple[int, int]:
-        """Per late loop (3, 4), the selected prompt tokens still in the tail: what the byte
-        formula needs to be exact (predict_kv_cache_bytes' `late_rows_in_tail`)."""
-        prompt_in_tail = max(0, self.prompt_tokens - self.layout.packed)
-        counts = [int(flags[:prompt_in_tail].sum()) for flags in self.active] if self.late else []
-        return tuple(counts + [0] * (2 - len(counts)))
-
-    def _keep_selected_rows(self, chosen: list[torch.Tensor]) -> None:
-        """A prompt token without a loop-3 (4) residual holds its loop-2 (3) rows there, as
-        FlashLoop's sparse prefill leaves them (its inactive tokens keep the previous loop's K/V)."""
-        for index, selected in enumerate(chosen):
-            loop = index + 2
-            drop = torch.nonzero(~selected, as_tuple=False).flatten()
-            for layer in range(self.num_layers):
-                src, dst = self.slot(loop - 1, layer), self.slot(loop, layer)
-                for store in (self.keys, self.values):
-                    store[dst][:, :, drop] = store[src][:, :, drop]
-
-    def pack(self, rows: int) -> None:
-        start = self.layout.packed - rows
-        for layer in range(self.num_layers):
-            slots = [self.slot(loop, layer) for loop in range(self.loops)]
-            anchor_k, anchor_v = self.streams[layer][0]
-            anchor_k.append(self.keys[slots[0]][:, :, :rows])
-            anchor_v.append(self.values[slots[0]][:, :, :rows])
-            recon = [anchor_k.read()[:, :, -rows:], anchor_v.read()[:, :, -rows:]]
-            if self.loops > 1:
-                recon = self._append_residual(layer, 1, slots[1], torch.arange(rows, device=recon[0].device), recon)
-            for index in range(self.late):
-                picked = torch.nonzero(self.active[index][:rows], as_tuple=False).flatten()
-                base = [r[:, :, picked] for r in recon]
-                if index == 1:  # loop 4 builds on the loop-3 reconstruction of its (nested) tokens
-                    within = torch.searchsorted(torch.nonzero(self.active[0][:rows], as_tuple=False).flatten(), picked)
-                    base = [r[:, :, within] for r in self._late_recon]
-                self._late_recon = self._append_residual(layer, index + 2, slots[index + 2], picked, base)
-                count = self.positions[layer][index].numel()
-                ranks = torch.full((rows,), -1, dtype=torch.int32, device=picked.device)
-                ranks[picked] = torch.arange(count, count + picked.numel(), dtype=torch.int32, device=picked.device)
-                self.positions[layer][index] = torch.cat([self.positions[layer][index].to(picked.device),
-                                                          (picked + start).to(torch.int32)])
-                self.ranks[layer][index] = torch.cat([self.ranks[layer][index].to(picked.device), ranks])
-        self.active = [a[rows:] for a in self.active]
-
-    def _append_residual(self, layer: int, loop: int, slot: int, picked: torch.Tensor,
-                         base: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Append loop `loop`'s rows of the picked tail rows as INT4 residuals over `base` (their
-        reconstruction at the loop before); returns their reconstruction at this loop."""
-        keys_stream, values_stream = self.streams[layer][loop]
-        if picked.numel() == 0:
-            return [prior[:, :, :0] for prior in base]
-        out = []
-        for stream, store, prior in ((keys_stream, self.keys, base[0]), (values_stream, self.values, base[1])):
-            residual = store[slot][:, :, picked] - prior
-            stream.append(residual)
-            out.append(prior + stream.read()[:, :, stream.rows - picked.numel():])
-        return out
-
-    def after_pack(self, rows: int) -> None:
-        for layer in range(self.num_layers):
-            for index in range(self.late):
-                flags = torch.zeros((1, self.layout.capacity), dtype=torch.bool, device=self.active[index].device)
-                flags[0, :self.layout.tail] = self.active[index][:self.layout.tail]
-                self.flags[layer][index] = flags
-
-    def read_packed(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        loop, layer = divmod(slot, self.num_layers)
-        keys_stream, values_stream = self.streams[layer][0]
-        recon = [keys_stream.read(), values_stream.read()]
-        for later in range(1, loop + 1):
-            keys_stream, values_stream = self.streams[layer][later]
-            if later == 1:
-                recon = [recon[0] + keys_stream.read(), recon[1] + values_stream.read()]
-            elif keys_stream.rows:
-                where = self.positions[layer][later - 2].long()
-                recon = [r.index_add(2, where, s.read()) for r, s in zip(recon, (keys_stream, values_stream))]
-        return recon[0], recon[1]
-
-    def packed_tensors(self) -> list[torch.Tensor]:
-        tensors = [t for layer in self.streams for pair in layer for stream in pair for t in stream.tensors()]
-        for layer in range(self.num_layers):
-            tensors += [t for t in self.positions[layer] + self.ranks[layer] if t.numel()]
-            tensors += [t for t in self.flags[layer] if t is not None]
-        return tensors
-
-
-def flashloop_layer_bytes(layout: TailLayout, loops: int, late_rows: tuple[int, int], kv_heads: int, head_dim: int,
-                          itemsize: int, rule: TailRule = TailRule()) -> int:
-    """`CrossLoopKVLayer.storage_bytes` of one layer (batch 1): packed anchor and loop-2 residual
-    over all packed rows, loop-3/4 residuals over `late_rows`, the bf16 tail of every loop at its
-    capacity, and per late loop the residual positions (int32), the rank map (int32 per packed
-    row) and the tail flags (bool per tail row)."""
-    def pair(rows: int) -> int:
-        return sum(stream_bytes(kind, rows, 1, kv_heads, head_dim, 4, rule.group) for kind in ("keys", "values"))
-
-    late = max(loops - 2, 0)
-    total = pair(layout.packed) * min(loops, 2) + sum(pair(rows) for rows in late_rows[:late])
-    total += loops * 2 * kv_heads * layout.capacity * head_dim * itemsize
-    return total + sum(4 * rows for rows in late_rows[:late]) + late * (4 * layout.packed + layout.capacity)
 
 
 def quantized_slot_bytes(layout: TailLayout, batch: int, kv_heads: int, head_dim: int, itemsize: int, bits: int,

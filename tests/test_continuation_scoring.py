@@ -127,7 +127,7 @@ def test_packed_caches_are_scored_as_generation_reads_them(spec):
     try:
         model = load_model("ouro-tiny", **spec)
         assert scores(model, "decode")[0] == pytest.approx(decoded_logprob(model), abs=1e-4)
-        assert abs(scores(model, "decode")[0] - decoded_logprob(load_model("ouro-tiny"))) > 1e-4
+        assert abs(scores(model, "decode")[0] - decoded_logprob(load_model("ouro-tiny"))) > 1e-5  # packed rows read
         with pytest.raises(ValueError, match="use decode"):
             scores(model, "chunk")
     finally:

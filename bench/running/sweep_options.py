@@ -261,8 +261,8 @@ def resolve_kv_quants(value: object) -> list[str | None]:
 def check_packed_caches(points: list, command: str) -> None:
     """Refuse, before anything runs, the points a packed cache (--kv-quant, --kv-policy
     flashloop) cannot run: what FlashLoop 0.1.0 does not define (more than 4 loops, more than one
-    sequence, a prompt in chunks), a quantised FlashLoop, chunk reads, and the static-shape
-    decode engines (they read the cache's raw rows)."""
+    sequence, a prompt in chunks, an exit rule), a quantised FlashLoop, chunk reads, and the
+    static-shape decode engines (they read the cache's raw rows)."""
     from melt_bench.models.packed_cache import check_kv_quant
 
     for point in points:
@@ -278,6 +278,10 @@ def check_packed_caches(points: list, command: str) -> None:
         if policy == "flashloop" and command == "capacity":
             raise OptionError("--kv-policy flashloop on capacity: FlashLoop 0.1.0 holds one sequence, so its largest "
                               "batch is 1 by definition")
+        if policy == "flashloop" and (getattr(point, "early_exit", None) is not None
+                                      or getattr(point, "exit_mode", "last") != "last"):
+            raise OptionError("--kv-policy flashloop with an exit rule: FlashLoop 0.1.0 computes every loop and "
+                              "reads the last (use --early-exit off / --exit-mode last)")
         if policy == "flashloop" and (point.batch_size or 1) > 1:
             raise OptionError(f"--kv-policy flashloop at batch {point.batch_size}: FlashLoop 0.1.0 holds one sequence")
         if packed and getattr(point, "prefill_chunk", None) is not None:

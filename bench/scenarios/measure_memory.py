@@ -128,8 +128,10 @@ def measure_memory_point(
         metrics["kv_cache_tokens"] = tokens
         metrics["kv_cache_bytes_predicted"] = predict_kv_cache_bytes(
             model.config, point.loops, point.batch_size, tokens, dtype, prompt_tokens=point.seq_len,
-            late_rows_in_tail=getattr(cache, "late_rows_in_tail", lambda: None)(),
+            flashloop_late_rows=getattr(cache, "selected_per_group", lambda: None)(),
         )
+        if hasattr(cache, "flashloop_count"):  # FlashLoop counts its metadata at fp16, its tail at bf16
+            metrics["kv_cache_bytes_flashloop_count"] = cache.flashloop_count()
         # MELT's open-chunk side buffer (decode_reads="chunk"), inside kv_cache_bytes and apart
         metrics["kv_side_buffer_bytes"] = cache.side_nbytes()
         metrics["kv_side_buffer_bytes_predicted"] = point.batch_size * kv_side_buffer_bytes(
