@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .kv_packing import PackedKeys, PackedValues, stream_bytes
-from .packed_cache import PackedKVCache, TailRule
+from .kv_packing import stream_bytes
+from .packed_cache import QuantizedKVCache, TailRule
 
 
 def kivi_packed_rows(tokens: int, group: int = TailRule.group) -> tuple[int, int]:
@@ -41,19 +41,12 @@ def kivi_slot_bytes(tokens: int, batch: int, kv_heads: int, head_dim: int, items
     return packed + batch * kv_heads * head_dim * itemsize * ((tokens - keys) + (tokens - values))
 
 
-class KiviKVCache(PackedKVCache):
+class KiviKVCache(QuantizedKVCache):
     """KIVI's cache for every slot (module docstring): keys and values each keep their own packed
     stream and full-precision rows; their packed counts differ, so each has its own offset."""
 
-    def __init__(self, num_slots: int, loops: int, bits: int, capacity: int | None = None,
-                 rule: TailRule = TailRule()) -> None:
-        self.bits = bits
-        super().__init__(num_slots, loops, capacity, rule)
-        self.clear_packed()
-
     def clear_packed(self) -> None:
-        self.packed_keys = [PackedKeys(self.bits, self.rule.group) for _ in range(self.num_slots)]
-        self.packed_values = [PackedValues(self.bits, self.rule.group) for _ in range(self.num_slots)]
+        super().clear_packed()
         self.packed_counts = (0, 0)
 
     def offsets(self) -> tuple[int, int]:
@@ -78,11 +71,3 @@ class KiviKVCache(PackedKVCache):
     def read_packed(self, slot: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         keys, values = self.packed_keys[slot], self.packed_values[slot]
         return keys.read() if keys.rows else None, values.read() if values.rows else None
-
-    def packed_tensors(self) -> list[torch.Tensor]:
-        return [t for stream in self.packed_keys + self.packed_values for t in stream.tensors()]
-
-    def _map_batch(self, fn) -> None:
-        super()._map_batch(fn)
-        for stream in self.packed_keys + self.packed_values:
-            stream.map(fn)

@@ -169,7 +169,8 @@ def test_report_renders_in_a_real_browser(tmp_path):
                          capture_output=True, text=True, timeout=120).stdout
     headers = re.findall(r"<th[^>]*>([^<]*)</th>", dom)
     assert headers and not [h for h in headers if "_" in h], headers  # words, not field names
-    verdicts = re.findall(r'<p class="note">([^<]*falls short[^<]*|[^<]*matches it[^<]*|[^<]*beats it[^<]*)</p>', dom)
+    verdicts = re.findall(r'<p class="note">([^<]*(?:falls short|matches it|beats it|is undecided)[^<]*)</p>',
+                          dom)
     assert verdicts and len(verdicts) == len(set(verdicts))  # no verdict twice
     assert "&gt;= 64" in dom  # the search that stopped at --max-batch
     summary = dom[dom.index('id="summary"'):dom.index("<section")]

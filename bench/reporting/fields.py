@@ -10,6 +10,7 @@ LABELS = {
     "filter": "filter", "exit_mode": "exit mode", "repeats": "repeats",
     # memory
     "peak": "peak", "peak_bytes": "peak", "kv_cache": "KV cache", "kv_cache_bytes": "KV cache",
+    "kv_cache_bytes_flashloop_count": "KV cache as FlashLoop counts it",
     "weights": "weights", "weights_bytes": "weights", "activation_peak": "activations (peak)",
     "activation_peak_bytes": "activations (peak)", "nvml_device_peak_above_baseline": "NVML device peak",
     "nvml_device_peak_above_baseline_bytes": "NVML device peak", "rss_peak_above_baseline": "process RSS peak",
