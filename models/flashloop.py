@@ -155,6 +155,8 @@ class FlashLoopCache(PackedKVCache):
         """After loop `loop`'s norm (with the carry): choose the tokens of the next late loop."""
         if not self.in_prompt or loop + 1 >= self.loops:
             return
+        if loop == 0:  # a new prompt (an earlier one that failed midway leaves nothing behind)
+            self._selected, self._outputs = [], []
         self._outputs.append(hidden[0])
         if loop >= 1:
             eligible = self._selected[-1] if self._selected else torch.ones(hidden.shape[1], dtype=torch.bool,
@@ -212,25 +214,30 @@ class FlashLoopCache(PackedKVCache):
         packed = max(0, (tokens - RESIDUAL) // GROUP) * GROUP
         for start in range(self.layout.packed, packed, GROUP):
             self._pack_group(start, start - self.layout.packed)
-        cut = packed - self.layout.packed
         for store in (self.keys, self.values):
-            for slot, buf in enumerate(store):
-                if buf is not None and (cut or buf.shape[2] != tokens - packed):
-                    store[slot] = buf[:, :, cut:cut + tokens - packed].clone()
+            for slot in range(self.num_slots):
+                self.keep_rows(store, slot, packed - self.layout.packed, tokens - packed)
         self.layout = TailLayout(packed, tokens - packed, tokens - packed, True)
 
     def late_rows(self, start: int, end: int) -> list[torch.Tensor]:
         """Per late loop, which of positions [start, end) carry a residual: the prompt's selected
         tokens, every decoded one."""
-        decoded = torch.arange(start, end) >= self.prompt_tokens
+        device = self.masks.device if self.masks is not None else None
+        decoded = torch.arange(start, end, device=device) >= self.prompt_tokens
         if self.masks is None:
             return [decoded] * self.late
-        bits = unpack_bits(self.masks.cpu(), self.late * self.prompt_tokens).view(self.late, -1)
-        inside = torch.zeros(self.late, end - start, dtype=torch.bool)
+        bits = unpack_bits(self.masks, self.late * self.prompt_tokens).view(self.late, -1)
+        inside = torch.zeros(self.late, end - start, dtype=torch.bool, device=device)
         prompt_end = min(end, self.prompt_tokens)
         if prompt_end > start:
             inside[:, :prompt_end - start] = bits[:, start:prompt_end]
         return [inside[index] | decoded for index in range(self.late)]
+
+    def picked_rows(self, late: list[torch.Tensor], loop: int, offset: int, device) -> torch.Tensor:
+        """Rows of the group at `offset` with a loop-`loop` residual (loop 2: all of them)."""
+        if loop == 1:
+            return torch.arange(GROUP, device=device)
+        return torch.nonzero(late[loop - 2][offset:offset + GROUP]).flatten().to(device)
 
     def _pack_group(self, start: int, offset: int) -> None:
         late = self.late_rows(start, start + GROUP)
@@ -244,8 +251,7 @@ class FlashLoopCache(PackedKVCache):
                     base = [pair[0].read(), pair[1].read()]
                     group.append(pair)
                     continue
-                picked = torch.arange(GROUP) if loop == 1 else torch.nonzero(late[loop - 2]).flatten()
-                picked = picked.to(rows[0].device)
+                picked = self.picked_rows(late, loop, 0, rows[0].device)
                 if picked.numel() == 0:
                     group.append(None)
                     continue
@@ -258,15 +264,13 @@ class FlashLoopCache(PackedKVCache):
     def read_packed(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         loop, layer = divmod(slot, self.num_layers)
         keys, values = [], []
+        late = self.late_rows(0, self.layout.packed)
         for index, group in enumerate(self.groups[layer]):
-            start = index * GROUP
-            late = self.late_rows(start, start + GROUP)
             recon = [part.read() for part in group[0]]
             for later in range(1, loop + 1):
                 if group[later] is None:
                     continue
-                picked = (torch.arange(GROUP) if later == 1 else torch.nonzero(late[later - 2]).flatten())
-                picked = picked.to(recon[0].device)
+                picked = self.picked_rows(late, later, index * GROUP, recon[0].device)
                 recon = [prior.index_add(2, picked, part.read()) for prior, part in zip(recon, group[later])]
             keys.append(recon[0])
             values.append(recon[1])
@@ -276,6 +280,13 @@ class FlashLoopCache(PackedKVCache):
         tensors = [t for layer in self.groups for group in layer for pair in group if pair is not None
                    for part in pair for t in part.tensors()]
         return tensors + ([self.masks] if self.masks is not None else [])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        keep = self._seq_len + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove
+        if keep < self.prompt_tokens:
+            raise ValueError(f"a FlashLoop cache cannot rewind to {keep} tokens, into its {self.prompt_tokens}-token "
+                             "prompt: the prompt's token selection is final")
+        super().crop(tokens_to_remove)
 
     def flashloop_count(self) -> int:
         """FlashLoop's own count of this cache (flashloop_audit_bytes; 0 before anything is held)."""

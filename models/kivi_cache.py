@@ -60,12 +60,10 @@ class KiviKVCache(QuantizedKVCache):
             if self.keys[slot] is None:
                 continue
             for kind, (store, streams) in enumerate(((self.keys, self.packed_keys), (self.values, self.packed_values))):
-                pack, keep = after[kind] - before[kind], tokens - after[kind]
-                buf = store[slot]
+                pack = after[kind] - before[kind]
                 if pack:
-                    streams[slot].append(buf[:, :, :pack])
-                if pack or buf.shape[2] != keep:  # exactly the full-precision rows, as KIVI's torch.cat holds
-                    store[slot] = buf[:, :, pack:pack + keep].clone()
+                    streams[slot].append(store[slot][:, :, :pack])
+                self.keep_rows(store, slot, pack, tokens - after[kind])
         self.packed_counts = after
 
     def read_packed(self, slot: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:

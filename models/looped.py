@@ -149,7 +149,7 @@ class LoopedModel(LoopedPreTrainedModel):
         if position_ids is None:
             position_ids = _positions(attention_mask, past, seq, input_ids.device)
         chunks = self.chunk_plan(seq, past, cache, chunk_starts)
-        if cache is None and len(chunks) > 1:
+        if cache is None and (len(chunks) > 1 or self.policy.computes_in_cache):
             # chunks must see earlier chunks' final rows; when training, through autograd
             training = self.training and torch.is_grad_enabled()
             cache = LoopedKVCache(self.policy.num_slots(loops), loops, functional=True) if training \

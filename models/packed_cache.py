@@ -1,22 +1,19 @@
 """Caches that keep older rows packed (INT4 / INT8 in KIVI's layout, kv_packing.py) and the newest
-rows at full precision in a tail:
+rows at full precision:
 
-  - `QuantizedKVCache` (`--kv-quant int8|int4`): every slot of any model and KV policy, MELT's
-    shared slots included, packed as it is;
-  - `FlashLoopCache` (`--kv-policy flashloop`): FlashLoop 0.1.0's cross-loop cache for Ouro
-    (arXiv 2609.29812, PyPI `flashloop`, `CrossLoopKVLayer`): per layer, loop 1's rows as an INT4
-    anchor, loop 2 as an INT4 residual over the reconstructed loop 1, loops 3 and 4 as INT4
-    residuals for the selected prompt tokens only (the top 25% / 10% by how much the token's
-    hidden state moved at that loop, nested, the last prompt token always in), every decoded
-    token with residuals for all loops. A token without a loop-3 (4) residual reads its loop-2
-    (3) reconstruction there.
+  - `PackedKVCache`: the shared machinery: rows become packable once final, when a forward sets
+    `seq_len` at the end of a chunk (a "commit"); reads return the packed rows dequantised and
+    the full-precision ones; keys and values may have packed different counts (`offsets`);
+  - `QuantizedKVCache` (`--kv-quant int8:flashloop-tail|int4:flashloop-tail`): every slot of any
+    model and KV policy, MELT's shared slots included, with FlashLoop's tail rule: the newest
+    `residual` to `residual + group - 1` rows stay in a tail, older rows are packed `group` at a
+    time, and the tail's capacity follows FlashLoop's engine allocation (its `storage_bytes`, B = 1):
+    after the prompt exactly its rows, grown by 16 rows when a commit overflows it (at most
+    residual + group), shrunk to its rows + 16 by a pack. `next_layout` is that rule, shared by
+    the cache and the byte formulas;
+  - KIVI's own rule (`--kv-quant int8|int4`): kivi_cache.py; FlashLoop's computation and cache
+    (`--kv-policy flashloop`): flashloop.py.
 
-A row becomes packable once it is final: when a forward sets `seq_len` at the end of a chunk
-(a "commit"). The tail keeps the newest `residual` to `residual + group - 1` rows; older rows are
-packed `group` at a time. Tail capacity follows FlashLoop's allocation, so the bytes equal its
-`storage_bytes` (B = 1, its only batch): after the prompt the tail holds exactly its rows; a
-later commit that overflows it grows it by 16 rows (at most residual + group); packing shrinks it
-to its rows + 16. `next_layout` is that rule, shared by the caches and the byte formulas.
 Attention dequantises on read (eager PyTorch; a fused kernel would read the packed words
 directly and never materialise the rows, which changes time, not the bytes held).
 """
@@ -175,6 +172,13 @@ class PackedKVCache(LoopedKVCache):
         """Pack tail rows [0, rows) of every slot (positions [packed - rows, packed))."""
         raise NotImplementedError
 
+    def keep_rows(self, store: list, slot: int, cut: int, rows: int) -> None:
+        """`store[slot]` as exactly its `rows` full-precision rows after the first `cut` (as KIVI's
+        and FlashLoop's reference caches hold them: no spare capacity)."""
+        buf = store[slot]
+        if buf is not None and (cut or buf.shape[2] != rows):
+            store[slot] = buf[:, :, cut:cut + rows].clone()
+
     def after_pack(self, rows: int) -> None:
         """Hook: `rows` rows were packed and the tails cut to the new layout."""
 
@@ -192,8 +196,6 @@ class PackedKVCache(LoopedKVCache):
 
     def update_slot(self, slot: int, key: torch.Tensor, value: torch.Tensor, start: int):
         end = start + key.shape[2]
-        if min(self.offsets()) > start:
-            raise ValueError(f"positions from {start} are packed: a packed KV cache cannot rewrite them")
         if self.capacity is not None and end > self.capacity:
             raise ValueError(f"KV cache capacity {self.capacity} tokens exceeded (need {end})")
         if key.shape[0] != 1 and self.batch_one:

@@ -15,9 +15,11 @@ FIXTURE = torch.load(Path(__file__).parent / "fixtures" / "flashloop_reference.p
 CASES = FIXTURE["cases"]
 
 
-def run_case(case: dict, loops: int = 4):
-    """Our flashloop on the case's weights: prefill, then 20 greedy steps. Returns the prefill
-    logits, the cache, the greedy tokens, the decode logits, and the bytes held after each forward."""
+def run_case(case: dict, loops: int = 4, steps: int | None = None):
+    """Our flashloop on the case's weights: prefill, then the case's greedy steps. Returns the
+    model, the prefill logits, the cache, the greedy tokens, the decode logits, the bytes held and
+    the rows with a late-loop residual per packed group after each forward, and each step's
+    loop-2 key sets and masses per layer."""
     config = OuroConfig(**{k: v for k, v in case["config"].items() if k != "early_exit_threshold"},
                         kv_policy="flashloop")
     model = OuroForCausalLM(config).eval()
@@ -27,15 +29,16 @@ def run_case(case: dict, loops: int = 4):
     with torch.no_grad():
         prefill = model(ids, past_key_values=cache, loops=loops).logits[0]
         token = prefill[-1].argmax()[None, None]
-        tokens, decode, held, late = [int(token)], [], [cache.nbytes()], [cache.selected_per_group()]
-        for _ in range(len(case["tokens"]) - 1):
+        tokens, decode, held, late, sources = [int(token)], [], [cache.nbytes()], [cache.selected_per_group()], []
+        for _ in range(len(case["tokens"]) - 1 if steps is None else steps):
             logits = model(token, past_key_values=cache, loops=loops).logits[0, -1]
             token = logits.argmax()[None, None]
             tokens.append(int(token))
             decode.append(logits)
             held.append(cache.nbytes())
             late.append(cache.selected_per_group())
-    return model, prefill, cache, tokens, torch.stack(decode), held, late
+            sources.append([cache._sources[layer][:2] for layer in range(config.num_hidden_layers)])
+    return model, prefill, cache, tokens, decode and torch.stack(decode), held, late, sources
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -68,7 +71,7 @@ def test_greedy_tokens_decode_logits_and_packing_are_the_references(ran):
 def test_bytes_equal_flashloops_count_and_our_formula_at_every_step(ran):
     """FlashLoop counts minima and scales at fp16 and its tail at bf16; we hold fp32 minima and
     scales (the reference computes with them) and an fp32 tail here: both counts, every step."""
-    case, (model, _, _, _, _, held, late) = ran
+    case, (model, _, _, _, _, held, late, _) = ran
     config, prompt = model.config, len(case["prompt"])
     shape = (4, config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
     for step, (ours, rows, theirs) in enumerate(zip(held, late, case["bytes"])):
@@ -78,14 +81,24 @@ def test_bytes_equal_flashloops_count_and_our_formula_at_every_step(ran):
                                               flashloop_late_rows=rows), step
 
 
-def test_decode_re_reads_loop_2s_chosen_keys_at_loops_3_and_4():
-    """The same key set (the loop-2 top 10% per layer and query head) as the reference's at every
-    step: compared through the cache's record of the last step."""
+def test_decode_re_reads_loop_2s_chosen_keys_at_loops_3_and_4(ran):
+    """The same key sets (the loop-2 top 10% per layer and query head) and masses as the
+    reference's, at every decode step."""
+    case, (*_, sources) = ran
+    assert len(sources) == len(case["decode_selections"])
+    for ours, theirs in zip(sources, case["decode_selections"]):
+        for (chosen, mass), source in zip(ours, theirs):
+            keys = [torch.nonzero(chosen[0, head, 0]).flatten().tolist() for head in range(chosen.shape[1])]
+            assert keys == [sorted(indices) for indices in source["indices"]]
+            torch.testing.assert_close(mass[0, :, 0, 0], source["source_mass"].float(), rtol=0, atol=1e-5)
+
+
+def test_a_forward_without_a_cache_computes_flashloop_too():
+    """Its token-sparse loops live in the cache, so a forward without one (lm-eval scoring a
+    one-token continuation) makes one: never plain Ouro under the flashloop name."""
     case = CASES["mha"]
-    _, _, cache, *_ = run_case(case)
-    last = case["decode_selections"][-1]
-    for layer, source in enumerate(last):
-        chosen, mass = cache._sources[layer][:2]
-        ours = [torch.nonzero(chosen[0, head, 0]).flatten().tolist() for head in range(chosen.shape[1])]
-        assert ours == [sorted(indices) for indices in source["indices"]]
-        torch.testing.assert_close(mass[0, :, 0, 0], source["source_mass"].float(), rtol=0, atol=1e-5)
+    model = run_case(case, steps=0)[0]
+    ids = torch.tensor(case["prompt"])[None]
+    with torch.no_grad():
+        logits = model(ids, use_cache=False, loops=4).logits[0]
+    torch.testing.assert_close(logits, case["prefill_logits"], rtol=0, atol=1e-4)

@@ -22,7 +22,8 @@ def test_the_published_gsm8k_comparison_gives_its_paired_standard_error():
     assert paired.low == pytest.approx(5 / 1319 - 1.96 * paired.paired_se, abs=1e-4)
     scipy_stats = pytest.importorskip("scipy.stats")
     assert paired.mcnemar_p == pytest.approx(scipy_stats.binomtest(31, 67, 0.5).pvalue, rel=1e-12)
-    # a 5-question lead with a 95% interval of [-0.008, +0.016]: within 2 points, so a match
+    # Agresti-Min's interval, a 5-question lead: [-0.008, +0.016], within 2 points, so a match
+    assert (round(paired.low, 3), round(paired.high, 3)) == (-0.008, 0.016)
     assert paired_verdict(paired, bounded=True) == "matches it (within +-0.02)"
     assert paired_verdict(paired, bounded=True, margin=0.01) == "is undecided at n = 1319"
 
@@ -39,6 +40,23 @@ def test_the_interval_alone_decides():
     values = [[d, 5.0 + d % 2] for d in range(50)]
     assert not in_unit_range(values) and paired_verdict(compare_paired(values, values), False) == \
         "is undecided at n = 50"
+
+
+def test_a_handful_of_documents_decides_nothing():
+    """Where the plain Wald interval collapses to a point (every difference alike), the adjusted
+    interval and the exact test keep a few documents from deciding."""
+    three_wins = compare_paired([[d, 1.0] for d in range(3)], [[d, 0.0] for d in range(3)])
+    assert three_wins.paired_se == 0 and three_wins.mcnemar_p == 0.25
+    assert paired_verdict(three_wins, True) == "is undecided at n = 3"
+    five_alike = compare_paired([[d, 1.0] for d in range(5)], [[d, 1.0] for d in range(5)])
+    assert paired_verdict(five_alike, True) == "is undecided at n = 5"
+    # 5 discordant documents, all one way, in 100: the interval clears 0 but McNemar's p = 0.0625
+    five_of_100 = compare_paired([[d, float(d < 5)] for d in range(100)], [[d, 0.0] for d in range(100)])
+    assert five_of_100.low > 0 and five_of_100.mcnemar_p == 0.0625
+    assert paired_verdict(five_of_100, True) == "is undecided at n = 100"
+    # scores other than 0/1 get no interval below 30 documents
+    few = compare_paired([[d, 2.5 + d] for d in range(10)], [[d, 1.0 + d] for d in range(10)])
+    assert few.low is None and paired_verdict(few, False) == "is undecided at n = 10"
 
 
 def test_only_documents_both_runs_scored_are_paired():

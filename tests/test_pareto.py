@@ -57,13 +57,14 @@ def test_verdicts_say_plainly_who_wins_at_equal_memory():
     assert converted.startswith("melt-tiny @ melt-converted/model at 4 loops: exact_match 1.000 with 2,048 KV")
     assert "ouro-tiny (last-loop) at 3 loops, scores 0.950 (-0.050): it falls short (paired over n = 200" in converted
     assert "discordant 0 (rival right only) vs 10" in converted
+    assert "The best of 3 training-free points with no more KV memory" in converted  # chosen among 3
     assert "(+0.950): it beats it (paired over n = 200" in fresh
     # #31 item 4: within the larger standard error is no longer a match; the paired 95% interval
-    # [-0.024, +0.004] reaches past the 0.02 margin, so it is undecided
+    # [-0.027, +0.007] reaches past the 0.02 margin, so it is undecided
     close = [row("ouro-tiny", 4, 0.97, 2048, "mean", stderr=0.02), row("melt-tiny", 4, 0.98, 2048)]
     [line] = verdicts(matched_memory(rows_to_frame(close)))
     assert "(-0.010): it is undecided at n = 200 (paired over n = 200 documents: difference -0.010, paired SE 0.007, " \
-           "95% interval [-0.024, +0.004]" in line
+           "95% interval (Agresti-Min) [-0.027, +0.007]; discordant 0 (rival right only) vs 2" in line
 
 
 def test_rows_without_a_recorded_policy_fall_back_on_the_preset_family():

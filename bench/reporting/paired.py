@@ -3,11 +3,17 @@ standard error, a 95% interval, and for 0/1 scores the discordant documents and 
 test. Two runs of one task score the same questions, so their scores are correlated; the paired
 standard error takes that into account, where comparing each run's own standard error does not.
 
-A verdict follows the interval only: the rival "beats" the reference where the whole interval is
-above 0, "falls short" where it is below 0, "matches" where it lies within +-EQUIVALENCE_MARGIN
-(two one-sided tests at 2.5% each: equivalence within the margin), and "is undecided at n = N"
-otherwise. (Anchor: 818 vs 813 of GSM8K's 1,319, 36 and 31 discordant questions, gives a
-paired standard error of 0.62 points.)
+The 95% interval: for 0/1 scores Agresti and Min's (2005) adjusted Wald interval for paired
+proportions (half a document added to each cell of the 2 x 2 table, so it keeps its coverage at a
+handful of discordant documents, where the plain Wald interval collapses to a point), otherwise
+the normal interval of the mean difference, and none below MIN_DOCUMENTS documents.
+
+A verdict follows the interval: the rival "beats" the reference where the whole interval is above
+0 (for 0/1 scores the exact McNemar test must agree, p < 0.05), "falls short" where it is below 0
+(likewise), "matches" where it lies within +-EQUIVALENCE_MARGIN (two one-sided tests at 2.5%
+each: equivalence within the margin), and "is undecided at n = N" otherwise. An interval inside
+(0, margin) is a win, however small. (Anchor: 818 vs 813 of GSM8K's 1,319, 36 and 31 discordant
+questions, gives a paired standard error of 0.62 points.)
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 Z_95 = 1.959963984540054  # the two-sided 95% point of the normal distribution
 # Scores in [0, 1] (exact match, accuracy): a difference within 2 points, at 95%, is a match.
 EQUIVALENCE_MARGIN = 0.02
+MIN_DOCUMENTS = 30  # scores other than 0/1: the normal interval needs this many documents
 
 
 @dataclass(frozen=True)
@@ -27,8 +34,8 @@ class PairedComparison:
     n: int
     difference: float  # mean of the per-document differences
     paired_se: float  # their standard deviation (n - 1) over sqrt(n)
-    low: float  # the 95% interval (normal approximation)
-    high: float
+    low: float | None  # the 95% interval (Agresti-Min for 0/1 scores; None: too few documents)
+    high: float | None
     binary: bool  # every score 0 or 1
     rival_only: int | None = None  # 0/1 scores: documents only the rival got right
     reference_only: int | None = None  # ... only the reference got right
@@ -36,7 +43,7 @@ class PairedComparison:
     unpaired: int = 0  # documents that only one of the two runs scored (left out)
 
     def interval(self) -> str:
-        return f"[{self.low:+.3f}, {self.high:+.3f}]"
+        return "none" if self.low is None else f"[{self.low:+.3f}, {self.high:+.3f}]"
 
 
 def exact_mcnemar_p(rival_only: int, reference_only: int) -> float:
@@ -63,13 +70,23 @@ def compare_paired(rival: list[list] | None, reference: list[list] | None) -> Pa
     variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
     se = math.sqrt(variance / n)
     binary = all(a[doc] in (0.0, 1.0) and b[doc] in (0.0, 1.0) for doc in common)
-    extra = {}
-    if binary:
-        rival_only, reference_only = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-        extra = {"rival_only": rival_only, "reference_only": reference_only,
-                 "mcnemar_p": exact_mcnemar_p(rival_only, reference_only)}
     unpaired = len(a.keys() ^ b.keys())
-    return PairedComparison(n, mean, se, mean - Z_95 * se, mean + Z_95 * se, binary, unpaired=unpaired, **extra)
+    if not binary:
+        low, high = (mean - Z_95 * se, mean + Z_95 * se) if n >= MIN_DOCUMENTS else (None, None)
+        return PairedComparison(n, mean, se, low, high, False, unpaired=unpaired)
+    rival_only, reference_only = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    low, high = agresti_min_interval(rival_only, reference_only, n)
+    return PairedComparison(n, mean, se, low, high, True, rival_only, reference_only,
+                            exact_mcnemar_p(rival_only, reference_only), unpaired)
+
+
+def agresti_min_interval(rival_only: int, reference_only: int, n: int) -> tuple[float, float]:
+    """95% interval of a difference of paired proportions, with half a document added to each
+    cell of the 2 x 2 table (Agresti and Min 2005)."""
+    b, c, total = rival_only + 0.5, reference_only + 0.5, n + 2
+    difference = (b - c) / total
+    se = math.sqrt(max(0.0, (b + c) - (b - c) ** 2 / total)) / total
+    return difference - Z_95 * se, difference + Z_95 * se
 
 
 def in_unit_range(scores: list[list] | None) -> bool:
@@ -81,9 +98,12 @@ def paired_verdict(comparison: PairedComparison | None, bounded: bool, margin: f
     [0, 1], where the equivalence margin means points; elsewhere no match is declared."""
     if comparison is None:
         return "is undecided: no per-document scores to pair"
-    if comparison.low > 0:
+    if comparison.low is None:
+        return f"is undecided at n = {comparison.n}"
+    significant = not comparison.binary or comparison.mcnemar_p < 0.05
+    if comparison.low > 0 and significant:
         return "beats it"
-    if comparison.high < 0:
+    if comparison.high < 0 and significant:
         return "falls short"
     if bounded and -margin < comparison.low and comparison.high < margin:
         return f"matches it (within +-{margin:g})"
@@ -94,8 +114,9 @@ def describe(comparison: PairedComparison | None) -> str:
     """The figures behind a verdict, in words."""
     if comparison is None:
         return "no per-document scores to pair (rows written before melt-bench recorded them)"
+    method = "Agresti-Min" if comparison.binary else "normal"
     text = (f"paired over n = {comparison.n} documents: difference {comparison.difference:+.3f}, paired SE "
-            f"{comparison.paired_se:.3f}, 95% interval {comparison.interval()}")
+            f"{comparison.paired_se:.3f}, 95% interval ({method}) {comparison.interval()}")
     if comparison.binary:
         text += (f"; discordant {comparison.rival_only} (rival right only) vs {comparison.reference_only}, "
                  f"exact McNemar p = {comparison.mcnemar_p:.3g}")

@@ -67,7 +67,7 @@ def matched_memory(frame: pd.DataFrame) -> pd.DataFrame:
         rows.append({"trained": point.model, "loops": point.loops, "value": point.value,
                      "KV/token": int(point.kv_bytes_per_token),
                      "best training-free": best.model, "its loops": best.loops, "its value": best.value,
-                     "its KV/token": int(best.kv_bytes_per_token),
+                     "its KV/token": int(best.kv_bytes_per_token), "rivals within": len(within),
                      "difference": best.value - point.value,
                      "n paired": paired.n if paired else None,
                      "paired SE": paired.paired_se if paired else None,
@@ -88,12 +88,16 @@ def _scores(row) -> list | None:
 def verdicts(matched: pd.DataFrame, metric: str = "value") -> list[str]:
     """One plain sentence per trained model, at its best point (highest value, fewest loops):
     whether the best training-free policy with no more KV memory beats it, falls short, matches it
-    or is undecided, as the paired 95% interval says (matched_memory), with the figures behind it."""
+    or is undecided, as the paired 95% interval says (matched_memory), with the figures behind it.
+    The interval is that one pair's: it does not correct for the rival being the best of several
+    (the sentence says of how many), which favours the rival."""
     lines = []
     for model, rows in matched.groupby("trained", sort=True):
         row = rows.sort_values(["value", "loops"], ascending=[False, True]).iloc[0]
+        best = "The best training-free point" if row["rivals within"] == 1 else \
+            f"The best of {row['rivals within']} training-free points"
         lines.append(f"{model} at {_loops(row.loops)}: {metric} {row.value:.3f} with {row['KV/token']:,} KV bytes per "
-                     f"token. The best training-free point with no more KV memory, {row['best training-free']} at "
+                     f"token. {best} with no more KV memory, {row['best training-free']} at "
                      f"{_loops(row['its loops'])}, scores {row['its value']:.3f} ({row['difference']:+.3f}): it "
                      f"{row['verdict']} ({row['evidence']}).")
     return lines

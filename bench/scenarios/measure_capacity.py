@@ -174,6 +174,9 @@ def throughput_at_budget(point: CapacityPoint, max_batch: int, timeout_s: float,
                 f"{point.memory_budget_bytes:,} B (largest {max(over):,} B; {figures.get('timed_run_peak_source')})")
     if max_batch == 1 and "throughput_error_at_max_batch" not in metrics:
         metrics.update({f"{name}_at_batch_1": metrics[f"{name}_at_max_batch"] for name in THROUGHPUT_FIGURES.values()})
+        for key in ("timed_run_peak_bytes", "throughput_over_budget"):
+            if f"{key}_at_max_batch" in metrics:
+                metrics[f"{key}_at_batch_1"] = metrics[f"{key}_at_max_batch"]
         metrics["throughput_at_batch_1_source"] = "the measurement at the largest batch, which is 1"
     metrics["throughput_source"] = (
         f"measure_latency_point, engine {point.engine}: median of {point.timed_runs} timed runs after "

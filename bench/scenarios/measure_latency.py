@@ -66,6 +66,7 @@ class ForwardDecoder:
 
     def prefill(self, input_ids: torch.Tensor, chunk_starts=None) -> StepOutput:
         point = self.point
+        self.cache = None  # the previous run's cache goes first: a run's peak holds one cache
         self.cache = (
             self.model.new_cache(point.loops, capacity=point.seq_len + point.new_tokens, batch_size=point.batch_size)
             if point.static_cache else self.model.new_cache(point.loops)
