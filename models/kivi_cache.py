@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .kv_packing import stream_bytes
-from .packed_cache import QuantizedKVCache, TailRule
+from .packed_cache import PackedKVCache, QuantizedKVCache, TailRule, quant_bits, quant_tail
 
 
 def kivi_packed_rows(tokens: int, group: int = TailRule.group) -> tuple[int, int]:
@@ -69,3 +69,15 @@ class KiviKVCache(QuantizedKVCache):
     def read_packed(self, slot: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         keys, values = self.packed_keys[slot], self.packed_values[slot]
         return keys.read() if keys.rows else None, values.read() if values.rows else None
+
+
+def quantized_cache(config, num_slots: int, loops: int, capacity: int | None) -> PackedKVCache | None:
+    """The config's `kv_quant` cache (KIVI's for "int8" / "int4", FlashLoop's tail rule for
+    "int8:flashloop-tail" / "int4:flashloop-tail"), or None for full-precision rows."""
+    mode = getattr(config, "kv_quant", None)
+    bits = quant_bits(mode)
+    if bits is None:
+        return None
+    if quant_tail(mode) == "kivi":
+        return KiviKVCache(num_slots, loops, bits, capacity)
+    return QuantizedKVCache(num_slots, loops, bits, capacity)

@@ -34,10 +34,11 @@ from .attention import chunk_attention_mask, rope_cos_sin
 from .configs import MAX_LOOPS, OuroConfig, check_decode_reads
 from .decoder_layer import DecoderLayer, RMSNorm
 from .exit_rules import EarlyStop, exit_distribution, fill_after_early_stop, official_exit_steps, threshold_exit_steps
+from .kivi_cache import quantized_cache
 from .kv_cache import LoopedKVCache, TransitionKVCache, open_chunk_grid
 from .kv_policy import KVPolicy, kv_bytes_per_token, kv_policy_for, parse_kv_policy
 from .melt_gates import EmaGate, GateProjection
-from .packed_cache import check_kv_quant, quant_bits, quantized_cache
+from .packed_cache import check_kv_quant, quant_bits
 
 
 class LoopedPreTrainedModel(PreTrainedModel):

@@ -64,20 +64,6 @@ def check_kv_quant(mode: str | None, kv_policy: str, decode_reads: str | None = 
                          "chunk, which a packed cache has already packed")
 
 
-def quantized_cache(config, num_slots: int, loops: int, capacity: int | None) -> PackedKVCache | None:
-    """The config's `kv_quant` cache (KIVI's for "int8" / "int4", FlashLoop's tail rule for
-    "int8:flashloop-tail" / "int4:flashloop-tail"), or None for full-precision rows."""
-    mode = getattr(config, "kv_quant", None)
-    bits = quant_bits(mode)
-    if bits is None:
-        return None
-    if quant_tail(mode) == "kivi":
-        from .kivi_cache import KiviKVCache  # it builds on this module's PackedKVCache
-
-        return KiviKVCache(num_slots, loops, bits, capacity)
-    return QuantizedKVCache(num_slots, loops, bits, capacity)
-
-
 @dataclass(frozen=True)
 class TailRule:
     """FlashLoop 0.1.0's defaults (it refuses any other group, residual or bit width)."""

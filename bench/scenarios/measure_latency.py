@@ -186,8 +186,8 @@ def attended_rows(decoder, point: LatencyPoint) -> tuple[float, str]:
     return point.seq_len + (point.new_tokens + 1) / 2, "the rows written so far (mean over the decode steps)"
 
 
-def roofline_fields(config, point: LatencyPoint, metrics: dict, ceilings: DeviceCeilings, packed: bool = False,
-                    rows: tuple[float, str] | None = None) -> dict:
+def roofline_fields(config, point: LatencyPoint, metrics: dict, ceilings: DeviceCeilings, packed: bool,
+                    rows: tuple[float, str]) -> dict:
     """Bytes and FLOPs the config implies for this point, with the K/V rows the engine attends
     (`rows`: attended_rows), and how close the measured times are to the device's measured
     ceilings. For a packed KV cache (flashloop, --kv-quant) the byte model, which counts
@@ -195,7 +195,7 @@ def roofline_fields(config, point: LatencyPoint, metrics: dict, ceilings: Device
     says why (prefill FLOPs do not depend on the cache)."""
     dtype = parse_dtype(point.dtype)
     loops = metrics["loops_executed_mean"]
-    context, rows_source = rows or (point.seq_len + (point.new_tokens + 1) / 2, "the rows written so far")
+    context, rows_source = rows
     decode_bytes = cost_model.decode_bytes_per_token(config, loops, point.batch_size, context, dtype)
     decode_flops = cost_model.decode_flops_per_token(config, loops, point.batch_size, context)
     prefill_flops = cost_model.prefill_flops(config, point.loops, point.batch_size, point.seq_len)

@@ -80,9 +80,15 @@ class RssTracker:
     a child that measures one point: `start()` sets the process's C allocator to hand freed
     memory back at once (return_freed_memory_to_os), which costs speed, not accuracy."""
 
-    def start(self) -> None:
-        self.malloc = return_freed_memory_to_os()
+    def start(self, return_freed: bool = True) -> None:
+        """`return_freed` False leaves the C allocator as it is (for timed code, which its setting
+        slows): the peak may then also count freed blocks glibc kept resident."""
+        self.malloc = return_freed_memory_to_os() if return_freed else "default (left as it is)"
         self.baseline = current_rss_bytes()
+        self.reset_peak()
+
+    def reset_peak(self) -> None:
+        """From here on `peak_bytes` is the peak since now (where the kernel lets us reset it)."""
         try:  # "5" resets the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)
             with open("/proc/self/clear_refs", "w") as clear:
                 clear.write("5")
@@ -101,46 +107,6 @@ class RssTracker:
     def result(self) -> RssResult:
         peak = max(self.peak_bytes(), self.baseline)
         return RssResult(self.baseline, peak, peak - self.baseline, self.source, self.malloc)
-
-
-class RunPeakMeter:
-    """The peak of each timed run, comparable with a memory point's `peak_bytes`: on a GPU the
-    torch allocator's `max_memory_allocated` since the run began (weights and cache included); on
-    a CPU the process's VmHWM, reset when the run begins, above the RSS before the model loaded.
-    Unlike RssTracker it leaves the C allocator as it is (its setting slows the timed code), so a
-    CPU figure may also count freed blocks glibc kept resident: an upper bound of what the run held.
-    `cuda` is `torch.cuda` (a fake in tests)."""
-
-    def __init__(self, device, cuda=None) -> None:
-        self.device, self.cuda = device, cuda
-        self.baseline = 0
-        self.source = ("torch.cuda.max_memory_allocated during the run" if cuda is not None
-                       else "process VmHWM during the run above the RSS before the model loaded (glibc's "
-                            "default allocator: an upper bound)")
-
-    def start(self) -> None:
-        """Before the model loads."""
-        if self.cuda is None:
-            self.baseline = current_rss_bytes()
-
-    def begin_run(self) -> None:
-        if self.cuda is not None:
-            self.cuda.synchronize(self.device)
-            self.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as clear:
-                clear.write("5")
-        except OSError:
-            self.source = "ru_maxrss (peak since the process started) above the RSS before the model loaded"
-
-    def end_run(self) -> int:
-        if self.cuda is not None:
-            self.cuda.synchronize(self.device)
-            return int(self.cuda.max_memory_allocated(self.device))
-        kib = _proc_status_kib("VmHWM") if self.source.startswith("process VmHWM") else None
-        peak = kib * 1024 if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return max(0, peak - self.baseline)
 
 
 # --- torch CUDA allocator ---------------------------------------------------------------------
@@ -172,6 +138,42 @@ class CudaAllocatorTracker:
             max_reserved_bytes=int(self.cuda.max_memory_reserved(self.device)),
             allocated_at_start_bytes=int(self.allocated_at_start),
         )
+
+
+class RunPeakMeter:
+    """The peak of each timed run, comparable with a memory point's `peak_bytes`: on a GPU the
+    torch allocator's `max_memory_allocated` since the run began (CudaAllocatorTracker: weights
+    and cache included); on a CPU the process's peak RSS, reset when the run begins, above the RSS
+    before the model loaded (RssTracker, the C allocator left as it is: its setting slows the
+    timed code, so a CPU figure may also count freed blocks glibc kept resident, an upper bound of
+    what the run held). `cuda` is `torch.cuda` (a fake in tests)."""
+
+    def __init__(self, device, cuda=None) -> None:
+        self.allocator = CudaAllocatorTracker(cuda, device) if cuda is not None else None
+        self.rss = RssTracker()
+
+    def start(self) -> None:
+        """Before the model loads."""
+        if self.allocator is None:
+            self.rss.start(return_freed=False)
+
+    def begin_run(self) -> None:
+        if self.allocator is not None:
+            self.allocator.start()
+        else:
+            self.rss.reset_peak()
+
+    def end_run(self) -> int:
+        if self.allocator is not None:
+            return self.allocator.result().max_allocated_bytes
+        return max(0, self.rss.peak_bytes() - self.rss.baseline)
+
+    @property
+    def source(self) -> str:
+        if self.allocator is not None:
+            return "torch.cuda.max_memory_allocated during the run"
+        return (f"process {self.rss.source} during the run above the RSS before the model loaded (glibc's default "
+                "allocator: an upper bound)")
 
 
 # --- NVML -------------------------------------------------------------------------------------
