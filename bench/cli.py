@@ -4,7 +4,21 @@ Commands import their heavy modules lazily, so `--help` and a refused flag are f
 from __future__ import annotations
 
 import os
+import signal
 import sys
+
+INTERRUPTED = 130  # a shell's code for a process ended by Ctrl-C (128 + SIGINT)
+
+
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    # Ctrl-C during the imports below (typer, rich: a fraction of a second) happens outside
+    # main(): without this it ends in a traceback.
+    print("melt-bench: interrupted", file=sys.stderr)
+    raise SystemExit(INTERRUPTED)
+
+
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the caller ignores it
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 # NVML and torch must agree on device indices; set before anything initialises CUDA.
 os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
@@ -27,13 +41,44 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors (bad options included) become one line on stderr and exit code 2.
-    A rank of a data-parallel run leaves its process group before it exits."""
+    """Entry point: user errors (bad options included) become one line on stderr and exit code 2,
+    Ctrl-C at any moment one line and 130. A rank of a data-parallel run leaves its process group
+    before it exits; the process that is `melt-bench` (argv None) ends its fork server with it."""
+    from melt_bench.running.launcher import stop_fork_server
+
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     args = sys.argv[1:] if argv is None else argv
+    code = INTERRUPTED
     try:
-        return _run_app(args)
-    finally:
+        code = _run_app(args)
+    except KeyboardInterrupt:  # while a command's error was being printed, or just after it ended
+        print("melt-bench: interrupted", file=sys.stderr)
+    late: list[int] = []  # the clean-up below runs whole: a Ctrl-C during it is noted, not raised half-way
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: late.append(signum))
+    try:
+        if argv is None or code == INTERRUPTED:  # in-process callers (tests) keep the server for the next run
+            stop_fork_server()
         leave_process_group()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if late and code != INTERRUPTED:
+        print(_LATE_INTERRUPT, file=sys.stderr)
+        code = INTERRUPTED
+    if argv is None:  # the process exits next; a Ctrl-C during the interpreter's shutdown still says so
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, _interrupted_while_exiting if code != INTERRUPTED else signal.SIG_IGN)
+    return code
+
+
+_LATE_INTERRUPT = "melt-bench: interrupted as it finished (what it printed and wrote is complete)"
+
+
+def _interrupted_while_exiting(signum: int, frame: object) -> None:
+    # everything was flushed before this handler was installed: end now, without the shutdown's tracebacks
+    os.write(2, f"{_LATE_INTERRUPT}\n".encode())
+    os._exit(INTERRUPTED)
 
 
 def _run_app(args: list[str]) -> int:
@@ -42,7 +87,8 @@ def _run_app(args: list[str]) -> int:
     from melt_bench.running.sweep import SweepInterrupted
 
     try:
-        app(args=args or ["--help"], prog_name="melt-bench", standalone_mode=False)
+        # typer turns a KeyboardInterrupt it sees into a returned 130 (a typer.Exit into its code)
+        code = app(args=args or ["--help"], prog_name="melt-bench", standalone_mode=False)
     except UserError as exc:
         print(f"melt-bench: error: {exc}", file=sys.stderr)
         return 2
@@ -51,16 +97,18 @@ def _run_app(args: list[str]) -> int:
         return 2
     except (typer.Abort, KeyboardInterrupt):
         print("melt-bench: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except SweepInterrupted as exc:
         print(f"melt-bench: {exc}", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except (ResultsWriteError, NothingMeasured) as exc:
         print(f"melt-bench: error: {exc}", file=sys.stderr)
         return 1
     except typer.Exit as exc:
         return exc.exit_code
-    return 0
+    if code == INTERRUPTED:
+        print("melt-bench: interrupted", file=sys.stderr)
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
-from melt_bench.running.launcher import ChildOutcome, kill_children, run_in_child
+from melt_bench.running.launcher import ChildOutcome, kill_children, run_in_child, stop_fork_server
 from melt_bench.running.sweep_plan import SweepPoint
 
 
@@ -99,6 +99,9 @@ class GpuPoolExecutor:
         try:
             for future in as_completed([pool.submit(one, point) for point in points]):
                 yield future.result()
+        except BaseException:  # Ctrl-C, or the driver closed this run: workers waiting for a child the
+            stop_fork_server()  # server has not forked yet (it may still import torch) return at once
+            raise
         finally:  # also on Ctrl-C: drop what has not started, end the children that have
             pool.shutdown(wait=False, cancel_futures=True)
             kill_children()

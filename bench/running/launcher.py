@@ -8,10 +8,12 @@ CUDA context, allocator and peak counters from nothing."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 # Ctrl-C ignored from a child's start; torch, transformers, the models, the trackers
@@ -19,6 +21,7 @@ _PRELOAD = ["melt_bench.running.fork_server_signals", "torch", "melt_bench.scena
 _context = None
 _live: set = set()  # children running now (several at once under --gpus)
 _live_lock = threading.Lock()
+_stopped = threading.Event()  # set by stop_fork_server: no new child (nor a new server) until the next run starts
 
 
 def child_context():
@@ -36,12 +39,53 @@ def start_fork_server(*modules: str) -> None:
     """Start the fork server now, with `modules` imported beside torch and the models, so its
     imports (seconds) overlap the parent's own preparation instead of delaying the first point.
     A server already running keeps what it has; nothing to do without a fork server."""
+    _stopped.clear()
     context = child_context()
     if context.get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
         context.set_forkserver_preload([*_PRELOAD, *modules])
         forkserver.ensure_running()
+
+
+def stop_fork_server() -> None:
+    """End the fork server this process started, at once. A parent that stops while the server
+    still imports torch (Ctrl-C, a refusal) would otherwise leave it running for seconds, holding
+    the terminal's (or a pipe's) output open after the parent is gone."""
+    _stopped.set()  # a worker thread starting its next child would start a new server (seconds of imports)
+    if _context is None or _context.get_start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver  # the stdlib's own handle: pid, alive pipe, socket
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return
+    kill_children()
+    # A child forked this instant is not in _live yet (its start() waits for its pid, which the
+    # server sends after the fork): end the server's children too.
+    for process in (pid, *_children_of(pid)):
+        try:
+            os.kill(process, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        server._stop()  # closes its pipe, reaps it, removes its socket
+    except (OSError, AttributeError):  # already reaped, or a Python without _stop
+        pass
+
+
+def _children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux's /proc; none elsewhere)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # it ended while we looked
+            continue
+        if len(fields) > 1 and fields[1] == str(pid):
+            children.append(int(stat.parent.name))
+    return children
 
 
 @dataclass
@@ -82,6 +126,8 @@ def _report(conn, message: tuple) -> None:
 def run_in_child(target: Callable, args: tuple, timeout_s: float | None) -> ChildOutcome:
     """Run `target(*args)` in a fresh child; wait at most `timeout_s` (None: as long as it takes;
     no busy-waiting)."""
+    if _stopped.is_set():
+        return ChildOutcome("crashed", error="the run was stopped before this point started")
     ctx = child_context()
     receiver, sender = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child_main, args=(sender, target, args), daemon=True)

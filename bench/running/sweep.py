@@ -9,7 +9,7 @@ from typing import Callable
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from melt_bench.running.executors import PointRunner, SerialExecutor
-from melt_bench.running.launcher import ChildOutcome
+from melt_bench.running.launcher import ChildOutcome, stop_fork_server
 from melt_bench.running.results import ResultRow, ResultsStore
 from melt_bench.running.sweep_plan import SweepPoint
 
@@ -99,6 +99,7 @@ def run_sweep(
                         progress.console.print(warning, style="yellow", markup=False, highlight=False)
                 progress.update(task, advance=1, last=f"done: {done.point.label()}")
         except KeyboardInterrupt:
+            stop_fork_server()  # a child the serial executor waits for the server to fork (it may still import)
             finished.close()
             progress.stop()
             raise SweepInterrupted(store, points) from None
