@@ -28,11 +28,13 @@ import importlib  # noqa: E402
 import typer  # noqa: E402
 
 from melt_bench.commands.app import UserError, app  # noqa: E402
+from melt_bench.commands.number_flags import guard_number_flags  # noqa: E402
 from melt_bench.commands.support import NothingMeasured  # noqa: E402
 from melt_bench.running.ranks import leave_process_group  # noqa: E402
 
 for _group in ("info", "sweeps", "accuracy", "report", "convert"):  # registered in the order `--help` lists them
     importlib.import_module(f"melt_bench.commands.{_group}")
+guard_number_flags(app)
 
 try:  # typer >= 0.22 vendors click; older releases use click itself
     from typer._click.exceptions import UsageError

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from melt_bench.models.names import DTYPES
 
 if TYPE_CHECKING:
     import torch
+
+
+LARGEST_COUNT = 2**31 - 1  # no count, length or step number of a run comes near it; seeds go to 2**63
+
+
+def number_problem(value: float | int, largest: int = LARGEST_COUNT) -> str | None:
+    """Why `value` is no number a run can use (nan, inf, an integer past any count), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} is not a finite number"
+    if isinstance(value, int) and abs(value) > largest:
+        return f"{value} is larger than any count melt-bench runs (at most {largest:,})"
+    return None
 
 
 def check_dtype(name: str) -> None:

@@ -47,6 +47,8 @@ def parse_kv_policy(spec: str) -> str:
     if kind in SLOTTED_KV_POLICIES and count.isdigit() and int(count) >= 1:
         if int(count) < SLOTTED_KV_POLICIES[kind]:
             raise UnknownKVPolicyError(f"KV policy {spec!r}: {kind} needs at least {SLOTTED_KV_POLICIES[kind]} slots")
+        if int(count) > MAX_LOOPS:  # no run has more loops than that, so more slots are never used
+            raise UnknownKVPolicyError(f"KV policy {spec!r}: at most {MAX_LOOPS} slots (the loop limit)")
         return f"{kind}:{int(count)}"
     raise UnknownKVPolicyError(f"unknown KV policy {spec!r}; choose from {', '.join(TRAINING_FREE_POLICIES)} "
                                "(N, S: slots per layer)")

@@ -155,7 +155,7 @@ def test_capacity_measures_decode_throughput_at_the_largest_batch_and_at_batch_1
         assert len(peaks) == 2 and all(peak > 0 for peak in peaks)
     assert main(["capacity", "--budget", "1MiB", "--loops", "1", "--models", "ouro-tiny", "--seq-lens", "64",
                  "--new-tokens", "4", "--device", "cpu", "--dtype", "float32", "--no-progress", "--out",
-                 str(tmp_path / "none.jsonl")]) == 0
+                 str(tmp_path / "none.jsonl")]) == 1  # a budget nothing fits anywhere measured nothing (exit 1)
     [row] = ResultsStore(tmp_path / "none.jsonl").read()
     assert row.metrics["max_batch"] == 0 and "no batch fits" in row.metrics["throughput_note"]
     assert "decode_tokens_per_s_at_max_batch" not in row.metrics

@@ -78,8 +78,12 @@ def test_weights_accepts_dirs_with_config_and_hub_ids(tmp_path, monkeypatch):
     assert check_weights("ByteDance/Ouro-1.4B") == "ByteDance/Ouro-1.4B"
     with pytest.raises(OptionError, match="no config.json"):
         check_weights(str(tmp_path))
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "ouro"}')
     assert check_weights(str(tmp_path)) == str(tmp_path.resolve())
+    for text, needle in (("{}", "no model_type"), ("{not json", "not JSON"), ('{"model_type": "llama"}', "'llama'")):
+        (tmp_path / "config.json").write_text(text)  # refused before any point runs (it ran as failed points)
+        with pytest.raises(OptionError, match=needle):
+            check_weights(str(tmp_path))
 
 
 def test_point_ids_are_content_hashes():

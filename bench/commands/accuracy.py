@@ -22,6 +22,7 @@ from melt_bench.commands.options import (
 from melt_bench.commands.support import (
     Placement,
     RunOptions,
+    check_out,
     check_syntax,
     executor_for,
     finish_run,
@@ -81,6 +82,7 @@ def accuracy(
                           decode_reads=decode_reads, kv_quant=kv_quant, kv_probe_tokens=kv_probe_tokens,
                           score_continuation_as=score_continuation_as, point_timeout=point_timeout)
     check_syntax(flags)
+    flags, tokenizer = checked_before_torch(flags, tokenizer, run)
     ranks = distributed_rank()[1]
     if ranks > 1 and (placement.gpus is not None or placement.executor != "local"):
         raise UserError("--gpus / --executor ray place points in children; under accelerate launch every rank "
@@ -92,18 +94,32 @@ def accuracy(
     evaluate(flags, tokenizer, None if ranks > 1 else placement, run)
 
 
+def checked_before_torch(flags: AccuracyFlags, tokenizer: str | None,
+                         run: RunOptions) -> tuple[AccuracyFlags, str | None]:
+    """What accuracy refuses in under a second, before torch and lm-eval load: its flags, the
+    task files of --data-dir, --weights, --tokenizer and --out."""
+    from melt_bench.running.sweep_options import OptionError, check_tokenizer
+    from melt_bench.scenarios.accuracy import check_accuracy_flags
+
+    try:
+        flags, tokenizer = check_accuracy_flags(flags), check_tokenizer(tokenizer)
+    except OptionError as exc:
+        raise UserError(str(exc)) from exc
+    check_out("accuracy", run.out, run.resume)
+    return flags, tokenizer
+
+
 def evaluate(flags: AccuracyFlags, tokenizer: str | None, placement: Placement | None, run: RunOptions) -> None:
     """The checked flags' points, their tasks resolved, evaluated into the results file through
     the runner (`placement` None: under accelerate launch, every rank in its own process)."""
     import tempfile
 
     from melt_bench.evaluation.lm_eval_logs import lm_eval_output, log_path_for
-    from melt_bench.running.sweep_options import OptionError, check_tokenizer
+    from melt_bench.running.sweep_options import OptionError
     from melt_bench.scenarios.accuracy import SUMMARY, check_tasks, resolve_accuracy
     from melt_bench.scenarios.measure_accuracy import run_accuracy
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            tokenizer = check_tokenizer(tokenizer)
             points, notices = resolve_accuracy(flags)
             with lm_eval_output(None) as warnings:
                 task_manager = check_tasks(sorted({p.task for p in points}), points[0].data_dir, Path(scratch))

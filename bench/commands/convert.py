@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +12,7 @@ import typer
 
 from melt_bench.commands.app import UserError, app, console
 from melt_bench.commands.options import DEVICE, PROGRESS
+from melt_bench.training.convert_run_dir import CHECKPOINT
 
 
 @app.command()
@@ -69,10 +71,11 @@ def convert(
     if fsdp_reshard_after_forward and not fsdp:
         raise UserError("--fsdp-reshard-after-forward needs --fsdp")
     source = checked_source(source)
+    if resume and not (out / CHECKPOINT).is_file():
+        print(f"melt-bench: --resume: {out} holds no checkpoint yet: starting at step 0", file=sys.stderr)
     import torch  # only once the flags are checked
 
     from melt_bench.training.convert import ConvertConfig, run_convert
-    from melt_bench.training.convert_run_dir import CHECKPOINT
 
     try:
         resolved_device = resolve_device(device or "auto")
@@ -91,6 +94,11 @@ def convert(
         raise UserError(str(exc)) from exc
     except torch.OutOfMemoryError as exc:
         raise UserError(out_of_memory_line(config, exc)) from exc
+    except OSError as exc:  # a full disk, a file system gone read-only mid-run: exit 1, the last checkpoint kept
+        from melt_bench.running.results import ResultsWriteError
+
+        raise ResultsWriteError(exc.errno, f"convert could not write to {out} ({exc.strerror or exc}); "
+                                f"{out_of_memory_line(config, exc).split('; ')[1]}") from exc
     console.print(f"MELT model written to {final}" if final != out else
                   f"stopped after step {stop_after}, checkpoint in {final / CHECKPOINT}: --resume continues")
 
@@ -125,6 +133,18 @@ def check_flags(out: Path, data: str, resume: bool, device: str | None, dtype: s
         raise UserError(problem)
     if not Path(data).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", data):
         raise UserError(f"--data {data}: no such file (and not a hub id like org/name)")
+    if Path(data).is_dir() and not any(path.is_file() for path in Path(data).rglob("*")):
+        raise UserError(f"--data {data}: an empty directory (give a JSONL or text file, or a dataset's directory)")
+    if Path(data).is_file():
+        from melt_bench.training.training_texts import load_texts
+
+        try:
+            examples = load_texts(data)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        if not examples:
+            raise UserError(f"--data {data}: holds no training examples (JSONL rows with text, or question and "
+                            "answer; or blank-line-separated blocks of text)")
     if not Path(data).exists():
         from melt_bench.running import hub
 

@@ -29,6 +29,8 @@ def models(
         check_dtype(dtype)
     except ValueError as exc:
         raise UserError(f"--dtype: {exc}") from exc
+    if card:
+        _check_card_flags(names, loops, seq_len, batch_size, device)
     from rich.table import Table
 
     from melt_bench.models.kv_policy import STATED_TOKENS  # torch: only once the flags are checked
@@ -75,6 +77,18 @@ def models(
         console.print(policies)
 
 
+def _check_card_flags(names: str | None, loops: str, seq_len: int, batch_size: int, device: str) -> None:
+    """--card's flags, refused in one line before torch loads (the sweeps' own rules: the loop limit too)."""
+    from melt_bench.running.sweep_options import OptionError, check_names
+
+    if seq_len < 1 or batch_size < 1:
+        raise UserError(f"--seq-len and --batch-size must be at least 1 (got {seq_len}, {batch_size})")
+    try:
+        check_names({"models": names, "loops": loops, "device": device})
+    except OptionError as exc:
+        raise UserError(str(exc)) from exc
+
+
 def _print_cost_card(dtype, names: str | None, loops: str, seq_len: int, batch_size: int, device: str,
                      as_json: bool) -> None:
     import torch
@@ -95,8 +109,6 @@ def _print_cost_card(dtype, names: str | None, loops: str, seq_len: int, batch_s
         where = resolve_device(device)
     except (RangeError, UnknownPresetError, OptionError) as exc:
         raise UserError(str(exc)) from exc
-    if seq_len < 1 or batch_size < 1:
-        raise UserError(f"--seq-len and --batch-size must be at least 1 (got {seq_len}, {batch_size})")
     bandwidth, method = measure_bandwidth(torch.device(where))
     cards = cost_cards(presets, loop_counts, seq_len, batch_size, dtype, bandwidth)
     if as_json:

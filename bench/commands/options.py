@@ -146,6 +146,10 @@ def run_flags(plan: bool = True) -> Callable[[Callable], Callable]:
     def build(given: dict) -> dict:
         if given["retry_failed"] and not given["resume"]:
             raise UserError("--retry-failed re-runs the failed points of an existing --out: it needs --resume")
+        if given["resume"] and given["out"] is None:
+            raise UserError("--resume continues an existing results file: name it with --out")
+        if given.get("as_json") and not given.get("dry_run"):
+            raise UserError("--json prints the plan as JSON lines: it goes with --dry-run")
         run = RunOptions(given["out"], given["resume"], given["retry_failed"], given["progress"], given["report"],
                          given.get("dry_run", False), given.get("as_json", False))
         placement = Placement(given["gpus"], given["executor"], given["ray_address"], given["allow_busy_gpus"])

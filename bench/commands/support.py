@@ -19,10 +19,12 @@ if TYPE_CHECKING:
 
 
 def write_report(results: list[Path], output: Path | None, compare: list[Path] | None = None) -> Path:
-    from melt_bench.reporting.report import write_report
+    """The HTML report of `results` (beside `compare`), every input and the output checked first,
+    in one line each, before the report's own imports (pandas, matplotlib: seconds)."""
     from melt_bench.running.results import ResultsFileError, ResultsStore
 
     inputs = list(results) + list(compare or [])
+    torn_notes = []
     for path in inputs:
         if not path.is_file():
             raise UserError(f"no results file {path}")
@@ -31,15 +33,20 @@ def write_report(results: list[Path], output: Path | None, compare: list[Path] |
             rows = store.read()
         except ResultsFileError as exc:
             raise UserError(str(exc)) from exc
-        if store.torn_tail:
-            print(f"melt-bench: warning: {path}: its last line is torn (a write that never finished, "
-                  f"{len(store.torn_tail)} bytes): reporting the {len(rows)} complete rows", file=sys.stderr)
+        torn = f"its last line is torn, a write that never finished ({len(store.torn_tail)} bytes)"
         if not rows:
-            raise UserError(f"{path} holds no results rows: nothing to report")
+            raise UserError(f"{path} holds no results rows: nothing to report" + (f" ({torn})" if store.torn_tail
+                                                                                   else ""))
+        if store.torn_tail:
+            torn_notes.append(f"melt-bench: warning: {path}: {torn}: reporting the {len(rows)} complete rows")
     output = output or Path("reports") / f"{results[0].stem}.html"
     check_writable(output, "-o")
     if output.exists() and (any(output.resolve() == path.resolve() for path in inputs) or is_results_file(output)):
         raise UserError(f"-o {output} is a results file: a report never replaces results; choose another name")
+    for note in torn_notes:
+        print(note, file=sys.stderr)
+    from melt_bench.reporting.report import write_report
+
     try:
         return write_report(list(results), output, compare)
     except OSError as exc:
@@ -62,7 +69,7 @@ def check_syntax(flags: SweepFlags) -> None:
     grammar of --loops, --seq-lens and --batch-sizes, counts that must be positive, and every
     name given (models, dtype, device, KV policies, ...: sweep_options.check_names)."""
     from melt_bench.running.ranges import RangeError, parse_int_list
-    from melt_bench.running.sweep_options import OptionError, check_names
+    from melt_bench.running.sweep_options import OptionError, check_names, check_weights
 
     given = flags.given()
 
@@ -78,13 +85,19 @@ def check_syntax(flags: SweepFlags) -> None:
             raise UserError(f"--{key.replace('_', '-')}: {given[key]:g} must be {bound}")
     try:
         check_names(given)
+        check_weights(given.get("weights"))
     except OptionError as exc:
         raise UserError(str(exc)) from exc
 
 
-def resolve(command: str, flags: SweepFlags, suite: str | None, dry_run: bool):
+def resolve(command: str, flags: SweepFlags, suite: str | None, run: RunOptions):
+    """The sweep of `flags` over `suite`. What needs no torch is refused first, in under a second:
+    the flags, the suite's settings, --weights and --out; then the fork server starts (its imports
+    overlap this process's own) and the machine's defaults are resolved."""
     check_syntax(flags)
-    if not dry_run:  # the children's imports start now, beside this process's own (launcher.py)
+    check_suite(suite)
+    if not run.dry_run:
+        check_out(command, run.out, run.resume)
         from melt_bench.running.launcher import start_fork_server
 
         start_fork_server()
@@ -95,6 +108,21 @@ def resolve(command: str, flags: SweepFlags, suite: str | None, dry_run: bool):
     except OptionError as exc:
         raise UserError(str(exc)) from exc
     return resolved  # its notices are printed once a run starts (_run_sweep_command), not before a refusal
+
+
+def check_suite(suite: str | None) -> None:
+    """The suite's file and settings, by the flags' own rules, before torch loads."""
+    from melt_bench.running.suite_loader import SuiteError, load_suite
+    from melt_bench.running.sweep_options import OptionError, check_names, check_weights
+
+    if suite is None:
+        return
+    try:
+        settings = load_suite(suite)
+        check_names(settings)
+        check_weights(settings.get("weights"))
+    except (SuiteError, OptionError) as exc:
+        raise UserError(f"--suite {suite}: {exc}" if not str(exc).startswith("--suite") else str(exc)) from exc
 
 
 def checked_points(resolved, options) -> list:
@@ -181,10 +209,23 @@ def show_plan(points, dry_run: bool, out: Path | None = None, placement: dict | 
 
 
 def open_store(kind: str, out: Path | None, resume: bool):
-    """The results store for --out (refusing an existing file without --resume, and a corrupt or
-    foreign one always, before anything runs) and the run metadata."""
-    from melt_bench.running.results import ResultsFileError, ResultsStore
+    """The results store for --out (checked as check_out does) and the run metadata."""
     from melt_bench.trackers.envinfo import collect_env
+
+    store = check_out(kind, out, resume)
+    torn = len(store.torn_tail)
+    aside = store.set_torn_tail_aside()
+    if aside is not None:
+        print(f"melt-bench: {store.path}: its last line was torn (a write that never finished, {torn} bytes): "
+              f"moved to {aside}; resuming from the {len(store.read())} complete rows", file=sys.stderr)
+    return store, collect_env(probe_cuda=False).to_dict()
+
+
+def check_out(kind: str, out: Path | None, resume: bool):
+    """The results store --out names (default: results/KIND-TIMESTAMP.jsonl), refusing before torch
+    loads a path no file can be written at, an existing file without --resume, and a corrupt or
+    foreign one always. Writes nothing but missing parent folders."""
+    from melt_bench.running.results import ResultsFileError, ResultsStore
 
     out = out or Path("results") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     check_writable(out, "--out")
@@ -198,12 +239,7 @@ def open_store(kind: str, out: Path | None, resume: bool):
     if kinds - {kind}:
         raise UserError(f"--out {out} holds {', '.join(sorted(kinds))} results, not {kind}: a results file holds "
                         f"one kind; choose another file")
-    torn = len(store.torn_tail)
-    aside = store.set_torn_tail_aside()
-    if aside is not None:
-        print(f"melt-bench: {out}: its last line was torn (a write that never finished, {torn} bytes): moved to "
-              f"{aside}; resuming from the {len(store.read())} complete rows", file=sys.stderr)
-    return store, collect_env(probe_cuda=False).to_dict()
+    return store
 
 
 def check_writable(path: Path, option: str) -> None:
@@ -300,16 +336,20 @@ def finish_run(summary, store, points: list, before: int, counts: str, run: RunO
     console.print(f"{counts} already recorded; results in {store.path}")
     if run.report:
         console.print(f"report written to {write_report([store.path], None)}")
-    check_something_measured(rows[before:], store.path)
+    check_something_measured(rows[before:], store.path, summary)
 
 
 class NothingMeasured(Exception):
     """Every point this run wrote failed: exit 1 (the rows are kept)."""
 
 
-def check_something_measured(new: list, path: Path) -> None:
-    """The run wrote rows (`new`) and none of them is ok: say so in one line, exit 1."""
+def check_something_measured(new: list, path: Path, summary=None) -> None:
+    """The run wrote rows (`new`) and none of them is ok, or none holds a measurement (the
+    scenario's `summary.measured`): say so in one line, exit 1."""
     if new and not any(row.status == "ok" for row in new):
         statuses = ", ".join(f"{sum(r.status == s for r in new)} {s}" for s in sorted({r.status for r in new}))
         raise NothingMeasured(f"no point succeeded: {len(new)} rows written, all failed ({statuses}); the rows are "
                               f"kept in {path} (see their error field)")
+    measured = getattr(summary, "measured", None)
+    if new and measured is not None and not any(row.status == "ok" and measured(row.metrics) for row in new):
+        raise NothingMeasured(f"{summary.nothing_measured} ({len(new)} rows kept in {path})")

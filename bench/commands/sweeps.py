@@ -54,7 +54,7 @@ def memory(
         raise UserError(f"--cpu-workers: {cpu_workers} must be at least 1")
     flags = replace(flags, phase=phase, repeats=repeats)
     prefill_chunk = check_prefill_chunk(prefill_chunk)
-    resolved = resolve("memory", flags, suite, run.dry_run)
+    resolved = resolve("memory", flags, suite, run)
     from melt_bench.running.sweep import in_child
     from melt_bench.scenarios import memory as scenario
 
@@ -93,7 +93,7 @@ def latency(
     if static_cache and engine != "forward":
         raise UserError("--static-cache applies to --engine forward (eager and compiled always preallocate)")
     threshold, prefill_chunk = parse_early_exit(early_exit), check_prefill_chunk(prefill_chunk)
-    resolved = resolve("latency", flags, suite, run.dry_run)
+    resolved = resolve("latency", flags, suite, run)
     from melt_bench.running.sweep import in_child
     from melt_bench.scenarios import latency as scenario
 
@@ -123,7 +123,7 @@ def capacity(
     check_throughput_flags(max_batch, engine, warmup, timed_runs)
     flags = replace(flags, batch_sizes="1", phase="decode")  # the batch is searched
     budget_bytes, prefill_chunk = parse_budget(budget), check_prefill_chunk(prefill_chunk)
-    resolved = resolve("capacity", flags, suite, run.dry_run)
+    resolved = resolve("capacity", flags, suite, run)
     from melt_bench.running.launcher import ChildOutcome
     from melt_bench.scenarios import capacity as scenario
 

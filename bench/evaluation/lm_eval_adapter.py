@@ -12,19 +12,10 @@ from lm_eval.models.huggingface import HFLM
 
 from melt_bench.models.kv_policy import is_training_free, parse_kv_policy, policy_alters_rows
 from melt_bench.models.packed_cache import quant_bits
-from melt_bench.running.jsonl import iter_jsonl
+from melt_bench.evaluation.exit_modes import CONTINUATION_SCORING, EXIT_MODES, exit_kwargs  # noqa: F401
+from melt_bench.evaluation.task_files import checked_task_files, shipped_task
 from melt_bench.running.ranks import distributed_rank
 
-EXIT_MODES = ("last", "step:K", "threshold:P", "expected", "official")
-# How a log-likelihood request's continuation is scored: "chunk" in one forward over context +
-# continuation (for MELT: the continuation sits in the context's last chunk, reading its same-loop
-# rows), "decode" token by token as generation would compute it (the context prefilled as
-# generation prefills it, then each continuation token a chunk of its own reading the rows the KV
-# policy kept, unless MELT's decode_reads="chunk" continues the grid). The two are equal for
-# per-loop Ouro (a per-token cache is exact) and for chunk-grid MELT. Under a training-free policy
-# that shares rows across loops (last-loop, mean, ...), one forward reads every loop's own rows,
-# i.e. computes per-loop Ouro, not the policy: "chunk" is refused there (`chunk_scoring_problem`).
-CONTINUATION_SCORING = ("chunk", "decode")
 
 
 def chunk_scoring_problem(kv_policy: str | None, loops: int, kv_quant: str | None = None) -> str | None:
@@ -42,27 +33,6 @@ def chunk_scoring_problem(kv_policy: str | None, loops: int, kv_quant: str | Non
 def default_scoring(kv_policy: str | None, loops: int, kv_quant: str | None = None) -> str:
     """`chunk` (one forward, the faster) unless that would not compute the policy: then `decode`."""
     return "decode" if chunk_scoring_problem(kv_policy, loops, kv_quant) else "chunk"
-
-
-def exit_kwargs(mode: str) -> dict:
-    """'last' -> {}; 'step:2' -> exit after loop 2 (exit_at_step=1); 'threshold:0.9';
-    'expected' (exit-probability-weighted logits); 'official' (the released code's default rule,
-    early_exit_threshold in the model's dtype). The official Ouro keyword names."""
-    if mode == "last":
-        return {}
-    if mode == "expected":
-        return {"use_weighted_exit": True}
-    if mode == "official":
-        return {"official_exit": True}
-    kind, _, value = mode.partition(":")
-    try:
-        if kind == "step" and int(value) >= 1:
-            return {"exit_at_step": int(value) - 1}
-        if kind == "threshold" and 0 < float(value) <= 1:
-            return {"exit_threshold": float(value)}
-    except ValueError:
-        pass
-    raise ValueError(f"exit mode {mode!r} is not one of {', '.join(EXIT_MODES)} (K >= 1, 0 < P <= 1)")
 
 
 class LoopedHFLM(HFLM):
@@ -158,25 +128,6 @@ def decoding_chunk_starts(model, context: int, length: int, loops: int) -> list[
     return [*range(0, context, policy.chunk_size or max(context, 1)), *range(context, length)]
 
 
-REQUIRED_FIELDS = {"gsm8k": ("question", "answer"), "addition": ("question", "answer")}
-
-
-def shipped_task(task: str) -> Path | None:
-    """melt-bench's own task YAMLs (suites/tasks/), e.g. the tiny `addition` task."""
-    from importlib import resources
-
-    path = resources.files("melt_bench.suites") / "tasks" / f"{task}.yaml"
-    return Path(str(path)) if path.is_file() else None
-
-
-def check_jsonl(path: Path, fields: tuple[str, ...]) -> None:
-    """Every line a JSON object holding `fields`; ValueError naming the file and line if not."""
-    for number, row in iter_jsonl(path):
-        missing = [f for f in fields if not isinstance(row, dict) or f not in row]
-        if missing:
-            raise ValueError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
-
-
 def local_task_dir(data_dir: Path, tasks: list[str], into: Path) -> Path:
     """Task YAMLs that read local JSONL copies instead of the hub; each overrides lm-eval's task
     of the same name (prompts, filters and metrics still come from lm-eval's own YAML via
@@ -185,13 +136,7 @@ def local_task_dir(data_dir: Path, tasks: list[str], into: Path) -> Path:
     builtin = Path(lm_eval.__file__).parent / "tasks"
     into.mkdir(parents=True, exist_ok=True)
     for task in tasks:
-        folder = data_dir / task if (data_dir / task).is_dir() else data_dir
-        files = {split: folder / f"{split}.jsonl" for split in ("train", "validation", "test")}
-        files = {split: path for split, path in files.items() if path.is_file()}
-        if "test" not in files:
-            raise FileNotFoundError(f"--data-dir {data_dir}: no {task}/test.jsonl or test.jsonl there")
-        for path in files.values():
-            check_jsonl(path, REQUIRED_FIELDS.get(task, ()))
+        files = checked_task_files(data_dir, task)
         base = shipped_task(task) or next(iter(sorted(builtin.rglob(f"{task}.yaml"))), None)
         if base is None:
             raise FileNotFoundError(f"lm-eval has no task YAML named {task}.yaml to take prompts and metrics from")

@@ -43,6 +43,10 @@ class TableSpec:
     headline: str  # the metric the Ouro/MELT ratio divides
     headline_label: str  # how the ratio column names it
     group_fields: tuple[str, ...] = ("phase", "seq_len", "batch_size", "dtype", "device")
+    # Whether an ok row's metrics hold a measurement, and what a run none of whose rows does says
+    # (capacity: a budget no batch fits anywhere measured nothing); None: every ok row does.
+    measured: Callable[[dict], bool] | None = None
+    nothing_measured: str = ""
 
 
 def ms_cell(key: str) -> Callable[[dict], str]:

@@ -25,7 +25,7 @@ class ResultsFileError(ValueError):
 
 
 class ResultsWriteError(OSError):
-    """Appending a row failed (disk full, ...): the sweep ends there, the rows before it kept."""
+    """Writing results failed (disk full, ...): the run ends there (exit 1), what was written before kept."""
 
 
 @dataclass
@@ -91,10 +91,18 @@ class ResultsStore:
         if not self.torn_tail:
             return None
         aside = self.path.with_name(self.path.name + ".torn")
-        with open(aside, "ab") as handle:
-            handle.write(self.torn_tail + b"\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        existed = aside.exists()
+        try:
+            with open(aside, "ab") as handle:
+                handle.write(self.torn_tail + b"\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:  # disk still full: the results file stays as it was, no empty .torn beside it
+            if not existed and aside.exists() and aside.stat().st_size == 0:
+                aside.unlink()
+            raise ResultsWriteError(exc.errno, f"{self.path}: cannot set its torn last line aside in {aside} "
+                                    f"({exc.strerror or exc}); the file is unchanged: free space and run again") \
+                from exc
         os.truncate(self.path, len(data) - len(self.torn_tail))
         self.torn_tail = b""
         return aside

@@ -46,4 +46,26 @@ def load_suite(name_or_path: str) -> dict:
     unknown = sorted(set(data) - SUITE_KEYS)
     if unknown:
         raise SuiteError(f"--suite {name_or_path}: unknown setting(s) {', '.join(unknown)}")
+    for key, value in data.items():
+        if problem := _setting_problem(key, value):
+            raise SuiteError(f"--suite {name_or_path}: {key}: {problem}")
     return data
+
+
+# Settings that are one number; the lists (loops, seq_lens, ...) have their own grammar (ranges.py).
+_COUNTS, _SECONDS = ("repeats", "new_tokens"), ("point_timeout",)
+
+
+def _setting_problem(key: str, value: object) -> str | None:
+    """Why a suite's scalar setting cannot be used as its flag would be, or None."""
+    from melt_bench.units import number_problem
+
+    if key in _COUNTS + _SECONDS:
+        kinds = (int,) if key in _COUNTS else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return f"{value!r} is not {'an integer' if key in _COUNTS else 'a number of seconds'}"
+        return number_problem(value)
+    if key not in ("models", "loops", "seq_lens", "batch_sizes", "kv_policy", "decode_reads") and \
+            not isinstance(value, str):
+        return f"{value!r} is not a text value"
+    return None

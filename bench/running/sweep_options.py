@@ -148,6 +148,9 @@ def check_tokenizer(tokenizer: str | None) -> str | None:
         return None
     path = Path(tokenizer).expanduser()
     if path.is_dir():
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise OptionError(f"--tokenizer {tokenizer}: no tokenizer files in that directory (none of "
+                              f"{', '.join(TOKENIZER_FILES)})")
         return str(path.resolve())
     if path.exists():
         raise OptionError(f"--tokenizer {tokenizer}: a file, not a tokenizer directory")
@@ -166,6 +169,8 @@ def check_weights(weights: str | None, option: str = "--weights") -> str | None:
     if path.exists():
         if not (path / "config.json").is_file():
             raise OptionError(f"{option} {weights}: no config.json in that directory")
+        if problem := checkpoint_config_problem(path / "config.json"):
+            raise OptionError(f"{option} {weights}: {problem}")
         return str(path.resolve())
     if _HUB_ID.match(weights) and not weights.startswith("."):
         problem = hub.hub_problem(weights)
@@ -173,6 +178,27 @@ def check_weights(weights: str | None, option: str = "--weights") -> str | None:
             raise OptionError(f"{option} {weights}: {problem}; pass a local checkpoint directory instead")
         return weights
     raise OptionError(f"{option} {weights}: no such directory (and not a hub id like org/name)")
+
+
+# What AutoTokenizer reads a tokenizer from (any one is enough for one of its classes).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+CHECKPOINT_FAMILIES = ("ouro", "melt")  # config.json's model_type, as our models save and load it
+
+
+def checkpoint_config_problem(config: Path) -> str | None:
+    """Why a checkpoint's config.json cannot load as one of our models (before any point runs), or None."""
+    import json
+
+    try:
+        data = json.loads(config.read_bytes())
+    except (OSError, ValueError) as exc:
+        return f"{config.name} is not JSON ({str(exc).splitlines()[0][:80]})"
+    if not isinstance(data, dict) or data.get("model_type") not in CHECKPOINT_FAMILIES:
+        found = data.get("model_type") if isinstance(data, dict) else None
+        return (f"{config.name} names model_type {found!r}, not one of {', '.join(CHECKPOINT_FAMILIES)}"
+                if found is not None else f"{config.name} has no model_type (an Ouro or MELT checkpoint's says "
+                "\"ouro\" or \"melt\")")
+    return None
 
 
 def resolve_sweep(command: str, flags: SweepFlags, suite: str | None) -> ResolvedSweep:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from melt_bench.reporting.summary_tables import Column, TableSpec, bytes_cell
@@ -94,59 +94,74 @@ SUMMARY = TableSpec(
 )
 
 
-def resolve_accuracy(flags: AccuracyFlags) -> tuple[list, list[str]]:
-    """AccuracyPoints from the accuracy command's flags (None = not given), and notices."""
-    from melt_bench.evaluation.lm_eval_adapter import (
-        CONTINUATION_SCORING,
-        chunk_scoring_problem,
-        default_scoring,
-        exit_kwargs,
-    )
+def check_accuracy_flags(flags: AccuracyFlags) -> AccuracyFlags:
+    """Everything accuracy can refuse before torch and lm-eval load: the lists, the numbers, the
+    exit mode, the scoring, --data-dir and its task files, --weights. Returns the flags with
+    --data-dir made absolute."""
+    from melt_bench.evaluation.exit_modes import CONTINUATION_SCORING, exit_kwargs
+    from melt_bench.evaluation.task_files import checked_task_files
+    from melt_bench.running.sweep_options import check_names
 
-    notices = []
-    device = resolve_device(flags.device or "auto")
-    defaults = CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
-    if flags.models is None and device == "cpu":
-        notices.append("no CUDA device: using the tiny CPU presets ouro-tiny,melt-tiny (pass --models to choose)")
     try:
-        models = as_name_list(flags.models or defaults["models"], "--models")
-        loops = as_int_list(flags.loops or "1,2,4", "--loops")
-        tasks = as_name_list(flags.tasks or "gsm8k", "--tasks")
+        tasks = as_name_list("gsm8k" if flags.tasks is None else flags.tasks, "--tasks")
+        for key in ("loops", "models"):
+            if getattr(flags, key) is not None:
+                (as_int_list if key == "loops" else as_name_list)(getattr(flags, key), f"--{key}")
     except RangeError as exc:
         raise OptionError(str(exc)) from exc
-    dtype = flags.dtype or defaults["dtype"]
-    spec = SweepSpec("accuracy", models, loops, [1], [1], dtype=dtype, device=device)
-    validate_spec(spec)
+    check_names(flags.given())
     try:
         exit_kwargs(flags.exit_mode or "last")
     except ValueError as exc:
         raise OptionError(f"--exit-mode: {exc}") from exc
-    for name in ("num_fewshot", "limit", "max_gen_toks"):
+    for name, least in (("num_fewshot", 0), ("limit", 1), ("max_gen_toks", 1), ("batch_size", 1),
+                        ("kv_probe_tokens", 1)):
         value = getattr(flags, name)
-        if value is not None and value < (0 if name == "num_fewshot" else 1):
-            raise OptionError(f"--{name.replace('_', '-')}: {value} is out of range")
-    if flags.batch_size is not None and flags.batch_size < 1:
-        raise OptionError(f"--batch-size: {flags.batch_size} must be at least 1")
+        if value is not None and value < least:
+            raise OptionError(f"--{name.replace('_', '-')}: {value} must be at least {least}")
+    scoring = flags.score_continuation_as
+    if scoring is not None and scoring not in CONTINUATION_SCORING:
+        raise OptionError(f"--score-continuation-as: {scoring!r} is not one of {', '.join(CONTINUATION_SCORING)}")
     data_dir = flags.data_dir
     if data_dir is not None:
         path = Path(data_dir).expanduser()
         if not path.is_dir():
             raise OptionError(f"--data-dir {data_dir}: no such directory")
         data_dir = str(path.resolve())
+        for task in tasks:
+            try:
+                checked_task_files(path, task)
+            except (FileNotFoundError, ValueError) as exc:
+                raise OptionError(str(exc)) from exc
+    check_weights(flags.weights)
+    return replace(flags, data_dir=data_dir)
+
+
+def resolve_accuracy(flags: AccuracyFlags) -> tuple[list, list[str]]:
+    """AccuracyPoints from the accuracy command's flags (None = not given), and notices."""
+    from melt_bench.evaluation.lm_eval_adapter import chunk_scoring_problem, default_scoring
+
+    flags = check_accuracy_flags(flags)
+    notices = []
+    device = resolve_device(flags.device or "auto")
+    defaults = CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
+    if flags.models is None and device == "cpu":
+        notices.append("no CUDA device: using the tiny CPU presets ouro-tiny,melt-tiny (pass --models to choose)")
+    models = as_name_list(flags.models or defaults["models"], "--models")
+    loops = as_int_list(flags.loops or "1,2,4", "--loops")
+    tasks = as_name_list("gsm8k" if flags.tasks is None else flags.tasks, "--tasks")
+    dtype = flags.dtype or defaults["dtype"]
+    spec = SweepSpec("accuracy", models, loops, [1], [1], dtype=dtype, device=device)
+    validate_spec(spec)
     weights = check_weights(flags.weights)
     spec.kv_policies = resolve_kv_policies(flags.kv_policy, models)
     spec.decode_reads = resolve_decode_reads(flags.decode_reads, models)
     kv_quants = resolve_kv_quants(flags.kv_quant)
-    probe = flags.kv_probe_tokens
-    if probe is not None and probe < 1:
-        raise OptionError(f"--kv-probe-tokens: {probe} must be at least 1")
-    scoring = flags.score_continuation_as
-    if scoring is not None and scoring not in CONTINUATION_SCORING:
-        raise OptionError(f"--score-continuation-as: {scoring!r} is not one of {', '.join(CONTINUATION_SCORING)}")
+    probe, scoring = flags.kv_probe_tokens, flags.score_continuation_as
     points = [
         AccuracyPoint(model, loop, task, flags.exit_mode or "last", flags.num_fewshot,
                       flags.limit, flags.batch_size or 1, flags.max_gen_toks, dtype,
-                      device, weights, data_dir, kv_policy=policy, decode_reads=reads,
+                      device, weights, flags.data_dir, kv_policy=policy, decode_reads=reads,
                       score_continuation_as=scoring or default_scoring(policy, loop, quant), kv_quant=quant,
                       # a length matters only to packed caches: other points keep their ids
                       kv_probe_tokens=probe if policy == "flashloop" or quant else None)

@@ -88,6 +88,8 @@ SUMMARY = TableSpec(
     [Column(" max batch", _max_batch), Column(" tok/s", rate_cell("decode_tokens_per_s_at_max_batch")),
      Column(" tok/s batch 1", rate_cell("decode_tokens_per_s_at_batch_1"))],
     "max_batch", "max batch", ("seq_len", "new_tokens", "dtype", "device", "memory_budget_bytes"),
+    measured=lambda metrics: (metrics.get("max_batch") or 0) > 0,
+    nothing_measured="not even batch 1 fits the budget at any point, so nothing was timed: raise --budget",
 )
 
 

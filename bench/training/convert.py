@@ -70,7 +70,7 @@ import torch.nn.functional as F
 
 from melt_bench.models import MeltForCausalLM, OuroForCausalLM, load_model
 from melt_bench.models.melt_transition import ATTENTION_WEIGHT, distillation_loss, transition_alpha, transition_logits
-from melt_bench.running.jsonl import iter_jsonl
+from melt_bench.training.training_texts import TrainingText, load_texts  # noqa: F401 (tests import them here)
 from melt_bench.training.convert_parallel import (
     full_state,
     full_weights,
@@ -108,39 +108,6 @@ class ConvertConfig:
     gate: str = "elementwise"  # MeltConfig.gate: elementwise | scalar | mean | ema | last
     fsdp: bool = False  # shard weights, gradients and optimiser state over the ranks (convert_parallel.shard)
     fsdp_reshard_after_forward: bool = False  # free a gathered layer after every call (less memory, more traffic)
-
-
-@dataclass(frozen=True)
-class TrainingText:
-    """One training example: `prompt` is context only, `target` the tokens that are learned."""
-
-    prompt: str
-    target: str
-
-
-def load_texts(data: str) -> list[TrainingText]:
-    """Training examples: JSONL rows with `text` (every token a target), or `question` + `answer`
-    (GSM8K style: prompt 'Question: q\\nAnswer:', target ' a\\n', the format of the accuracy
-    tasks); a plain text file (one example per blank-line-separated block); else a hub dataset's
-    train split (`text`)."""
-    path = Path(data)
-    if path.is_file():
-        if path.suffix == ".jsonl":
-            texts = []
-            for number, row in iter_jsonl(path):
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{number}: not a JSON object")
-                if "text" in row:
-                    texts.append(TrainingText("", row["text"]))
-                elif "question" in row and "answer" in row:
-                    texts.append(TrainingText(f"Question: {row['question']}\nAnswer:", f" {row['answer']}\n"))
-                else:
-                    raise ValueError(f"{path}:{number}: needs a 'text' field or 'question' and 'answer'")
-            return texts
-        return [TrainingText("", block) for block in path.read_text(encoding="utf-8").split("\n\n") if block.strip()]
-    from datasets import load_dataset
-
-    return [TrainingText("", row["text"]) for row in load_dataset(data, split="train")]
 
 
 @dataclass

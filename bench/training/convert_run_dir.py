@@ -3,6 +3,7 @@ command refuses a bad --out before torch loads."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 CHECKPOINT = "checkpoint.pt"
@@ -18,4 +19,9 @@ def out_problem(out: Path, resume: bool) -> str | None:
         return f"--out {out} holds a checkpoint: pass --resume to continue it, or choose another directory"
     if out.is_dir() and any(out.iterdir()) and not (out / CHECKPOINT).exists() and not (out / LOG).exists():
         return f"--out {out} is a non-empty directory that is not a convert run: choose an empty or new one"
+    existing = next(folder for folder in [out, *out.parents] if folder.exists())
+    if not existing.is_dir():
+        return f"--out {out}: {existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):  # a read-only file system answers EROFS here
+        return f"--out {out}: {existing} is not writable (read-only, or not yours)"
     return None
