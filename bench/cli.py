@@ -12,9 +12,9 @@ INTERRUPTED = 130  # a shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
 def _interrupted_while_starting(signum: int, frame: object) -> None:
     # Ctrl-C during the imports below (typer, rich: a fraction of a second) happens outside
-    # main(): without this it ends in a traceback.
-    print("melt-bench: interrupted", file=sys.stderr)
-    raise SystemExit(INTERRUPTED)
+    # main(): without this it ends in a traceback. Nothing is running or written yet: end here.
+    os.write(2, b"melt-bench: interrupted\n")
+    os._exit(INTERRUPTED)
 
 
 if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the caller ignores it
@@ -30,6 +30,7 @@ import typer  # noqa: E402
 from melt_bench.commands.app import UserError, app  # noqa: E402
 from melt_bench.commands.number_flags import guard_number_flags  # noqa: E402
 from melt_bench.commands.support import NothingMeasured  # noqa: E402
+from melt_bench.running import interrupts  # noqa: E402
 from melt_bench.running.ranks import leave_process_group  # noqa: E402
 
 for _group in ("info", "sweeps", "accuracy", "report", "convert"):  # registered in the order `--help` lists them
@@ -50,12 +51,23 @@ def main(argv: list[str] | None = None) -> int:
 
     if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupts.forget()
+    interrupts.install()
     args = sys.argv[1:] if argv is None else argv
     code = INTERRUPTED
     try:
         code = _run_app(args)
     except KeyboardInterrupt:  # while a command's error was being printed, or just after it ended
         print("melt-bench: interrupted", file=sys.stderr)
+    except Exception:
+        if not interrupts.interrupted():
+            raise
+        # what a library's half-finished import left behind after a Ctrl-C it swallowed
+        # ("cannot load module more than once"): the Ctrl-C is the cause
+        print("melt-bench: interrupted", file=sys.stderr)
+    if interrupts.interrupted() and code == 0:  # a Ctrl-C dropped after the last check: say so
+        print(_LATE_INTERRUPT, file=sys.stderr)
+        code = INTERRUPTED
     late: list[int] = []  # the clean-up below runs whole: a Ctrl-C during it is noted, not raised half-way
     previous = signal.signal(signal.SIGINT, lambda signum, frame: late.append(signum))
     try:

@@ -59,6 +59,10 @@ def test_accuracy_command_end_to_end_and_resume(tmp_path, capsys):
     kv = frame.groupby(["model", "loops"]).kv_bytes_per_token.first()  # measured from a real cache
     assert kv["ouro-tiny", 2] == 2 * kv["ouro-tiny", 1]
     assert kv["melt-tiny", 2] == kv["melt-tiny", 1] == kv["ouro-tiny", 1]
+    assert set(frame.weights_source) == {"random"} and (frame.num_fewshot_used == 1).all()
+    assert set(frame[frame.model == "melt-tiny"].melt_gate) == {"random"}
+    # the raw generations differ between models and loops, though every filtered answer is "[invalid]"
+    assert frame.groupby(["model", "loops"]).responses_sha256.first().nunique() == 4
     assert main(["accuracy", "--loops", "1,2", "--models", "ouro-tiny,melt-tiny", "--out", str(out), "--resume",
                  *RUN]) == 0
     assert "0 runs, 4 already recorded" in capsys.readouterr().out

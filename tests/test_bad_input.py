@@ -94,7 +94,8 @@ def outcomes(files) -> dict[str, dict]:
     done = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(argvs)], capture_output=True, text=True,
                           timeout=120, cwd=files, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
-    return {" ".join(row["argv"]).replace(str(files), "FILES"): row for row in map(json.loads, done.stdout.splitlines())}
+    rows = map(json.loads, done.stdout.splitlines())
+    return {" ".join(row["argv"]).replace(str(files), "FILES"): row for row in rows}
 
 
 @pytest.mark.parametrize("argv,needle", CASES, ids=[" ".join(argv) for argv, _ in CASES])

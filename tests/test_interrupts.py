@@ -71,3 +71,31 @@ def test_ctrl_c_inside_report_exits_130_and_writes_no_report(tmp_path):
     assert code == 130, stderr
     assert stderr.strip().splitlines() == ["melt-bench: interrupted"]
     assert not report.exists()
+
+
+def test_a_ctrl_c_that_a_library_swallowed_still_stops_the_sweep_before_any_point(tmp_path):
+    """torch's and numpy's imports can drop a KeyboardInterrupt in a bare `except:` (a sweep once
+    ran to exit 0 after a Ctrl-C at ~1 s): the Ctrl-C is noted, and the sweep starts no point."""
+    from melt_bench.running import interrupts
+    from melt_bench.running.sweep import SweepInterrupted, run_sweep
+    from melt_bench.scenarios.memory import MemoryPoint
+
+    previous = signal.getsignal(signal.SIGINT)
+    interrupts.forget()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupts.install()
+    try:
+        try:  # what a library's import does with it
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except BaseException:
+            pass
+        assert interrupts.interrupted()
+        ran = []
+        points = [MemoryPoint("memory", "ouro-tiny", 1, 16, 1, "decode", 2, "float32", "cpu")]
+        with pytest.raises(SweepInterrupted):
+            run_sweep("memory", points, ResultsStore(tmp_path / "r.jsonl"), ran.append, show_progress=False)
+        assert ran == [] and not (tmp_path / "r.jsonl").exists()
+    finally:
+        interrupts.forget()
+        signal.signal(signal.SIGINT, previous)

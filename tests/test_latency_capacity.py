@@ -63,6 +63,24 @@ def test_latency_command_end_to_end(tmp_path):
     assert len(frame) == 4 and set(frame.status) == {"ok"} and set(frame.kind) == {"latency"}
     assert (frame.early_exit == 0.9).all() and frame.static_cache.all() and (frame.timed_runs == 2).all()
     assert (frame.loops_executed_mean <= frame.loops).all()
+    # #32: a CPU child takes one intra-op thread unless --threads says otherwise, and every timed
+    # figure carries its spread over the timed runs, its verdict and the machine's load
+    assert (frame.torch_num_threads == 1).all() and frame.threads.isna().all()  # ids as before #32
+    for key in ("prefill_ms", "decode_ms_per_token_mean"):
+        assert (frame[f"{key}_min"] <= frame[f"{key}_p10"]).all() and (frame[f"{key}_p90"] <= frame[f"{key}_max"]).all()
+        assert frame[f"{key}_cv"].notna().all()
+    assert set(frame.timing_stability) <= {"stable", "unstable"} and frame.loadavg_1m_after.notna().all()
+
+
+def test_latency_threads_flag_sets_the_childs_threads(tmp_path):
+    out = tmp_path / "lat.jsonl"
+    assert main(["latency", "--loops", "1", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--threads", "2",
+                 "--out", str(out), *SMALL]) == 0
+    rows = ResultsStore(out).read()
+    assert len(rows) == 2  # ouro and melt
+    for row in rows:
+        assert row.metrics["torch_num_threads"] == 2 and row.point["threads"] == 2
+        assert row.metrics["timing_stability"] == "unknown"  # one timed run: no spread to judge
 
 
 @pytest.mark.parametrize("args,needle", [(["--early-exit", "sometimes"], "--early-exit"),
@@ -122,17 +140,18 @@ def test_parse_bytes():
 
 def test_capacity_command_on_cpu(tmp_path):
     out = tmp_path / "cap.jsonl"
-    assert main(["capacity", "--budget", "96MiB", "--loops", "1,8", "--max-batch", "64", "--out", str(out),
-                 "--models", "ouro-tiny,melt-tiny", "--seq-lens", "512", "--new-tokens", "4", "--device", "cpu",
+    # small enough that most searches stop at --max-batch and Ouro's at 8 loops searches (5 probes)
+    assert main(["capacity", "--budget", "48MiB", "--loops", "1,8", "--max-batch", "16", "--out", str(out),
+                 "--models", "ouro-tiny,melt-tiny", "--seq-lens", "256", "--new-tokens", "4", "--device", "cpu",
                  "--dtype", "float32", "--no-progress", "--timed-runs", "0"]) == 0
     frame = load_results(out)
     assert set(frame.status) == {"ok"} and (frame.batch_size == 0).all()
-    assert (frame.memory_budget_bytes == 96 * 2**20).all()
+    assert (frame.memory_budget_bytes == 48 * 2**20).all()
     for probes, best in zip(frame.probes, frame.max_batch):
-        assert all(p["peak_bytes"] <= 96 * 2**20 for p in probes if p["fits"])
+        assert all(p["peak_bytes"] <= 48 * 2**20 for p in probes if p["fits"])
         assert any(p["fits"] and p["batch_size"] == best for p in probes) or best == 0
     cap = frame.set_index(["model", "loops"]).max_batch
-    assert cap["ouro-tiny", 8] <= cap["ouro-tiny", 1]
+    assert cap["ouro-tiny", 8] < cap["ouro-tiny", 1]
     assert "throughput_engine" not in frame  # --timed-runs 0: the batch only, as before (same point ids)
 
 
@@ -148,6 +167,8 @@ def test_capacity_measures_decode_throughput_at_the_largest_batch_and_at_batch_1
     assert (frame.throughput_engine == "eager").all() and frame.throughput_source.str.contains("2 timed runs").all()
     for name in ("decode_tokens_per_s", "decode_ms_per_step"):
         assert (frame[f"{name}_at_max_batch"] > 0).all() and (frame[f"{name}_at_batch_1"] > 0).all()
+        assert frame[f"{name}_at_max_batch_cv"].notna().all() and frame[f"{name}_at_batch_1_p90"].notna().all()
+    assert (frame.torch_num_threads == 1).all() and frame.timing_stability.isin(["stable", "unstable"]).all()
     # tokens/s counts every sequence: one step's tokens (the batch) over its measured time, from one run
     measured = frame.decode_tokens_per_s_at_max_batch * frame.decode_ms_per_step_at_max_batch / 1000
     assert (abs(measured - frame.max_batch) < 1e-6 * frame.max_batch).all()

@@ -1,4 +1,4 @@
-"""Accuracy against KV memory: the Pareto frontier, the matched-memory comparison of trained-gate
+"""Accuracy against KV memory: the Pareto frontier, the matched-memory comparison of MELT
 points with training-free ones, its plain verdicts, and their place in the report."""
 
 import pandas as pd
@@ -43,7 +43,7 @@ def proof_rows():
 
 
 def test_each_trained_point_meets_the_best_training_free_point_within_its_memory():
-    matched = matched_memory(rows_to_frame(proof_rows())).set_index(["trained", "loops"])
+    matched = matched_memory(rows_to_frame(proof_rows())).set_index(["MELT (gated shared cache)", "loops"])
     converted = matched.loc[("melt-tiny @ melt-converted/model", 4)]
     # per-loop's 1.0 costs 8 KiB, more than MELT's 2 KiB: the best within 2 KiB is last-loop at 3 loops
     assert converted["best training-free"] == "ouro-tiny (last-loop)" and converted["its loops"] == 3
@@ -107,7 +107,7 @@ def test_the_report_lists_the_side_buffer_of_chunk_reads(tmp_path):
     chunk = row("melt-tiny", 4, 1.0, 2048, weights="/w/melt", stderr=0.0)
     chunk.metrics.update(kv_side_buffer_bytes_per_sequence=4 * 32 * 2048, chunk_size=32, decode_reads="chunk")
     store = ResultsStore(tmp_path / "r.jsonl")
-    for result in (chunk, row("ouro-tiny", 4, 1.0, 8192, "per-loop")):
+    for result in (chunk, row("ouro-tiny", 4, 1.0, 8192, "per-loop", "/w/teacher")):
         store.append(result)
     html = build_report([store.path])
     assert "side buffer/sequence" in html and "256.00 KiB" in html and "with 10,240 KV bytes per token" in html
@@ -130,7 +130,7 @@ def test_the_2026_rivals_join_the_frontier_and_the_verdicts():
             quantised("melt-tiny", 0.93, 600, "int4")]
     frame = rows_to_frame(rows)
     assert list(training_free_column(frame)) == [True, True, True, False, False]
-    matched = matched_memory(frame).set_index("trained")
+    matched = matched_memory(frame).set_index("MELT (gated shared cache)")
     assert matched.loc["melt-tiny"]["best training-free"] == "ouro-tiny (flashloop)"  # within 2,048 B: FlashLoop
     assert "melt-tiny (int4 KV)" not in matched.index  # no training-free point holds 600 B or less
     assert "ouro-tiny (per-loop) (int4 KV)" in set(frame.model)

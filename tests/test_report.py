@@ -1,5 +1,6 @@
 """The HTML report: sections from generated results, escaping, comparison, and a real browser."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -175,6 +176,54 @@ def test_report_renders_in_a_real_browser(tmp_path):
     assert "&gt;= 64" in dom  # the search that stopped at --max-batch
     summary = dom[dom.index('id="summary"'):dom.index("<section")]
     assert summary.count("<figure") >= 2 and "KV cache per token" in summary
+    # #32 item 7: laid out at 1280 px, no header is narrower than its longest word ("l o o p s")
+    # and no number wraps ("64.00 / MiB"); a table wider than the page scrolls in its box
+    layout = json.loads(re.search(r'<pre id="layout">([^<]*)</pre>', dump_dom(with_layout_probe(page), tmp_path))[1])
+    assert layout["headers"] > 20 and layout["numbers"] > 100, layout
+    assert not layout["narrow_headers"] and not layout["wrapped_numbers"], layout
+    assert layout["page_overflow"] <= 0, layout
+
+
+# Run in the page: each header's content width against its widest word (canvas, the header's
+# font), and each number cell's count of lines; what it found goes into <pre id="layout">.
+LAYOUT_PROBE = """<script>
+(function () {
+  var canvas = document.createElement("canvas").getContext("2d"), narrow = [], wrapped = [], numbers = 0;
+  var headers = document.querySelectorAll("th");
+  headers.forEach(function (th) {
+    var style = getComputedStyle(th);
+    canvas.font = style.fontWeight + " " + style.fontSize + " " + style.fontFamily;
+    var room = th.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+    th.textContent.split(/\\s+/).forEach(function (word) {
+      if (word && canvas.measureText(word).width > room + 1) narrow.push(word + " in " + th.textContent);
+    });
+  });
+  document.querySelectorAll("td.num").forEach(function (td) {
+    numbers += 1;
+    var range = document.createRange();
+    range.selectNodeContents(td);
+    var tops = new Set(Array.prototype.map.call(range.getClientRects(), function (r) { return Math.round(r.top); }));
+    if (tops.size > 1) wrapped.push(td.textContent);
+  });
+  var out = document.createElement("pre");
+  out.id = "layout";
+  out.textContent = JSON.stringify({headers: headers.length, numbers: numbers, narrow_headers: narrow,
+    wrapped_numbers: wrapped, page_overflow: document.documentElement.scrollWidth - window.innerWidth});
+  document.body.appendChild(out);
+})();
+</script>"""
+
+
+def with_layout_probe(page: Path) -> Path:
+    probed = page.with_name("probed.html")
+    probed.write_text(page.read_text().replace("</body>", LAYOUT_PROBE + "</body>"))
+    return probed
+
+
+def dump_dom(page: Path, tmp_path: Path) -> str:
+    return subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,2000",
+                           f"--user-data-dir={tmp_path / 'probe-profile'}", "--dump-dom", page.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120).stdout
 
 
 def test_report_command_and_sweep_flag(tmp_path, monkeypatch, capsys):
@@ -249,7 +298,7 @@ def test_every_point_setting_is_an_axis_a_label_or_compared_like_for_like(tmp_pa
     only in --repeats); now each differing setting is named, never mixed."""
     from dataclasses import fields
 
-    from melt_bench.reporting.report import LIKE_FOR_LIKE
+    from melt_bench.reporting.headlines import LIKE_FOR_LIKE
     from melt_bench.scenarios.capacity import CapacityPoint
     from melt_bench.scenarios.latency import LatencyPoint
     from melt_bench.scenarios.memory import MemoryPoint
@@ -306,7 +355,7 @@ def test_report_tables_are_for_people(tmp_path):
     assert '<th title="decode_ms_per_token_mean">decode ms/token (median)</th>' in html
     assert "decode_ms_per_token_mean</th>" not in html  # no raw field name as a header
     assert "<td class=\"missing\" title=\"energy: NVML&#39;s energy counter" in html and "None" not in html
-    assert "<td>&gt;= 64</td>" in html
+    assert "<td class=\"num\">&gt;= 64</td>" in html
     blocks = html.split("At equal KV memory | ")[1:]
     assert len(blocks) == 2 and {block.split(":")[0] for block in blocks} == {
         "gsm8k, exact_match, strict-match", "gsm8k, exact_match, flexible-extract"}
@@ -375,6 +424,8 @@ def people_files(tmp_path) -> list[Path]:
     acc = [accuracy_row(m, t, v, kv=8192 if m[0] == "o" else 2048) for m, v in (("ouro-tiny", 0.5), ("melt-tiny", 0.4))
            for t in (1, 4)]
     shared = accuracy_row("ouro-tiny", 4, 0.3, kv=2048)  # a training-free policy at MELT's KV memory
+    for row in [*acc, shared]:  # checkpoints' scores (random weights get no verdict)
+        row.metrics["weights_source"] = "local"
     shared.point["kv_policy"], shared.metrics["kv_policy"], shared.point_id = "last-loop", "last-loop", "acc-last"
     acc.append(shared)
     flexible = [ResultRow(r.kind, r.point_id + "-f", {**r.point, "filter": "flexible-extract"}, r.status, r.error,

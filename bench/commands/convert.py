@@ -6,13 +6,17 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from melt_bench.commands.app import UserError, app, console
 from melt_bench.commands.options import DEVICE, PROGRESS
+from melt_bench.running.interrupts import stop_if_interrupted
 from melt_bench.training.convert_run_dir import CHECKPOINT
+
+if TYPE_CHECKING:
+    from melt_bench.training.convert import ConvertConfig
 
 
 @app.command()
@@ -73,9 +77,7 @@ def convert(
     source = checked_source(source)
     if resume and not (out / CHECKPOINT).is_file():
         print(f"melt-bench: --resume: {out} holds no checkpoint yet: starting at step 0", file=sys.stderr)
-    import torch  # only once the flags are checked
-
-    from melt_bench.training.convert import ConvertConfig, run_convert
+    from melt_bench.training.convert import ConvertConfig  # torch only once the flags are checked
 
     try:
         resolved_device = resolve_device(device or "auto")
@@ -88,6 +90,18 @@ def convert(
                            gradient_checkpointing=gradient_checkpointing, decode_chunks=decode_chunks,
                            pack_to=pack_to, tokens_per_step=tokens_per_step, gate=gate,
                            fsdp=fsdp, fsdp_reshard_after_forward=fsdp_reshard_after_forward)
+    stop_if_interrupted()  # a Ctrl-C that torch's import swallowed: no training starts
+    final = train(config, resume, stop_after, progress)
+    console.print(f"MELT model written to {final}" if final != out else
+                  f"stopped after step {stop_after}, checkpoint in {final / CHECKPOINT}: --resume continues")
+
+
+def train(config: ConvertConfig, resume: bool, stop_after: int | None, progress: bool) -> Path:
+    """Run the conversion; a failure the user can act on becomes one line (exit 2, or 1 for a failed write)."""
+    import torch
+
+    from melt_bench.training.convert import run_convert
+
     try:
         final = run_convert(config, resume=resume, stop_after=stop_after, progress=progress)
     except ValueError as exc:  # malformed data, or a resumption with other settings
@@ -97,10 +111,9 @@ def convert(
     except OSError as exc:  # a full disk, a file system gone read-only mid-run: exit 1, the last checkpoint kept
         from melt_bench.running.results import ResultsWriteError
 
-        raise ResultsWriteError(exc.errno, f"convert could not write to {out} ({exc.strerror or exc}); "
+        raise ResultsWriteError(exc.errno, f"convert could not write to {config.out} ({exc.strerror or exc}); "
                                 f"{out_of_memory_line(config, exc).split('; ')[1]}") from exc
-    console.print(f"MELT model written to {final}" if final != out else
-                  f"stopped after step {stop_after}, checkpoint in {final / CHECKPOINT}: --resume continues")
+    return final
 
 
 def check_flags(out: Path, data: str, resume: bool, device: str | None, dtype: str, gate: str, decode_chunks: bool,

@@ -112,6 +112,11 @@ PREFILL_CHUNK = typer.Option(None, "--prefill-chunk", help="Ouro-family models: 
                               "prompt_kv_shared). MELT always chunks by its config's chunk_size")
 
 
+THREADS = typer.Option(None, "--threads", help="torch intra-op threads of each timed child (default: 1 on a CPU, "
+                       "so a run does not fight its own threads and the machine's other work for the cores; "
+                       "torch's default on CUDA); recorded in the row as torch_num_threads")
+
+
 @dataclass(frozen=True)
 class Flag:
     """A flag several commands take: its parameter name, type and typer option."""

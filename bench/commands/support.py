@@ -321,7 +321,7 @@ def run_sweep_command(summary, points: list, runner: Callable, run: RunOptions, 
     before = len(store.read())
     status = run_sweep(kind, points, store, runner, meta, run.retry_failed, show_progress=run.progress,
                        executor=executor)
-    finish_run(summary, store, points, before, f"{plural(status.ran, 'point')} run, {status.skipped}", run)
+    finish_run(summary, store, points, before, f"{status.ran_phrase} run, {status.skipped}", run)
 
 
 def finish_run(summary, store, points: list, before: int, counts: str, run: RunOptions) -> None:

@@ -13,6 +13,7 @@ from melt_bench.commands.app import UserError, app
 from melt_bench.commands.options import (
     PREFILL_CHUNK,
     SUITE,
+    THREADS,
     run_flags,
     sweep_flags,
 )
@@ -79,6 +80,7 @@ def latency(
                                "forward() per token, as generate() calls it"),
     static_cache: bool = typer.Option(False, "--static-cache", help="--engine forward: allocate the KV cache ahead "
                                       "at full size (default: a growing cache; eager and compiled always do)"),
+    threads: Optional[int] = THREADS,
     prefill_chunk: Optional[int] = PREFILL_CHUNK,
     suite: Optional[str] = SUITE,
     flags: SweepFlags = None,
@@ -93,11 +95,13 @@ def latency(
     if static_cache and engine != "forward":
         raise UserError("--static-cache applies to --engine forward (eager and compiled always preallocate)")
     threshold, prefill_chunk = parse_early_exit(early_exit), check_prefill_chunk(prefill_chunk)
+    check_threads(threads)
     resolved = resolve("latency", flags, suite, run)
     from melt_bench.running.sweep import in_child
     from melt_bench.scenarios import latency as scenario
 
-    options = scenario.LatencyOptions(warmup, repeats, threshold, engine, static_cache, prefill_chunk)
+    options = scenario.LatencyOptions(warmup, repeats, threshold, engine, static_cache, prefill_chunk,
+                                      threads)
     points = checked_points(resolved, options)
     plan_and_run(scenario.SUMMARY, resolved, points, lambda: in_child(scenario.measure, (), resolved.point_timeout),
                  run, placement)
@@ -113,6 +117,7 @@ def capacity(
     warmup: int = typer.Option(1, help="untimed decode runs before the timed ones (throughput)"),
     timed_runs: int = typer.Option(3, "--timed-runs", help="timed decode runs at the largest batch and at batch 1 "
                                    "(throughput: their median); 0 finds the batch only"),
+    threads: Optional[int] = THREADS,
     prefill_chunk: Optional[int] = PREFILL_CHUNK,
     suite: Optional[str] = SUITE,
     flags: SweepFlags = None,
@@ -121,6 +126,7 @@ def capacity(
 ) -> None:
     """The largest batch that decodes N new tokens within a memory budget, and its decode tokens/s."""
     check_throughput_flags(max_batch, engine, warmup, timed_runs)
+    check_threads(threads)
     flags = replace(flags, batch_sizes="1", phase="decode")  # the batch is searched
     budget_bytes, prefill_chunk = parse_budget(budget), check_prefill_chunk(prefill_chunk)
     resolved = resolve("capacity", flags, suite, run)
@@ -129,7 +135,8 @@ def capacity(
 
     if budget_bytes is None:  # auto
         budget_bytes = device_total_bytes(resolved.spec.device)
-    options = scenario.CapacityOptions(budget_bytes, max_batch, engine, warmup, timed_runs, prefill_chunk)
+    options = scenario.CapacityOptions(budget_bytes, max_batch, engine, warmup, timed_runs, prefill_chunk,
+                                       threads)
     points = checked_points(resolved, options)
 
     def runner(point, gpu=None):  # the search runs its probes, each in a child of its own
@@ -147,6 +154,11 @@ def check_throughput_flags(max_batch: int, engine: str, warmup: int, timed_runs:
     check_engine(engine)
     if warmup < 0 or timed_runs < 0:
         raise UserError(f"--warmup and --timed-runs must be >= 0 (got {warmup}, {timed_runs})")
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads: {threads} must be at least 1")
 
 
 def check_engine(engine: str) -> None:

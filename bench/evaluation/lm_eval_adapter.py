@@ -10,12 +10,11 @@ import lm_eval
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from melt_bench.models.kv_policy import is_training_free, parse_kv_policy, policy_alters_rows
-from melt_bench.models.packed_cache import quant_bits
 from melt_bench.evaluation.exit_modes import CONTINUATION_SCORING, EXIT_MODES, exit_kwargs  # noqa: F401
 from melt_bench.evaluation.task_files import checked_task_files, shipped_task
+from melt_bench.models.kv_policy import is_training_free, parse_kv_policy, policy_alters_rows
+from melt_bench.models.packed_cache import quant_bits
 from melt_bench.running.ranks import distributed_rank
-
 
 
 def chunk_scoring_problem(kv_policy: str | None, loops: int, kv_quant: str | None = None) -> str | None:

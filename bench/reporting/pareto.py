@@ -1,6 +1,7 @@
-"""Accuracy against KV memory: which points no other point beats (the Pareto frontier), and, at
-each trained-gate point (MELT), the best a training-free KV policy does with no more KV bytes per
-token. Reads the accuracy rows of the results DataFrame (`model`, `loops`, `value`,
+"""Accuracy against KV memory: which points no other point beats (the Pareto frontier), and, at each
+MELT point (its gated shared cache), the best a training-free KV policy does with no more KV bytes
+per token. Scores from random weights measure nothing: no verdict is drawn from them (the report
+leaves them out). Reads the accuracy rows of the results DataFrame (`model`, `loops`, `value`,
 `kv_bytes_per_token` and the metric `kv_policy`: the policy a point ran under)."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def pareto_mask(cost: Sequence[float], value: Sequence[float]) -> list[bool]:
 
 
 def training_free_column(frame: pd.DataFrame) -> pd.Series:
-    """Per row: True where the point ran a training-free KV policy, False for a trained gate
+    """Per row: True where the point ran a training-free KV policy, False for MELT's gated shared cache
     (MELT). Rows written before policies were recorded fall back on the preset's family."""
     def one(row) -> bool:
         policy = row.get("kv_policy")
@@ -30,6 +31,16 @@ def training_free_column(frame: pd.DataFrame) -> pd.Series:
             return is_training_free(policy)
         return PRESETS[row.model_name].family != "melt" if row.get("model_name") in PRESETS else True
     return frame.apply(one, axis=1) if len(frame) else pd.Series(dtype=bool)
+
+
+def random_weights_column(frame: pd.DataFrame) -> pd.Series:
+    """Per row: True where the model ran on a preset's random initialisation (`weights_source`,
+    point_setup.weights_origin; rows from before it was recorded: no --weights given)."""
+    if not len(frame):
+        return pd.Series(dtype=bool)
+    given = frame["weights"].notna() if "weights" in frame else pd.Series(False, index=frame.index)
+    recorded = frame["weights_source"] if "weights_source" in frame else pd.Series(None, index=frame.index)
+    return recorded.eq("random") | (recorded.isna() & ~given)
 
 
 def kv_cost_per_token(frame: pd.DataFrame) -> pd.Series:
@@ -46,17 +57,18 @@ def kv_cost_per_token(frame: pd.DataFrame) -> pd.Series:
 
 
 def matched_memory(frame: pd.DataFrame) -> pd.DataFrame:
-    """For every trained-gate point, the best training-free point (any model, policy and loop
-    count) whose KV bytes per token (kv_cost_per_token) are at most the trained point's: one row
-    each with both values, the difference (training-free minus trained) and the paired comparison
-    over the documents both scored (reporting/paired.py: n, paired SE, 95% interval, discordant
-    counts and McNemar p for 0/1 scores, the verdict). Empty when either side is."""
+    """For every MELT point (the gated shared cache, a learned KV policy), the best training-free point
+    (any model, policy and loop count) whose KV bytes per token (kv_cost_per_token) are at most the
+    MELT point's: one row each with both values, the difference (training-free minus MELT) and the
+    paired comparison over the documents both scored (reporting/paired.py: n, paired SE, 95%
+    interval, discordant counts and McNemar p for 0/1 scores, the verdict). Empty when either side
+    is."""
     frame = frame[frame.kv_bytes_per_token.notna() & frame.value.notna()]
     frame = frame.assign(kv_bytes_per_token=kv_cost_per_token(frame))
     free = training_free_column(frame)
-    trained, rivals = frame[~free], frame[free]
+    gated, rivals = frame[~free], frame[free]
     rows = []
-    for _, point in trained.sort_values(["model", "loops"]).iterrows():
+    for _, point in gated.sort_values(["model", "loops"]).iterrows():
         within = rivals[rivals.kv_bytes_per_token <= point.kv_bytes_per_token]
         if within.empty:
             continue
@@ -64,7 +76,7 @@ def matched_memory(frame: pd.DataFrame) -> pd.DataFrame:
         best = within.sort_values(["value", "kv_bytes_per_token", "loops"], ascending=[False, True, True]).iloc[0]
         ours, theirs = _scores(point), _scores(best)
         paired = compare_paired(theirs, ours)
-        rows.append({"trained": point.model, "loops": point.loops, "value": point.value,
+        rows.append({"MELT (gated shared cache)": point.model, "loops": point.loops, "value": point.value,
                      "KV/token": int(point.kv_bytes_per_token),
                      "best training-free": best.model, "its loops": best.loops, "its value": best.value,
                      "its KV/token": int(best.kv_bytes_per_token), "rivals within": len(within),
@@ -72,7 +84,7 @@ def matched_memory(frame: pd.DataFrame) -> pd.DataFrame:
                      "n paired": paired.n if paired else None,
                      "paired SE": paired.paired_se if paired else None,
                      "95% interval": paired.interval() if paired else None,
-                     "discordant (it / trained)": (f"{paired.rival_only} / {paired.reference_only}"
+                     "discordant (it / MELT)": (f"{paired.rival_only} / {paired.reference_only}"
                                                    if paired and paired.binary else None),
                      "McNemar p": paired.mcnemar_p if paired else None,
                      "verdict": paired_verdict(paired, in_unit_range(ours) and in_unit_range(theirs)),
@@ -86,13 +98,13 @@ def _scores(row) -> list | None:
 
 
 def verdicts(matched: pd.DataFrame, metric: str = "value") -> list[str]:
-    """One plain sentence per trained model, at its best point (highest value, fewest loops):
+    """One plain sentence per MELT model, at its best point (highest value, fewest loops):
     whether the best training-free policy with no more KV memory beats it, falls short, matches it
     or is undecided, as the paired 95% interval says (matched_memory), with the figures behind it.
     The interval is that one pair's: it does not correct for the rival being the best of several
     (the sentence says of how many), which favours the rival."""
     lines = []
-    for model, rows in matched.groupby("trained", sort=True):
+    for model, rows in matched.groupby("MELT (gated shared cache)", sort=True):
         row = rows.sort_values(["value", "loops"], ascending=[False, True]).iloc[0]
         best = "The best training-free point" if row["rivals within"] == 1 else \
             f"The best of {row['rivals within']} training-free points"

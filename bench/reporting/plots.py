@@ -1,5 +1,6 @@
-"""The report's figures: matplotlib drawn to inline SVG, lines per series with the repeats' range
-as bars, failed points marked, small multiples (one panel per engine, ...) on shared axes."""
+"""The report's figures: matplotlib drawn to inline SVG, lines per series with the spread as bars
+(timed runs' p10-p90, else the repeats' range), failed points marked, small multiples (one panel per
+engine, ...) on shared axes."""
 
 from __future__ import annotations
 
@@ -83,6 +84,8 @@ def _draw_lines(ax, frame: pd.DataFrame, x: str, y: str, series: list[str], scal
                 ax.annotate(f"{note:g}" if isinstance(note, float) else str(note), (xv, yv / scale),
                             textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color())
         low, high = f"{y}_repeat_min", f"{y}_repeat_max"
+        if f"{y}_p10" in part and part[f"{y}_p10"].notna().any():  # timed runs: bars span their p10 to p90
+            low, high = f"{y}_p10", f"{y}_p90"
         if low in part and part[low].notna().any():  # repeated points: bars span lowest to highest
             spread = [(part[y] - part[low]).fillna(0) / scale, (part[high] - part[y]).fillna(0) / scale]
             ax.errorbar(part[x], part[y] / scale, yerr=spread, fmt="none", ecolor=line.get_color(), capsize=3)

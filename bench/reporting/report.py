@@ -17,12 +17,15 @@ from markupsafe import Markup
 
 from melt_bench import __version__
 from melt_bench.reporting.fields import label
+from melt_bench.reporting.headlines import headlines, random_weights_line, weights_labels
 from melt_bench.reporting.html_table import html_table
-from melt_bench.reporting.pareto import kv_cost_per_token, matched_memory, pareto_mask, verdicts
+from melt_bench.reporting.pareto import kv_cost_per_token, matched_memory, pareto_mask, random_weights_column, verdicts
 from melt_bench.reporting.plots import MARKERS, Figure, groups, integer_axis, label_of, line_plot, svg
 from melt_bench.reporting.summary_tables import latest_rows
+from melt_bench.running.interrupts import stop_if_interrupted
 from melt_bench.running.repeats import combine_repeats
 from melt_bench.running.results import ResultsStore, rows_to_frame
+from melt_bench.running.stability import UNSTABLE_CV
 from melt_bench.units import byte_scale, format_bytes
 
 INTEGER_COLUMNS = ("loops", "seq_len", "batch_size", "new_tokens", "max_batch", "n_samples", "num_fewshot", "limit",
@@ -161,12 +164,21 @@ def latency_section(frame: pd.DataFrame) -> Section | None:
                 # one panel per engine, on shared axes: eager and compiled side by side
                 section.figures.append(line_plot(part, "loops", metric, ["model", "seq_len"], f"{title} | {suffix}",
                                                   unit, scale, panels="engine" if "engine" in part else None))
-    columns = [c for c in ("model", "engine", "loops", "seq_len", "batch_size", "status", "prefill_ms",
-                           "decode_ms_per_token_mean", "roofline_decode_ms_per_token", "decode_mbu", "prefill_mfu",
-                           "decode_ms_per_token_p50", "decode_ms_per_token_p90", "decode_tokens_per_s",
+    section.notes.append(f"Spread: over the timed runs of each point (min, p10, p90, max; error bars p10-p90); cv is "
+                         f"their coefficient of variation, and a point above {UNSTABLE_CV:.0%} is unstable: no ratio "
+                         "is stated from it. Load: the machine's 1-minute load average before and after the point.")
+    columns = [c for c in ("model", "engine", "loops", "seq_len", "batch_size", "status", "torch_num_threads",
+                           "prefill_ms", "prefill_ms_cv", "decode_ms_per_token_mean", "decode_ms_per_token_mean_min",
+                           "decode_ms_per_token_mean_p10", "decode_ms_per_token_mean_p90",
+                           "decode_ms_per_token_mean_max", "decode_ms_per_token_mean_cv", "timing_stability",
+                           "loadavg_1m_before", "loadavg_1m_after", "roofline_decode_ms_per_token", "decode_mbu",
+                           "prefill_mfu", "decode_ms_per_token_p50", "decode_ms_per_token_p90", "decode_tokens_per_s",
                            "e2e_tokens_per_s", "loops_executed_mean", "energy_decode_j_per_token", "output_digest")
                if c in lat]
     table = lat[columns].round(3)
+    for column in ("decode_mbu", "prefill_mfu", "prefill_ms_cv", "decode_ms_per_token_mean_cv"):
+        if column in table:  # one unit everywhere: a percentage, as the plots and the terminal show it
+            table[column] = lat[column].map(lambda v: f"{v:.1%}" if pd.notna(v) else "-")
     if "output_digest" in table:
         table["output_digest"] = table.output_digest.map(lambda d: d[:12] if isinstance(d, str) else "-")
     section.tables.append(html_table(table.sort_values(["model", "seq_len", "loops"])))
@@ -196,9 +208,13 @@ def capacity_section(frame: pd.DataFrame) -> Section | None:
                               for b, hit in zip(cap.max_batch, cap.hit_batch_limit)]
     table["budget"] = cap.memory_budget_bytes.map(format_bytes)
     table["probes"] = cap.probes.map(lambda p: len(p) if isinstance(p, list) else 0)
-    for column in ("decode_tokens_per_s_at_max_batch", "decode_ms_per_step_at_max_batch",
-                   "decode_tokens_per_s_at_batch_1", "decode_ms_per_step_at_batch_1", "throughput_engine"):
-        if column in cap:
+    for column in ("decode_tokens_per_s_at_max_batch", "decode_tokens_per_s_at_max_batch_cv",
+                   "decode_ms_per_step_at_max_batch", "decode_tokens_per_s_at_batch_1",
+                   "decode_tokens_per_s_at_batch_1_cv", "decode_ms_per_step_at_batch_1", "timing_stability",
+                   "torch_num_threads", "loadavg_1m_before", "loadavg_1m_after", "throughput_engine"):
+        if column in cap and column.endswith("_cv"):
+            table[column] = cap[column].map(lambda v: f"{v:.1%}" if pd.notna(v) else "-")
+        elif column in cap:
             table[column] = cap[column].round(2) if cap[column].dtype.kind == "f" else cap[column]
     section.tables.append(html_table(table.sort_values(["model", "seq_len", "loops"])))
     return section
@@ -228,12 +244,16 @@ def accuracy_section(frame: pd.DataFrame) -> Section | None:
                                                  "accuracy vs peak memory"))
         if part.get("kv_bytes_per_token") is not None and part.kv_bytes_per_token.notna().all():
             section.figures.append(_pareto_figure(part, key))
-            matched = matched_memory(part)
+            matched = matched_memory(part[~random_weights_column(part)])  # random weights: no verdict
             if len(matched):  # one labelled block per (task, metric, filter)
                 section.notes.append(f"At equal KV memory | {label_of(key)}:")
                 section.notes.extend(verdicts(matched, f"{key[1]} ({key[2]})"))
                 section.tables.append(html_table(matched.drop(columns=["evidence"]).round(4)))
+    if random_weights_column(acc).any():
+        section.notes.insert(0, random_weights_line(acc))
     table = acc[["model", "loops", "task", "metric", "filter", "exit_mode", "value", "stderr", "n_samples"]].copy()
+    table.insert(6, "few-shot", acc.num_fewshot_used if "num_fewshot_used" in acc else acc.num_fewshot)
+    table["weights"] = weights_labels(acc)
     table["peak"] = acc.peak_bytes.map(format_bytes)
     if "kv_bytes_per_token" in acc:
         table["KV/token"] = acc.kv_bytes_per_token.map(lambda v: format_bytes(v) if pd.notna(v) else "-")
@@ -282,110 +302,6 @@ def _pareto_figure(part: pd.DataFrame, key) -> Figure:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return Figure(title, svg(fig))
-
-
-# Point settings that change a figure (every field of the sweeps' point types but those that place
-# a point on the axes or in the model's label): a ratio compares two models only where all of them
-# agree, and names those that differ across the file (eager vs compiled, bf16 vs fp32, ...).
-LIKE_FOR_LIKE = ("engine", "dtype", "device", "phase", "new_tokens", "prefill_chunk", "early_exit", "static_cache",
-                 "warmup", "timed_runs", "memory_budget_bytes")
-
-
-def _settings(keys: tuple, axes: list[str]) -> str:
-    named = [f"{axis.replace('_', ' ')} {value}" for axis, value in zip(axes, keys) if not pd.isna(value)]
-    return "; " + ", ".join(named) if named else ""
-
-
-def headlines(frame: pd.DataFrame) -> list[str]:
-    """The key Ouro/MELT ratios, at the largest loop count where both models finished: one per
-    combination of the settings in LIKE_FOR_LIKE that the rows hold (never an average across
-    engines, dtypes or devices), each naming the settings that vary; latency always names its
-    engine."""
-    lines = []
-    pairs = [(m, "melt" + m[4:]) for m in frame.get("model", pd.Series(dtype=str)).dropna().unique()
-             if str(m).startswith("ouro") and "melt" + m[4:] in set(frame.model)]
-    for ouro, melt in pairs:
-        for kind, metric, phrase in (("memory", "peak_bytes", "peak memory"),
-                                     ("latency", "decode_ms_per_token_mean", "decode time per token")):
-            part = frame[(frame.kind == kind) & (frame.status == "ok") & frame.model.isin([ouro, melt])]
-            if part.empty or metric not in part:
-                continue
-            axes = [a for a in LIKE_FOR_LIKE if a in part and (part[a].nunique(dropna=False) > 1
-                                                               or (a == "engine" and kind == "latency"))]
-            if part.duplicated([*axes, "loops", "seq_len", "batch_size", "model"]).any() and "source" in part:
-                axes.append("source")  # the same point in two files: each file on its own
-            # anything still doubled differs in no setting we know: the latest row stands
-            part = part.sort_values("created_at").drop_duplicates([*axes, "loops", "seq_len", "batch_size", "model"],
-                                                                  keep="last")
-            for keys, same in groups(part, axes):
-                keys = keys if isinstance(keys, tuple) else (keys,)
-                both = same.pivot(index=["loops", "seq_len", "batch_size"], columns="model", values=metric)
-                both = both.dropna() if ouro in both and melt in both else both.iloc[0:0]
-                if not len(both):
-                    continue
-                (loops, seq, batch), row = max(both.iterrows(), key=lambda kv: kv[0])
-                ratio = row[ouro] / row[melt]
-                value = format_bytes if metric.endswith("bytes") else (lambda v: f"{v:,.2f} ms")
-                lines.append(f"At {loops} loops and {seq:,} tokens (batch {batch}{_settings(keys, axes)}), {ouro} "
-                             f"needs {ratio:.2f}x {melt}'s {phrase} ({value(row[ouro])} vs {value(row[melt])}).")
-        lines.extend(_kv_per_token(frame, ouro, melt))
-        failed = frame[(frame.kind == "memory") & (frame.model == ouro) & (frame.status == "oom")]
-        if len(failed):
-            first = failed.sort_values("loops").iloc[0]
-            lines.append(f"{ouro} runs out of memory from {first.loops} loops at {first.seq_len:,} tokens, "
-                         f"batch {first.batch_size}.")
-    lines.extend(_throughput_at_budget(frame))
-    lines.extend(_accuracy_at_equal_memory(frame))
-    return lines
-
-
-def _kv_per_token(frame: pd.DataFrame, ouro: str, melt: str) -> list[str]:
-    """KV-cache bytes per cached token, measured (the cache objects' bytes over the tokens they
-    hold), for the pair at the largest loop count where both have a finished memory point."""
-    mem = frame[(frame.kind == "memory") & (frame.status == "ok")]
-    if mem.empty or "kv_cache_tokens" not in mem:
-        return []
-    mem = mem.assign(per_token=mem.kv_cache_bytes / (mem.kv_cache_tokens * mem.batch_size))
-    both = mem[mem.model.isin([ouro, melt])].pivot_table(index="loops", columns="model", values="per_token")
-    both = both.dropna() if ouro in both and melt in both else both.iloc[0:0]
-    if not len(both):
-        return []
-    loops = both.index.max()
-    return [f"KV cache per token at {loops} loops: {ouro} {format_bytes(both[ouro][loops])}, {melt} "
-            f"{format_bytes(both[melt][loops])} (measured from the cache objects)."]
-
-
-def _accuracy_at_equal_memory(frame: pd.DataFrame) -> list[str]:
-    """The matched-memory verdicts of the first (task, metric, filter), for the first screen."""
-    acc = frame[(frame.kind == "accuracy") & (frame.status == "ok")] if "value" in frame else frame.iloc[0:0]
-    if acc.empty or "kv_bytes_per_token" not in acc:
-        return []
-    for key, part in groups(acc, ["task", "metric", "filter"]):
-        matched = matched_memory(part) if part.kv_bytes_per_token.notna().all() else []
-        if len(matched):
-            return [f"At equal KV memory ({label_of(key)}): {line}" for line in verdicts(matched, f"{key[1]}")]
-    return []
-
-
-def _throughput_at_budget(frame: pd.DataFrame) -> list[str]:
-    """Per budget, length and engine, at the largest loop count every model finished: what each
-    model decodes at its largest batch under the budget (measured, capacity rows)."""
-    metric = "decode_tokens_per_s_at_max_batch"
-    cap = frame[(frame.kind == "capacity") & (frame.status == "ok")]
-    if cap.empty or metric not in cap:
-        return []
-    lines = []
-    for key, part in groups(cap[cap[metric].notna()], ["memory_budget_bytes", "seq_len", "throughput_engine"]):
-        loops = part.groupby("loops").model.nunique()
-        if loops.max() < 2:
-            continue
-        at = loops[loops == loops.max()].index.max()
-        models = part[part.loops == at].sort_values(metric, ascending=False)
-        said = ", ".join(f"{r.model} {r[metric]:,.1f} tokens/s at batch {int(r.max_batch)}"
-                         for _, r in models.iterrows())
-        lines.append(f"At {at} loops and {key[1]:,} tokens under {format_bytes(key[0])} (engine {key[2]}), "
-                     f"decoding at the largest batch that fits: {said}.")
-    return lines
 
 
 def summary_figures(sections: list[Section]) -> list[Figure]:
@@ -470,6 +386,7 @@ def build_report(paths: list[Path], compare: list[Path] | None = None, title: st
 
 def write_report(paths: list[Path], out: Path, compare: list[Path] | None = None) -> Path:
     html = build_report(paths, compare)
+    stop_if_interrupted()  # a Ctrl-C that matplotlib's import swallowed: no report written
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside and renamed over: a failed write never leaves half a report in its place.
     partial = out.with_name(f".{out.name}.partial")

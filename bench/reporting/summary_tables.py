@@ -10,6 +10,7 @@ from rich.table import Table
 
 from melt_bench.running.repeats import combine_repeats, spread_text
 from melt_bench.running.results import ResultRow, model_label, model_labels
+from melt_bench.running.stability import UNSTABLE_CV, figure_verdict, timing_note
 from melt_bench.units import format_bytes
 
 
@@ -51,7 +52,7 @@ class TableSpec:
 
 def ms_cell(key: str) -> Callable[[dict], str]:
     """A time in milliseconds, with the spread of repeats."""
-    return lambda m: f"{m[key]:,.2f} ms{spread_text(m, key)}" if m.get(key) is not None else "-"
+    return lambda m: f"{m[key]:,.2f} ms{spread_text(m, key)}{timing_note(m, key)}" if m.get(key) is not None else "-"
 
 
 def bytes_cell(key: str) -> Callable[[dict], str]:
@@ -61,7 +62,7 @@ def bytes_cell(key: str) -> Callable[[dict], str]:
 
 def rate_cell(key: str) -> Callable[[dict], str]:
     """A rate (tokens per second), one decimal."""
-    return lambda m: f"{m[key]:,.1f}" if m.get(key) is not None else "-"
+    return lambda m: f"{m[key]:,.1f}{timing_note(m, key)}" if m.get(key) is not None else "-"
 
 
 @dataclass
@@ -167,6 +168,8 @@ def _summary(spec: TableSpec, key: tuple, group: list[ResultRow]) -> SummaryTabl
         for ouro, melt in pairs:
             ratios[(loops, f"{ouro}/{melt} {spec.headline_label}")] = _ratio(
                 by_key.get((ouro, loops)), by_key.get((melt, loops)), spec.headline)
+    if any(f"{spec.headline}_cv" in row.metrics or "timing_stability" in row.metrics for row in group):
+        note += f"; cv: spread over the timed runs, UNSTABLE above {UNSTABLE_CV:.0%} (no ratio stated)"
     return SummaryTable(f"{spec.title}{note} | {described}", spec, models, pairs, cells, ratios, loops_list)
 
 
@@ -185,5 +188,8 @@ def _describe(field: str, value) -> str:
 def _ratio(a: ResultRow | None, b: ResultRow | None, metric: str) -> str:
     if a is None or b is None or a.status != "ok" or b.status != "ok":
         return "-"
+    verdicts = {figure_verdict(a.metrics, metric), figure_verdict(b.metrics, metric)}
+    if verdicts != {"stable"}:  # noise is not a finding: no ratio between unstable or unjudged figures
+        return "unstable" if "unstable" in verdicts else "1 run"
     x, y = a.metrics.get(metric), b.metrics.get(metric)
     return f"{x / y:.2f}x" if x is not None and y else "-"

@@ -11,3 +11,6 @@ import sys
 # imported this module by mistake keeps its Ctrl-C.
 if sys.argv[:1] == ["-c"] and "multiprocessing.forkserver" in sys.modules:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the parent started the server with SIGINT blocked (launcher.sigint_held), so that a Ctrl-C
+    # in the interpreter's start-up waited; ignored now, a pending one is dropped
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

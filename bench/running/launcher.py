@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -45,7 +46,27 @@ def start_fork_server(*modules: str) -> None:
         from multiprocessing import forkserver
 
         context.set_forkserver_preload([*_PRELOAD, *modules])
-        forkserver.ensure_running()
+        with sigint_held():
+            forkserver.ensure_running()
+
+
+@contextmanager
+def sigint_held():
+    """Hold Ctrl-C back while a process is started: a fork server starts with SIGINT blocked
+    (the mask survives exec) and unblocks it once it ignores it (fork_server_signals), so a Ctrl-C
+    during its interpreter's own start-up cannot print Python's "Fatal Python error:
+    init_import_site" beside the parent's one line. The parent takes the Ctrl-C right after."""
+    if child_context().get_start_method() == "forkserver":
+        # the stdlib starts its resource tracker with SIGINT blocked and then *unblocks* it,
+        # which would undo the hold: started first, it is left running
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def stop_fork_server() -> None:
@@ -104,6 +125,7 @@ def _child_main(conn, target: Callable, args: tuple) -> None:
     # the rows already written), so the child neither dies half-way nor prints a traceback.
     # (Children of the fork server ignore it from their start: fork_server_signals.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a forked child: held by sigint_held
     try:
         value = target(*args)
     except BaseException as exc:  # report, never hang the parent
@@ -132,7 +154,8 @@ def run_in_child(target: Callable, args: tuple, timeout_s: float | None) -> Chil
     receiver, sender = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child_main, args=(sender, target, args), daemon=True)
     started = time.monotonic()
-    proc.start()
+    with sigint_held():  # a fork server started here (the first child, or after a stop) too
+        proc.start()
     with _live_lock:
         _live.add(proc)
     sender.close()

@@ -3,12 +3,14 @@ moment it is known. Failures (oom, timeout, error) are rows too, and the sweep g
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
 
 from melt_bench.running.executors import PointRunner, SerialExecutor
+from melt_bench.running.interrupts import stop_if_interrupted
 from melt_bench.running.launcher import ChildOutcome, stop_fork_server
 from melt_bench.running.results import ResultRow, ResultsStore
 from melt_bench.running.sweep_plan import SweepPoint
@@ -28,6 +30,20 @@ class SweepStatus:
     planned: int
     skipped: int  # already recorded (--resume)
     ran: int
+    ran_phrase: str = ""  # what ran, points and repeats apart (runs_phrase)
+
+
+def runs_phrase(points: list[SweepPoint]) -> str:
+    """How many points and repeats `points` holds, the two apart: '32 points x 2 repeats (64
+    runs)', or '3 points' where each is measured once."""
+    distinct = len({replace(point, repeat=0).point_id if hasattr(point, "repeat") else point.point_id
+                    for point in points})  # accuracy points have no repeats
+    if distinct == len(points):
+        return f"{distinct} point" + ("" if distinct == 1 else "s")
+    repeats = max(point.repeat for point in points) + 1
+    if len(points) == distinct * repeats:
+        return f"{distinct} point{'' if distinct == 1 else 's'} x {repeats} repeats ({len(points)} runs)"
+    return f"{len(points)} runs of {distinct} point" + ("" if distinct == 1 else "s")
 
 
 def pending_points(points: list[SweepPoint], store: ResultsStore, retry_failed: bool = False) -> list[SweepPoint]:
@@ -79,16 +95,16 @@ def run_sweep(
     `executor` (executors.py; default one at a time here). This thread alone appends rows."""
     executor = executor or SerialExecutor()
     todo = pending_points(points, store, retry_failed)
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"),
-        disable=not show_progress, transient=False,
-    )
+    progress = Progress(disable=not show_progress, transient=False)
+    progress.columns = progress_columns(progress.console.width, kind, len(todo))
+    if show_progress and todo:  # the bar counts runs: say once what they are
+        progress.console.print(f"{kind}: {runs_phrase(todo)} to run")
     with progress:
         task = progress.add_task(kind, total=len(todo), last="")
         finished = executor.run(todo, run_point)
         shown: set[str] = set()
         try:
+            stop_if_interrupted()  # a Ctrl-C that torch's import swallowed: no point starts
             for done in finished:
                 for row in outcome_to_rows(kind, done.point, done.outcome, meta or {}):
                     row.metrics.update(done.placement)  # which GPU / node ran it
@@ -98,6 +114,7 @@ def run_sweep(
                         shown.add(warning)
                         progress.console.print(warning, style="yellow", markup=False, highlight=False)
                 progress.update(task, advance=1, last=f"done: {done.point.label()}")
+                stop_if_interrupted()
         except KeyboardInterrupt:
             stop_fork_server()  # a child the serial executor waits for the server to fork (it may still import)
             finished.close()
@@ -105,7 +122,27 @@ def run_sweep(
             raise SweepInterrupted(store, points) from None
         finally:  # a failed write (ResultsWriteError) too: the executor's children end here
             finished.close()
-    return SweepStatus(planned=len(points), skipped=len(points) - len(todo), ran=len(todo))
+    return SweepStatus(planned=len(points), skipped=len(points) - len(todo), ran=len(todo),
+                       ran_phrase=runs_phrase(todo) if todo else "0 points")
+
+
+def progress_columns(width: int, description: str, total: int) -> tuple:
+    """The progress bar: the kind, runs done of all, elapsed time and the ETA, each whole; the bar
+    and then the last point's label take what is left of `width` (the terminal's) and are the
+    ones cut short."""
+    counts = f"{total}/{total} runs"
+    fixed = len(description) + len(counts) + len("0:00:00 ETA 0:00:00") + 6  # 6 gaps
+    bar = max(4, min(BAR_WIDTH, width - fixed - 20))
+    whole = Column(no_wrap=True)
+    return (TextColumn("[bold]{task.description}", table_column=whole), BarColumn(bar_width=bar),
+            TextColumn("{task.completed}/{task.total} runs", table_column=Column(no_wrap=True, min_width=len(counts))),
+            TimeElapsedColumn(table_column=whole), TextColumn("ETA", table_column=whole),
+            TimeRemainingColumn(table_column=Column(no_wrap=True, min_width=7)),
+            TextColumn("{task.fields[last]}", table_column=Column(no_wrap=True, overflow="ellipsis",
+                                                                  max_width=max(1, width - fixed - bar))))
+
+
+BAR_WIDTH = 24
 
 
 def _warnings(outcome: ChildOutcome) -> list[str]:

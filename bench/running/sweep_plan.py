@@ -19,7 +19,7 @@ PHASES: tuple[str, ...] = get_args(Phase)
 # Fixed here, not read from the point types, whose defaults may differ (latency warms up twice).
 _ID_DEFAULTS = {"warmup": 0, "timed_runs": 0, "early_exit": None, "engine": "eager", "static_cache": False,
                 "memory_budget_bytes": None, "prefill_chunk": None, "kv_policy": None, "decode_reads": None,
-                "kv_quant": None}
+                "kv_quant": None, "threads": None}
 
 
 @dataclass(frozen=True)

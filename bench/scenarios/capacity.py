@@ -17,7 +17,7 @@ from melt_bench.scenarios.memory import MemoryPoint
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_TIMING = ("warmup", "timed_runs", "early_exit", "engine", "static_cache")
+_TIMING = ("warmup", "timed_runs", "early_exit", "engine", "static_cache", "threads")
 
 
 def parse_bytes(text: str) -> int:
@@ -66,12 +66,14 @@ class CapacityOptions:
     warmup: int = 1
     timed_runs: int = 3
     prefill_chunk: int | None = None
+    threads: int | None = None
 
     def point(self, axes: SweepPoint) -> CapacityPoint:
         timed = self.timed_runs > 0
         return CapacityPoint(**{**axes.axes(), "batch_size": 0}, prefill_chunk=self.prefill_chunk,
                              warmup=self.warmup if timed else 0, timed_runs=self.timed_runs,
-                             engine=self.engine if timed else "eager", memory_budget_bytes=self.budget_bytes)
+                             engine=self.engine if timed else "eager", memory_budget_bytes=self.budget_bytes,
+                             threads=self.threads if timed else None)
 
 
 def _max_batch(metrics: dict) -> str:

@@ -22,6 +22,8 @@ class LatencyPoint(SweepPoint):
     early_exit: float | None = None  # early-stop threshold, None = off
     engine: Engine = "eager"  # eager | compiled (the same step function) | forward (the model's forward)
     static_cache: bool = False  # forward engine: allocate the cache ahead
+    # --threads: torch intra-op threads in the child (None: 1 on a CPU, torch's default on CUDA)
+    threads: int | None = None
 
     @property
     def timed(self) -> bool:
@@ -38,11 +40,12 @@ class LatencyOptions:
     engine: Engine = "eager"
     static_cache: bool = False
     prefill_chunk: int | None = None
+    threads: int | None = None
 
     def point(self, axes: SweepPoint) -> LatencyPoint:
         return LatencyPoint(**axes.axes(), prefill_chunk=self.prefill_chunk, warmup=self.warmup,
                             timed_runs=self.timed_runs, early_exit=self.early_exit, engine=self.engine,
-                            static_cache=self.static_cache)
+                            static_cache=self.static_cache, threads=self.threads)
 
 
 SUMMARY = TableSpec(

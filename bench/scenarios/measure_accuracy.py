@@ -18,7 +18,7 @@ from melt_bench.running.ranks import distributed_rank, gather_from_ranks
 from melt_bench.running.results import ResultRow, ResultsStore
 from melt_bench.running.sweep import in_child, pending_points, run_sweep
 from melt_bench.scenarios.accuracy import AccuracyPoint
-from melt_bench.scenarios.point_setup import classify_failure, kv_metrics
+from melt_bench.scenarios.point_setup import classify_failure, kv_metrics, weights_origin
 from melt_bench.trackers.memory_trackers import CudaAllocatorTracker, RssTracker
 from melt_bench.units import parse_dtype
 
@@ -126,11 +126,21 @@ def measured_side_buffer_bytes(model, loops: int) -> int:
 
 
 def responses_hash(results: dict, task: str) -> str:
-    """SHA-256 of every scored document's id and filtered responses, in document order: equal
-    hashes mean the same documents got the same answers (one process or several)."""
-    samples = sorted(((s["doc_id"], s["filter"], s["filtered_resps"]) for s in results["samples"][task]),
-                     key=lambda item: (item[0], item[1]))
-    return hashlib.sha256(json.dumps(samples, default=str).encode()).hexdigest()
+    """SHA-256 of every document's id and raw responses (the model's generations or
+    log-likelihoods before lm-eval's filters), in document order: equal hashes mean the same
+    documents got the same answers (one process or several). Not the filtered answers: those
+    collapse every unparsable generation to "[invalid]", equal across models that differ."""
+    # each filter logs the same raw responses; a rank's padding request (lm-eval evens out the
+    # ranks' shares) adds its copy to the last request's responses: each request keeps its repeats
+    repeats = int(results.get("configs", {}).get(task, {}).get("repeats") or 1)
+    raw = {s["doc_id"]: [responses[:repeats] for responses in s["resps"]] for s in results["samples"][task]}
+    return hashlib.sha256(json.dumps(sorted(raw.items()), default=str).encode()).hexdigest()
+
+
+def fewshot_used(results: dict, task: str) -> int | None:
+    """The few-shot count lm-eval ran the task with (the task's default where none was asked)."""
+    shots = results.get("n-shot", {}).get(task)
+    return int(shots) if isinstance(shots, (int, float)) else None
 
 
 def document_scores(results: dict, task: str, metric: str, filter_name: str) -> list[list] | None:
@@ -184,6 +194,8 @@ def _evaluate(lm, point: AccuracyPoint, task_manager, simple_evaluate, meta: dic
     if status != "ok":
         return [ResultRow("accuracy", point.point_id, point.to_dict(), status, error, memory, meta, wall)]
     memory["responses_sha256"] = responses_hash(results, point.task)
+    memory["num_fewshot_used"] = fewshot_used(results, point.task)
+    memory.update(weights_origin(point.model, point.weights, lm.model))
     probe = point.kv_probe_tokens or KV_PROBE_TOKENS
     kv = {"kv_bytes_per_token": measured_kv_bytes_per_token(lm.model, point.loops, probe),
           "kv_side_buffer_bytes_per_sequence": measured_side_buffer_bytes(lm.model, point.loops),

@@ -113,12 +113,14 @@ def search_capacity(point: CapacityPoint, timeout_s: float, limit: int = 4096, g
     from melt_bench.scenarios.measure_memory import measure_memory_point
 
     budget_bytes = point.memory_budget_bytes
+    origin = {}  # where the probes' weights came from (point_setup.weights_origin), for the row
 
     def probe(batch: int) -> Probe:
         outcome = run_in_child(run_pinned, (gpu, measure_memory_point, point.probe(batch), 10.0, None, budget_bytes),
                                timeout_s)
         if outcome.status != "ok":
             return Probe(batch, False, "timeout" if outcome.status == "timeout" else "error", None)
+        origin.update({k: v for k, v in outcome.value["metrics"].items() if k in WEIGHTS_FIELDS})
         return probe_fits({**outcome.value, "batch_size": batch}, budget_bytes)
 
     start = analytic_start(point.model, point.loops, point.seq_len + point.new_tokens, point.dtype, budget_bytes,
@@ -134,6 +136,7 @@ def search_capacity(point: CapacityPoint, timeout_s: float, limit: int = 4096, g
         "budget_bytes": budget_bytes,
         "peak_bytes_at_max_batch": fitting[0].peak_bytes if fitting else None,
         "probes": [asdict(p) for p in result.probes],
+        **origin,
     }
     error = f"probe at batch {failed[0].batch_size}: {failed[0].status}" if status == "error" else None
     if point.timed_runs > 0:
@@ -144,6 +147,10 @@ def search_capacity(point: CapacityPoint, timeout_s: float, limit: int = 4096, g
 # What a throughput row keeps from a latency measurement, and under which name (units in them).
 THROUGHPUT_FIGURES = {"decode_tokens_per_s": "decode_tokens_per_s", "decode_ms_per_token_mean": "decode_ms_per_step",
                       "decode_mbu": "decode_mbu"}
+
+
+WEIGHTS_FIELDS = ("weights_source", "weights_from", "weights_revision", "melt_gate")  # point_setup.weights_origin
+SPREAD_PARTS = ("_min", "_p10", "_p90", "_max", "_cv")  # stability.spread_fields
 
 
 def throughput_at_budget(point: CapacityPoint, max_batch: int, timeout_s: float, gpu: str | None) -> dict:
@@ -161,6 +168,13 @@ def throughput_at_budget(point: CapacityPoint, max_batch: int, timeout_s: float,
     for batch, suffix in batches:
         figures, problem = _timed_decode(point, batch, timeout_s, gpu)
         metrics.update({f"{name}_{suffix}": figures.get(key) for key, name in THROUGHPUT_FIGURES.items()})
+        for key, name in list(THROUGHPUT_FIGURES.items())[:2]:  # the timed figures' spread over the runs
+            metrics.update({f"{name}_{suffix}{part}": figures.get(f"{key}{part}") for part in SPREAD_PARTS})
+        metrics[f"timing_stability_{suffix}"] = figures.get("timing_stability")
+        for key in ("torch_num_threads", "cpu_count", "timing_stability_rule"):
+            metrics.setdefault(key, figures.get(key))
+        metrics.setdefault("loadavg_1m_before", figures.get("loadavg_1m_before"))
+        metrics["loadavg_1m_after"] = figures.get("loadavg_1m_after")
         if problem:
             metrics[f"throughput_error_{suffix}"] = problem
             continue
@@ -172,8 +186,11 @@ def throughput_at_budget(point: CapacityPoint, max_batch: int, timeout_s: float,
             metrics[f"throughput_over_budget_{suffix}"] = (
                 f"{len(over)} of {len(runs)} timed runs at batch {batch} peaked above the budget of "
                 f"{point.memory_budget_bytes:,} B (largest {max(over):,} B; {figures.get('timed_run_peak_source')})")
+    verdicts = [metrics.get(f"timing_stability_{suffix}") for _, suffix in batches]
+    metrics["timing_stability"] = next((v for v in ("unstable", "unknown") if v in verdicts), "stable")
     if max_batch == 1 and "throughput_error_at_max_batch" not in metrics:
-        metrics.update({f"{name}_at_batch_1": metrics[f"{name}_at_max_batch"] for name in THROUGHPUT_FIGURES.values()})
+        metrics.update({f"{name}_at_batch_1{part}": metrics.get(f"{name}_at_max_batch{part}")
+                        for name in THROUGHPUT_FIGURES.values() for part in ("", *SPREAD_PARTS)})
         for key in ("timed_run_peak_bytes", "throughput_over_budget"):
             if f"{key}_at_max_batch" in metrics:
                 metrics[f"{key}_at_batch_1"] = metrics[f"{key}_at_max_batch"]

@@ -15,6 +15,7 @@ the device's bandwidth and matmul rate measured in this child before the point, 
 from __future__ import annotations
 
 import hashlib
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -24,8 +25,9 @@ import torch
 from melt_bench.models import cost_model, load_model
 from melt_bench.models.decode_engine import DecodeEngine, StepOutput
 from melt_bench.models.packed_cache import PackedKVCache
+from melt_bench.running.stability import load_average, percentile, spread_fields, stability_fields
 from melt_bench.scenarios.latency import LatencyPoint
-from melt_bench.scenarios.point_setup import classify_failure, kv_metrics, prefill_chunking
+from melt_bench.scenarios.point_setup import classify_failure, kv_metrics, prefill_chunking, weights_origin
 from melt_bench.trackers.device_ceilings import DeviceCeilings, measure_ceilings
 from melt_bench.trackers.energy import EnergyMeter, energy_metrics, open_meter
 from melt_bench.trackers.memory_trackers import RunPeakMeter, nvml_index_for
@@ -85,6 +87,10 @@ class ForwardDecoder:
         self.cache.crop(position)
 
 
+# The figures whose spread over the timed runs decides a row's verdict (the rest derive from them).
+STABILITY_FIGURES = ("prefill_ms", "decode_ms_per_token_mean")
+
+
 @dataclass
 class RunTiming:
     prefill_ms: float
@@ -115,18 +121,10 @@ def timed_run(decoder, point: LatencyPoint, input_ids: torch.Tensor, chunk_start
     return timing
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 100]."""
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def summarise(runs: list[RunTiming], batch: int) -> dict:
     """Per-run figures, then the median over runs (the lower middle of a time, the matching upper
-    middle of a rate, for an even count) with min and max beside each."""
+    middle of a rate, for an even count) with their spread beside each (min, p10, p90, max, CV),
+    and the verdict on the headline figures (stability.py)."""
     per_run: dict[str, list[float]] = {key: [] for key in (
         "prefill_ms", "decode_ms_per_token_mean", "decode_ms_per_token_p50", "decode_ms_per_token_p90",
         "decode_tokens_per_s", "e2e_tokens_per_s")}
@@ -144,8 +142,8 @@ def summarise(runs: list[RunTiming], batch: int) -> dict:
         # The lower middle of a time, and so the upper middle of a rate (tokens over that time,
         # the same tokens each run): ms/token and tokens/s of a row describe the same run.
         metrics[key] = statistics.median_high(values) if key.endswith("_per_s") else statistics.median_low(values)
-        metrics[f"{key}_min"] = min(values)
-        metrics[f"{key}_max"] = max(values)
+        metrics.update(spread_fields(key, values))
+    metrics.update(stability_fields(metrics, STABILITY_FIGURES, len(runs)))
     metrics["ttft_ms"] = metrics["prefill_ms"]  # the first token comes out of the prefill
     metrics["tokens_generated_per_run"] = batch * len(runs[0].step_ms)
     loops_run = [n for run in runs for n in run.loops_run]
@@ -260,9 +258,23 @@ def measure_energy(meter: EnergyMeter, decoder, point: LatencyPoint, input_ids: 
 
 def measure_latency_point(point: LatencyPoint, meter: EnergyMeter | str | None = None) -> dict:
     """Returns {"status", "error", "metrics"}; failures are data, never raised. `meter` replaces
-    the NVML energy meter (tests pass fakes)."""
+    the NVML energy meter (tests pass fakes). Runs on `point.threads` intra-op threads (a CPU
+    point: 1 unless told, so a run does not fight its own threads and the machine's other work
+    for the cores), and gives the caller's count back after."""
+    previous = torch.get_num_threads()
+    threads = point.threads or (1 if point.device == "cpu" else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _measure_latency_point(point, meter)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _measure_latency_point(point: LatencyPoint, meter: EnergyMeter | str | None) -> dict:
     metrics: dict = {"timer": "cuda events" if point.device.startswith("cuda") else "perf_counter_ns",
-                     "torch_num_threads": torch.get_num_threads()}
+                     "torch_num_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                     "loadavg_1m_before": load_average()}
     try:
         device = torch.device(point.device)
         dtype = parse_dtype(point.dtype)
@@ -281,6 +293,7 @@ def measure_latency_point(point: LatencyPoint, meter: EnergyMeter | str | None =
                            decode_reads=point.decode_reads,
                            kv_quant=point.kv_quant)
         metrics.update(kv_metrics(model))  # the policy (and MELT's decode reads) the point ran under
+        metrics.update(weights_origin(point.model, point.weights, model))
         chunk_starts, prefill_fields = prefill_chunking(model, point)
         metrics.update(prefill_fields)
         generator = torch.Generator().manual_seed(0)
@@ -303,7 +316,7 @@ def measure_latency_point(point: LatencyPoint, meter: EnergyMeter | str | None =
                 if index >= point.warmup:
                     runs.append(run)
                     run_peaks.append(peak)
-            metrics.update(summarise(runs, point.batch_size))
+            metrics.update(summarise(runs, point.batch_size), loadavg_1m_after=load_average())
             metrics.update(timed_run_peak_bytes=run_peaks, timed_run_peak_source=peaks.source)
             metrics.update(output_fields(runs))
             packed = isinstance(getattr(decoder, "cache", None), PackedKVCache)

@@ -11,7 +11,13 @@ import torch
 from melt_bench.models import cost_model, load_model, predict_kv_cache_bytes
 from melt_bench.models.kv_policy import kv_side_buffer_bytes
 from melt_bench.scenarios.memory import MemoryPoint
-from melt_bench.scenarios.point_setup import classify_failure, kv_metrics, prefill_chunking, tensor_bytes
+from melt_bench.scenarios.point_setup import (
+    classify_failure,
+    kv_metrics,
+    prefill_chunking,
+    tensor_bytes,
+    weights_origin,
+)
 from melt_bench.trackers.memory_trackers import CudaAllocatorTracker, NvmlSampler, RssTracker, nvml_index_for
 from melt_bench.trackers.nvml import load_pynvml
 from melt_bench.units import parse_dtype
@@ -110,6 +116,7 @@ def measure_memory_point(
                            decode_reads=point.decode_reads,
                            kv_quant=point.kv_quant)
         metrics.update(kv_metrics(model))  # the policy (and MELT's decode reads) the point ran under
+        metrics.update(weights_origin(point.model, point.weights, model))
         metrics["weights_bytes"] = tensor_bytes(model)
         generator = torch.Generator().manual_seed(0)
         input_ids = torch.randint(1, model.config.vocab_size, (point.batch_size, point.seq_len), generator=generator)

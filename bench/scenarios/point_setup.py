@@ -4,6 +4,8 @@ prefilled. One place, so memory, latency, capacity and accuracy agree."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from melt_bench.models.packed_cache import QUANT_TAIL_RULES, quant_tail
@@ -63,3 +65,26 @@ def kv_metrics(model) -> dict:
     if hasattr(model.config, "decode_reads"):
         metrics.update(chunk_size=model.config.chunk_size, decode_reads=model.config.decode_reads)
     return metrics
+
+
+def weights_origin(preset: str, weights: str | None, model) -> dict:
+    """Where the point's weights came from, for the row: `weights_source` "random" (the preset's
+    seeded initialisation: its scores say nothing about the model), "local" (a checkpoint
+    directory) or "hub" (a hub id, with the commit transformers resolved as `weights_revision`);
+    and for a MELT model its gate's: "random", "fresh" (Ouro's weights under a new, untrained
+    gate: MeltForCausalLM.from_ouro) or "checkpoint" (a MELT checkpoint's own gate). `weights_from`
+    names the preset and seed, the resolved directory or the hub id."""
+    if weights is None:
+        origin = {"weights_source": "random", "weights_from": f"preset {preset}, torch.manual_seed(0)",
+                  "weights_revision": None}
+    else:
+        local = Path(weights).expanduser().is_dir()
+        origin = {"weights_source": "local" if local else "hub",
+                  "weights_from": str(Path(weights).expanduser().resolve()) if local else weights,
+                  "weights_revision": getattr(model.config, "_commit_hash", None)}
+    if hasattr(model.config, "decode_reads"):  # a MELT model
+        from transformers import PreTrainedConfig  # the file load_model read: cached, no download
+
+        given = weights is not None and PreTrainedConfig.get_config_dict(str(weights))[0].get("model_type")
+        origin["melt_gate"] = "random" if weights is None else "fresh" if given == "ouro" else "checkpoint"
+    return origin

@@ -70,7 +70,6 @@ import torch.nn.functional as F
 
 from melt_bench.models import MeltForCausalLM, OuroForCausalLM, load_model
 from melt_bench.models.melt_transition import ATTENTION_WEIGHT, distillation_loss, transition_alpha, transition_logits
-from melt_bench.training.training_texts import TrainingText, load_texts  # noqa: F401 (tests import them here)
 from melt_bench.training.convert_parallel import (
     full_state,
     full_weights,
@@ -81,6 +80,7 @@ from melt_bench.training.convert_parallel import (
     sum_across_ranks,
 )
 from melt_bench.training.convert_run_dir import CHECKPOINT, LOG
+from melt_bench.training.training_texts import TrainingText, load_texts  # noqa: F401 (tests import them here)
 
 
 @dataclass
