@@ -87,7 +87,7 @@ def test_a_ctrl_c_that_a_library_swallowed_still_stops_the_sweep_before_any_poin
     try:
         try:  # what a library's import does with it
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
+            time.sleep(0.5)
         except BaseException:
             pass
         assert interrupts.interrupted()

@@ -15,7 +15,10 @@ from melt_bench.units import format_bytes
 # a point on the axes or in the model's label): a ratio compares two models only where all of them
 # agree, and names those that differ across the file (eager vs compiled, bf16 vs fp32, ...).
 LIKE_FOR_LIKE = ("engine", "dtype", "device", "phase", "new_tokens", "prefill_chunk", "early_exit", "static_cache",
-                 "warmup", "timed_runs", "memory_budget_bytes", "torch_num_threads")
+                 "warmup", "timed_runs", "memory_budget_bytes", "threads")
+# and what the child measured of how it ran: the threads it took (a CPU child: 1 unless told,
+# since #32; 2 on 2 cores before), so a ratio never mixes the two
+MEASURED_LIKE_FOR_LIKE = ("torch_num_threads",)
 
 
 def _settings(keys: tuple, axes: list[str]) -> str:
@@ -37,8 +40,8 @@ def headlines(frame: pd.DataFrame) -> list[str]:
             part = frame[(frame.kind == kind) & (frame.status == "ok") & frame.model.isin([ouro, melt])]
             if part.empty or metric not in part:
                 continue
-            axes = [a for a in LIKE_FOR_LIKE if a in part and (part[a].nunique(dropna=False) > 1
-                                                               or (a == "engine" and kind == "latency"))]
+            axes = [a for a in (*LIKE_FOR_LIKE, *MEASURED_LIKE_FOR_LIKE)
+                    if a in part and (part[a].nunique(dropna=False) > 1 or (a == "engine" and kind == "latency"))]
             if part.duplicated([*axes, "loops", "seq_len", "batch_size", "model"]).any() and "source" in part:
                 axes.append("source")  # the same point in two files: each file on its own
             # anything still doubled differs in no setting we know: the latest row stands
