@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         signal.signal(signal.SIGINT, _interrupted_while_exiting if code != INTERRUPTED else signal.SIG_IGN)
+        if code == INTERRUPTED:  # interrupted: the exit status is 130, whatever the interpreter's
+            os._exit(code)  # shutdown would make of a KeyboardInterrupt left behind (seen: -SIGINT)
     return code
 
 
