@@ -3,6 +3,7 @@ Commands import their heavy modules lazily, so `--help` and a refused flag are f
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -19,6 +20,18 @@ def _interrupted_while_starting(signum: int, frame: object) -> None:
 
 if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the caller ignores it
     signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+def _ignore_ctrl_c_once_finished() -> None:
+    # The interpreter's shutdown resets a Python SIGINT handler to the default after the exit
+    # handlers, and a Ctrl-C there ended a complete run as -SIGINT (seen 1 in 40): once every
+    # exit handler has run (this one is registered first, so it runs last) nothing is left to stop.
+    if _finished:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_finished = False
+atexit.register(_ignore_ctrl_c_once_finished)
 
 # NVML and torch must agree on device indices; set before anything initialises CUDA.
 os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
@@ -83,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         signal.signal(signal.SIGINT, _interrupted_while_exiting if code != INTERRUPTED else signal.SIG_IGN)
+        global _finished
+        _finished = True
         if code == INTERRUPTED:  # interrupted: the exit status is 130, whatever the interpreter's
             os._exit(code)  # shutdown would make of a KeyboardInterrupt left behind (seen: -SIGINT)
     return code

@@ -20,7 +20,7 @@ DATA = Path(__file__).parent / "data"
 CONVERT = ["convert", "--from", "ouro-tiny", "--data", str(DATA / "gsm8k" / "train.jsonl"), "--device", "cpu",
            "--no-progress", "--chunk-size", "16", "--transition-steps", "2", "--distill-steps", "2",
            "--batch-size", "2", "--seq-len", "40", "--tokens-per-step", "160", "--lr-base", "1e-3", "--lr-gate", "1e-2"]
-ACCURACY = ["accuracy", "--tasks", "gsm8k", "--models", "ouro-tiny", "--loops", "2", "--limit", "5", "--num-fewshot",
+ACCURACY = ["accuracy", "--tasks", "gsm8k", "--models", "ouro-tiny", "--loops", "2", "--limit", "3", "--num-fewshot",
             "0", "--max-gen-toks", "6", "--data-dir", str(DATA), "--device", "cpu", "--dtype", "float32"]
 
 
@@ -74,23 +74,27 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def test_two_sharded_ranks_convert_as_one_process_and_resume_on_one(tmp_path, one_process, two_ranks):
-    """FSDP: the same parameters as one process; a sharded run stopped at step 2 resumes on one
-    process (its checkpoint holds the whole state) and ends where the uninterrupted run does."""
-    melt_bench([*CONVERT, "--out", str(tmp_path / "fsdp"), "--fsdp", "--gradient-checkpointing"], 2, tmp_path)
-    assert_same_weights(one_process / "model", tmp_path / "fsdp" / "model")
-    held = [[json.loads(line)["held_bytes_per_rank"] for line in (run / "train_log.jsonl").open()]
-            for run in (two_ranks, tmp_path / "fsdp")]
-    for replicated, sharded in zip(*held):  # DDP's ranks hold it all, FSDP's a half each (shards of odd rows differ)
+    """FSDP: a sharded run (gradient checkpointing, resharding after forward) stopped at step 2
+    holds half the state per rank, takes the one-process steps, and resumes on one process (its
+    checkpoint holds the whole state) to end with the one-process parameters."""
+    split = tmp_path / "split"
+    stopped = melt_bench([*CONVERT, "--out", str(split), "--fsdp", "--gradient-checkpointing",
+                          "--fsdp-reshard-after-forward", "--stop-after", "2", "--checkpoint-every", "5"], 2, tmp_path)
+    assert "stopped after step 2" in stopped.stdout and not (split / "model").exists()
+    assert torch.load(split / "checkpoint.pt", weights_only=False)["step"] == 2
+    melt_bench([*CONVERT, "--out", str(split), "--resume"], 1, tmp_path)
+    assert_same_weights(one_process / "model", split / "model")
+    logs = [[json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+            for run in (one_process, two_ranks, split)]
+    assert [row["step"] for row in logs[2]] == [1, 2, 3, 4]
+    assert [row.get("ranks") for row in logs[2]] == [2, 2, None, None]
+    for a, b in zip(logs[0], logs[2]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    for replicated, sharded in zip(*(
+            [row["held_bytes_per_rank"] for row in log[:2]] for log in logs[1:])):
+        # DDP's ranks hold it all, FSDP's a half each (shards of odd rows differ)
         assert len(set(replicated)) == 1 and replicated[0] <= sum(sharded) < 1.001 * replicated[0]
         assert all(0.49 < n / replicated[0] < 0.51 for n in sharded)
-    stopped = melt_bench([*CONVERT, "--out", str(tmp_path / "split"), "--fsdp", "--fsdp-reshard-after-forward",
-                          "--stop-after", "2", "--checkpoint-every", "5"], 2, tmp_path)
-    assert "stopped after step 2" in stopped.stdout and not (tmp_path / "split" / "model").exists()
-    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["step"] == 2
-    melt_bench([*CONVERT, "--out", str(tmp_path / "split"), "--resume"], 1, tmp_path)
-    assert_same_weights(one_process / "model", tmp_path / "split" / "model")
-    log = [json.loads(line) for line in (tmp_path / "split" / "train_log.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in log] == [1, 2, 3, 4] and [row.get("ranks") for row in log] == [2, 2, None, None]
 
 
 def test_resuming_on_ranks_that_change_the_global_batch_is_refused(tmp_path):
