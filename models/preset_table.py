@@ -25,6 +25,15 @@ _TINY = dict(
     early_exit_threshold=1.0,
 )
 
+# A mid-size CPU shape (~58 M parameters) for decode at the machine's limit
+# (benchmarks/cpu_decode_limit.py): big enough that weights, not dispatch, set the time.
+_MID = dict(
+    vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+    num_attention_heads=8, num_key_value_heads=8, head_dim=64, max_position_embeddings=8192,
+    rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, total_ut_steps=4,
+    early_exit_threshold=1.0,
+)
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -48,6 +57,8 @@ PRESETS: dict[str, Preset] = {
         Preset("melt-1.4b", "melt", _OURO_1_4B, "MELT on Ouro-1.4B (MELT-1.6B)"),
         Preset("melt-2.6b", "melt", _OURO_2_6B, "MELT on Ouro-2.6B"),
         Preset("melt-tiny", "melt", _TINY, "tiny MELT for CPU tests"),
+        Preset("ouro-mid", "ouro", _MID, "mid-size Ouro for CPU decode benchmarks"),
+        Preset("melt-mid", "melt", _MID, "mid-size MELT for CPU decode benchmarks"),
     ]
 }
 ALIASES = {"tiny": "ouro-tiny"}

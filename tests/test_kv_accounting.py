@@ -70,3 +70,17 @@ def test_1_4b_bf16_kv_bytes_per_token_at_4_loops(preset, expected):
         cache = model.new_cache(4)
         model(torch.zeros(1, 3, dtype=torch.long), past_key_values=cache, logits_to_keep=1)
     assert cache.nbytes() == 3 * expected
+
+
+def test_the_mid_presets_are_the_cpu_decode_limit_shape():
+    """ouro-mid / melt-mid: the shape issue #33 compares with llama.cpp's Ouro (hidden 512, 8
+    layers, 8 heads x 64, intermediate 1408, vocab 32,000, untied, 4 loops; ~58 M parameters)."""
+    from melt_bench.models.presets import count_parameters, get_preset
+
+    ouro, melt = get_preset("ouro-mid"), get_preset("melt-mid")
+    config = ouro.config()
+    shape = (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.head_dim,
+             config.intermediate_size, config.vocab_size, config.tie_word_embeddings, config.total_ut_steps)
+    assert shape == (512, 8, 8, 64, 1408, 32000, False, 4) and melt.fields == ouro.fields
+    gates = 8 * (2 * 512 * 512 + 512)  # MELT's element-wise gate per layer
+    assert count_parameters(ouro) == 58_475_521 and count_parameters(melt) == count_parameters(ouro) + gates
