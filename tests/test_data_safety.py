@@ -194,7 +194,9 @@ def test_accuracy_peaks_do_not_depend_on_model_order_and_lm_eval_stays_in_its_lo
         peaks[order] = {row.point["model"]: row.metrics["peak_bytes"] for row in ResultsStore(out).read()}
     first, second = peaks.values()
     for model in ("ouro-tiny", "melt-tiny"):
-        assert abs(first[model] - second[model]) <= 0.03 * max(first[model], second[model]), peaks
+        # the defect this guards was 54 vs 16 MiB; a fresh child per point differs by 3.4% at most
+        # seen (2026-12-06, lm-eval's lazy imports while another job shared the cores)
+        assert abs(first[model] - second[model]) <= 0.06 * max(first[model], second[model]), peaks
 
 
 def test_unexpected_lm_eval_warnings_reach_the_terminal_expected_ones_only_the_log(tmp_path):

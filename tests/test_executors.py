@@ -58,7 +58,8 @@ def test_failures_are_rows_and_resume_skips_what_the_pool_recorded(tmp_path):
     store = ResultsStore(tmp_path / "m.jsonl")
     run_sweep("memory", points(3), store, in_child(sweep_helpers.die_by_sigkill, (), 60), {}, show_progress=False,
               executor=GpuPoolExecutor(["0", "1"]))
-    assert [row.status for row in store.read()] == ["oom"] * 3  # SIGKILL reads as the OOM killer's
+    rows = store.read()
+    assert [row.status for row in rows] == ["oom"] * 3, [row.error for row in rows]  # SIGKILL reads as the OOM killer's
     status = run_sweep("memory", points(4), store, in_child(sweep_helpers.where_am_i, (), 60), {}, show_progress=False,
                        executor=GpuPoolExecutor(["0", "1"]))
     assert status.ran == 1 and status.skipped == 3

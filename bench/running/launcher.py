@@ -172,7 +172,9 @@ def run_in_child(target: Callable, args: tuple, timeout_s: float | None) -> Chil
         try:
             kind, value = receiver.recv()
         except EOFError:  # the child died without a word: a signal, os._exit, the OOM killer
-            proc.join(timeout=10)
+            # its exit status comes from the fork server once it reaps the child: wait for it,
+            # or a SIGKILL read too early is labelled an error, not an OOM
+            proc.join(timeout=60)
             killed_by = signal.Signals(-proc.exitcode).name if proc.exitcode and proc.exitcode < 0 else None
             return ChildOutcome("crashed", error=_death_note(proc.exitcode), wall_s=time.monotonic() - started,
                                 killed_by=killed_by)
