@@ -93,6 +93,30 @@ def decode_one_token(
     return greedy_head(model, x)
 
 
+def lay_out_for_cpu_gemv(model: LoopedForCausalLM) -> int:
+    """CPU float32: give each Linear weight (out, in) the strides of its transpose made contiguous
+    (same shape, values, parameters and state-dict keys). A decode step multiplies one row by each
+    weight, and MKL's GEMV reads this layout at copy speed: 19 vs 13 GB/s on one AVX2 thread,
+    eager decode ~25% faster (docs/cpu-decode-profile.md). In bf16 the same layout is 4x slower,
+    and on CUDA cuBLAS reads both alike, so only CPU float32 is touched. Returns how many weights
+    changed; a tied weight changes once."""
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        return 0
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, whatever mode the caller is in
+        return _lay_out_linears(model)
+
+
+def _lay_out_linears(model: LoopedForCausalLM) -> int:
+    changed = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        vector = weight is None or min(weight.shape) == 1  # one row or column: both layouts are the same
+        if isinstance(module, torch.nn.Linear) and not vector and weight.stride() != (1, weight.shape[0]):
+            weight.data = weight.data.t().contiguous().t()
+            changed += 1
+    return changed
+
+
 @dataclass
 class StepOutput:
     token: torch.Tensor  # (batch, 1), the greedy pick
@@ -114,6 +138,7 @@ class DecodeEngine:
         if engine not in STEP_ENGINES:
             raise ValueError(f"engine must be one of {', '.join(STEP_ENGINES)}, got {engine!r}")
         self.model, self.loops, self.engine = model, loops, engine
+        self.weights_laid_out = lay_out_for_cpu_gemv(model)
         self.early_stop_threshold = early_stop_threshold
         self.cache: LoopedKVCache = model.new_cache(loops, capacity=capacity)
         self.cache.allocate(batch_size, model.config.num_key_value_heads, model.config.head_dim, model.dtype,
@@ -138,6 +163,10 @@ class DecodeEngine:
 
     @property
     def description(self) -> str:
+        layout = ", Linear weights (in, out)-contiguous for the CPU GEMV" if self.weights_laid_out else ""
+        return self._steps_description() + layout
+
+    def _steps_description(self) -> str:
         if self.engine == "eager":
             return "decode_one_token, eager"
         graphs = "one graph per loop, exit check on the host" if self.early_stop_threshold else "one graph per step"

@@ -129,3 +129,23 @@ def test_ouro_prefill_in_chunks_is_exact(chunk, ids):
         chunked = forward_decode(model, ids, chunk_starts=list(range(0, ids.shape[1], chunk)))
     assert torch.equal(whole[0], chunked[0])
     assert max_diff(whole[1], chunked[1]) < 1e-5
+
+
+def test_cpu_float32_engine_lays_weights_out_for_the_gemv_without_changing_them(ids):
+    """Every Linear weight keeps its shape, values and key, now (in, out)-contiguous; the engine's
+    tokens and logits still equal the forward of an untouched copy, and a second engine changes nothing."""
+    model = make_ouro()
+    untouched = make_ouro()
+    untouched.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        ref_tokens, ref_logits, _ = forward_decode(untouched, ids)
+        engine = DecodeEngine(model, 4, ids.shape[0], ids.shape[1] + NEW_TOKENS, "eager")
+        tokens, logits, _ = engine_decode(engine, ids)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and min(m.weight.shape) > 1]
+    assert engine.weights_laid_out == len(linears) > 0 and "(in, out)-contiguous" in engine.description
+    assert all(m.weight.stride() == (1, m.weight.shape[0]) and m.weight.requires_grad for m in linears)
+    reference = untouched.state_dict()
+    assert all(torch.equal(value, reference[key]) for key, value in model.state_dict().items())
+    assert torch.equal(tokens, ref_tokens) and max_diff(logits, ref_logits) < 1e-5
+    assert DecodeEngine(model, 4, 1, 8, "eager").weights_laid_out == 0
+    assert DecodeEngine(make_ouro().to(torch.bfloat16), 4, 1, 8, "eager").weights_laid_out == 0  # bf16: 4x slower

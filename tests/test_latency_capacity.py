@@ -1,5 +1,10 @@
 """Latency and capacity: structure and invariants, never absolute speed."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from conftest import one_line_error
 
@@ -259,3 +264,49 @@ def test_capacity_times_batch_1_when_it_is_the_largest_and_names_runs_over_the_b
     assert timed == [4, 1] and four["decode_tokens_per_s_at_max_batch"] == 200.0
     assert "at batch 4 and batch 1" in four["throughput_source"]
     assert "throughput_at_batch_1_source" not in four
+
+
+def load_cpu_decode_limit():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_decode_limit.py"
+    spec = importlib.util.spec_from_file_location("cpu_decode_limit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def decode_row(model: str, ms: float, stability: str) -> dict:
+    metrics = {"decode_ms_per_token_mean": ms, "decode_ms_per_token_mean_min": ms * 0.95,
+               "decode_ms_per_token_mean_max": ms * 1.2, "timing_stability": stability,
+               "decode_bytes_per_token": 477e6, "device_bandwidth_bytes_per_s": 19e9, "decode_mbu": 0.61,
+               "loadavg_1m_before": 0.5, "loadavg_1m_after": 0.7}
+    return {"point": {"model": model}, "status": "ok", "error": None, "metrics": metrics}
+
+
+def test_the_cpu_decode_limit_table_states_melt_over_ouro_only_from_stable_points():
+    bench = load_cpu_decode_limit()
+    stable = bench.table_rows([decode_row("ouro-mid", 40.0, "stable"), decode_row("melt-mid", 42.0, "stable")],
+                              "compiled", "float32", 1)
+    assert "| 40.0 | 38.0-48.0 | stable | 477.0 | 19.0 | 61% |" in stable[0]
+    assert stable[0].endswith(f"| {40.0 / (1.15 * 24.8):.2f}x of 28.5 |")  # the issue's goal, 1.15x llama.cpp
+    assert "1.05x (goal <= 1.1x)" in stable[2]
+    shaky = bench.table_rows([decode_row("ouro-mid", 40.0, "stable"), decode_row("melt-mid", 80.0, "unstable")],
+                             "eager", "float32", 1, at_goal_shape=False)
+    assert "not stated" in shaky[2] and "2.00x" not in shaky[2]
+    assert shaky[0].endswith("| - |")  # no goal away from the issue's shape
+
+
+def test_the_cpu_decode_limit_benchmark_runs_each_point_through_melt_bench(tmp_path):
+    bench = load_cpu_decode_limit()
+    done = subprocess.run([sys.executable, bench.__file__, "--models", "ouro-tiny,melt-tiny", "--engines", "forward",
+                           "--dtypes", "float32", "--threads", "1", "--seq-len", "8", "--new-tokens", "2",
+                           "--loops", "2", "--repeats", "2", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("| forward |")]
+    assert [line.split(" | ")[3] for line in lines] == ["ouro-tiny", "melt-tiny", "MELT / Ouro"]
+    rows = [json.loads(line) for line in (tmp_path / "forward-float32-1t.jsonl").read_text().splitlines()]
+    assert {row["metrics"]["torch_num_threads"] for row in rows} == {1}
+    ouro = next(row for row in rows if row["point"]["model"] == "ouro-tiny")
+    assert lines[0].split(" | ")[4] == f"{ouro['metrics']['decode_ms_per_token_mean']:.1f}"
