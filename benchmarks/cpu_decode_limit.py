@@ -1,19 +1,21 @@
 """Issue #33's table: how close melt-bench's CPU decode runs to the machine's limit.
 
 For each engine (eager, compiled, forward), dtype (float32, bfloat16) and thread count (1, 2),
-runs `melt-bench latency` on ouro-mid and melt-mid (4 loops, a 512-token prompt, 64 greedy
+runs `melt-bench latency` on ouro-mid and melt-mid (batch 1, 4 loops, a 512-token prompt, 64 greedy
 tokens; random weights, nothing downloaded). Each point runs in a fresh child, as every latency
 point does. Prints, per row: decode ms/token (median of the timed runs) with its spread and
 stability, bytes per token, the copy bandwidth the child measured, MBU (bytes per token over
 that bandwidth, as a percentage), the load average, the ratio to issue #33's goal and MELT's
 time over Ouro's.
 
-The goals are issue #33's: 1.15x (fp32) and 1.25x (bf16) of llama.cpp's Ouro for compiled,
-1.4x for eager, on the same weights. The llama.cpp figures (24.8 / 16.5 ms/token) are the ones
-the issue measured on its 2-core VM on 2026-12-02; they are not measured by this script, so a
-ratio to them means something only on that machine.
+The goals are issue #33's: 1.15x (fp32) and 1.25x (bf16) of llama.cpp for compiled, 1.4x for
+eager. With `--llama-cpp DIR` (a llama.cpp checkout with llama-bench built, see
+llama_cpp_reference.py) llama.cpp is timed here, on the same machine, at the same shape unrolled
+and the same thread count, and the goal is set from that. Without it, the figures are the issue's
+(24.8 / 16.5 ms/token, its 2-core VM on 2026-12-02, not measured here): a ratio to them means
+something only on that machine, and the table says so.
 
-    python benchmarks/cpu_decode_limit.py                       # the whole table (~30 min, 2 cores)
+    python benchmarks/cpu_decode_limit.py --llama-cpp /tmp/lcp/.../vendor/llama.cpp   # the whole table
     python benchmarks/cpu_decode_limit.py --engines compiled --dtypes float32 --threads 1
 """
 
@@ -26,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-LLAMA_CPP_MS = {"float32": 24.8, "bfloat16": 16.5}  # issue #33, 2026-12-02 VM, one thread
+ISSUE_LLAMA_CPP_MS = {"float32": 24.8, "bfloat16": 16.5}  # issue #33, 2026-12-02 VM, one thread
 GOAL_FACTOR = {("compiled", "float32"): 1.15, ("compiled", "bfloat16"): 1.25,
                ("eager", "float32"): 1.4, ("eager", "bfloat16"): 1.4}
 MELT_OVER_OURO_GOAL = 1.1
@@ -34,20 +36,23 @@ MELT_OVER_OURO_GOAL = 1.1
 
 def run_latency(out: Path, models: str, engine: str, dtype: str, threads: int, args) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "melt_bench", "latency", "--models", models, "--loops", str(args.loops),
-               "--seq-lens", str(args.seq_len), "--new-tokens", str(args.new_tokens), "--engine", engine,
+               "--seq-lens", str(args.seq_len), "--batch-sizes", "1", "--new-tokens", str(args.new_tokens),
+               "--engine", engine,
                "--dtype", dtype, "--threads", str(threads), "--device", "cpu", "--repeats", str(args.repeats),
                "--warmup", "1", "--out", str(out), "--no-progress"]
     return subprocess.run(command, capture_output=True, text=True)
 
 
-def goal_ms(engine: str, dtype: str) -> float | None:
+def goal_ms(engine: str, dtype: str, reference_ms: dict[str, float]) -> float | None:
     factor = GOAL_FACTOR.get((engine, dtype))
-    return None if factor is None else factor * LLAMA_CPP_MS[dtype]
+    return None if factor is None or dtype not in reference_ms else factor * reference_ms[dtype]
 
 
-def table_rows(rows: list[dict], engine: str, dtype: str, threads: int, at_goal_shape: bool = True) -> list[str]:
+def table_rows(rows: list[dict], engine: str, dtype: str, threads: int,
+               reference_ms: dict[str, float] | None = None) -> list[str]:
     """Markdown rows for one (engine, dtype, threads) run: one per model, then MELT over Ouro
-    (stated only when both points are stable). The goal applies only at the issue's shape."""
+    (stated only when both points are stable). `reference_ms`: llama.cpp's ms/token per dtype
+    at this shape and thread count (no goal column without it)."""
     lines, by_model = [], {}
     for row in rows:
         model, m = row["point"]["model"], row["metrics"]
@@ -57,7 +62,7 @@ def table_rows(rows: list[dict], engine: str, dtype: str, threads: int, at_goal_
         by_model[model] = m
         ms = m["decode_ms_per_token_mean"]
         spread = f"{m['decode_ms_per_token_mean_min']:.1f}-{m['decode_ms_per_token_mean_max']:.1f}"
-        goal = goal_ms(engine, dtype) if at_goal_shape else None
+        goal = goal_ms(engine, dtype, reference_ms or {})
         versus_goal = "-" if goal is None else f"{ms / goal:.2f}x of {goal:.1f}"
         load = f"{m['loadavg_1m_before']:.1f} / {m['loadavg_1m_after']:.1f}"
         lines.append(f"| {engine} | {dtype} | {threads} | {model} | {ms:.1f} | {spread} | {m['timing_stability']} | "
@@ -74,8 +79,24 @@ def table_rows(rows: list[dict], engine: str, dtype: str, threads: int, at_goal_
     return lines
 
 
-def at_goal_shape(args) -> bool:
+def at_issue_shape(args) -> bool:
     return (args.models, args.loops, args.seq_len, args.new_tokens) == ("ouro-mid,melt-mid", 4, 512, 64)
+
+
+def reference_for(args, threads: int) -> tuple[dict[str, float], str]:
+    """llama.cpp's ms/token per dtype for this thread count, and where the figures come from."""
+    if args.llama_cpp is not None:
+        from llama_cpp_reference import measure_reference
+
+        preset = args.models.split(",")[0]
+        timings = measure_reference(args.llama_cpp, preset, args.loops, args.dtypes.split(","), args.seq_len,
+                                    args.new_tokens, threads, args.repeats)
+        source = "; ".join(f"{t.dtype} {t.ms_per_token:.1f} ({t.ms_min:.1f}-{t.ms_max:.1f})" for t in timings.values())
+        label = next(iter(timings.values())).label()
+        return {dtype: t.ms_per_token for dtype, t in timings.items()}, f"{source} ms/token, {label}"
+    if at_issue_shape(args) and threads == 1:
+        return dict(ISSUE_LLAMA_CPP_MS), "issue #33's figures from its own VM (not measured here)"
+    return {}, "none at this shape (pass --llama-cpp to measure one)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,18 +110,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out-dir", type=Path, default=None, help="keep the results files here")
+    parser.add_argument("--llama-cpp", type=Path, default=None,
+                        help="llama.cpp checkout with build/bin/llama-bench: time the reference here")
     args = parser.parse_args(argv)
     out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="cpu-decode-limit-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"shape: {args.models}, {args.loops} loops, {args.seq_len}-token prompt, {args.new_tokens} new tokens; "
-          f"llama.cpp reference: {LLAMA_CPP_MS} ms/token (issue #33, not measured here)")
+    print(f"shape: {args.models}, {args.loops} loops, {args.seq_len}-token prompt, {args.new_tokens} new tokens")
+    threads_list = [int(t) for t in args.threads.split(",")]
+    references = {}
+    for threads in threads_list:
+        references[threads], source = reference_for(args, threads)
+        print(f"llama.cpp at {threads} thread(s): {source}")
     print("| engine | dtype | threads | model | decode ms/token | min-max | stability | MB/token | copy GB/s "
           "| MBU | load before / after | vs goal |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     failed = False
     for engine in args.engines.split(","):
         for dtype in args.dtypes.split(","):
-            for threads in (int(t) for t in args.threads.split(",")):
+            for threads in threads_list:
                 out = out_dir / f"{engine}-{dtype}-{threads}t.jsonl"
                 done = run_latency(out, args.models, engine, dtype, threads, args)
                 if done.returncode != 0:
@@ -110,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"| {engine} | {dtype} | {threads} | {note} |" + " |" * 8)
                     continue
                 rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-                for line in table_rows(rows, engine, dtype, threads, at_goal_shape(args)):
+                for line in table_rows(rows, engine, dtype, threads, references[threads]):
                     print(line, flush=True)
     print(f"results: {out_dir}")
     return 1 if failed else 0

@@ -287,14 +287,36 @@ def decode_row(model: str, ms: float, stability: str) -> dict:
 def test_the_cpu_decode_limit_table_states_melt_over_ouro_only_from_stable_points():
     bench = load_cpu_decode_limit()
     stable = bench.table_rows([decode_row("ouro-mid", 40.0, "stable"), decode_row("melt-mid", 42.0, "stable")],
-                              "compiled", "float32", 1)
+                              "compiled", "float32", 1, {"float32": 30.0})
     assert "| 40.0 | 38.0-48.0 | stable | 477.0 | 19.0 | 61% |" in stable[0]
-    assert stable[0].endswith(f"| {40.0 / (1.15 * 24.8):.2f}x of 28.5 |")  # the goal, 1.15x llama.cpp
+    assert stable[0].endswith(f"| {40.0 / (1.15 * 30.0):.2f}x of 34.5 |")  # the goal: 1.15x llama.cpp's 30 ms
     assert "1.05x (goal <= 1.1x)" in stable[2]
     shaky = bench.table_rows([decode_row("ouro-mid", 40.0, "stable"), decode_row("melt-mid", 80.0, "unstable")],
-                             "eager", "float32", 1, at_goal_shape=False)
+                             "eager", "float32", 1, {})
     assert "not stated" in shaky[2] and "2.00x" not in shaky[2]
-    assert shaky[0].endswith("| - |")  # no goal away from the shape
+    assert shaky[0].endswith("| - |")  # no goal without a reference figure
+
+
+def test_the_llama_cpp_reference_keeps_the_faster_attention_path_and_each_runs_time(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "llama_cpp_reference.py"
+    spec = importlib.util.spec_from_file_location("llama_cpp_reference", path)
+    reference = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = reference  # dataclasses look their module up there
+    spec.loader.exec_module(reference)
+    tokens, scores, types = reference.spm_vocab(300)
+    assert len(tokens) == len(scores) == len(types) == 300 and tokens[3 + 10] == "<0x0A>" and types[13] == 6
+    # A stand-in llama-bench: its JSON for -fa 0,1 (64 tokens per run), and its arguments kept.
+    runs = [{"flash_attn": False, "samples_ns": [2.4e9, 2.56e9, 2.32e9], "build_commit": "abc", "build_number": 7},
+            {"flash_attn": True, "samples_ns": [3.9e9, 4.0e9, 4.1e9], "build_commit": "abc", "build_number": 7}]
+    fake = tmp_path / "llama-bench"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/args\ncat <<'END'\n{json.dumps(runs)}\nEND\n")
+    fake.chmod(0o755)
+    timing = reference.time_decode(fake, tmp_path / "m.gguf", "float32", 512, 64, 1, 3)
+    assert (timing.ms_per_token, timing.ms_min, timing.ms_max, timing.flash_attention) == (37.5, 36.25, 40.0, False)
+    assert "-d 512" in (tmp_path / "args").read_text() and "-ctk f32" in (tmp_path / "args").read_text()
+    assert "abc (build 7)" in timing.label()
 
 
 def test_the_cpu_decode_limit_benchmark_runs_each_point_through_melt_bench(tmp_path):
@@ -308,5 +330,6 @@ def test_the_cpu_decode_limit_benchmark_runs_each_point_through_melt_bench(tmp_p
     assert [line.split(" | ")[3] for line in lines] == ["ouro-tiny", "melt-tiny", "MELT / Ouro"]
     rows = [json.loads(line) for line in (tmp_path / "forward-float32-1t.jsonl").read_text().splitlines()]
     assert {row["metrics"]["torch_num_threads"] for row in rows} == {1}
+    assert {row["point"]["batch_size"] for row in rows} == {1}  # llama.cpp's figure is one sequence's
     ouro = next(row for row in rows if row["point"]["model"] == "ouro-tiny")
     assert lines[0].split(" | ")[4] == f"{ouro['metrics']['decode_ms_per_token_mean']:.1f}"
