@@ -105,6 +105,19 @@ class Attention(nn.Module):
         )
         return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1))
 
+    def attend_one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionMask) -> torch.Tensor:
+        """`attend` for one query per sequence, written out (scores and softmax in float32, as
+        SDPA's CPU kernel keeps them) so that inductor fuses the casts, mask and softmax around two
+        batched matmuls. For the compiled CPU step: SDPA's CPU kernel reads a bf16 cache at 2 GB/s,
+        this at 11 (float32: 10 either way; docs/cpu-decode-profile.md)."""
+        bsz, _, q_len, _ = q.shape
+        groups = self.n_heads // self.n_kv_heads
+        q = q.reshape(bsz, self.n_kv_heads, groups, self.head_dim).float()  # a kv head's queries together
+        scores = (q @ k.float().transpose(-1, -2)) * self.head_dim**-0.5  # (batch, kv heads, groups, keys)
+        weights = scores.masked_fill(~attn.mask, float("-inf")).softmax(-1)  # a boolean mask
+        out = (weights @ v.float()).to(v.dtype)  # (batch, kv heads, groups, head_dim)
+        return self.o_proj(out.reshape(bsz, q_len, -1))
+
     def forward(
         self,
         x: torch.Tensor,

@@ -32,13 +32,14 @@ from .names import STEP_ENGINES
 
 def run_loop(
     model: LoopedForCausalLM, x: torch.Tensor, input_pos: torch.Tensor, cache: LoopedKVCache,
-    kv_states: list[torch.Tensor | None], loop: int, kept: list | None = None,
+    kv_states: list[torch.Tensor | None], loop: int, kept: list | None = None, reduce_attention: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor, list | None]:
     """One loop of the layer stack for the token at `input_pos` (a 1-element tensor): returns the
     normed output, each layer's KV state (MELT's h, None for Ouro), the exit-gate logit and, for
     policies that keep a combination of the loops' rows, each layer's running combination. Rows
     go into `cache` through its static-shape writes (write_at; MELT with decode_reads="chunk":
-    swap_open_chunk_at, its open-chunk buffers)."""
+    swap_open_chunk_at, its open-chunk buffers). `reduce_attention`: attention as multiply-reduces
+    (`Attention.attend_one_query`), for the compiled CPU step."""
     base, config = model.model, model.config
     capacity = cache.keys[0].shape[2]
     # Rows past the current position hold zeros or an earlier run's rows: masked out.
@@ -54,7 +55,8 @@ def run_loop(
         if cache.open_chunk:  # the open chunk's earlier tokens read as they did at this loop
             cache.swap_open_chunk_at(loop, slot, window, offset, k, v)
         cache.write_at(slot, input_pos, k, v)
-        x = layer.after_attention(x, layer.self_attn.attend(q, cache.keys[slot], cache.values[slot], attn))
+        attend = layer.self_attn.attend_one_query if reduce_attention else layer.self_attn.attend
+        x = layer.after_attention(x, attend(q, cache.keys[slot], cache.values[slot], attn))
         states.append(kv_in if layer.self_attn.kv_gate is not None else None)
         if folded is not None:
             folded.append(base.policy.accumulate(kept[i] if kept else None, loop, k, v))
@@ -82,39 +84,65 @@ def greedy_head(model: LoopedForCausalLM, x: torch.Tensor) -> tuple[torch.Tensor
 
 def decode_one_token(
     model: LoopedForCausalLM, token: torch.Tensor, input_pos: torch.Tensor, cache: LoopedKVCache, loops: int,
+    reduce_attention: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole decode step for `token` (batch, 1) at `input_pos`: (next token, logits)."""
     x = model.model.embed_tokens(token)
     states: list[torch.Tensor | None] = [None] * len(model.model.layers)
     kept = None
     for loop in range(loops):
-        x, states, _, kept = run_loop(model, x, input_pos, cache, states, loop, kept)
+        x, states, _, kept = run_loop(model, x, input_pos, cache, states, loop, kept, reduce_attention)
     write_kept_rows(model, input_pos, cache, kept, loops)
     return greedy_head(model, x)
 
 
-def lay_out_for_cpu_gemv(model: LoopedForCausalLM) -> int:
-    """CPU float32: give each Linear weight (out, in) the strides of its transpose made contiguous
-    (same shape, values, parameters and state-dict keys). A decode step multiplies one row by each
-    weight, and MKL's GEMV reads this layout at copy speed: 19 vs 13 GB/s on one AVX2 thread,
-    eager decode ~25% faster (docs/cpu-decode-profile.md). In bf16 the same layout is 4x slower,
-    and on CUDA cuBLAS reads both alike, so only CPU float32 is touched. Returns how many weights
-    changed; a tied weight changes once."""
-    if model.device.type != "cpu" or model.dtype != torch.float32:
+def lay_out_for_cpu_gemv(model: LoopedForCausalLM, engine: str) -> int:
+    """Give each CPU Linear weight (out, in) the layout its decode GEMV (one row times the weight)
+    reads fastest, with the same shape, values, parameters and state-dict keys
+    (docs/cpu-decode-profile.md, one AVX2 thread):
+    - eager, float32: the strides of its transpose made contiguous, MKL's fast path (12-19 vs
+      8-13 GB/s). In bf16 that layout is 4x slower, so bf16 is left alone.
+    - compiled: contiguous, where inductor's multiply-reduce (`compiled_gemv_options`) reads at
+      copy speed (20-29 GB/s), and the transposed layout at 10.
+    CUDA's cuBLAS reads both alike: untouched. Returns how many weights changed; a tied weight
+    changes once."""
+    if model.device.type != "cpu":
+        return 0
+    transposed = engine == "eager"
+    if transposed and model.dtype != torch.float32:
         return 0
     with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, whatever mode the caller is in
-        return _lay_out_linears(model)
+        return _lay_out_linears(model, transposed)
 
 
-def _lay_out_linears(model: LoopedForCausalLM) -> int:
+def _lay_out_linears(model: LoopedForCausalLM, transposed: bool) -> int:
     changed = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        vector = weight is None or min(weight.shape) == 1  # one row or column: both layouts are the same
-        if isinstance(module, torch.nn.Linear) and not vector and weight.stride() != (1, weight.shape[0]):
+        if not isinstance(module, torch.nn.Linear) or min(weight.shape) == 1:  # a vector: both layouts are one
+            continue
+        if transposed and weight.stride() != (1, weight.shape[0]):
             weight.data = weight.data.t().contiguous().t()
             changed += 1
+        elif not transposed and not weight.is_contiguous():
+            weight.data = weight.data.contiguous()
+            changed += 1
     return changed
+
+
+def compiled_gemv_options(device: torch.device) -> dict:
+    """Inductor options for the compiled CPU step: every one-row matmul (batch 1) becomes a fused
+    multiply-reduce over the contiguous weight (inductor's `decompose_mm_pass`), which reads it at
+    copy speed, 2.2-2.5x faster than the extern GEMV in float32 and bf16 (docs/cpu-decode-profile.md).
+    At batch 4 it is slower than the GEMM, so only one row is decomposed, as inductor's default
+    says. The lm head (vocab x hidden) is past inductor's default size limit of 2,048: raised."""
+    if device.type != "cpu":
+        return {}
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+
+    # Read from the module, not the config, once it is imported.
+    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 31
+    return {"post_grad_fusion_options": {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": 1 << 31}}}
 
 
 @dataclass
@@ -138,13 +166,14 @@ class DecodeEngine:
         if engine not in STEP_ENGINES:
             raise ValueError(f"engine must be one of {', '.join(STEP_ENGINES)}, got {engine!r}")
         self.model, self.loops, self.engine = model, loops, engine
-        self.weights_laid_out = lay_out_for_cpu_gemv(model)
+        self.weights_laid_out = lay_out_for_cpu_gemv(model, engine)
         self.early_stop_threshold = early_stop_threshold
         self.cache: LoopedKVCache = model.new_cache(loops, capacity=capacity)
         self.cache.allocate(batch_size, model.config.num_key_value_heads, model.config.head_dim, model.dtype,
                             model.device, zero=True)
         self.input_pos = torch.zeros(1, dtype=torch.long, device=model.device)
         self.cuda_graphs = engine == "compiled" and model.device.type == "cuda"
+        self.reduce_attention = engine == "compiled" and model.device.type == "cpu"
         self._step, self._loop, self._head = decode_one_token, run_loop, greedy_head
         if engine == "compiled":
             self._compile()
@@ -156,14 +185,19 @@ class DecodeEngine:
         # One graph per loop when early stopping; dynamo's default limit of 8 would fall back
         # to eager past loop 8.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * self.loops)
-        options = dict(mode="reduce-overhead") if self.cuda_graphs else {}
+        mode = "reduce-overhead" if self.cuda_graphs else None
+        options = dict(mode=mode) if mode else dict(options=compiled_gemv_options(self.model.device))
         self._step = torch.compile(decode_one_token, fullgraph=True, dynamic=False, **options)
         self._loop = torch.compile(run_loop, fullgraph=True, dynamic=False, **options)
         self._head = torch.compile(greedy_head, fullgraph=True, dynamic=False, **options)
 
     @property
     def description(self) -> str:
-        layout = ", Linear weights (in, out)-contiguous for the CPU GEMV" if self.weights_laid_out else ""
+        layout = ""
+        if self.model.device.type == "cpu" and self.engine == "compiled":
+            layout = ", one-row matmuls and attention as inductor multiply-reduces over contiguous weights"
+        elif self.model.device.type == "cpu" and self.model.dtype == torch.float32:
+            layout = ", Linear weights (in, out)-contiguous for MKL's GEMV"
         return self._steps_description() + layout
 
     def _steps_description(self) -> str:
@@ -196,7 +230,8 @@ class DecodeEngine:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         if self.early_stop_threshold is None:
-            next_token, logits = self._step(self.model, token, self.input_pos, self.cache, self.loops)
+            next_token, logits = self._step(self.model, token, self.input_pos, self.cache, self.loops,
+                                            self.reduce_attention)
             loops_run, exit_steps = self.loops, None
         else:
             x = self.model.model.embed_tokens(token)
@@ -204,7 +239,8 @@ class DecodeEngine:
             stop = EarlyStop(self.early_stop_threshold, self.loops)
             kept = None
             for loop in range(self.loops):
-                x, states, gate, kept = self._loop(self.model, x, self.input_pos, self.cache, states, loop, kept)
+                x, states, gate, kept = self._loop(self.model, x, self.input_pos, self.cache, states, loop, kept,
+                                                   self.reduce_attention)
                 if stop.update(loop, gate, x):
                     break
             write_kept_rows(self.model, self.input_pos, self.cache, kept, loop + 1)

@@ -80,22 +80,29 @@ def test_engine_refuses_an_unknown_engine():
         DecodeEngine(make_ouro(), 2, 1, 8, "turbo")
 
 
-# Compiling costs seconds per graph on a CPU: four cases, tiny shapes.
-@pytest.mark.parametrize("name,threshold", [("ouro", None), ("melt", None), ("ouro", 0.5), ("melt-chunk-reads", None)])
-def test_compiled_engine_gives_the_eager_tokens_and_logits(name, threshold, ids):
+# Compiling costs seconds per graph on a CPU: four cases, tiny shapes. At batch 1 every matmul of
+# the step is inductor's multiply-reduce; at batch 2 only attention is written out.
+@pytest.mark.parametrize("name,threshold,batch", [("ouro", None, 1), ("melt", None, 2), ("ouro", 0.5, 2),
+                                                  ("melt-chunk-reads", None, 1)])
+def test_compiled_engine_gives_the_eager_tokens_and_logits(name, threshold, batch, ids):
     from torch._dynamo.utils import counters
 
-    model = MODELS[name]()
+    model, ids = MODELS[name](), ids[:batch]
     capacity = ids.shape[1] + NEW_TOKENS
     with torch.inference_mode():
         eager = engine_decode(DecodeEngine(model, 4, ids.shape[0], capacity, "eager", threshold), ids)
+        decomposed = counters["inductor"]["decompose_mm"]
         compiled_engine = DecodeEngine(model, 4, ids.shape[0], capacity, "compiled", threshold)
         compiled = engine_decode(compiled_engine, ids)
         graphs = counters["stats"]["unique_graphs"]
         again = engine_decode(compiled_engine, ids)  # a second run reuses the graphs over the same cache
     # nothing that changes per step (the position, the cache's length) is baked into a graph
     assert counters["stats"]["unique_graphs"] == graphs
-    assert "torch.compile" in compiled_engine.description
+    assert "torch.compile" in compiled_engine.description and "multiply-reduce" in compiled_engine.description
+    # the eager engine laid the weights out for MKL; the compiled one gave them back their contiguous layout
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and min(m.weight.shape) > 1]
+    assert compiled_engine.weights_laid_out == len(linears) and all(m.weight.is_contiguous() for m in linears)
+    assert (counters["inductor"]["decompose_mm"] > decomposed) == (batch == 1)
     assert torch.equal(compiled[0], eager[0]) and torch.equal(again[0], eager[0])
     assert max_diff(compiled[1], eager[1]) < 1e-5
     assert compiled[2] == eager[2]
