@@ -32,13 +32,13 @@ from .names import STEP_ENGINES
 
 def run_loop(
     model: LoopedForCausalLM, x: torch.Tensor, input_pos: torch.Tensor, cache: LoopedKVCache,
-    kv_states: list[torch.Tensor | None], loop: int, kept: list | None = None, reduce_attention: bool = False,
+    kv_states: list[torch.Tensor | None], loop: int, kept: list | None = None, one_query_attention: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor, list | None]:
     """One loop of the layer stack for the token at `input_pos` (a 1-element tensor): returns the
     normed output, each layer's KV state (MELT's h, None for Ouro), the exit-gate logit and, for
     policies that keep a combination of the loops' rows, each layer's running combination. Rows
     go into `cache` through its static-shape writes (write_at; MELT with decode_reads="chunk":
-    swap_open_chunk_at, its open-chunk buffers). `reduce_attention`: attention as multiply-reduces
+    swap_open_chunk_at, its open-chunk buffers). `one_query_attention`: attention written out
     (`Attention.attend_one_query`), for the compiled CPU step."""
     base, config = model.model, model.config
     capacity = cache.keys[0].shape[2]
@@ -55,7 +55,7 @@ def run_loop(
         if cache.open_chunk:  # the open chunk's earlier tokens read as they did at this loop
             cache.swap_open_chunk_at(loop, slot, window, offset, k, v)
         cache.write_at(slot, input_pos, k, v)
-        attend = layer.self_attn.attend_one_query if reduce_attention else layer.self_attn.attend
+        attend = layer.self_attn.attend_one_query if one_query_attention else layer.self_attn.attend
         x = layer.after_attention(x, attend(q, cache.keys[slot], cache.values[slot], attn))
         states.append(kv_in if layer.self_attn.kv_gate is not None else None)
         if folded is not None:
@@ -84,14 +84,14 @@ def greedy_head(model: LoopedForCausalLM, x: torch.Tensor) -> tuple[torch.Tensor
 
 def decode_one_token(
     model: LoopedForCausalLM, token: torch.Tensor, input_pos: torch.Tensor, cache: LoopedKVCache, loops: int,
-    reduce_attention: bool = False,
+    one_query_attention: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole decode step for `token` (batch, 1) at `input_pos`: (next token, logits)."""
     x = model.model.embed_tokens(token)
     states: list[torch.Tensor | None] = [None] * len(model.model.layers)
     kept = None
     for loop in range(loops):
-        x, states, _, kept = run_loop(model, x, input_pos, cache, states, loop, kept, reduce_attention)
+        x, states, _, kept = run_loop(model, x, input_pos, cache, states, loop, kept, one_query_attention)
     write_kept_rows(model, input_pos, cache, kept, loops)
     return greedy_head(model, x)
 
@@ -165,7 +165,7 @@ class DecodeEngine:
     ) -> None:
         if engine not in STEP_ENGINES:
             raise ValueError(f"engine must be one of {', '.join(STEP_ENGINES)}, got {engine!r}")
-        self.model, self.loops, self.engine = model, loops, engine
+        self.model, self.loops, self.engine, self.batch_size = model, loops, engine, batch_size
         self.weights_laid_out = lay_out_for_cpu_gemv(model, engine)
         self.early_stop_threshold = early_stop_threshold
         self.cache: LoopedKVCache = model.new_cache(loops, capacity=capacity)
@@ -173,7 +173,7 @@ class DecodeEngine:
                             model.device, zero=True)
         self.input_pos = torch.zeros(1, dtype=torch.long, device=model.device)
         self.cuda_graphs = engine == "compiled" and model.device.type == "cuda"
-        self.reduce_attention = engine == "compiled" and model.device.type == "cpu"
+        self.one_query_attention = engine == "compiled" and model.device.type == "cpu"
         self._step, self._loop, self._head = decode_one_token, run_loop, greedy_head
         if engine == "compiled":
             self._compile()
@@ -195,7 +195,9 @@ class DecodeEngine:
     def description(self) -> str:
         layout = ""
         if self.model.device.type == "cpu" and self.engine == "compiled":
-            layout = ", one-row matmuls and attention as inductor multiply-reduces over contiguous weights"
+            # inductor decomposes only one-row matmuls: a larger batch keeps the GEMM
+            matmuls = "multiply-reduces over contiguous weights" if self.batch_size == 1 else "GEMMs"
+            layout = f", matmuls as inductor {matmuls}, one-query attention written out"
         elif self.model.device.type == "cpu" and self.model.dtype == torch.float32:
             layout = ", Linear weights (in, out)-contiguous for MKL's GEMV"
         return self._steps_description() + layout
@@ -231,7 +233,7 @@ class DecodeEngine:
             torch.compiler.cudagraph_mark_step_begin()
         if self.early_stop_threshold is None:
             next_token, logits = self._step(self.model, token, self.input_pos, self.cache, self.loops,
-                                            self.reduce_attention)
+                                            self.one_query_attention)
             loops_run, exit_steps = self.loops, None
         else:
             x = self.model.model.embed_tokens(token)
@@ -240,7 +242,7 @@ class DecodeEngine:
             kept = None
             for loop in range(self.loops):
                 x, states, gate, kept = self._loop(self.model, x, self.input_pos, self.cache, states, loop, kept,
-                                                   self.reduce_attention)
+                                                   self.one_query_attention)
                 if stop.update(loop, gate, x):
                     break
             write_kept_rows(self.model, self.input_pos, self.cache, kept, loop + 1)
