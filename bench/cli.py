@@ -46,7 +46,8 @@ from melt_bench.commands.support import NothingMeasured  # noqa: E402
 from melt_bench.running import interrupts  # noqa: E402
 from melt_bench.running.ranks import leave_process_group  # noqa: E402
 
-for _group in ("info", "sweeps", "accuracy", "report", "convert"):  # registered in the order `--help` lists them
+# registered in the order `--help` lists them
+for _group in ("info", "sweeps", "serve", "accuracy", "report", "convert"):
     importlib.import_module(f"melt_bench.commands.{_group}")
 guard_number_flags(app)
 

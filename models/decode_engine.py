@@ -34,17 +34,20 @@ def run_loop(
     model: LoopedForCausalLM, x: torch.Tensor, input_pos: torch.Tensor, cache: LoopedKVCache,
     kv_states: list[torch.Tensor | None], loop: int, kept: list | None = None, one_query_attention: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor, list | None]:
-    """One loop of the layer stack for the token at `input_pos` (a 1-element tensor): returns the
-    normed output, each layer's KV state (MELT's h, None for Ouro), the exit-gate logit and, for
-    policies that keep a combination of the loops' rows, each layer's running combination. Rows
+    """One loop of the layer stack for the token at `input_pos` (a 1-element tensor, or one
+    position per sequence): returns the normed output, each layer's KV state (MELT's h, None for
+    Ouro), the exit-gate logit and, for policies that keep a combination of the loops' rows, each
+    layer's running combination. Rows
     go into `cache` through its static-shape writes (write_at; MELT with decode_reads="chunk":
     swap_open_chunk_at, its open-chunk buffers). `one_query_attention`: attention written out
     (`Attention.attend_one_query`), for the compiled CPU step."""
     base, config = model.model, model.config
     capacity = cache.keys[0].shape[2]
-    # Rows past the current position hold zeros or an earlier run's rows: masked out.
-    attn = AttentionMask((torch.arange(capacity, device=x.device) <= input_pos)[None, None, None], False)
-    rope = rope_cos_sin(input_pos[None], config.head_dim, config.rope_theta, x.dtype)
+    # Rows past the current position hold zeros or an earlier run's rows: masked out. One
+    # position for the batch, or one per sequence (continuous batching): (1 or batch, 1, 1, capacity).
+    positions = input_pos[:, None]
+    attn = AttentionMask((torch.arange(capacity, device=x.device)[None] <= positions)[:, None, None], False)
+    rope = rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
     states: list[torch.Tensor | None] = []
     folded = [] if base.policy.reduces_loops else None
     if cache.open_chunk:
@@ -161,17 +164,22 @@ class DecodeEngine:
 
     def __init__(
         self, model: LoopedForCausalLM, loops: int, batch_size: int, capacity: int, engine: str = "eager",
-        early_stop_threshold: float | None = None,
+        early_stop_threshold: float | None = None, per_sequence_positions: bool = False,
     ) -> None:
         if engine not in STEP_ENGINES:
             raise ValueError(f"engine must be one of {', '.join(STEP_ENGINES)}, got {engine!r}")
         self.model, self.loops, self.engine, self.batch_size = model, loops, engine, batch_size
+        self.capacity = capacity
+        # Continuous batching: each sequence (a serving slot) has a position of its own, is
+        # prefilled alone (`prefill_sequence`) and moved by `set_position`.
+        self.per_sequence_positions = per_sequence_positions
         self.weights_laid_out = lay_out_for_cpu_gemv(model, engine)
         self.early_stop_threshold = early_stop_threshold
         self.cache: LoopedKVCache = model.new_cache(loops, capacity=capacity)
         self.cache.allocate(batch_size, model.config.num_key_value_heads, model.config.head_dim, model.dtype,
                             model.device, zero=True)
-        self.input_pos = torch.zeros(1, dtype=torch.long, device=model.device)
+        positions = batch_size if per_sequence_positions else 1
+        self.input_pos = torch.zeros(positions, dtype=torch.long, device=model.device)
         self.cuda_graphs = engine == "compiled" and model.device.type == "cuda"
         self.one_query_attention = engine == "compiled" and model.device.type == "cpu"
         self._step, self._loop, self._head = decode_one_token, run_loop, greedy_head
@@ -200,7 +208,8 @@ class DecodeEngine:
             layout = f", matmuls as inductor {matmuls}, one-query attention written out"
         elif self.model.device.type == "cpu" and self.model.dtype == torch.float32:
             layout = ", Linear weights (in, out)-contiguous for MKL's GEMV"
-        return self._steps_description() + layout
+        positions = ", a position per sequence (continuous batching)" if self.per_sequence_positions else ""
+        return self._steps_description() + layout + positions
 
     def _steps_description(self) -> str:
         if self.engine == "eager":
@@ -226,8 +235,32 @@ class DecodeEngine:
         logits = out.logits[:, -1]
         return StepOutput(logits.argmax(-1, keepdim=True), logits, self.loops, None)
 
+    def prefill_sequence(self, index: int, input_ids: torch.Tensor, chunk_starts: Sequence[int] | None = None
+                         ) -> StepOutput:
+        """Per-sequence positions: prefill sequence `index` alone with the prompt (1, tokens),
+        writing its rows in place (the other sequences' rows are untouched); its position becomes
+        the prompt's length. Returns its first generated token."""
+        if not self.per_sequence_positions:
+            raise ValueError("prefill_sequence needs an engine built with per_sequence_positions=True")
+        if input_ids.shape[1] > self.capacity:
+            raise ValueError(f"a {input_ids.shape[1]}-token prompt does not fit the cache's {self.capacity} tokens")
+        lane = self.cache.lane(index)
+        out = self.model(input_ids, past_key_values=lane, loops=self.loops, logits_to_keep=1,
+                         chunk_starts=chunk_starts)
+        self.input_pos[index] = lane.seq_len
+        logits = out.logits[:, -1]
+        return StepOutput(logits.argmax(-1, keepdim=True), logits, self.loops, None)
+
+    def set_position(self, index: int, position: int) -> None:
+        """Per-sequence positions: where sequence `index` writes its next token (a free slot is
+        parked at 0, so that stepping it never runs past the capacity)."""
+        self.input_pos[index] = position
+
     def step(self, token: torch.Tensor) -> StepOutput:
         """Decode one token for every sequence: writes its rows at the next position."""
+        if self.per_sequence_positions and int(self.input_pos.max()) >= self.capacity:
+            raise ValueError(f"a sequence is at position {int(self.input_pos.max())}, past the cache's "
+                             f"{self.capacity} tokens")
         position = self.cache.seq_len
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
@@ -246,10 +279,15 @@ class DecodeEngine:
                 if stop.update(loop, gate, x):
                     break
             write_kept_rows(self.model, self.input_pos, self.cache, kept, loop + 1)
-            fill_after_early_stop(self.model.model.policy, self.cache, loop, self.loops, position, position + 1)
+            if self.per_sequence_positions:  # each sequence's rows at its own position
+                for index, at in enumerate(self.input_pos.tolist()):
+                    fill_after_early_stop(self.model.model.policy, self.cache.lane(index), loop, self.loops, at, at + 1)
+            else:
+                fill_after_early_stop(self.model.model.policy, self.cache, loop, self.loops, position, position + 1)
             next_token, logits = self._head(self.model, stop.hidden)
             loops_run, exit_steps = loop + 1, stop.exit_steps
-        self.cache.seq_len = position + 1
+        if not self.per_sequence_positions:  # (each sequence's length is its position: the caller's)
+            self.cache.seq_len = position + 1
         self.input_pos.add_(1)
         # CUDA graphs reuse their output buffers on the next replay: keep copies.
         return StepOutput(next_token.clone(), logits.clone(), loops_run, exit_steps)

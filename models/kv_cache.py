@@ -18,6 +18,8 @@ loop the slot holds final rows again. The buffer counts in `nbytes()` (`side_nby
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers.cache_utils import Cache
 
@@ -125,19 +127,26 @@ class LoopedKVCache(Cache):
     # --- static-shape writes (the decode engine's): the position is a tensor and no buffer is
     # ever reallocated, so the buffers keep their addresses (CUDA graphs replay over them) -------
     def write_at(self, slot: int, position: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """The rows of the token at `position` (a 1-element index tensor) into `slot`, in place
-        (in the cache's dtype: a cast here would cost every per-loop write a call)."""
-        self.keys[slot].index_copy_(2, position, key)
-        self.values[slot].index_copy_(2, position, value)
+        """The rows of the token at `position` into `slot`, in place (in the cache's dtype: a cast
+        here would cost every per-loop write a call). `position`: a 1-element index tensor (every
+        sequence at the same position) or one position per sequence (continuous batching)."""
+        if position.numel() == 1:
+            self.keys[slot].index_copy_(2, position, key)
+            self.values[slot].index_copy_(2, position, value)
+        else:
+            put_rows(self.keys[slot], position[:, None], key)
+            put_rows(self.values[slot], position[:, None], value)
 
     def open_chunk_window(self, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """decode_reads="chunk" at a tensor position: the cache positions the side buffer's rows
         map to (the open chunk from its start, clamped into the capacity) and the token's offset
-        in it. Copying all of them keeps shapes fixed; rows past the token are masked out and are
+        in it; per sequence, (sequences, rows) and (sequences,), when each has its own position.
+        Copying all of them keeps shapes fixed; rows past the token are masked out and are
         rewritten before anyone reads them, and a clamped duplicate lands at or past the token."""
         offset = position % self.open_chunk
         rows = torch.arange(self.chunk_keys[0].shape[2], device=position.device)
-        return (position - offset + rows).clamp(max=self.keys[0].shape[2] - 1), offset
+        window = ((position - offset)[:, None] + rows).clamp(max=self.keys[0].shape[2] - 1)
+        return (window[0], offset) if position.numel() == 1 else (window, offset)
 
     def swap_open_chunk_at(self, loop: int, slot: int, window: torch.Tensor, offset: torch.Tensor,
                            key: torch.Tensor, value: torch.Tensor) -> None:
@@ -145,10 +154,25 @@ class LoopedKVCache(Cache):
         loop-`loop` rows back into `slot` (at `window`), and the token's new rows kept in the side
         buffer (at `offset`)."""
         side = loop * self.num_slots + slot
-        self.keys[slot].index_copy_(2, window, self.chunk_keys[side])
-        self.values[slot].index_copy_(2, window, self.chunk_values[side])
-        self.chunk_keys[side].index_copy_(2, offset, key)
-        self.chunk_values[side].index_copy_(2, offset, value)
+        if window.dim() == 1:
+            self.keys[slot].index_copy_(2, window, self.chunk_keys[side])
+            self.values[slot].index_copy_(2, window, self.chunk_values[side])
+            self.chunk_keys[side].index_copy_(2, offset, key)
+            self.chunk_values[side].index_copy_(2, offset, value)
+            return
+        put_rows(self.keys[slot], window, self.chunk_keys[side])
+        put_rows(self.values[slot], window, self.chunk_values[side])
+        put_rows(self.chunk_keys[side], offset[:, None], key)
+        put_rows(self.chunk_values[side], offset[:, None], value)
+
+    def lane(self, index: int) -> LoopedKVCache:
+        """Sequence `index` of the batch as a cache of its own: views of its rows in every buffer
+        (writes land in this cache), with its own `seq_len`, starting at 0. Continuous batching
+        prefills a new request into one sequence of a running batch through it."""
+        view = copy.copy(self)
+        view._map_batch(lambda t: t[index:index + 1])
+        view.seq_len = 0
+        return view
 
     def _write(
         self, buf: torch.Tensor | None, rows: torch.Tensor, start: int, end: int, capacity: int | None
@@ -237,6 +261,13 @@ class LoopedKVCache(Cache):
             f"LoopedKVCache(slots={self.num_slots}, loops={self.loops}, seq_len={self.seq_len}, "
             f"capacity={self.capacity}, nbytes={self.nbytes()})"
         )
+
+
+def put_rows(buffer: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
+    """buffer[b, :, positions[b, i]] = rows[b, :, i] for every sequence b: each at positions of
+    its own. buffer (batch, heads, tokens, dim), positions (batch, n), rows (batch, heads, n, dim)."""
+    batch = torch.arange(buffer.shape[0], device=buffer.device)[:, None]
+    buffer[batch, :, positions] = rows.transpose(1, 2)  # indexed, the buffer reads (batch, n, heads, dim)
 
 
 def open_chunk_grid(cache) -> int | None:

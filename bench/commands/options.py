@@ -164,12 +164,14 @@ def run_flags(plan: bool = True) -> Callable[[Callable], Callable]:
     return _flag_group(flags, ("run", "placement"), build, first=False)
 
 
-def sweep_flags(batch_sizes: bool = True) -> Callable[[Callable], Callable]:
+def sweep_flags(batch_sizes: bool = True, without: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     """A command decorator (below `@app.command()`): the sweep axes, before the command's own
-    flags, reaching it as `flags: SweepFlags` (`batch_sizes` False: the command sets its own)."""
+    flags, reaching it as `flags: SweepFlags` (`batch_sizes` False, or named in `without`: the
+    command sets those itself, under flags of its own)."""
     from melt_bench.running.sweep_options import SweepFlags
 
-    flags = [flag for flag in SWEEP_FLAGS if batch_sizes or flag.name != "batch_sizes"]
+    left_out = set(without) | (set() if batch_sizes else {"batch_sizes"})
+    flags = [flag for flag in SWEEP_FLAGS if flag.name not in left_out]
     return _flag_group(flags, ("flags",), lambda given: {"flags": SweepFlags(**given)}, first=True)
 
 

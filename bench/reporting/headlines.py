@@ -8,6 +8,7 @@ import pandas as pd
 
 from melt_bench.reporting.pareto import matched_memory, random_weights_column, verdicts
 from melt_bench.reporting.plots import groups, label_of
+from melt_bench.reporting.serving import serve_headlines
 from melt_bench.running.stability import figure_verdict, instability
 from melt_bench.units import format_bytes
 
@@ -73,6 +74,7 @@ def headlines(frame: pd.DataFrame) -> list[str]:
             lines.append(f"{ouro} runs out of memory from {first.loops} loops at {first.seq_len:,} tokens, "
                          f"batch {first.batch_size}.")
     lines.extend(_throughput_at_budget(frame))
+    lines.extend(serve_headlines(frame))
     lines.extend(_accuracy_at_equal_memory(frame))
     return lines
 

@@ -21,6 +21,7 @@ from melt_bench.reporting.headlines import headlines, random_weights_line, weigh
 from melt_bench.reporting.html_table import html_table
 from melt_bench.reporting.pareto import kv_cost_per_token, matched_memory, pareto_mask, random_weights_column, verdicts
 from melt_bench.reporting.plots import MARKERS, Figure, groups, integer_axis, label_of, line_plot, svg
+from melt_bench.reporting.serving import serve_section
 from melt_bench.reporting.summary_tables import latest_rows
 from melt_bench.running.interrupts import stop_if_interrupted
 from melt_bench.running.repeats import combine_repeats
@@ -371,7 +372,8 @@ def _why_apart(frame: pd.DataFrame, other: pd.DataFrame, keys: list[str]) -> str
 def build_report(paths: list[Path], compare: list[Path] | None = None, title: str | None = None) -> str:
     frame = load_frame(paths)
     sections = [s for s in (memory_section(frame), seq_len_section(frame), kv_section(frame),
-                            latency_section(frame), capacity_section(frame), accuracy_section(frame)) if s]
+                            latency_section(frame), capacity_section(frame), serve_section(frame, Section),
+                            accuracy_section(frame)) if s]
     if compare:
         sections.append(compare_section(frame, load_frame(compare)))
     environment = Environment(loader=PackageLoader("melt_bench.reporting", "templates"),

@@ -26,6 +26,8 @@ CPU_DEFAULTS = {"models": "ouro-tiny,melt-tiny", "seq_lens": "1024", "batch_size
 # Eight decoded tokens: the peak is the prefill's (the cache is allocated whole before it), the
 # steps after it show the cache does not grow, and 32 of them took a quarter of the job's time.
 CPU_MEMORY_DEFAULTS = {"repeats": 2, "new_tokens": 8}
+# serve: Ouro's trained loop count, and the prompts serving benchmarks send (1,024 tokens on a GPU).
+SERVE_DEFAULTS = {"cuda": {"loops": "4", "seq_lens": "1024"}, "cpu": {"loops": "4", "seq_lens": "128"}}
 COMMON_DEFAULTS = {"loops": "1..16", "phase": "decode", "new_tokens": 32, "repeats": 1, "point_timeout": 600.0}
 
 
@@ -214,6 +216,8 @@ def resolve_sweep(command: str, flags: SweepFlags, suite: str | None) -> Resolve
     machine_defaults = CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
     if command == "memory" and device == "cpu":
         machine_defaults = {**machine_defaults, **CPU_MEMORY_DEFAULTS}
+    if command == "serve":
+        machine_defaults = {**machine_defaults, **SERVE_DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]}
     if "models" not in settings and device == "cpu":
         notices.append("no CUDA device: using the tiny CPU presets ouro-tiny,melt-tiny (pass --models to choose)")
     settings = {**COMMON_DEFAULTS, **machine_defaults, **settings}
