@@ -80,6 +80,42 @@ def capacity_row(model, loops, best):
     return ResultRow("capacity", f"cap-{model}-{loops}", point, "ok", None, metrics, {"host": "h"}, 1.0)
 
 
+def serve_row(model, concurrency, tokens_per_s, tpot_ms, in_flight, cv=0.02, budget=80 * GiB):
+    point = dict(command="serve", model=model, loops=4, seq_len=1024, batch_size=0, phase="decode", new_tokens=128,
+                 dtype="bfloat16", device="cuda:0", weights=None, repeat=0, load="concurrency",
+                 concurrency=concurrency, request_rate=None, num_requests=64, engine="compiled",
+                 memory_budget_bytes=budget)
+    requests = [{"request_id": i, "ttft_ms": 50.0 + i, "tpot_ms": tpot_ms + i / 10} for i in range(8)]
+    metrics = {"slots": in_flight, "output_tokens_per_s": tokens_per_s, "output_tokens_per_s_cv": cv,
+               "output_tokens_per_s_p10": tokens_per_s * 0.98, "output_tokens_per_s_p90": tokens_per_s * 1.02,
+               "tpot_ms_p90": tpot_ms, "tpot_ms_p90_cv": cv, "ttft_ms_p90": 60.0, "requests_per_s": 1.0,
+               "requests_running_max": in_flight, "completed_requests": 64, "requests": requests,
+               "timing_stability": "stable" if cv <= 0.1 else "unstable", "loadavg_1m_before": 0.5,
+               "loadavg_1m_after": 0.7, "cpu_count": 16, "output_tokens_per_s_min": tokens_per_s * 0.9,
+               "output_tokens_per_s_max": tokens_per_s * 1.1, "peak_bytes": 70 * GiB,
+               "kv_in_use_bytes_max": 40 * GiB, "kv_allocated_bytes": 50 * GiB}
+    return ResultRow("serve", f"serve-{model}-{concurrency}-{budget}", point, "ok", None, metrics, {"host": "h"}, 1.0)
+
+
+def serve_rows() -> list:
+    return [serve_row("ouro-1.4b", 8, 300.0, 20.0, 8), serve_row("melt-1.4b", 8, 310.0, 21.0, 8),
+            serve_row("ouro-1.4b", 128, 900.0, 60.0, 40), serve_row("melt-1.4b", 128, 1500.0, 45.0, 128),
+            serve_row("ouro-1.4b", 32, 500.0, 30.0, 32, cv=0.3, budget=40 * GiB),
+            serve_row("melt-1.4b", 32, 600.0, 25.0, 32, budget=40 * GiB)]
+
+
+def test_the_serving_section_draws_the_pareto_and_says_what_the_budget_keeps_in_flight(tmp_path):
+    """#34 item 3: throughput vs p90 TPOT across the load, TTFT/TPOT per request, and the
+    first-screen sentence from stable points only."""
+    html = build_report([write_rows(tmp_path / "serve.jsonl", serve_rows())])
+    assert 'id="serve"' in html and "serving throughput vs p90 TPOT" in html and "TTFT and TPOT per request" in html
+    assert ("At 80.00 GiB and 1,024-token prompts, 128 output tokens (4 loops, load c=128, engine compiled), "
+            "melt-1.4b keeps 128 requests in flight to ouro-1.4b&#39;s 40, at 1,500.0 vs 900.0 tokens/s and p90 "
+            "TPOT 45.0 vs 60.0 ms.") in html
+    shaky = re.search(r"At 40.00 GiB[^<]*", html)[0]
+    assert "not stable enough to state" in shaky and "ouro-1.4b: CV 30%" in shaky and "tokens/s at" not in shaky
+
+
 def accuracy_row(model, loops, value, weights=None, kv=None):
     point = dict(command="accuracy", model=model, loops=loops, task="gsm8k", exit_mode="last", num_fewshot=5,
                  limit=None, batch_size=1, max_gen_toks=None, dtype="bfloat16", device="cuda:0", weights=weights,
@@ -174,6 +210,8 @@ def test_report_renders_in_a_real_browser(tmp_path):
                           dom)
     assert verdicts and len(verdicts) == len(set(verdicts))  # no verdict twice
     assert "&gt;= 64" in dom  # the search that stopped at --max-batch
+    serving = dom[dom.index('id="serve"'):]  # #34: the serving section, its two figures and its table
+    assert serving.count("<svg") >= 2 and "TPOT p90 ms" in serving and "keeps 128 requests in flight" in dom
     summary = dom[dom.index('id="summary"'):dom.index("<section")]
     assert summary.count("<figure") >= 2 and "KV cache per token" in summary
     # #32 item 7: laid out at 1280 px, no header is narrower than its longest word ("l o o p s")
@@ -433,7 +471,8 @@ def people_files(tmp_path) -> list[Path]:
     compiled = [ResultRow(r.kind, r.point_id + "-c", {**r.point, "engine": "compiled"}, r.status, r.error,
                           dict(r.metrics), r.meta, r.wall_s) for r in lat]
     return [write_rows(tmp_path / "mem.jsonl", mem), write_rows(tmp_path / "lat.jsonl", lat + compiled),
-            write_rows(tmp_path / "cap.jsonl", [limited]), write_rows(tmp_path / "acc.jsonl", acc + flexible)]
+            write_rows(tmp_path / "cap.jsonl", [limited]), write_rows(tmp_path / "acc.jsonl", acc + flexible),
+            write_rows(tmp_path / "serve.jsonl", serve_rows())]
 
 
 def test_tokens_per_second_at_the_budget_is_drawn_and_said(tmp_path):

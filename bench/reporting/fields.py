@@ -28,6 +28,14 @@ LABELS = {
     "decode_ms_per_step_at_max_batch": "decode ms/step at largest batch",
     "decode_tokens_per_s_at_batch_1": "decode tokens/s at batch 1", "decode_ms_per_step_at_batch_1":
     "decode ms/step at batch 1", "throughput_engine": "engine (throughput)",
+    # serve
+    "kv_policy": "KV policy", "load": "load", "slots": "slots", "output_tokens_per_s": "output tokens/s (median)",
+    "output_tokens_per_s_cv": "tokens/s CV", "requests_per_s": "requests/s", "ttft_ms_p50": "TTFT p50 ms",
+    "ttft_ms_p90": "TTFT p90 ms", "ttft_ms_p99": "TTFT p99 ms", "tpot_ms_p50": "TPOT p50 ms",
+    "tpot_ms_p90": "TPOT p90 ms", "tpot_ms_p99": "TPOT p99 ms", "itl_ms_p90": "ITL p90 ms", "e2e_ms_p90": "E2E p90 ms",
+    "queue_ms_p90": "queueing p90 ms", "goodput_requests_per_s": "goodput requests/s", "timing_stability": "timing",
+    "torch_num_threads": "threads", "loadavg_1m_before": "load before", "loadavg_1m_after": "load after",
+    "kv_in_use_max": "KV in use (max)", "kv_allocated": "KV allocated", "memory_budget": "budget",
     # accuracy
     "value": "score", "stderr": "± stderr", "n_samples": "documents",
 }

@@ -12,7 +12,7 @@ from melt_bench.reporting.plots import MARKERS, Figure, groups, label_of, svg
 from melt_bench.running.stability import instability
 from melt_bench.units import format_bytes
 
-SETTINGS = ["seq_len", "new_tokens", "dtype", "device", "engine"]  # one figure per combination
+SETTINGS = ["seq_len", "new_tokens", "dtype", "device", "engine", "memory_budget_bytes"]  # a figure per combination
 SERIES = ["model", "kv_policy", "loops"]  # one line per combination
 
 
@@ -25,7 +25,15 @@ def _lengths(seq_len, new_tokens) -> str:
     return f"{prompt}, {int(new_tokens)} output tokens"
 
 
-def pareto_figure(part: pd.DataFrame, key) -> Figure:
+def settings_label(part: pd.DataFrame) -> str:
+    """What a figure's points share, in words: lengths, dtype, device, engine, budget."""
+    row = part.iloc[0]
+    budget = row.get("memory_budget_bytes")
+    slots = f"slots within {format_bytes(budget)}" if pd.notna(budget) else "slots given"
+    return f"{_lengths(row.seq_len, row.new_tokens)}, {row.dtype}, {row.device}, engine {row.engine}, {slots}"
+
+
+def pareto_figure(part: pd.DataFrame) -> Figure:
     """Output tokens/s against p90 TPOT, a line per model (policy, loops) across the loads, each
     point named by its load; bars span the timed runs' p10 to p90."""
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
@@ -43,14 +51,14 @@ def pareto_figure(part: pd.DataFrame, key) -> Figure:
                         textcoords="offset points", color=line.get_color())
     ax.set_xlabel("p90 time per output token (ms)")
     ax.set_ylabel("output tokens / s")
-    title = f"serving throughput vs p90 TPOT | {label_of(key)}"
+    title = f"serving throughput vs p90 TPOT | {settings_label(part)}"
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return Figure(title, svg(fig))
 
 
-def distribution_figure(part: pd.DataFrame, key) -> Figure:
+def distribution_figure(part: pd.DataFrame) -> Figure:
     """Every request's TTFT and TPOT (the median timed run's), a box per model and load."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     boxes, names = {"ttft_ms": [], "tpot_ms": []}, []
@@ -64,7 +72,7 @@ def distribution_figure(part: pd.DataFrame, key) -> Figure:
         ax.set_yticks(range(1, len(names) + 1), names, fontsize=7)
         ax.set_xlabel(f"{figure.replace('_ms', '').upper()} per request (ms)")
         ax.grid(alpha=0.3)
-    title = f"TTFT and TPOT per request | {label_of(key)}"
+    title = f"TTFT and TPOT per request | {settings_label(part)}"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return Figure(title, svg(fig))
@@ -82,10 +90,10 @@ def serve_section(frame: pd.DataFrame, section_type):
         "E2E are each request's own, read after its tokens reached the host; a point's percentiles are over its "
         "requests, and its figure is the median over the timed runs (bars: their p10-p90).")
     ok = rows[(rows.status == "ok") & rows.get("output_tokens_per_s", pd.Series(index=rows.index)).notna()]
-    for key, part in groups(ok, [c for c in SETTINGS if c in ok]):
-        section.figures.append(pareto_figure(part, key))
+    for _, part in groups(ok, [c for c in SETTINGS if c in ok]):
+        section.figures.append(pareto_figure(part))
         if "requests" in part:
-            section.figures.append(distribution_figure(part, key))
+            section.figures.append(distribution_figure(part))
     columns = ["model", "kv_policy", "loops", "seq_len", "new_tokens", "load", "slots", "status",
                "output_tokens_per_s", "output_tokens_per_s_cv", "requests_per_s", "ttft_ms_p50", "ttft_ms_p90",
                "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p90", "tpot_ms_p99", "itl_ms_p90", "e2e_ms_p90",
