@@ -40,6 +40,8 @@ class Request:
     arrival_s: float = 0.0  # after the run starts (open loop); ignored in closed loop
     stop_token_ids: tuple[int, ...] = ()  # end-of-sequence tokens
     stop_sequences: tuple[tuple[int, ...], ...] = ()  # token sequences that end the output
+    # or any rule over the output so far (lm-eval's stop strings, on the decoded text)
+    stop_check: Callable[[list[int]], bool] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -117,6 +119,8 @@ class _Running:
         if token in self.request.stop_token_ids:
             return "eos"
         if any(len(s) and tuple(self.tokens[-len(s):]) == s for s in self.request.stop_sequences):
+            return "stop"
+        if self.request.stop_check is not None and self.request.stop_check(self.tokens):
             return "stop"
         if len(self.tokens) >= self.request.max_new_tokens:
             return "length"

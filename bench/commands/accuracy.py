@@ -66,6 +66,10 @@ def accuracy(
         "each continuation token as generation computes it under the KV policy); equal for per-loop Ouro and "
         "chunk-grid MELT. Default: chunk, but decode under a KV policy that shares rows across loops (last-loop, "
         "mean, ...), where one forward would score per-loop Ouro; chunk is refused there"),
+    generate_with: Optional[str] = typer.Option(
+        None, "--generate-with", help="generation tasks: continuous-batching (the decode engine, --batch-size "
+        "slots, each request prefilled alone and decoded beside the others; default) | generate (transformers' "
+        "generate() over left-padded batches); the same greedy text"),
     dtype: Optional[str] = DTYPE,
     device: Optional[str] = DEVICE,
     point_timeout: Optional[float] = typer.Option(None, "--point-timeout", help="seconds one point may take "
@@ -80,7 +84,8 @@ def accuracy(
                           limit=limit, batch_size=batch_size, max_gen_toks=max_gen_toks, data_dir=data_dir,
                           exit_mode=exit_mode, dtype=dtype, device=device, kv_policy=kv_policy,
                           decode_reads=decode_reads, kv_quant=kv_quant, kv_probe_tokens=kv_probe_tokens,
-                          score_continuation_as=score_continuation_as, point_timeout=point_timeout)
+                          score_continuation_as=score_continuation_as, generate_with=generate_with,
+                          point_timeout=point_timeout)
     check_syntax(flags)
     flags, tokenizer = checked_before_torch(flags, tokenizer, run)
     ranks = distributed_rank()[1]

@@ -12,6 +12,7 @@ EXIT_MODES = ("last", "step:K", "threshold:P", "expected", "official")
 # per-loop Ouro (a per-token cache is exact) and for chunk-grid MELT. Under a training-free policy
 # that shares rows across loops (last-loop, mean, ...), one forward reads every loop's own rows,
 # i.e. computes per-loop Ouro, not the policy: "chunk" is refused there (`chunk_scoring_problem`).
+GENERATE_WITH = ("continuous-batching", "generate")  # how generate_until runs (batched_generation.py)
 CONTINUATION_SCORING = ("chunk", "decode")
 
 

@@ -10,7 +10,8 @@ import lm_eval
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from melt_bench.evaluation.exit_modes import CONTINUATION_SCORING, EXIT_MODES, exit_kwargs  # noqa: F401
+from melt_bench.evaluation.batched_generation import batcher_problem, generate_until_batched
+from melt_bench.evaluation.exit_modes import CONTINUATION_SCORING, EXIT_MODES, GENERATE_WITH, exit_kwargs  # noqa: F401
 from melt_bench.evaluation.task_files import checked_task_files, shipped_task
 from melt_bench.models.kv_policy import is_training_free, parse_kv_policy, policy_alters_rows
 from melt_bench.models.packed_cache import quant_bits
@@ -42,13 +43,17 @@ class LoopedHFLM(HFLM):
     are sharded by rank and lm-eval gathers the results on rank 0."""
 
     def __init__(self, model, tokenizer, loops: int, exit_mode: str = "last", score_continuation_as: str = "chunk",
-                 **kwargs) -> None:
+                 generate_with: str = "continuous-batching", **kwargs) -> None:
         super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", **kwargs)
         if score_continuation_as not in CONTINUATION_SCORING:
             raise ValueError(f"score_continuation_as must be one of {', '.join(CONTINUATION_SCORING)}")
         self.loops = loops
         self.exit_mode = exit_mode
         self.score_continuation_as = score_continuation_as
+        if generate_with not in GENERATE_WITH:
+            raise ValueError(f"generate_with must be one of {', '.join(GENERATE_WITH)}")
+        self.generate_with = generate_with
+        self.generation_path: str | None = None  # how generate_until ran (None: the task only scores)
         self.loglikelihood_requests = 0  # requests scored (0: the task only generates)
         # per-token exits seen by the forwards (threshold and official modes): [early, all]
         self.exit_counts = [0, 0]
@@ -108,6 +113,18 @@ class LoopedHFLM(HFLM):
         if request_str is not None:
             self.cache_hook.add_partial("loglikelihood", request_str, answer)
         return answer
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy generation through the continuous batcher (--batch-size slots), or generate()
+        where the batcher cannot serve the run, or when asked (generate_with="generate")."""
+        problem = batcher_problem(self) if self.generate_with == "continuous-batching" else "asked for"
+        slots = self.batch_size if isinstance(self.batch_size, int) else 1
+        texts = None if problem else generate_until_batched(self, requests, slots)
+        if texts is not None:
+            self.generation_path = f"continuous batching, {slots} slots, eager decode engine"
+            return texts
+        self.generation_path = f"generate(), left-padded batches of {self.batch_size} ({problem or 'sampling asked'})"
+        return super().generate_until(requests, disable_tqdm)
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
         # HFLM passes the left-padding attention mask in generation_kwargs; our forward honours it.

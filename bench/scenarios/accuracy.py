@@ -43,6 +43,7 @@ class AccuracyFlags(SweepFlags):
     exit_mode: str | None = None
     kv_probe_tokens: int | None = None
     score_continuation_as: str | None = None
+    generate_with: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,16 @@ class AccuracyPoint:
     score_continuation_as: str = "chunk"  # log-likelihood tasks: "chunk" (one forward) | "decode"
     kv_quant: str | None = None  # any model: cached rows packed to "int8" / "int4" (None = full precision)
     kv_probe_tokens: int | None = None  # the length KV bytes per token are measured at (None = KV_PROBE_TOKENS)
+    # generation tasks: "continuous-batching" (the decode engine, --batch-size slots) | "generate"
+    generate_with: str = "continuous-batching"
 
     @property
     def point_id(self) -> str:
         fields = asdict(self)
         for name, default in (("kv_policy", None), ("decode_reads", None), ("score_continuation_as", "chunk"),
-                              ("kv_quant", None), ("kv_probe_tokens", None)):
+                              ("kv_quant", None), ("kv_probe_tokens", None),
+                              # rows from before #34 generated through generate(), the same text (tested)
+                              ("generate_with", "continuous-batching")):
             if fields[name] == default:  # left out at its default, so ids from before the field stay
                 del fields[name]
         blob = json.dumps({"command": "accuracy", **fields}, sort_keys=True).encode()
@@ -98,7 +103,7 @@ def check_accuracy_flags(flags: AccuracyFlags) -> AccuracyFlags:
     """Everything accuracy can refuse before torch and lm-eval load: the lists, the numbers, the
     exit mode, the scoring, --data-dir and its task files, --weights. Returns the flags with
     --data-dir made absolute."""
-    from melt_bench.evaluation.exit_modes import CONTINUATION_SCORING, exit_kwargs
+    from melt_bench.evaluation.exit_modes import CONTINUATION_SCORING, GENERATE_WITH, exit_kwargs
     from melt_bench.evaluation.task_files import checked_task_files
     from melt_bench.running.sweep_options import check_names
 
@@ -119,6 +124,8 @@ def check_accuracy_flags(flags: AccuracyFlags) -> AccuracyFlags:
         value = getattr(flags, name)
         if value is not None and value < least:
             raise OptionError(f"--{name.replace('_', '-')}: {value} must be at least {least}")
+    if flags.generate_with is not None and flags.generate_with not in GENERATE_WITH:
+        raise OptionError(f"--generate-with: {flags.generate_with!r} is not one of {', '.join(GENERATE_WITH)}")
     scoring = flags.score_continuation_as
     if scoring is not None and scoring not in CONTINUATION_SCORING:
         raise OptionError(f"--score-continuation-as: {scoring!r} is not one of {', '.join(CONTINUATION_SCORING)}")
@@ -164,7 +171,8 @@ def resolve_accuracy(flags: AccuracyFlags) -> tuple[list, list[str]]:
                       device, weights, flags.data_dir, kv_policy=policy, decode_reads=reads,
                       score_continuation_as=scoring or default_scoring(policy, loop, quant), kv_quant=quant,
                       # a length matters only to packed caches: other points keep their ids
-                      kv_probe_tokens=probe if policy == "flashloop" or quant else None)
+                      kv_probe_tokens=probe if policy == "flashloop" or quant else None,
+                      generate_with=flags.generate_with or "continuous-batching")
         for model in models for policy in spec.policies_for(model) for reads in spec.decode_reads_for(model)
         for quant in kv_quants for task in tasks for loop in loops
     ]

@@ -97,6 +97,7 @@ def evaluate_point(point: AccuracyPoint, task_manager, tokenizer_source: str | N
         tokenizer = load_tokenizer(point.weights, tokenizer_source)
         lm = LoopedHFLM(model, tokenizer, loops=point.loops, exit_mode=point.exit_mode,
                         score_continuation_as=point.score_continuation_as, batch_size=point.batch_size,
+                        generate_with=point.generate_with,
                         max_length=model.config.max_position_embeddings)
         rows = _evaluate(lm, point, task_manager, simple_evaluate, meta)
     return rows, list(warnings)
@@ -205,6 +206,7 @@ def _evaluate(lm, point: AccuracyPoint, task_manager, simple_evaluate, meta: dic
           # log-likelihood requests and how their continuations were scored (none: the task generates)
           "loglikelihood_requests": lm.loglikelihood_requests,
           "continuation_scored_as": point.score_continuation_as if lm.loglikelihood_requests else None,
+          "generation": lm.generation_path,
           **kv_metrics(lm.model)}
     return [
         ResultRow("accuracy", point.point_id, {**point.to_dict(), "metric": metric, "filter": filter_name}, "ok", None,
