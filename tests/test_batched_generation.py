@@ -53,3 +53,21 @@ def test_what_the_batcher_cannot_serve_goes_through_generate():
     lm = LoopedHFLM(load_model("ouro-tiny"), byte_tokenizer(), loops=3, batch_size=2, max_length=512)
     lm.generate_until(sampled)
     assert lm.generation_path.endswith("(sampling asked)")
+
+
+def test_melt_prompts_across_its_chunk_grid_get_their_batch_one_text_at_any_slot_count():
+    """Left padding moves a prompt on MELT's chunk grid, so generate() over a padded batch can
+    differ from batch 1; the batcher prefills each request alone: batch 1's text at any slot count."""
+    import torch
+
+    from melt_bench.models import MeltForCausalLM
+    from melt_bench.models.preset_table import get_preset
+
+    config = get_preset("melt-tiny").config()
+    config.chunk_size = 16  # every prompt crosses the grid
+    torch.manual_seed(0)
+    model = MeltForCausalLM(config).eval()
+    reqs = requests([["\n\n"]] * len(PROMPTS))
+    alone, _ = generated(model, 1, "generate", reqs)
+    for slots in (1, 4):
+        assert generated(model, slots, "continuous-batching", reqs)[0] == alone

@@ -148,14 +148,21 @@ def summaries_for(spec: TableSpec, rows: list[ResultRow]) -> list[SummaryTable]:
     groups: dict[tuple, list[ResultRow]] = {}
     for row in rows:
         groups.setdefault(tuple(row.point.get(f) for f in spec.group_fields), []).append(row)
-    return [_summary(spec, key, group) for key, group in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+    return [_summary(spec, key, group) for key, group in sorted(groups.items(), key=lambda kv: _order(kv[0]))]
+
+
+def _order(key: tuple) -> tuple:
+    """Groups in the order of their settings, numbers as numbers (concurrency 8 before 32)."""
+    return tuple((0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool)
+                 else (1, 0, str(value)) for value in key)
 
 
 def _summary(spec: TableSpec, key: tuple, group: list[ResultRow]) -> SummaryTable:
     labels = model_labels(group)
     models = list(dict.fromkeys(model_label(row, labels) for row in group))
     pairs = [(m, melt_partner(m, models)) for m in models if melt_partner(m, models)]
-    described = ", ".join(f"{field} {_describe(field, value)}" for field, value in zip(spec.group_fields, key))
+    described = ", ".join(f"{field} {_describe(field, value)}" for field, value in zip(spec.group_fields, key)
+                          if value is not None)  # a setting the group does not have (serve: no rate in a closed loop)
     repeats = max(row.metrics.get("repeats", 1) for row in group)
     note = f" (median of {repeats} repeats, ± half their range)" if repeats > 1 else ""
     by_key = {(model_label(r, labels), r.point["loops"]): r for r in group}

@@ -294,8 +294,7 @@ def _measure_serve_point(point: ServePoint) -> dict:
                                          f"{middle + 1} of {len(runs)}, the one whose output tokens/s is the median",
                        kv_bytes_per_token=per_token, **kv_in_use(occupancy, per_token),
                        **exit_figures(completions[middle], point.loops))
-        metrics.update(peak_bytes=max(run_peaks), timed_run_peak_bytes=run_peaks, peak_source=peaks.source,
-                       load=point.load_label())
+        metrics.update(peak_bytes=max(run_peaks), timed_run_peak_bytes=run_peaks, peak_source=peaks.source)
         if point.slo_ttft_ms is not None or point.slo_tpot_ms is not None:
             metrics["slo"] = {"ttft_ms": point.slo_ttft_ms, "tpot_ms": point.slo_tpot_ms}
         return {"status": "ok", "error": None, "metrics": metrics}
