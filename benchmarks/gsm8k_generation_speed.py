@@ -6,7 +6,8 @@ Prints per model: seconds per problem each way (the evaluation's wall time, eval
 documents), their ratio, and whether the two scored the same responses (responses_sha256).
 
     python benchmarks/gsm8k_generation_speed.py --data-dir ../shared/data --limit 16 --batch-size 4
-    python benchmarks/gsm8k_generation_speed.py --models ouro-1.4b,melt-1.4b --weights ... --device cuda
+    python benchmarks/gsm8k_generation_speed.py --models ouro-1.4b --weights ByteDance/Ouro-1.4B --device cuda \\
+        --dtype bfloat16 --limit 64 --batch-size 16 --max-gen-toks 256
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def evaluate(out: Path, args, generate_with: str) -> list[dict]:
                "--no-progress"]
     if args.data_dir:
         command += ["--data-dir", str(args.data_dir)]
+    if args.weights:
+        command += ["--weights", args.weights]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"melt-bench accuracy exited {done.returncode}: {done.stderr.strip()[-500:]}")
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", type=Path, default=None, help="a local GSM8K copy (default: the hub)")
+    parser.add_argument("--weights", default=None, help="a checkpoint directory or hub id (default: random weights)")
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="gsm8k-speed-"))
     rows = {path: {r["point"]["model"]: r for r in evaluate(scratch / f"{path}.jsonl", args, path)} for path in PATHS}
