@@ -68,7 +68,7 @@ def test_the_default_keeps_point_ids_and_a_bad_mode_is_one_line(capsys):
     point = AccuracyPoint("melt-tiny", 2, "gsm8k")
     assert point.point_id != AccuracyPoint("melt-tiny", 2, "gsm8k", score_continuation_as="decode").point_id
     # the id of a point from before the new fields: results written then still --resume
-    newer = ("kv_policy", "decode_reads", "score_continuation_as", "kv_quant", "kv_probe_tokens")
+    newer = ("kv_policy", "decode_reads", "score_continuation_as", "kv_quant", "kv_probe_tokens", "generate_with")
     older = {k: v for k, v in asdict(point).items() if k not in newer}
     blob = json.dumps({"command": "accuracy", **older}, sort_keys=True).encode()
     assert point.point_id == hashlib.sha256(blob).hexdigest()[:16]

@@ -14,9 +14,21 @@ _asked = threading.Event()
 
 
 def interrupt(signum: int, frame: object) -> None:
-    """The SIGINT handler: note it, then what Python's default handler does."""
+    """The SIGINT handler: note it, then what Python's default handler does; but not inside an
+    import, where the exception can cross a C++ frame (torch's import runs Python from pybind11,
+    and an exception there aborts the process: exit -6, not 130). There it is only noted, and
+    `stop_if_interrupted()` raises it once the import is done."""
     _asked.set()
-    raise KeyboardInterrupt
+    if not _inside_import(frame):
+        raise KeyboardInterrupt
+
+
+def _inside_import(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def install() -> None:
