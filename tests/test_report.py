@@ -56,6 +56,14 @@ def test_memory_only_report_has_memory_sections_and_not_the_others(tmp_path):
     assert "http://" not in html and "https://" not in html and "<link" not in html  # no network fetches
 
 
+def test_memory_rows_that_name_no_peak_source_still_make_a_report(tmp_path):
+    rows = [memory_row("ouro-1.4b", loops) for loops in (1, 2)]
+    for row in rows:  # as a hand-written file (or the interrupt tests' rows) leaves it out
+        del row.metrics["peak_source"]
+    html = build_report([write_rows(tmp_path / "bare.jsonl", rows)])
+    assert 'id="memory"' in html and "its source not recorded" in html
+
+
 def test_every_string_from_results_is_escaped(tmp_path):
     rows = [memory_row(EVIL, 1, meta={"host": EVIL, "git_commit": "<b>x</b>"}), memory_row(EVIL, 2, status="oom")]
     rows[1].error = EVIL

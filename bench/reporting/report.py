@@ -62,7 +62,8 @@ def memory_section(frame: pd.DataFrame) -> Section | None:
     if mem.empty:
         return None
     section = Section("Memory vs loops", "memory")
-    source = mem["peak_source"].dropna().iloc[0] if mem["peak_source"].notna().any() else "peak"
+    sources = mem["peak_source"].dropna() if "peak_source" in mem else mem.model.iloc[0:0]  # rows that name none
+    source = sources.iloc[0] if len(sources) else "peak, its source not recorded"
     section.notes.append(f"Peak memory per point ({source}); OOM and timeout points marked at the top.")
     if "repeats" in mem and mem.repeats.notna().any():
         section.notes.append(f"Points measured {int(mem.repeats.max())} times, each in a fresh process: the median, "
@@ -85,7 +86,7 @@ def memory_section(frame: pd.DataFrame) -> Section | None:
     section.tables.append(html_table(table.sort_values(["model", "seq_len", "batch_size", "loops"])))
     if "predicted_peak_bytes" in mem and mem.predicted_peak_bytes.notna().any():
         section.figures.append(predicted_vs_measured(mem))
-        if (mem.peak_source == "process RSS above baseline").any():
+        if "peak_source" in mem and (mem.peak_source == "process RSS above baseline").any():
             section.notes.append("Predicted peaks count tensors (weights, KV, activations). On a CPU the measured peak "
                                  "is the process's resident set above its start (glibc set to return freed blocks of "
                                  "64 KiB or more at once, so it follows the tensors held), which also holds what the "
