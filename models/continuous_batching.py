@@ -213,8 +213,8 @@ class ContinuousBatcher:
                 if pending and not concurrency:  # idle until the next arrival
                     time.sleep(max(0.0, pending[0].arrival_s - now()))
                 continue
-            for slot in free:  # parked: a free slot's throwaway steps stay in range
-                self.engine.set_position(slot, 0)
+            if free:  # parked: a free slot's throwaway steps stay in range
+                self.engine.set_positions(free, 0)
             out = self.engine.step(tokens)
             self.steps += 1
             picked = out.token[:, 0].tolist()  # on the host: the step is done

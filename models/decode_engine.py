@@ -171,7 +171,7 @@ class DecodeEngine:
         self.model, self.loops, self.engine, self.batch_size = model, loops, engine, batch_size
         self.capacity = capacity
         # Continuous batching: each sequence (a serving slot) has a position of its own, is
-        # prefilled alone (`prefill_sequence`) and moved by `set_position`.
+        # prefilled alone (`prefill_sequence`) and moved by `set_positions`.
         self.per_sequence_positions = per_sequence_positions
         self.weights_laid_out = lay_out_for_cpu_gemv(model, engine)
         self.early_stop_threshold = early_stop_threshold
@@ -251,16 +251,14 @@ class DecodeEngine:
         logits = out.logits[:, -1]
         return StepOutput(logits.argmax(-1, keepdim=True), logits, self.loops, None)
 
-    def set_position(self, index: int, position: int) -> None:
-        """Per-sequence positions: where sequence `index` writes its next token (a free slot is
-        parked at 0, so that stepping it never runs past the capacity)."""
-        self.input_pos[index] = position
+    def set_positions(self, indices: Sequence[int], position: int) -> None:
+        """Per-sequence positions: where sequences `indices` write their next token, in one write
+        (free slots are parked at 0, so that stepping them never runs past the capacity; keeping
+        a running sequence within it is the caller's: ContinuousBatcher.check)."""
+        self.input_pos[list(indices)] = position
 
     def step(self, token: torch.Tensor) -> StepOutput:
         """Decode one token for every sequence: writes its rows at the next position."""
-        if self.per_sequence_positions and int(self.input_pos.max()) >= self.capacity:
-            raise ValueError(f"a sequence is at position {int(self.input_pos.max())}, past the cache's "
-                             f"{self.capacity} tokens")
         position = self.cache.seq_len
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()

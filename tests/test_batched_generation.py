@@ -43,6 +43,12 @@ def test_the_batcher_generates_the_text_generate_does_with_stop_strings(name):
     assert batched == reference
 
 
+def test_the_path_names_the_slots_that_ran():
+    lm = LoopedHFLM(load_model("ouro-tiny"), byte_tokenizer(), loops=3, batch_size=8, max_length=512)
+    lm.generate_until(requests([["\n\n"]] * 2)[:2])  # two requests fill two of the eight slots asked for
+    assert lm.generation_path == "continuous batching, 2 slots, eager decode engine"
+
+
 def test_what_the_batcher_cannot_serve_goes_through_generate():
     lm = LoopedHFLM(load_model("ouro-tiny"), byte_tokenizer(), loops=3, batch_size=2, max_length=512,
                     exit_mode="step:1")

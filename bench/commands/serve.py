@@ -4,7 +4,6 @@ fresh child, through the sweeps' runner (results schema, --resume, --gpus, Ray).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -73,14 +72,14 @@ def serve(
         raise UserError("--prompt-lens with --dataset gsm8k: the prompts are the questions (give --dataset random)")
     flags = replace(flags, seq_lens=prompt_lens, batch_sizes="1", phase="decode")  # serve sets the slots itself
     resolved = resolve("serve", flags, suite, run)
-    from melt_bench.running.launcher import ChildOutcome
+    from melt_bench.running.sweep import in_this_process
     from melt_bench.scenarios import serve as scenario
 
     if options.budget_bytes == -1:  # auto
         from melt_bench.commands.support import device_total_bytes
 
         options = replace(options, budget_bytes=device_total_bytes(resolved.spec.device))
-    if output_lens is None:
+    if not options.output_lens:  # the machine's default
         options = replace(options, output_lens=(128,) if resolved.spec.device.startswith("cuda") else (32,))
     points = [point for axes in resolved.spec.points() for point in options.points(axes)]
     for point in points:
@@ -88,11 +87,8 @@ def serve(
             raise UserError("serve runs the static-shape decode engine, which reads the cache's raw rows: packed "
                             "caches (--kv-quant, --kv-policy flashloop) are not served")
 
-    def runner(point, gpu=None):  # a budget point's search runs its probes, each in a child of its own
-        started = time.monotonic()
-        value = scenario.measure(point, resolved.point_timeout, gpu)
-        return ChildOutcome("ok", value=value, wall_s=time.monotonic() - started)
-
+    # a budget point's search runs its probes, and the serve run its child
+    runner = in_this_process(scenario.measure, (resolved.point_timeout,))
     plan_and_run(scenario.SUMMARY, resolved, points, lambda: runner, run, placement)
 
 
@@ -165,7 +161,7 @@ def serve_options(concurrency, request_rate, num_requests, output_lens, dataset,
         budget_bytes = -1 if budget_bytes is None else budget_bytes
     return ServeOptions(
         concurrency=loads, request_rates=rates,
-        output_lens=tuple(parse_list(output_lens, "--output-lens")) if output_lens else (32,),
+        output_lens=tuple(parse_list(output_lens, "--output-lens")) if output_lens else (),
         num_requests=num_requests, slots=tuple(parse_list(slots, "--slots")) if slots else None,
         budget_bytes=budget_bytes, dataset=dataset, data_dir=str(data_dir.resolve()) if data_dir else None,
         seed=seed, warmup=warmup, timed_runs=timed_runs, early_exit=parse_early_exit(early_exit), engine=engine,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import replace
 from typing import Optional
 
@@ -130,7 +129,7 @@ def capacity(
     flags = replace(flags, batch_sizes="1", phase="decode")  # the batch is searched
     budget_bytes, prefill_chunk = parse_budget(budget), check_prefill_chunk(prefill_chunk)
     resolved = resolve("capacity", flags, suite, run)
-    from melt_bench.running.launcher import ChildOutcome
+    from melt_bench.running.sweep import in_this_process
     from melt_bench.scenarios import capacity as scenario
 
     if budget_bytes is None:  # auto
@@ -138,12 +137,8 @@ def capacity(
     options = scenario.CapacityOptions(budget_bytes, max_batch, engine, warmup, timed_runs, prefill_chunk,
                                        threads)
     points = checked_points(resolved, options)
-
-    def runner(point, gpu=None):  # the search runs its probes, each in a child of its own
-        started = time.monotonic()
-        value = scenario.measure(point, options, resolved.point_timeout, gpu)
-        return ChildOutcome("ok", value=value, wall_s=time.monotonic() - started)
-
+    # the search runs its probes, each in a child of its own
+    runner = in_this_process(scenario.measure, (options, resolved.point_timeout))
     plan_and_run(scenario.SUMMARY, resolved, points, lambda: runner, run, placement)
 
 

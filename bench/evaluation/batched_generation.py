@@ -27,9 +27,10 @@ def sampling_asked(kwargs: dict) -> bool:
     return bool(kwargs.get("do_sample")) or float(kwargs.get("temperature") or 0.0) > 0
 
 
-def generate_until_batched(lm, requests: list, slots: int) -> list[str] | None:
-    """The continuations of lm-eval's `requests` (their .args: context, gen_kwargs), in order;
-    None when one asks for sampling (the caller falls back to generate())."""
+def generate_until_batched(lm, requests: list, slots: int) -> tuple[list[str], int] | None:
+    """The continuations of lm-eval's `requests` (their .args: context, gen_kwargs), in order,
+    and the slots they ran in (at most one per request); None when one asks for sampling (the
+    caller falls back to generate())."""
     eos = lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)
     prepared = []
     for index, request in enumerate(requests):
@@ -45,8 +46,9 @@ def generate_until_batched(lm, requests: list, slots: int) -> list[str] | None:
             index, tuple(encoded[0].tolist()), max_gen_toks, stop_token_ids=(lm.eot_token_id,),
             stop_check=_stop_strings(lm, until))))
     capacity = max(len(r.prompt) + r.max_new_tokens for *_, r in prepared)
+    slots = min(slots, len(prepared))
     with torch.no_grad():
-        batcher = ContinuousBatcher(lm.model, lm.loops, min(slots, len(prepared)), capacity)
+        batcher = ContinuousBatcher(lm.model, lm.loops, slots, capacity)
         done = {c.request_id: c for c in batcher.run([r for *_, r in prepared], concurrency=len(prepared))}
     texts = []
     for context, gen_kwargs, until, request in prepared:
@@ -55,7 +57,7 @@ def generate_until_batched(lm, requests: list, slots: int) -> list[str] | None:
                                           if isinstance(lm.think_end_token, str) else None)
         lm.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         texts.append(text)
-    return texts
+    return texts, slots
 
 
 def _stop_strings(lm, until: list[str]):

@@ -118,9 +118,10 @@ class LoopedHFLM(HFLM):
         """Greedy generation through the continuous batcher (--batch-size slots), or generate()
         where the batcher cannot serve the run, or when asked (generate_with="generate")."""
         problem = batcher_problem(self) if self.generate_with == "continuous-batching" else "asked for"
-        slots = self.batch_size if isinstance(self.batch_size, int) else 1
-        texts = None if problem else generate_until_batched(self, requests, slots)
-        if texts is not None:
+        batched = None if problem else generate_until_batched(
+            self, requests, self.batch_size if isinstance(self.batch_size, int) else 1)
+        if batched is not None:
+            texts, slots = batched
             self.generation_path = f"continuous batching, {slots} slots, eager decode engine"
             return texts
         self.generation_path = f"generate(), left-padded batches of {self.batch_size} ({problem or 'sampling asked'})"

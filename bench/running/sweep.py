@@ -3,6 +3,7 @@ moment it is known. Failures (oom, timeout, error) are rows too, and the sweep g
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -79,6 +80,16 @@ def in_child(measure: Callable[..., dict], args: tuple = (), timeout_s: float = 
     """A point runner: `measure(point, *args)` in a fresh child process, within `timeout_s`
     (pinned to a GPU when an executor passes one)."""
     return PointRunner(measure, args, timeout_s)
+
+
+def in_this_process(measure: Callable[..., dict], args: tuple = ()) -> Callable:
+    """A point runner for a point whose measurement starts children of its own (capacity's
+    probes, serve's search and run): `measure(point, *args, gpu)` here, its wall time kept."""
+    def run(point, gpu: str | None = None) -> ChildOutcome:
+        started = time.monotonic()
+        return ChildOutcome("ok", value=measure(point, *args, gpu), wall_s=time.monotonic() - started)
+
+    return run
 
 
 def run_sweep(

@@ -68,7 +68,7 @@ class ServeOptions:
 
     concurrency: tuple[int, ...] = ()
     request_rates: tuple[float, ...] = ()
-    output_lens: tuple[int, ...] = (32,)
+    output_lens: tuple[int, ...] = ()  # () until the command sets the machine's default
     num_requests: int = 16
     slots: tuple[int, ...] | None = None
     budget_bytes: int | None = None
