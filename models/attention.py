@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from .configs import OuroConfig
+from .fused_projections import FusedLinear
 from .kv_cache import LoopedKVCache, TransitionKVCache
 
 
@@ -25,6 +26,17 @@ def rope_cos_sin(
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rope_table(
+    capacity: int, head_dim: int, theta: float, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_cos_sin` of every position below `capacity`, (capacity, head_dim) each: a decode
+    step looks its positions up (`table[positions]`, the same values). Computed inside a compiled
+    step instead, inductor folds the sin/cos/pow into every consumer of the rotated queries and
+    recomputes them once per cached key (docs/cpu-decode-profile.md)."""
+    cos, sin = rope_cos_sin(torch.arange(capacity, device=device)[None], head_dim, theta, dtype)
+    return cos[0], sin[0]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -82,6 +94,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
         self.kv_gate = gate  # None for Ouro; MELT's KVUpdateGate
+        self.fused: FusedLinear | None = None  # the eager decode engine's (fused_projections.py)
+
+    def one_input_linears(self) -> list[nn.Linear]:
+        """The projections that read one input: q, k, v (Ouro); k, v (MELT: its gated state)."""
+        kv = [self.k_proj, self.v_proj]
+        return kv if self.kv_gate is not None else [self.q_proj, *kv]
 
     def project(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_state: torch.Tensor | None, loop: int = 0
@@ -90,9 +108,14 @@ class Attention(nn.Module):
         the keys/values were projected from (x for Ouro, MELT's gated state h at loop `loop`)."""
         bsz, q_len, _ = x.shape
         kv_in = x if self.kv_gate is None else self.kv_gate(x, kv_state, loop)
-        q = self.q_proj(x).view(bsz, q_len, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(kv_in).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(kv_in).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # The fused weight is not the parameters: with gradients, each projection on its own.
+        if self.fused is not None and not torch.is_grad_enabled() and self.fused.current():
+            q, k, v = self.fused(x) if self.kv_gate is None else (self.q_proj(x), *self.fused(kv_in))
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(kv_in), self.v_proj(kv_in)
+        q = q.view(bsz, q_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, kv_in
 

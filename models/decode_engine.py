@@ -23,8 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import AttentionMask, rope_cos_sin
+from .attention import Attention, AttentionMask, rope_table
+from .decoder_layer import MLP
 from .exit_rules import EarlyStop, fill_after_early_stop
+from .fused_projections import fuse_linears, unfuse
 from .kv_cache import LoopedKVCache
 from .looped import LoopedForCausalLM
 from .names import STEP_ENGINES
@@ -32,7 +34,8 @@ from .names import STEP_ENGINES
 
 def run_loop(
     model: LoopedForCausalLM, x: torch.Tensor, input_pos: torch.Tensor, cache: LoopedKVCache,
-    kv_states: list[torch.Tensor | None], loop: int, kept: list | None = None, one_query_attention: bool = False,
+    kv_states: list[torch.Tensor | None], loop: int, rope: tuple[torch.Tensor, torch.Tensor], kept: list | None = None,
+    one_query_attention: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor, list | None]:
     """One loop of the layer stack for the token at `input_pos` (a 1-element tensor, or one
     position per sequence): returns the normed output, each layer's KV state (MELT's h, None for
@@ -40,14 +43,14 @@ def run_loop(
     layer's running combination. Rows
     go into `cache` through its static-shape writes (write_at; MELT with decode_reads="chunk":
     swap_open_chunk_at, its open-chunk buffers). `one_query_attention`: attention written out
-    (`Attention.attend_one_query`), for the compiled CPU step."""
-    base, config = model.model, model.config
+    (`Attention.attend_one_query`), for the compiled CPU step. `rope`: the engine's `rope_table`."""
+    base = model.model
     capacity = cache.keys[0].shape[2]
     # Rows past the current position hold zeros or an earlier run's rows: masked out. One
     # position for the batch, or one per sequence (continuous batching): (1 or batch, 1, 1, capacity).
     positions = input_pos[:, None]
     attn = AttentionMask((torch.arange(capacity, device=x.device)[None] <= positions)[:, None, None], False)
-    rope = rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
+    rope = rope[0][positions], rope[1][positions]  # (1 or batch, 1, head_dim)
     states: list[torch.Tensor | None] = []
     folded = [] if base.policy.reduces_loops else None
     if cache.open_chunk:
@@ -87,49 +90,71 @@ def greedy_head(model: LoopedForCausalLM, x: torch.Tensor) -> tuple[torch.Tensor
 
 def decode_one_token(
     model: LoopedForCausalLM, token: torch.Tensor, input_pos: torch.Tensor, cache: LoopedKVCache, loops: int,
-    one_query_attention: bool = False,
+    rope: tuple[torch.Tensor, torch.Tensor], one_query_attention: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole decode step for `token` (batch, 1) at `input_pos`: (next token, logits)."""
     x = model.model.embed_tokens(token)
     states: list[torch.Tensor | None] = [None] * len(model.model.layers)
     kept = None
     for loop in range(loops):
-        x, states, _, kept = run_loop(model, x, input_pos, cache, states, loop, kept, one_query_attention)
+        x, states, _, kept = run_loop(model, x, input_pos, cache, states, loop, rope, kept, one_query_attention)
     write_kept_rows(model, input_pos, cache, kept, loops)
     return greedy_head(model, x)
 
 
-def lay_out_for_cpu_gemv(model: LoopedForCausalLM, engine: str) -> int:
-    """Give each CPU Linear weight (out, in) the layout its decode GEMV (one row times the weight)
-    reads fastest, with the same shape, values, parameters and state-dict keys
-    (docs/cpu-decode-profile.md, one AVX2 thread):
-    - eager, float32: the strides of its transpose made contiguous, MKL's fast path (12-19 vs
-      8-13 GB/s). In bf16 that layout is 4x slower, so bf16 is left alone.
-    - compiled: contiguous, where inductor's multiply-reduce (`compiled_gemv_options`) reads at
-      copy speed (20-29 GB/s), and the transposed layout at 10.
-    CUDA's cuBLAS reads both alike: untouched. Returns how many weights changed; a tied weight
-    changes once."""
-    if model.device.type != "cpu":
-        return 0
-    transposed = engine == "eager"
-    if transposed and model.dtype != torch.float32:
-        return 0
+def lay_out_weights(model: LoopedForCausalLM, engine: str) -> int:
+    """Give the Linear weights the layout each engine's decode GEMVs (one row times the weight)
+    read fastest, with the same shapes, values, parameters and state-dict keys
+    (docs/cpu-decode-profile.md, one AVX2 thread). Returns how many weights changed.
+    - eager: the projections of one input fused into one matmul (fused_projections.py: q, k, v
+      and gate, up), on every device. On a CPU in float32, each tall weight (out >= in), fused
+      or not, takes the strides of its transpose made contiguous, MKL's fast path (12-25 vs
+      10 GB/s); a wide one (down_proj) reads faster contiguous (14 vs 13). In bf16 that layout
+      is 4x slower: contiguous.
+    - compiled: each weight contiguous and on its own, where inductor's multiply-reduce
+      (`compiled_gemv_options`) reads at copy speed (20-29 GB/s), and the transposed layout at 10.
+      CUDA's cuBLAS reads both alike: only fusions are undone.
+    A tied weight changes once."""
+    on_cpu = model.device.type == "cpu"
+    in_out = engine == "eager" and on_cpu and model.dtype == torch.float32
+    changed: set[int] = set()
     with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, whatever mode the caller is in
-        return _lay_out_linears(model, transposed)
+        kept: set[int] = set()
+        for module in _fusable(model):
+            fused = module.fused
+            if engine == "eager" and fused is not None and fused.current() and fused.in_out_contiguous == in_out:
+                kept.update(id(linear) for linear in fused.linears)
+                continue
+            changed.update(id(linear) for linear in unfuse(fused))
+            module.fused = None
+        if on_cpu:
+            changed.update(_lay_out_linears(model, in_out, skip=kept))
+        if engine == "eager":
+            for module in _fusable(model):
+                if module.fused is None:
+                    module.fused = fuse_linears(module.one_input_linears(), in_out)
+                    changed.update(id(linear) for linear in module.fused.linears)
+    return len(changed)
 
 
-def _lay_out_linears(model: LoopedForCausalLM, transposed: bool) -> int:
-    changed = 0
+def _fusable(model: LoopedForCausalLM) -> list[Attention | MLP]:
+    return [module for module in model.modules() if isinstance(module, Attention | MLP)]
+
+
+def _lay_out_linears(model: LoopedForCausalLM, in_out: bool, skip: set[int]) -> list[int]:
+    """Lays out every Linear weight but those in `skip` (ids of fused modules); returns the ids changed."""
+    changed = []
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(module, torch.nn.Linear) or min(weight.shape) == 1:  # a vector: both layouts are one
-            continue
+        if not isinstance(module, torch.nn.Linear) or min(weight.shape) == 1 or id(module) in skip:
+            continue  # (a vector: both layouts are one)
+        transposed = in_out and weight.shape[0] >= weight.shape[1]
         if transposed and weight.stride() != (1, weight.shape[0]):
             weight.data = weight.data.t().contiguous().t()
-            changed += 1
+            changed.append(id(module))
         elif not transposed and not weight.is_contiguous():
             weight.data = weight.data.contiguous()
-            changed += 1
+            changed.append(id(module))
     return changed
 
 
@@ -173,13 +198,15 @@ class DecodeEngine:
         # Continuous batching: each sequence (a serving slot) has a position of its own, is
         # prefilled alone (`prefill_sequence`) and moved by `set_positions`.
         self.per_sequence_positions = per_sequence_positions
-        self.weights_laid_out = lay_out_for_cpu_gemv(model, engine)
+        self.weights_laid_out = lay_out_weights(model, engine)
         self.early_stop_threshold = early_stop_threshold
         self.cache: LoopedKVCache = model.new_cache(loops, capacity=capacity)
         self.cache.allocate(batch_size, model.config.num_key_value_heads, model.config.head_dim, model.dtype,
                             model.device, zero=True)
         positions = batch_size if per_sequence_positions else 1
         self.input_pos = torch.zeros(positions, dtype=torch.long, device=model.device)
+        config = model.config
+        self.rope = rope_table(capacity, config.head_dim, config.rope_theta, model.dtype, model.device)
         self.cuda_graphs = engine == "compiled" and model.device.type == "cuda"
         self.one_query_attention = engine == "compiled" and model.device.type == "cpu"
         self._step, self._loop, self._head = decode_one_token, run_loop, greedy_head
@@ -187,7 +214,8 @@ class DecodeEngine:
             self._compile()
 
     def _compile(self) -> None:
-        for buffer in self.cache.keys + self.cache.values + self.cache.chunk_keys + self.cache.chunk_values:
+        buffers = self.cache.keys + self.cache.values + self.cache.chunk_keys + self.cache.chunk_values
+        for buffer in buffers + list(self.rope):
             # Fixed addresses, so CUDA graphs replay over the cache instead of copying it in.
             torch._dynamo.mark_static_address(buffer)
         # One graph per loop when early stopping; dynamo's default limit of 8 would fall back
@@ -206,8 +234,11 @@ class DecodeEngine:
             # inductor decomposes only one-row matmuls: a larger batch keeps the GEMM
             matmuls = "multiply-reduces over contiguous weights" if self.batch_size == 1 else "GEMMs"
             layout = f", matmuls as inductor {matmuls}, one-query attention written out"
-        elif self.model.device.type == "cpu" and self.model.dtype == torch.float32:
-            layout = ", Linear weights (in, out)-contiguous for MKL's GEMV"
+        elif self.engine == "eager":
+            # MELT's keys and values read its gated state: only they are fused with each other
+            layout = ", projections of one input fused (q, k, v or k, v; gate, up)"
+            if self.model.device.type == "cpu" and self.model.dtype == torch.float32:
+                layout += ", tall Linear weights (in, out)-contiguous for MKL's GEMV"
         positions = ", a position per sequence (continuous batching)" if self.per_sequence_positions else ""
         return self._steps_description() + layout + positions
 
@@ -263,7 +294,7 @@ class DecodeEngine:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         if self.early_stop_threshold is None:
-            next_token, logits = self._step(self.model, token, self.input_pos, self.cache, self.loops,
+            next_token, logits = self._step(self.model, token, self.input_pos, self.cache, self.loops, self.rope,
                                             self.one_query_attention)
             loops_run, exit_steps = self.loops, None
         else:
@@ -272,8 +303,8 @@ class DecodeEngine:
             stop = EarlyStop(self.early_stop_threshold, self.loops)
             kept = None
             for loop in range(self.loops):
-                x, states, gate, kept = self._loop(self.model, x, self.input_pos, self.cache, states, loop, kept,
-                                                   self.one_query_attention)
+                x, states, gate, kept = self._loop(self.model, x, self.input_pos, self.cache, states, loop, self.rope,
+                                                   kept, self.one_query_attention)
                 if stop.update(loop, gate, x):
                     break
             write_kept_rows(self.model, self.input_pos, self.cache, kept, loop + 1)

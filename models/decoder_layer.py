@@ -13,6 +13,7 @@ from torch import nn
 
 from .attention import Attention
 from .configs import OuroConfig
+from .fused_projections import FusedLinear
 
 
 class RMSNorm(nn.Module):
@@ -34,9 +35,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fused: FusedLinear | None = None  # the eager decode engine's (fused_projections.py)
+
+    def one_input_linears(self) -> list[nn.Linear]:
+        return [self.gate_proj, self.up_proj]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused is not None and not torch.is_grad_enabled() and self.fused.current():
+            gate, up = self.fused(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

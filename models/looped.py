@@ -34,6 +34,7 @@ from .attention import chunk_attention_mask, rope_cos_sin
 from .configs import MAX_LOOPS, OuroConfig, check_decode_reads
 from .decoder_layer import DecoderLayer, RMSNorm
 from .exit_rules import EarlyStop, exit_distribution, fill_after_early_stop, official_exit_steps, threshold_exit_steps
+from .fused_projections import unfuse
 from .kivi_cache import quantized_cache
 from .kv_cache import LoopedKVCache, TransitionKVCache, open_chunk_grid
 from .kv_policy import KVPolicy, kv_bytes_per_token, kv_policy_for, parse_kv_policy
@@ -55,6 +56,15 @@ class LoopedPreTrainedModel(PreTrainedModel):
             if isinstance(module, DecoderLayer):
                 module.gradient_checkpointing = enable
                 module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+
+    def save_pretrained(self, *args, **kwargs):
+        """As transformers', after giving every weight the eager decode engine fused
+        (fused_projections.py) storage of its own: safetensors refuses weights that share one."""
+        for module in self.modules():
+            if getattr(module, "fused", None) is not None:
+                unfuse(module.fused)
+                module.fused = None
+        return super().save_pretrained(*args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         # transformers.initialization skips parameters already loaded from a checkpoint.

@@ -92,6 +92,10 @@ def test_compiled_engine_gives_the_eager_tokens_and_logits(name, threshold, batc
     with torch.inference_mode():
         eager = engine_decode(DecodeEngine(model, 4, ids.shape[0], capacity, "eager", threshold), ids)
         decomposed = counters["inductor"]["decompose_mm"]
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and min(m.weight.shape) > 1]
+        fused = {id(linear) for m in model.modules() if getattr(m, "fused", None) for linear in m.fused.linears}
+        assert len(fused) == 5 * model.config.num_hidden_layers - (name != "ouro") * model.config.num_hidden_layers
+        moved = [m for m in linears if id(m) in fused or not m.weight.is_contiguous()]
         compiled_engine = DecodeEngine(model, 4, ids.shape[0], capacity, "compiled", threshold)
         compiled = engine_decode(compiled_engine, ids)
         graphs = counters["stats"]["unique_graphs"]
@@ -100,9 +104,11 @@ def test_compiled_engine_gives_the_eager_tokens_and_logits(name, threshold, batc
     assert counters["stats"]["unique_graphs"] == graphs
     assert "torch.compile" in compiled_engine.description and "attention written out" in compiled_engine.description
     assert ("multiply-reduce" in compiled_engine.description) == (batch == 1)
-    # the eager engine laid the weights out for MKL; the compiled one gave them back their contiguous layout
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and min(m.weight.shape) > 1]
-    assert compiled_engine.weights_laid_out == len(linears) and all(m.weight.is_contiguous() for m in linears)
+    # the eager engine fused projections and laid the weights out for MKL; the compiled one gave
+    # each its own contiguous storage back
+    storages = {m.weight.untyped_storage().data_ptr() for m in linears}
+    assert compiled_engine.weights_laid_out == len(moved) and all(m.weight.is_contiguous() for m in linears)
+    assert len(storages) == len(linears) and all(getattr(m, "fused", None) is None for m in model.modules())
     assert (counters["inductor"]["decompose_mm"] > decomposed) == (batch == 1)
     assert torch.equal(compiled[0], eager[0]) and torch.equal(again[0], eager[0])
     assert max_diff(compiled[1], eager[1]) < 1e-5
@@ -139,21 +145,71 @@ def test_ouro_prefill_in_chunks_is_exact(chunk, ids):
     assert max_diff(whole[1], chunked[1]) < 1e-5
 
 
-def test_cpu_float32_engine_lays_weights_out_for_the_gemv_without_changing_them(ids):
-    """Every Linear weight keeps its shape, values and key, now (in, out)-contiguous; the engine's
-    tokens and logits still equal the forward of an untouched copy, and a second engine changes nothing."""
-    model = make_ouro()
-    untouched = make_ouro()
+@pytest.mark.parametrize("name", ["ouro", "melt"])
+def test_cpu_float32_engine_fuses_and_lays_weights_out_without_changing_them(name, ids):
+    """Every Linear weight keeps its shape, values, key and requires_grad. The projections of
+    one input (q, k, v for Ouro; k, v for MELT; gate, up) become column blocks of one
+    (in, outputs)-contiguous tensor, the other tall weights (in, out)-contiguous, the wide ones
+    (down_proj) contiguous; no byte is added. The engine's tokens and logits still equal the
+    forward of an untouched copy, and a second engine changes nothing."""
+    model = MODELS[name]()
+    untouched = MODELS[name]()
     untouched.load_state_dict(model.state_dict())
+    weight_bytes = sum(p.untyped_storage().nbytes() for p in model.parameters())
     with torch.inference_mode():
         ref_tokens, ref_logits, _ = forward_decode(untouched, ids)
         engine = DecodeEngine(model, 4, ids.shape[0], ids.shape[1] + NEW_TOKENS, "eager")
         tokens, logits, _ = engine_decode(engine, ids)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and min(m.weight.shape) > 1]
-    assert engine.weights_laid_out == len(linears) > 0 and "(in, out)-contiguous" in engine.description
-    assert all(m.weight.stride() == (1, m.weight.shape[0]) and m.weight.requires_grad for m in linears)
+    fusions = [m.fused for m in model.modules() if getattr(m, "fused", None) is not None]
+    fused = {id(linear): f for f in fusions for linear in f.linears}
+    assert len(fusions) == 2 * model.config.num_hidden_layers and all(f.current() for f in fusions)
+    assert len({id(linear) for linear in model.model.layers[0].self_attn.one_input_linears()} & fused.keys()) == (
+        3 if name == "ouro" else 2)
+    for m in linears:
+        out, inp = m.weight.shape
+        if id(m) in fused:
+            assert m.weight.stride() == (1, fused[id(m)].weight.shape[0])
+        else:
+            assert m.weight.stride() == ((1, out) if out >= inp else (inp, 1)), m
+    assert engine.weights_laid_out == len(linears) - sum(m.weight.shape[0] < m.weight.shape[1] and id(m) not in fused
+                                                         for m in linears) > 0
+    assert "(in, out)-contiguous" in engine.description and "fused" in engine.description
+    assert all(p.requires_grad for p in model.parameters())
+    shared = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    assert sum(shared.values()) == weight_bytes  # the fused tensors replaced the weights they hold
     reference = untouched.state_dict()
     assert all(torch.equal(value, reference[key]) for key, value in model.state_dict().items())
     assert torch.equal(tokens, ref_tokens) and max_diff(logits, ref_logits) < 1e-5
     assert DecodeEngine(model, 4, 1, 8, "eager").weights_laid_out == 0
-    assert DecodeEngine(make_ouro().to(torch.bfloat16), 4, 1, 8, "eager").weights_laid_out == 0  # bf16: 4x slower
+    # bf16: the transposed layout is 4x slower, so contiguous, but fused (row blocks)
+    bf16 = make_ouro().to(torch.bfloat16)
+    assert DecodeEngine(bf16, 4, 1, 8, "eager").weights_laid_out == 5 * bf16.config.num_hidden_layers
+    assert all(m.weight.is_contiguous() for m in bf16.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_fused_weights_save_train_and_go_stale_safely(ids, tmp_path):
+    """After an eager engine fused its projections: a deepcopy or `.to()` gives the weights new
+    storage and the model runs them one by one (the same logits); with gradients the parameters
+    themselves are used (they get gradients); save_pretrained writes what loads back."""
+    import copy
+
+    model = make_ouro()
+    with torch.inference_mode():
+        reference = model(ids).logits
+        DecodeEngine(model, 4, ids.shape[0], ids.shape[1] + NEW_TOKENS, "eager")
+        twin = copy.deepcopy(model)
+        assert not twin.model.layers[0].self_attn.fused.current() and model.model.layers[0].self_attn.fused.current()
+        assert max_diff([twin(ids).logits], [reference]) < 1e-5 and max_diff([model(ids).logits], [reference]) < 1e-5
+        doubled = make_ouro()
+        doubled.load_state_dict(model.state_dict())
+        DecodeEngine(doubled, 4, 1, 8, "eager")
+        doubled.to(torch.float64)
+        assert not doubled.model.layers[0].mlp.fused.current()
+        assert max_diff([doubled(ids.clone()).logits.float()], [reference]) < 1e-5
+    model(ids).logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.layers[0].self_attn.parameters())
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    assert all(torch.equal(value, loaded.state_dict()[key]) for key, value in model.state_dict().items())
+    assert all(getattr(m, "fused", None) is None for m in model.modules())
