@@ -1,0 +1,266 @@
+"""Huginn-0125 (recurrent depth) in plain PyTorch: the official checkpoint's modules, parameter
+names and numerics (seal-rg/recurrent-pretraining, recpre/raven_modeling_minimal.py), with
+melt-bench's preallocated cache.
+
+    e = prelude(wte(ids) * sqrt(E))                      2 sandwich blocks
+    s_0 = random state (truncated normal) or given
+    s_t = core(adapter([s_{t-1}, e]))                    4 sandwich blocks, t = 1..num_steps
+    logits = lm_head(ln_f(coda(ln_f(s_T))))              2 sandwich blocks; ln_f twice, as the official code
+
+A sandwich block normalises both its sublayer inputs and its residual sums:
+x = norm_2(x + attn(norm_1(x))); x = norm_4(x + mlp(norm_3(x))). Attention has fused q/k/v
+(`Wqkv`), a learned bias on q and k before RoPE (`qk_bias`), and RoPE over interleaved pairs of
+dimensions. Each layer's keys and values go to the slot the KV policy (huginn_kv.py) gives its
+layer index."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .attention import chunk_attention_mask
+from .huginn_config import HuginnConfig
+from .huginn_kv import HuginnKVPolicy, parse_huginn_kv_policy
+from .kv_cache import LoopedKVCache
+from .names import MAX_LOOPS
+
+
+def rope_table(head_dim: int, positions: int, theta: float) -> torch.Tensor:
+    """cos and sin of every position and frequency, (1, positions, 1, head_dim / 2, 2) in float32:
+    the official `freqs_cis` buffer."""
+    inv_freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freqs)
+    return torch.stack([freqs.cos()[None, :, None], freqs.sin()[None, :, None]], dim=4)
+
+
+def apply_rope_pairs(q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate each pair of dimensions (2i, 2i + 1) of q and k (batch, tokens, heads, head_dim) in
+    float32; `freqs` is (1, tokens, 1, head_dim / 2, 2)."""
+    pairs = torch.cat([q, k], dim=2).unflatten(-1, (-1, 2)).float()
+    cos, sin = freqs[..., 0], freqs[..., 1]
+    rotated = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin], -1)
+    return torch.split(rotated.flatten(3).type_as(q), q.shape[2], dim=2)
+
+
+class HuginnRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As the official code: normalise in float32, cast back, then scale.
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class HuginnAttention(nn.Module):
+    def __init__(self, config: HuginnConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.Wqkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        if config.qk_bias:
+            self.qk_bias = nn.Parameter(torch.zeros(2, 1, self.n_heads, self.head_dim))
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, cache: LoopedKVCache | None, slot: int, start: int,
+                key_padding: torch.Tensor | None) -> torch.Tensor:
+        bsz, seq, width = x.shape
+        q, k, v = (t.view(bsz, seq, self.n_heads, self.head_dim) for t in self.Wqkv(x).split(width, dim=2))
+        if hasattr(self, "qk_bias"):
+            q, k = (q + self.qk_bias[0]).to(q.dtype), (k + self.qk_bias[1]).to(q.dtype)
+        q, k = apply_rope_pairs(q, k, freqs)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update_slot(slot, k, v, start)
+        # The official code's three cases (causal, bottom-right causal, one query: no mask).
+        mask = chunk_attention_mask(start, seq, key_padding, x.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal)
+        return self.proj(y.transpose(1, 2).reshape(bsz, seq, width))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, config: HuginnConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)  # [gate | up]
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
+
+
+class SandwichBlock(nn.Module):
+    def __init__(self, config: HuginnConfig) -> None:
+        super().__init__()
+        self.norm_1 = HuginnRMSNorm(config.n_embd, config.norm_eps)
+        self.attn = HuginnAttention(config)
+        self.norm_2 = HuginnRMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = GatedMLP(config)
+        self.norm_3 = HuginnRMSNorm(config.n_embd, config.norm_eps)
+        self.norm_4 = HuginnRMSNorm(config.n_embd, config.norm_eps)
+
+    def forward(self, x, freqs, cache, slot, start, key_padding):
+        x = self.norm_2(self.attn(self.norm_1(x), freqs, cache, slot, start, key_padding) + x)
+        return self.norm_4(self.mlp(self.norm_3(x)) + x)
+
+
+@dataclass
+class HuginnOutput(CausalLMOutputWithPast):
+    latent_states: torch.Tensor | None = None  # ln_f of the last recurrent state, as the official output's
+    loops_run: int | None = None  # recurrence steps run
+
+
+class HuginnForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = HuginnConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["SandwichBlock"]
+    _supports_sdpa = True
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: HuginnConfig) -> None:
+        super().__init__(config)
+        make = lambda n: nn.ModuleList(SandwichBlock(config) for _ in range(n))  # noqa: E731
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            prelude=make(config.n_layers_in_prelude),
+            adapter=nn.Linear(2 * config.n_embd, config.n_embd, bias=config.bias),
+            core_block=make(config.n_layers_in_recurrent_block),
+            coda=make(config.n_layers_in_coda),
+            ln_f=HuginnRMSNorm(config.n_embd, config.norm_eps),  # used twice, as the official code
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Persistent, as the official buffer: released checkpoints carry it.
+        self.register_buffer("freqs_cis", rope_table(config.head_dim, config.block_size, config.rope_base))
+        self.policy: HuginnKVPolicy = self._policy(config.kv_policy)
+        self.post_init()
+
+    def _policy(self, name: str) -> HuginnKVPolicy:
+        c = self.config
+        return parse_huginn_kv_policy(name, c.n_layers_in_prelude, c.n_layers_in_recurrent_block, c.n_layers_in_coda)
+
+    def use_kv_policy(self, name: str) -> None:
+        """Run under another of Huginn's cache lookup strategies (huginn_kv.py)."""
+        self.policy = self._policy(name)
+        self.config.kv_policy = name
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The official init ("takase"): truncated normals at 3 std; only what random-weight
+        # presets need (transformers skips parameters loaded from a checkpoint).
+        std = self.config.init_std
+        out_std = std / (2 * self.config.effective_expected_depth) ** 0.5
+        if isinstance(module, HuginnRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, GatedMLP):
+            if not getattr(module.fc.weight, "_is_hf_initialized", False):  # (a slice would not say it)
+                half = self.config.intermediate_size
+                with torch.no_grad():
+                    nn.init.trunc_normal_(module.fc.weight[:half], std=std, a=-3 * std, b=3 * std)
+                    nn.init.trunc_normal_(module.fc.weight[half:], std=out_std, a=-3 * out_std, b=3 * out_std)
+            init.trunc_normal_(module.proj.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+        elif isinstance(module, HuginnAttention):
+            init.trunc_normal_(module.Wqkv.weight, std=std, a=-3 * std, b=3 * std)
+            init.trunc_normal_(module.proj.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+            if hasattr(module, "qk_bias"):
+                init.zeros_(module.qk_bias)
+        elif isinstance(module, nn.Embedding) or module is self.transformer["adapter"] or module is self.lm_head:
+            init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def new_cache(self, steps: int | None = None, capacity: int | None = None, batch_size: int | None = None
+                  ) -> LoopedKVCache:
+        """An empty cache laid out for `steps` recurrence steps under the model's KV policy, sized
+        to `capacity` tokens if given; with `batch_size` too, allocated now."""
+        steps = steps or self.config.mean_recurrence
+        cache = LoopedKVCache(self.policy.num_slots(steps), steps, capacity)
+        if batch_size is not None:
+            cache.allocate(batch_size, self.config.n_heads, self.config.head_dim, self.dtype, self.device)
+        return cache
+
+    def initialize_state(self, embeds: torch.Tensor, scale: float = 1.0,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        """The official random state: a truncated normal (std sqrt(2 / 5E) x scale, cut at 3 std)
+        times sqrt(E), in the embeddings' dtype. It draws from `generator` (or the global RNG)
+        exactly as the official code draws from the global one (a normal, then the truncated
+        normal over it), so a seed gives the official state."""
+        x = torch.randn(embeds.shape, dtype=embeds.dtype, device=embeds.device, generator=generator)
+        std = self.config.init_std * scale
+        if std <= 0:
+            return x.zero_()
+        with torch.no_grad():
+            nn.init.trunc_normal_(x, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
+        return x * self.config.embed_scale
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: LoopedKVCache | None = None,
+        num_steps: int | tuple[int, int] | None = None,
+        input_states: torch.Tensor | None = None,
+        init_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        logits_to_keep: int = 0,
+        loops: int | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> HuginnOutput:
+        """`num_steps` (or `loops`): recurrence steps, an int or the official (no-grad, with-grad)
+        pair; default the config's mean_recurrence. `input_states`: the initial state (else
+        random: `init_scale`, `generator`; init_scale=0 gives zeros). `attention_mask` masks
+        padded keys (the official forward ignores it: the same without padding)."""
+        if num_steps is None:
+            num_steps = loops if loops is not None else self.config.mean_recurrence
+        steps_no_grad, steps_grad = self._steps(num_steps)
+        steps = steps_no_grad + steps_grad
+        cache = past_key_values
+        if isinstance(cache, LoopedKVCache) and cache.num_slots != self.policy.num_slots(steps):
+            raise ValueError(f"cache was laid out for {cache.loops} steps, forward asked for {steps}")
+        start = cache.seq_len if cache is not None else 0
+        seq = input_ids.shape[1]
+        positions = position_ids.reshape(-1)[-seq:] if position_ids is not None else \
+            torch.arange(start, start + seq, device=input_ids.device)
+        freqs = self.freqs_cis[:, positions]
+        key_padding = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
+        prelude, core, coda = self.transformer.prelude, self.transformer.core_block, self.transformer.coda
+
+        def run(blocks, x, first_index, step=1):
+            for i, block in enumerate(blocks):
+                x = block(x, freqs, cache, self.policy.slot(first_index + step * i, steps), start, key_padding)
+            return x
+
+        e = self.transformer.wte(input_ids) * self.config.embed_scale
+        e = run(prelude, e, 0)
+        x = input_states.clone() if input_states is not None else self.initialize_state(e, init_scale, generator)
+        for step in range(steps):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and step >= steps_no_grad):
+                x = run(core, self.transformer.adapter(torch.cat([x, e], dim=-1)), len(prelude) + len(core) * step)
+        latent = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(run(coda, latent, -1, step=-1))
+        if cache is not None:
+            cache.seq_len = start + seq
+        logits = self.lm_head(x[:, -logits_to_keep:]).float()
+        return HuginnOutput(logits=logits, past_key_values=cache, latent_states=latent, loops_run=steps)
+
+    @staticmethod
+    def _steps(num_steps) -> tuple[int, int]:
+        """(no-grad steps, steps with gradients): an int runs every step without gradients, as
+        the official forward does."""
+        pair = (num_steps, 0) if isinstance(num_steps, int) else tuple(int(n) for n in num_steps)
+        if len(pair) != 2 or min(pair) < 0 or not 1 <= sum(pair) <= MAX_LOOPS:
+            raise ValueError(f"num_steps must be 1..{MAX_LOOPS} steps (or a (no-grad, grad) pair), got {num_steps!r}")
+        return pair
