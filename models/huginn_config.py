@@ -86,7 +86,8 @@ class HuginnConfig(PreTrainedConfig):
 
     @property
     def effective_expected_depth(self) -> int:
-        return self.n_layers_in_prelude + self.n_layers_in_coda + self.n_layers_in_recurrent_block * self.mean_recurrence
+        core = self.n_layers_in_recurrent_block * self.mean_recurrence
+        return self.n_layers_in_prelude + self.n_layers_in_coda + core
 
     @property
     def init_std(self) -> float:

@@ -106,7 +106,7 @@ def main() -> None:
             except Exception as error:  # noqa: BLE001  (what the official static cache refuses is recorded)
                 fixture["static"][strategy] = {"error": f"{type(error).__name__}: {error}"}
                 continue
-            run["bytes"] = (static.key_cache.nelement() + static.value_cache.nelement()) * static.key_cache.element_size()
+            run["bytes"] = static.key_cache.nbytes + static.value_cache.nbytes
             fixture["static"][strategy] = run
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(fixture, args.out)

@@ -97,7 +97,8 @@ def test_each_lookup_strategy_equals_the_official_dynamic_cache_to_the_byte(stra
     assert sorted(official["rows"].values()) == [tokens] * len(official["rows"]) and \
         cache.num_slots == len(official["rows"])
     config = model.config
-    predicted = batch * tokens * model.policy.kv_bytes_per_token(reference["cache_steps"], config.n_heads, config.head_dim, 4)
+    per_token = model.policy.kv_bytes_per_token(reference["cache_steps"], config.n_heads, config.head_dim, 4)
+    predicted = batch * tokens * per_token
     assert predicted == cache.nbytes() == official["bytes"]
     assert cache.nbytes() == sum(t.untyped_storage().nbytes() for t in cache.keys + cache.values)
 
