@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from . import huginn_cost
 from .configs import OuroConfig
+from .huginn_config import HuginnConfig
 from .kv_policy import parse_kv_policy
 
 
@@ -129,6 +131,8 @@ def decode_flops_per_token(config: OuroConfig, loops: float, batch: int, context
 
 def weights_bytes(config: OuroConfig, dtype: torch.dtype) -> int:
     """Bytes of all parameters (embedding and lm head counted apart, as the checkpoints store them)."""
+    if isinstance(config, HuginnConfig):
+        return huginn_cost.weights_bytes(config, dtype)
     layers = config.num_hidden_layers
     elements = layers * (layer_weight_elements(config) + gate_weight_elements(config)) + loop_tail_elements(config)
     elements += config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
@@ -141,6 +145,8 @@ def activation_peak_bytes(config: OuroConfig, batch: int, chunk_tokens: int, dty
     MLP's gate, up and product (the widest point of a layer), MELT's gate (z, h, and the product)
     on top, plus the last position's logits. Fused attention keeps no score matrix. A
     prediction to set beside the measured peak, not a substitute for it."""
+    if isinstance(config, HuginnConfig):
+        return huginn_cost.activation_peak_bytes(config, batch, chunk_tokens, dtype)
     h, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
     qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * d
     per_token = 4 * h + qkv + 3 * inter + (3 * h if _is_melt(config) else 0)

@@ -28,6 +28,7 @@ from .attention import chunk_attention_mask
 from .huginn_config import HuginnConfig
 from .huginn_kv import HuginnKVPolicy, parse_huginn_kv_policy
 from .kv_cache import LoopedKVCache
+from .looped import _CACHE_FIELD
 from .names import MAX_LOOPS
 
 
@@ -145,10 +146,14 @@ class HuginnForCausalLM(PreTrainedModel, GenerationMixin):
         c = self.config
         return parse_huginn_kv_policy(name, c.n_layers_in_prelude, c.n_layers_in_recurrent_block, c.n_layers_in_coda)
 
+    @property
+    def kv_policy(self) -> HuginnKVPolicy:
+        return self.policy
+
     def use_kv_policy(self, name: str) -> None:
         """Run under another of Huginn's cache lookup strategies (huginn_kv.py)."""
         self.policy = self._policy(name)
-        self.config.kv_policy = name
+        self.config.kv_policy = self.policy.name
 
     def _init_weights(self, module: nn.Module) -> None:
         # The official init ("takase"): truncated normals at 3 std; only what random-weight
@@ -217,12 +222,21 @@ class HuginnForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         loops: int | None = None,
         use_cache: bool | None = None,
+        chunk_starts: list[int] | None = None,
+        cache: LoopedKVCache | None = None,
         **kwargs,
     ) -> HuginnOutput:
         """`num_steps` (or `loops`): recurrence steps, an int or the official (no-grad, with-grad)
         pair; default the config's mean_recurrence. `input_states`: the initial state (else
         random: `init_scale`, `generator`; init_scale=0 gives zeros). `attention_mask` masks
-        padded keys (the official forward ignores it: the same without padding)."""
+        padded keys (the official forward ignores it: the same without padding). `chunk_starts`
+        (0 first, increasing) prefills the prompt in pieces through the cache. `cache`:
+        `past_key_values` under the name transformers' generate() passes from 5.24 on."""
+        if cache is not None:
+            past_key_values = cache
+        if chunk_starts is not None and len(chunk_starts) > 1:
+            return self._forward_in_pieces(input_ids, list(chunk_starts), past_key_values, num_steps or loops,
+                                           input_states, init_scale, generator, logits_to_keep, attention_mask)
         if num_steps is None:
             num_steps = loops if loops is not None else self.config.mean_recurrence
         steps_no_grad, steps_grad = self._steps(num_steps)
@@ -254,7 +268,25 @@ class HuginnForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             cache.seq_len = start + seq
         logits = self.lm_head(x[:, -logits_to_keep:]).float()
-        return HuginnOutput(logits=logits, past_key_values=cache, latent_states=latent, loops_run=steps)
+        return HuginnOutput(logits=logits, latent_states=latent, loops_run=steps, **{_CACHE_FIELD: cache})
+
+    def _forward_in_pieces(self, input_ids, starts, cache, num_steps, input_states, init_scale, generator,
+                           logits_to_keep, attention_mask) -> HuginnOutput:
+        seq = input_ids.shape[1]
+        if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= seq:
+            raise ValueError(f"chunk_starts must start at 0 and increase within {seq} tokens, got {starts}")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("a padded batch is prefilled in one piece")
+        cache = cache if cache is not None else self.new_cache(num_steps)
+        pieces = []
+        for a, b in zip(starts, [*starts[1:], seq]):
+            state = input_states[:, a:b] if input_states is not None else None
+            pieces.append(self(input_ids[:, a:b], past_key_values=cache, num_steps=num_steps, input_states=state,
+                               init_scale=init_scale, generator=generator))
+        logits = torch.cat([p.logits for p in pieces], dim=1)[:, -logits_to_keep:]
+        latent = torch.cat([p.latent_states for p in pieces], dim=1)
+        steps = pieces[-1].loops_run
+        return HuginnOutput(logits=logits, latent_states=latent, loops_run=steps, **{_CACHE_FIELD: cache})
 
     @staticmethod
     def _steps(num_steps) -> tuple[int, int]:

@@ -26,6 +26,7 @@ class HuginnConfig(PreTrainedConfig):
     model_type = "huginn_raven"
     attribute_map = {"num_attention_heads": "n_heads", "hidden_size": "n_embd", "num_hidden_layers": "n_layers"}
     kv_policy = "full"  # Huginn's cache lookup strategy (huginn_kv.py); set per model
+    kv_quant = None  # (packed caches are for Ouro-family models)
 
     def __init__(
         self,
@@ -79,22 +80,15 @@ class HuginnConfig(PreTrainedConfig):
         self.test_time_noise = 0
         self.num_key_value_heads = n_heads  # no GQA in Huginn
         self.head_dim = n_embd // n_heads
+        # Derived, as the official config sets them (released config.json files carry them too)
+        for derived in ("effective_expected_depth", "init_values", "num_key_value_heads", "head_dim", "init_std",
+                        "embed_scale"):
+            kwargs.pop(derived, None)
+        self.effective_expected_depth = n_layers_in_prelude + n_layers_in_coda + \
+            n_layers_in_recurrent_block * mean_recurrence
+        self.init_std = sqrt(2 / (5 * n_embd))  # the official init_values["std"]; also the random state's
+        self.embed_scale = sqrt(n_embd)  # embeddings and the random state are scaled by it
         kwargs.setdefault("bos_token_id", 65504)
         kwargs.setdefault("eos_token_id", 65505)
         kwargs.setdefault("pad_token_id", 65509)
         super().__init__(tie_word_embeddings=tie_embeddings, **kwargs)
-
-    @property
-    def effective_expected_depth(self) -> int:
-        core = self.n_layers_in_recurrent_block * self.mean_recurrence
-        return self.n_layers_in_prelude + self.n_layers_in_coda + core
-
-    @property
-    def init_std(self) -> float:
-        """The official `init_values["std"]`: sqrt(2 / (5 n_embd)); also the random state's std."""
-        return sqrt(2 / (5 * self.n_embd))
-
-    @property
-    def embed_scale(self) -> float:
-        """Embeddings and the random state are scaled by sqrt(n_embd)."""
-        return sqrt(self.n_embd)

@@ -28,9 +28,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from .names import UnknownKVPolicyError
+from .names import HUGINN_KV_POLICIES, UnknownKVPolicyError, is_huginn_kv_policy  # noqa: F401  (re-exported)
 
-HUGINN_KV_POLICIES = ("full", "compress-sN", "compress-rN", "compress-anchor", "latest-m4")
 ANCHOR_STEPS = 8  # compress-anchor: the steps that keep their own slots (official: 4 * 8 indices)
 
 
@@ -40,6 +39,14 @@ class HuginnKVPolicy:
     prelude: int = 2
     core: int = 4
     coda: int = 2
+    chunk_size = None  # (what the harness asks of every policy: Huginn prefills in one piece,
+    open_chunk = None  # keeps no side buffer and no combination of steps)
+    reduces_loops = False
+
+    def shares_rows(self, steps: int) -> bool:
+        """Whether a token keeps fewer core rows than one per (step, layer): a token processed
+        after it then reads shared rows (a prompt prefilled in pieces is no longer exact)."""
+        return self.core_slots(steps) < self.core * steps
 
     @property
     def stage(self) -> int | None:
@@ -83,7 +90,10 @@ class HuginnKVPolicy:
 
 
 def parse_huginn_kv_policy(name: str, prelude: int = 2, core: int = 4, coda: int = 2) -> HuginnKVPolicy:
-    """The policy named as Huginn names it; UnknownKVPolicyError (one line) otherwise."""
-    if name in ("full", "latest-m4", "compress-anchor") or re.fullmatch(r"compress-[sr][1-9]\d*", name):
+    """The policy named as Huginn names it, or one of Ouro's policies that has a Huginn
+    equivalent (per-loop: full; last-loop: compress-s<core layers>); UnknownKVPolicyError (one
+    line) otherwise."""
+    name = {"per-loop": "full", "last-loop": f"compress-s{core}"}.get(name, name)
+    if is_huginn_kv_policy(name):
         return HuginnKVPolicy(name, prelude, core, coda)
     raise UnknownKVPolicyError(f"unknown Huginn KV policy {name!r}: choose from {', '.join(HUGINN_KV_POLICIES)}")

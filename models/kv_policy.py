@@ -19,8 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import huginn_cost
 from .configs import OuroConfig
 from .flashloop import FlashLoopCache, flashloop_bytes
+from .huginn_config import HuginnConfig
 from .kivi_cache import kivi_slot_bytes
 from .melt_gates import GATE_CLASSES
 from .names import TRAINING_FREE_POLICIES, UnknownKVPolicyError, parse_kv_policy  # noqa: F401  (re-exported)
@@ -323,6 +325,8 @@ def kv_bytes_per_token(config: OuroConfig, loops: int, dtype: torch.dtype, polic
     `policy` (default: the config's). A packed cache (flashloop, `kv_quant`) holds its newest rows
     at full precision, so its bytes per token depend on the length: the mean over a prompt of
     `tokens` tokens, rounded down."""
+    if isinstance(config, HuginnConfig):
+        return huginn_cost.kv_cache_bytes(config, loops, 1, 1, dtype, policy)
     policy_ = kv_policy_for(config, policy)
     quant = kv_quant if kv_quant is not None else getattr(config, "kv_quant", None)
     if policy_.lossy or quant_bits(quant) is not None:
@@ -334,6 +338,8 @@ def kv_bytes_per_token(config: OuroConfig, loops: int, dtype: torch.dtype, polic
 def kv_side_buffer_bytes(config: OuroConfig, loops: int, dtype: torch.dtype, tokens: int) -> int:
     """Analytic bytes of the open-chunk side buffer one sequence of `tokens` tokens holds (MELT
     with decode_reads="chunk": min(C, tokens) rows per loop and layer, K and V; 0 otherwise)."""
+    if isinstance(config, HuginnConfig):
+        return 0
     policy = kv_policy_for(config)
     if policy.open_chunk is None:
         return 0
@@ -356,6 +362,8 @@ def predict_kv_cache_bytes(
     residuals cover the tokens its loops 3/4 updated; which prompt tokens those are depends on the
     data, so `flashloop_late_rows` gives their count per packed group (FlashLoopCache.
     selected_per_group); by default they are assumed spread evenly over the prompt."""
+    if isinstance(config, HuginnConfig):
+        return huginn_cost.kv_cache_bytes(config, loops, batch, tokens, dtype, kv_policy)
     policy = kv_policy_for(config, kv_policy)
     itemsize = torch.empty((), dtype=dtype).element_size()
     heads, head_dim = config.num_key_value_heads, config.head_dim

@@ -302,6 +302,11 @@ class LoopedCausalLMOutput(CausalLMOutputWithPast):
 class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
+    @property
+    def kv_policy(self) -> KVPolicy:
+        """The KV policy the model runs under (Huginn's models have the same property)."""
+        return self.model.policy
+
     def __init__(self, config: OuroConfig) -> None:
         super().__init__(config)
         self.model = self.base_model_class(config)

@@ -4,6 +4,7 @@ once. The classes behind the names live elsewhere; tests/test_names.py keeps the
 
 from __future__ import annotations
 
+import re
 from typing import Literal, get_args
 
 MAX_LOOPS = 64
@@ -35,11 +36,20 @@ class UnknownKVPolicyError(ValueError):
     pass
 
 
+# Huginn's own cache lookup strategies (models/huginn_kv.py), named as its code names them.
+HUGINN_KV_POLICIES = ("full", "compress-sN", "compress-rN", "compress-anchor", "latest-m4")
+HUGINN_FROM_OURO = ("per-loop", "last-loop")  # Ouro's policies with a Huginn equivalent (full, compress-s4)
+
+
+def is_huginn_kv_policy(spec: str) -> bool:
+    return spec in ("full", "compress-anchor", "latest-m4") or re.fullmatch(r"compress-[sr][1-9]\d*", spec) is not None
+
+
 def parse_kv_policy(spec: str) -> str:
     """The canonical name of a policy spec ('modulo:2', 'first-then-shared' -> 'first-then-shared:2');
     UnknownKVPolicyError naming the choices otherwise."""
     spec = _LEGACY.get(spec, spec)
-    if spec in PLAIN_KV_POLICIES:
+    if spec in PLAIN_KV_POLICIES or is_huginn_kv_policy(spec):
         return spec
     kind, sep, count = spec.partition(":")
     if kind == "first-then-shared" and not sep:
@@ -51,4 +61,4 @@ def parse_kv_policy(spec: str) -> str:
             raise UnknownKVPolicyError(f"KV policy {spec!r}: at most {MAX_LOOPS} slots (the loop limit)")
         return f"{kind}:{int(count)}"
     raise UnknownKVPolicyError(f"unknown KV policy {spec!r}; choose from {', '.join(TRAINING_FREE_POLICIES)} "
-                               "(N, S: slots per layer)")
+                               f"(N, S: slots per layer), or for Huginn models {', '.join(HUGINN_KV_POLICIES)}")

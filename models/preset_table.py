@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .configs import OuroConfig
+    from .huginn_config import HuginnConfig
 
 # Published values, ByteDance/Ouro-1.4B and Ouro-2.6B config.json (see shared notes).
 _OURO_1_4B = dict(
@@ -34,18 +35,31 @@ _MID = dict(
     early_exit_threshold=1.0,
 )
 
+# Huginn-0125 (tomg-group-umd/huginn-0125 config.json, commit def35f6): a 2-layer prelude, a
+# 4-layer recurrent core run 32 steps by default, a 2-layer coda; 55 heads x 96, no GQA.
+_HUGINN_3_5B = dict(
+    n_embd=5280, n_heads=55, n_layers=8, block_size=4096, vocab_size=65536, intermediate_size=17920,
+    n_layers_in_prelude=2, n_layers_in_recurrent_block=4, n_layers_in_coda=2, mean_recurrence=32,
+    qk_bias=True, rope_base=50_000, norm_eps=1e-6, tie_embeddings=True, bias=False,
+)
+# The same structure (2 + 4 + 2 layers, so Huginn's cache formulas hold as written), CPU-sized.
+_HUGINN_TINY = {**_HUGINN_3_5B, "n_embd": 64, "n_heads": 4, "block_size": 8192, "vocab_size": 512,
+                "intermediate_size": 176, "mean_recurrence": 8, "bos_token_id": 1, "eos_token_id": 2,
+                "pad_token_id": 0}
+
 
 @dataclass(frozen=True)
 class Preset:
     name: str
-    family: str  # "ouro" or "melt"
+    family: str  # "ouro", "melt" or "huginn"
     fields: dict
     description: str
 
-    def config(self) -> OuroConfig:
+    def config(self) -> OuroConfig | HuginnConfig:
         from .configs import MeltConfig, OuroConfig  # transformers: only when a model is built
+        from .huginn_config import HuginnConfig
 
-        return (MeltConfig if self.family == "melt" else OuroConfig)(**self.fields)
+        return {"melt": MeltConfig, "huginn": HuginnConfig}.get(self.family, OuroConfig)(**self.fields)
 
 
 PRESETS: dict[str, Preset] = {
@@ -59,6 +73,8 @@ PRESETS: dict[str, Preset] = {
         Preset("melt-tiny", "melt", _TINY, "tiny MELT for CPU tests"),
         Preset("ouro-mid", "ouro", _MID, "mid-size Ouro for CPU decode benchmarks"),
         Preset("melt-mid", "melt", _MID, "mid-size MELT for CPU decode benchmarks"),
+        Preset("huginn-3.5b", "huginn", _HUGINN_3_5B, "Huginn-0125 (tomg-group-umd/huginn-0125), recurrent depth"),
+        Preset("huginn-tiny", "huginn", _HUGINN_TINY, "tiny Huginn for CPU tests"),
     ]
 }
 ALIASES = {"tiny": "ouro-tiny"}
@@ -74,6 +90,11 @@ def get_preset(name: str) -> Preset:
     if key not in PRESETS:
         raise UnknownPresetError(f"unknown model {name!r}; known: {', '.join(PRESETS)}")
     return PRESETS[key]
+
+
+def is_huginn(name: str) -> bool:
+    """Whether the preset called `name` is a Huginn (recurrent-depth) model: its own KV policies."""
+    return get_preset(name).family == "huginn"
 
 
 def is_melt(name: str) -> bool:

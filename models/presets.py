@@ -9,14 +9,15 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedConfig
 
+from .huginn import HuginnForCausalLM
 from .looped import LoopedForCausalLM
 from .melt import MeltForCausalLM
 from .ouro import OuroForCausalLM
 from .preset_table import ALIASES, PRESETS, Preset, UnknownPresetError, get_preset  # noqa: F401  (re-exported)
 
 
-def model_class(family: str) -> type[LoopedForCausalLM]:
-    return MeltForCausalLM if family == "melt" else OuroForCausalLM
+def model_class(family: str) -> type[LoopedForCausalLM | HuginnForCausalLM]:
+    return {"melt": MeltForCausalLM, "huginn": HuginnForCausalLM}.get(family, OuroForCausalLM)
 
 
 def count_parameters(preset: Preset) -> int:
@@ -44,13 +45,16 @@ def load_model(
     kv_policy: str | None = None,
     decode_reads: str | None = None,
     kv_quant: str | None = None,
-) -> LoopedForCausalLM:
+) -> LoopedForCausalLM | HuginnForCausalLM:
     """The preset's model: random weights, or `weights` (a local directory or hub id) loaded with
     `from_pretrained`. A MELT preset given Ouro weights is built with `MeltForCausalLM.from_ouro`.
-    `kv_policy` runs an Ouro-family model under a training-free KV policy (kv_policy.py);
+    `kv_policy` runs an Ouro-family model under a training-free KV policy (kv_policy.py), a
+    Huginn model under one of its cache lookup strategies (huginn_kv.py);
     `decode_reads` sets what a MELT model's decoded tokens read ("final" or "chunk"); `kv_quant`
     ("int8" / "int4") packs cached rows (packed_cache.py)."""
     model = _load(name, weights, dtype, device)
+    if isinstance(model, HuginnForCausalLM) and (decode_reads is not None or kv_quant is not None):
+        raise ValueError(f"{name}: decode_reads and kv_quant apply to Ouro-family models, not Huginn's")
     if kv_policy is not None:
         model.use_kv_policy(kv_policy)
     if decode_reads is not None:
@@ -72,6 +76,6 @@ def _load(name: str, weights: str | Path | None, dtype: torch.dtype, device: str
     if preset.family == "melt" and model_type == "ouro":
         ouro = OuroForCausalLM.from_pretrained(str(weights), dtype=dtype).to(device)
         return MeltForCausalLM.from_ouro(ouro).eval()
-    if model_type != preset.family:
-        raise ValueError(f"{weights} holds a {model_type!r} model, not {preset.family!r}")
+    if model_type != cls.config_class.model_type:
+        raise ValueError(f"{weights} holds a {model_type!r} model, not {cls.config_class.model_type!r}")
     return cls.from_pretrained(str(weights), dtype=dtype).to(device).eval()

@@ -140,3 +140,52 @@ def test_huginn_policies_count_their_slots_as_the_official_formulas():
 def test_a_cache_laid_out_for_other_steps_is_refused(model):
     with pytest.raises(ValueError, match="laid out for 3 steps"):
         model(torch.zeros(1, 2, dtype=torch.long), num_steps=4, past_key_values=model.new_cache(3))
+
+
+@pytest.mark.parametrize("strategy,steps", [(None, 1), ("compress-s4", 64), ("per-loop", 8)])
+def test_memory_points_hold_the_predicted_bytes_exactly(strategy, steps):
+    """melt-bench memory on huginn-tiny: the cache it filled (a prompt, then decoded tokens)
+    holds exactly the analytic bytes, and the weights the analytic weight bytes; Ouro's
+    per-loop runs as Huginn's full."""
+    from melt_bench.models.huginn_kv import parse_huginn_kv_policy
+    from melt_bench.scenarios.measure_memory import measure_memory_point
+    from melt_bench.scenarios.memory import MemoryPoint
+
+    point = MemoryPoint(command="memory", model="huginn-tiny", loops=steps, seq_len=12, batch_size=2, phase="decode",
+                        new_tokens=3, dtype="float32", device="cpu", kv_policy=strategy)
+    row = measure_memory_point(point)
+    m = row["metrics"]
+    assert row["status"] == "ok", row["error"]
+    name = {None: "full", "per-loop": "full"}.get(strategy, strategy)
+    assert m["kv_policy"] == name
+    slots = parse_huginn_kv_policy(name).num_slots(steps)
+    assert m["kv_cache_bytes"] == m["kv_cache_bytes_predicted"] == slots * 2 * 2 * 4 * 16 * 4 * 15
+    assert m["weights_bytes"] == m["predicted_weights_bytes"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--models", "ouro-tiny", "--kv-policy", "compress-s4"], "applies to Huginn models only"),
+    (["--models", "huginn-tiny", "--kv-policy", "mean"], "no Huginn counterpart"),
+    (["--models", "huginn-tiny", "--kv-policy", "compress-q4"], "compress-q4"),
+    (["--models", "huginn-tiny", "--kv-quant", "int8"], "Ouro-family"),
+])
+def test_kv_flags_that_do_not_fit_the_family_are_one_line_errors(args, needle, capsys, tmp_path):
+    from conftest import one_line_error
+
+    assert needle in one_line_error(["memory", *args, "--loops", "2", "--seq-lens", "8", "--out",
+                                     str(tmp_path / "r.jsonl")], capsys)
+
+
+def test_models_lists_the_huginn_presets_with_their_cache_bytes(capsys):
+    import json
+
+    from melt_bench.cli import main
+
+    assert main(["models", "--json"]) == 0
+    cards = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
+    big = cards["huginn-3.5b"]
+    # 2 + 4 x 32 + 2 rows of 55 heads x 96, K and V, bf16 (the spec's 2.79 MB per token)
+    assert big["kv_bytes_per_token_at_loops"] == 132 * 2 * 55 * 96 * 2 and big["loops"] == 32
+    assert big["kv_bytes_per_token_per_loop"] == 4 * 2 * 55 * 96 * 2
+    assert big["kv_bytes_per_token_by_policy"]["compress-s4"] == 8 * 2 * 55 * 96 * 2
+    assert 3.56e9 < big["parameters"] < 3.57e9  # 3,564,976,800: the official shapes, tied embeddings

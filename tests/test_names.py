@@ -16,6 +16,11 @@ def test_every_kv_policy_name_has_its_class_and_no_class_lacks_a_name():
         name = names.parse_kv_policy(spec.replace(":N", ":2").replace(":S", ":3"))
         assert kv_policy.is_training_free(name), name
     assert not kv_policy.is_training_free("shared-gated")
+    from melt_bench.models.huginn_kv import parse_huginn_kv_policy
+
+    for spec in names.HUGINN_KV_POLICIES:  # Huginn's, as its code names them
+        spec = spec.replace("N", "3")
+        assert names.parse_kv_policy(spec) == spec == parse_huginn_kv_policy(spec).name
 
 
 @pytest.mark.parametrize("spec", ["first-then-shared:1", "modulo:0", "modulo:x", "nope"])
@@ -27,5 +32,8 @@ def test_bad_kv_policy_specs_are_refused_by_the_grammar(spec):
 def test_gates_dtypes_and_presets_resolve_to_real_objects():
     assert set(melt_gates.GATE_CLASSES) == set(names.GATES)
     assert {parse_dtype(name) for name in names.DTYPES} == {torch.float32, torch.bfloat16, torch.float16}
+    from melt_bench.models.presets import model_class
+
     for preset in PRESETS.values():
-        assert preset.config().model_type == preset.family
+        assert preset.config().model_type == model_class(preset.family).config_class.model_type
+        assert preset.family in preset.config().model_type  # ouro, melt, huginn(_raven)

@@ -61,13 +61,15 @@ def models(
     )
     for family, title in (("ouro", "training-free KV policies (--kv-policy) and KV quantisation (--kv-quant) on "
                                      "Ouro-family presets"),
-                          ("melt", "MELT's own cache and KV quantisation (--kv-quant)")):
+                          ("melt", "MELT's own cache and KV quantisation (--kv-quant)"),
+                          ("huginn", "Huginn's cache lookup strategies (--kv-policy) on Huginn presets, loops = "
+                                     "recurrence steps")):
         members = [c for c in cards if c.family == family]
-        policies = Table(title=f"{title}: KV bytes per token at the trained loop count, {dtype}; packed caches "
-                               f"(flashloop, int8, int4) over a {STATED_TOKENS:,}-token prompt (their newest rows are "
-                               "full precision, so the figure depends on the length); int8 / int4 keep KIVI's "
-                               "full-precision rows (the T mod 64 newest keys, the 64 newest values), "
-                               ":flashloop-tail FlashLoop's (the newest 64-127 of both)")
+        packed = "" if family == "huginn" else (
+            f"; packed caches (flashloop, int8, int4) over a {STATED_TOKENS:,}-token prompt (their newest rows are "
+            "full precision, so the figure depends on the length); int8 / int4 keep KIVI's full-precision rows (the "
+            "T mod 64 newest keys, the 64 newest values), :flashloop-tail FlashLoop's (the newest 64-127 of both)")
+        policies = Table(title=f"{title}: KV bytes per token at the trained loop count, {dtype}{packed}")
         policies.add_column("KV policy")
         for c in members:
             policies.add_column(f"{c.name} ({c.loops} loops)", justify="right")

@@ -16,7 +16,7 @@ def batcher_problem(lm) -> str | None:
     """Why `lm` (a LoopedHFLM) generates through generate() instead, or None."""
     if lm.exit_mode != "last":
         return f"exit mode {lm.exit_mode}: the decode engine runs every loop and reads the last"
-    if lm.model.config.kv_quant is not None or lm.model.model.policy.name == "flashloop":
+    if lm.model.config.kv_quant is not None or lm.model.kv_policy.name == "flashloop":
         return "a packed KV cache: the decode engine reads the cache's raw rows"
     if isinstance(lm.think_end_token, int):
         return "a thinking-token id: HFLM's own post-processing"

@@ -89,7 +89,7 @@ class LoopedHFLM(HFLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         self.loglikelihood_requests += len(requests)
         if self.score_continuation_as == "chunk":
-            policy = self.model.model.policy
+            policy = self.model.kv_policy
             problem = chunk_scoring_problem(policy.name if policy.training_free else None, self.loops,
                                             self.model.config.kv_quant)
             if problem:
@@ -138,7 +138,7 @@ def decoding_chunk_starts(model, context: int, length: int, loops: int) -> list[
     generation prefills it in (MELT: chunk_size; Ouro-family: one), then one chunk per token.
     MELT continuing the chunk grid, and an Ouro-family policy that keeps every loop's rows at
     `loops` loops (per-loop), compute that in one forward (None)."""
-    policy = model.model.policy
+    policy = model.kv_policy
     exact = not policy.alters_rows(loops) and quant_bits(model.config.kv_quant) is None
     if policy.open_chunk is not None or (policy.chunk_size is None and exact):
         return None

@@ -38,6 +38,12 @@ class ModelCard:
 LISTED_POLICIES = ("per-loop", "last-loop", "mean", "first-loop", "modulo:2", "first-then-shared:2", "flashloop",
                    "per-loop + int8", "per-loop + int4", "per-loop + int4:flashloop-tail", "last-loop + int4")
 MELT_LISTED = ("", " + int8", " + int4")
+HUGINN_LISTED = ("full", "compress-s4", "compress-s8", "compress-r4", "compress-r8", "compress-anchor", "latest-m4")
+
+
+def trained_loops(config) -> int:
+    """The loop count a preset was trained for: Ouro's total_ut_steps, Huginn's mean_recurrence."""
+    return getattr(config, "total_ut_steps", None) or config.mean_recurrence
 
 
 def policy_kv_bytes(config, loops: int, dtype: torch.dtype) -> dict[str, int]:
@@ -47,6 +53,8 @@ def policy_kv_bytes(config, loops: int, dtype: torch.dtype) -> dict[str, int]:
         quant = listed.partition(" + ")[2] or None
         return kv_bytes_per_token(config, loops, dtype, policy, kv_quant=quant)
 
+    if hasattr(config, "mean_recurrence"):  # Huginn: its own cache lookup strategies
+        return {listed: bytes_of("", listed) for listed in HUGINN_LISTED}
     if not kv_policy_for(config).training_free:  # MELT: its own gated policy only, quantised or not
         return {f"{config.kv_policy}{quant}": bytes_of(quant, None) for quant in MELT_LISTED}
     return {listed: bytes_of(listed, listed.partition(" + ")[0]) for listed in LISTED_POLICIES}
@@ -56,7 +64,7 @@ def preset_cards(dtype: torch.dtype = torch.bfloat16) -> list[ModelCard]:
     cards = []
     for preset in PRESETS.values():
         config = preset.config()
-        loops = config.total_ut_steps
+        loops = trained_loops(config)
         cards.append(
             ModelCard(
                 name=preset.name, family=preset.family, description=preset.description,

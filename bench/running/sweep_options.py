@@ -7,8 +7,17 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from melt_bench.models.names import DECODE_READS, KV_QUANT, MAX_LOOPS, UnknownKVPolicyError, parse_kv_policy
-from melt_bench.models.preset_table import UnknownPresetError, get_preset, is_melt
+from melt_bench.models.names import (
+    DECODE_READS,
+    HUGINN_FROM_OURO,
+    HUGINN_KV_POLICIES,
+    KV_QUANT,
+    MAX_LOOPS,
+    UnknownKVPolicyError,
+    is_huginn_kv_policy,
+    parse_kv_policy,
+)
+from melt_bench.models.preset_table import UnknownPresetError, get_preset, is_huginn, is_melt
 from melt_bench.running import hub
 from melt_bench.running.ranges import RangeError
 from melt_bench.running.suite_loader import SuiteError, load_suite
@@ -266,6 +275,14 @@ def resolve_kv_policies(value: object, models: list[str]) -> list[str | None]:
     if all(is_melt(model) for model in models):
         raise OptionError(f"--kv-policy {value}: {', '.join(models)} keep MELT's own gated policy; training-free "
                           "KV policies apply to Ouro-family models")
+    huginn = [model for model in models if is_huginn(model)]
+    for name in names:
+        if is_huginn_kv_policy(name) and len(huginn) < len(models):
+            raise OptionError(f"--kv-policy {name} is a Huginn cache lookup strategy: it applies to Huginn models "
+                              f"only, not {', '.join(m for m in models if m not in huginn)}")
+        if huginn and not is_huginn_kv_policy(name) and name not in HUGINN_FROM_OURO:
+            raise OptionError(f"--kv-policy {name} has no Huginn counterpart ({', '.join(huginn)}): use "
+                              f"{', '.join(HUGINN_KV_POLICIES)}, per-loop or last-loop")
     return list(dict.fromkeys(names))
 
 
@@ -296,6 +313,9 @@ def check_packed_caches(points: list, command: str) -> None:
     from melt_bench.models.packed_cache import check_kv_quant
 
     for point in points:
+        if point.kv_quant is not None and is_huginn(point.model):
+            raise OptionError(f"--kv-quant {point.kv_quant}: packed caches are built for Ouro-family models, not "
+                              f"{point.model}")
         policy = point.kv_policy or ("shared-gated" if is_melt(point.model) else "per-loop")
         try:
             check_kv_quant(point.kv_quant, policy, point.decode_reads)

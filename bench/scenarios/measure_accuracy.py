@@ -122,7 +122,7 @@ def measured_kv_bytes_per_token(model, loops: int, tokens: int = KV_PROBE_TOKENS
 def measured_side_buffer_bytes(model, loops: int) -> int:
     """Bytes of the open-chunk side buffer one sequence holds at `loops` loops, at full size (a
     cache of one chunk's capacity, allocated; 0 where decoded tokens read final rows)."""
-    chunk = model.model.policy.open_chunk
+    chunk = model.kv_policy.open_chunk
     return 0 if chunk is None else model.new_cache(loops, capacity=chunk, batch_size=1).side_nbytes()
 
 

@@ -43,7 +43,7 @@ def prefill_chunking(model, point: MemoryPoint | LatencyPoint) -> tuple[list[int
     shares rows across loops (last-loop, mean, modulo:N below the loops, MELT) the prompt itself
     is then processed under the sharing, not only the decoded tokens (the Ouro paper's KV-sharing
     study shares at decode, after a whole prefill): `prompt_kv_shared` is True there."""
-    policy = model.model.policy
+    policy = model.kv_policy
     own = policy.chunk_size
     if own is not None:
         starts, tokens = None, min(own, point.seq_len)
@@ -59,7 +59,7 @@ def kv_metrics(model) -> dict:
     """How the point's keys/values were kept: the KV policy it ran under, the KV quantisation and
     which rows it keeps at full precision, and, for MELT, its chunk size and what decoded tokens
     read (decode_reads)."""
-    metrics = {"kv_policy": model.model.policy.name, "kv_quant": model.config.kv_quant or "none"}
+    metrics = {"kv_policy": model.kv_policy.name, "kv_quant": model.config.kv_quant or "none"}
     if (tail := quant_tail(model.config.kv_quant)) is not None:
         metrics["kv_quant_rule"] = f"{tail}: {QUANT_TAIL_RULES[tail]}"
     if hasattr(model.config, "decode_reads"):
