@@ -89,6 +89,8 @@ def decode_bytes_per_token(
     """Bytes one decode step (a new token for each of `batch` sequences, each attending `context`
     rows) must read: weights once per loop, the lm head once, the KV rows attended. `loops` may
     be a mean (early stopping)."""
+    if isinstance(config, HuginnConfig):
+        return huginn_cost.decode_bytes_per_token(config, loops, batch, context, dtype)
     size = _itemsize(dtype)
     layers = config.num_hidden_layers
     weights = loops * (layers * layer_weight_elements(config) + loop_tail_elements(config))
@@ -120,12 +122,16 @@ def _loop_flops(config: OuroConfig, loops: float, tokens: float, pairs: float) -
 
 def prefill_flops(config: OuroConfig, loops: int, batch: int, seq_len: int) -> float:
     """FLOPs of a prefill of `seq_len` tokens per sequence (lm head for the last position only)."""
+    if isinstance(config, HuginnConfig):
+        return huginn_cost.prefill_flops(config, loops, batch, seq_len)
     pairs = seq_len * (seq_len + 1) / 2
     return batch * (_loop_flops(config, loops, seq_len, pairs) + 2 * config.hidden_size * config.vocab_size)
 
 
 def decode_flops_per_token(config: OuroConfig, loops: float, batch: int, context: float) -> float:
     """FLOPs of one decode step: a token per sequence, each attending `context` rows."""
+    if isinstance(config, HuginnConfig):
+        return huginn_cost.decode_flops_per_token(config, loops, batch, context)
     return batch * (_loop_flops(config, loops, 1, context) + 2 * config.hidden_size * config.vocab_size)
 
 

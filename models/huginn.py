@@ -116,6 +116,7 @@ class SandwichBlock(nn.Module):
 class HuginnOutput(CausalLMOutputWithPast):
     latent_states: torch.Tensor | None = None  # ln_f of the last recurrent state, as the official output's
     loops_run: int | None = None  # recurrence steps run
+    exit_steps: torch.Tensor | None = None  # (no per-token exit: every token runs every step)
 
 
 class HuginnForCausalLM(PreTrainedModel, GenerationMixin):

@@ -49,3 +49,38 @@ def activation_peak_bytes(config: HuginnConfig, batch: int, chunk_tokens: int, d
     e, i, item = config.n_embd, config.intermediate_size, _itemsize(dtype)
     per_token = (9 * e + 3 * i) * item + 2 * e * 4
     return batch * (chunk_tokens * per_token + config.vocab_size * (item + 4))
+
+
+def _layer_calls(config: HuginnConfig, steps: float) -> float:
+    """Sandwich blocks one token passes through: prelude, the core at every step, coda."""
+    return config.n_layers_in_prelude + config.n_layers_in_coda + config.n_layers_in_recurrent_block * steps
+
+
+def decode_bytes_per_token(config: HuginnConfig, steps: float, batch: int, context: float,
+                           dtype: torch.dtype) -> float:
+    """Bytes one decode step (a token per sequence, each attending `context` rows) must read:
+    prelude and coda weights once, the core's and the adapter's once per step, the lm head, the
+    embeddings, and `context` K/V rows at every block call."""
+    e, item = config.n_embd, _itemsize(dtype)
+    fixed = (config.n_layers_in_prelude + config.n_layers_in_coda) * block_elements(config) + e  # ln_f
+    per_step = config.n_layers_in_recurrent_block * block_elements(config) + 2 * e * e
+    weights = fixed + steps * per_step + config.vocab_size * e + batch * e
+    kv = batch * _layer_calls(config, steps) * context * 2 * config.n_heads * config.head_dim * item
+    return weights * item + kv
+
+
+def _token_flops(config: HuginnConfig, steps: float, pairs: float, tokens: float) -> float:
+    e, i = config.n_embd, config.intermediate_size
+    block = tokens * 2 * (4 * e * e + 3 * e * i) + 2 * 2 * e * pairs  # matmuls; QK^T and PV
+    return _layer_calls(config, steps) * block + steps * tokens * 2 * 2 * e * e  # + the adapter
+
+
+def prefill_flops(config: HuginnConfig, steps: int, batch: int, seq_len: int) -> float:
+    """FLOPs of a prefill of `seq_len` tokens per sequence (lm head for the last position only)."""
+    pairs = seq_len * (seq_len + 1) / 2
+    return batch * (_token_flops(config, steps, pairs, seq_len) + 2 * config.n_embd * config.vocab_size)
+
+
+def decode_flops_per_token(config: HuginnConfig, steps: float, batch: int, context: float) -> float:
+    """FLOPs of one decode step: a token per sequence, each attending `context` rows."""
+    return batch * (_token_flops(config, steps, context, 1) + 2 * config.n_embd * config.vocab_size)

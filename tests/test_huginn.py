@@ -189,3 +189,51 @@ def test_models_lists_the_huginn_presets_with_their_cache_bytes(capsys):
     assert big["kv_bytes_per_token_per_loop"] == 4 * 2 * 55 * 96 * 2
     assert big["kv_bytes_per_token_by_policy"]["compress-s4"] == 8 * 2 * 55 * 96 * 2
     assert 3.56e9 < big["parameters"] < 3.57e9  # 3,564,976,800: the official shapes, tied embeddings
+
+
+def test_latency_forward_engine_times_huginn_with_its_roofline():
+    """melt-bench latency --engine forward on huginn-tiny (static cache): timed prefill and decode,
+    the bytes per token from Huginn's own formulas, which grow with the recurrence steps."""
+    from melt_bench.models import cost_model, load_model
+    from melt_bench.scenarios.latency import LatencyPoint
+    from melt_bench.scenarios.measure_latency import measure_latency_point
+
+    rows = {}
+    for steps in (1, 4):
+        point = LatencyPoint(command="latency", model="huginn-tiny", loops=steps, seq_len=8, batch_size=1,
+                             phase="decode", new_tokens=3, dtype="float32", device="cpu", engine="forward",
+                             static_cache=True, timed_runs=1)
+        row = measure_latency_point(point)
+        assert row["status"] == "ok", row["error"]
+        rows[steps] = row["metrics"]
+    assert all(m["decode_ms_per_token_mean"] > 0 and m["prefill_ms"] > 0 for m in rows.values())
+    config = load_model("huginn-tiny").config
+    # three more core steps read the core's weights and the adapter three more times
+    step_bytes = 4 * (4 * 64 * 64 + 3 * 64 * 176 + 4 * 64 + 2 * 64) + 2 * 64 * 64
+    assert cost_model.decode_bytes_per_token(config, 4, 1, 0, torch.float32) - \
+        cost_model.decode_bytes_per_token(config, 1, 1, 0, torch.float32) == 3 * step_bytes * 4
+    assert rows[4]["decode_bytes_per_token"] > rows[1]["decode_bytes_per_token"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["latency", "--engine", "compiled"], "--engine compiled on huginn-tiny"),
+    (["capacity", "--budget", "10MiB"], "capacity on huginn-tiny"),
+])
+def test_commands_huginn_cannot_run_yet_are_one_line_errors(argv, needle, capsys, tmp_path):
+    from conftest import one_line_error
+
+    args = [*argv, "--models", "huginn-tiny", "--loops", "2", "--seq-lens", "8", "--out", str(tmp_path / "r.jsonl")]
+    assert needle in one_line_error(args, capsys)
+
+
+def test_the_huginn_suite_sweeps_steps_1_to_64_under_every_strategy(capsys, tmp_path):
+    """suites/huginn.yaml passes the command line's checks (--dry-run: nothing runs): 7 step
+    counts under 4 lookup strategies, 2 repeats."""
+    from melt_bench.cli import main
+    from melt_bench.running.suite_loader import load_suite
+
+    suite = load_suite("huginn")
+    assert suite["models"] == ["huginn-tiny"] and suite["loops"] == "1,2,4,8,16,32,64"
+    assert main(["memory", "--suite", "huginn", "--dry-run", "--out", str(tmp_path / "r.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "56 points" in out and all(name in out for name in ("full", "compress-s4", "compress-r4", "compress-anchor"))

@@ -127,11 +127,12 @@ def check_suite(suite: str | None) -> None:
 
 def checked_points(resolved, options) -> list:
     """The sweep's points as its command's (`options`: scenarios/memory.MemoryOptions, ...), once
-    what a packed cache cannot run is refused (sweep_options)."""
-    from melt_bench.running.sweep_options import OptionError, check_packed_caches
+    what a packed cache cannot run, and what a model family does not have, are refused (sweep_options)."""
+    from melt_bench.running.sweep_options import OptionError, check_family_support, check_packed_caches
 
     points = resolved.spec.points(options)
     try:
+        check_family_support(points, resolved.spec.command)
         check_packed_caches(points, resolved.spec.command)
     except OptionError as exc:
         raise UserError(str(exc)) from exc

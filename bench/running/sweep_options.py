@@ -305,6 +305,21 @@ def resolve_kv_quants(value: object) -> list[str | None]:
     return list(dict.fromkeys(None if mode == "none" else mode for mode in _choices(value, "--kv-quant", KV_QUANT)))
 
 
+def check_family_support(points: list, command: str) -> None:
+    """Refuse, before anything runs, what a Huginn model cannot run yet: the static-shape decode
+    engines (eager, compiled: built over the Ouro-family layer stack), and so capacity and serve,
+    which decode through them; accuracy (its lm-eval adapter is not yet checked on Huginn)."""
+    for point in points:
+        if not is_huginn(point.model):
+            continue
+        if command in ("capacity", "serve", "accuracy"):
+            raise OptionError(f"{command} on {point.model}: not built for Huginn models yet; Huginn runs memory and "
+                              "latency --engine forward")
+        if getattr(point, "engine", "forward") != "forward":
+            raise OptionError(f"--engine {point.engine} on {point.model}: the static-shape decode engines are built "
+                              "for Ouro-family models; run Huginn with --engine forward")
+
+
 def check_packed_caches(points: list, command: str) -> None:
     """Refuse, before anything runs, the points a packed cache (--kv-quant, --kv-policy
     flashloop) cannot run: what FlashLoop 0.1.0 does not define (more than 4 loops, more than one
