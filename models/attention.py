@@ -109,7 +109,9 @@ class Attention(nn.Module):
         bsz, q_len, _ = x.shape
         kv_in = x if self.kv_gate is None else self.kv_gate(x, kv_state, loop)
         # The fused weight is not the parameters: with gradients, each projection on its own.
-        if self.fused is not None and not torch.is_grad_enabled() and self.fused.current():
+        if self.fused is not None and not self.fused.current():
+            self.fused = None  # stale (the weights have new storage): let its old tensor go
+        if self.fused is not None and not torch.is_grad_enabled():
             q, k, v = self.fused(x) if self.kv_gate is None else (self.q_proj(x), *self.fused(kv_in))
         else:
             q, k, v = self.q_proj(x), self.k_proj(kv_in), self.v_proj(kv_in)

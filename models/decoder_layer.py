@@ -41,7 +41,9 @@ class MLP(nn.Module):
         return [self.gate_proj, self.up_proj]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused is not None and not torch.is_grad_enabled() and self.fused.current():
+        if self.fused is not None and not self.fused.current():
+            self.fused = None  # stale (the weights have new storage): let its old tensor go
+        if self.fused is not None and not torch.is_grad_enabled():
             gate, up = self.fused(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)

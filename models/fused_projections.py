@@ -4,9 +4,12 @@ MELT, whose keys and values come from its gated state), and the MLP's gate and u
 At batch 1 each projection is a GEMV whose speed on a CPU grows with the matrix: one thread,
 fp32, MKL, 512 x 512 at 12 GB/s, 1,536 x 512 at 19 (docs/cpu-decode-profile.md). Fusing keeps
 every parameter as it is to its users (same shape, values, state-dict key, requires_grad): the
-weights become row blocks (views) of one fused tensor, so no byte is added. Anything that gives
-a weight new storage (`.to()`, a deepcopy, loading a state dict) leaves the fusion stale, and
-`FusedLinear.current()` says so: the module then runs its projections one by one."""
+weights become row blocks (views) of one fused tensor, so no byte is added. Loading a state dict
+copies into the views, so the fusion stays current. Anything that gives a weight new storage
+(`.to()`, a deepcopy, `load_state_dict(assign=True)`) leaves it stale, and `FusedLinear.current()`
+says so: the module then drops it and runs its projections one by one. (A Linear replaced by
+another module, e.g. an adapter, is not noticed: fuse after such surgery.) Any no-grad forward
+uses it, not only the decode step's."""
 
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ def fuse_linears(linears: list[nn.Linear], in_out_contiguous: bool) -> FusedLine
     """Bias-free Linears of one input as one (sum of outputs, in) weight; `in_out_contiguous`
     stores it as the transpose of a contiguous (in, sum of outputs) tensor (MKL's fast fp32
     GEMV), each weight then a column block of that with strides (1, sum of outputs)."""
+    if any(linear.bias is not None for linear in linears):
+        raise ValueError("fuse_linears fuses bias-free projections only")
     with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, whatever mode the caller is in
         weights = [linear.weight.data for linear in linears]
         fused = torch.cat([w.t() for w in weights], 1).contiguous().t() if in_out_contiguous else torch.cat(weights)

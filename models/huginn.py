@@ -32,7 +32,7 @@ from .looped import _CACHE_FIELD
 from .names import MAX_LOOPS
 
 
-def rope_table(head_dim: int, positions: int, theta: float) -> torch.Tensor:
+def freqs_cis_table(head_dim: int, positions: int, theta: float) -> torch.Tensor:
     """cos and sin of every position and frequency, (1, positions, 1, head_dim / 2, 2) in float32:
     the official `freqs_cis` buffer."""
     inv_freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -139,7 +139,7 @@ class HuginnForCausalLM(PreTrainedModel, GenerationMixin):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Persistent, as the official buffer: released checkpoints carry it.
-        self.register_buffer("freqs_cis", rope_table(config.head_dim, config.block_size, config.rope_base))
+        self.register_buffer("freqs_cis", freqs_cis_table(config.head_dim, config.block_size, config.rope_base))
         self.policy: HuginnKVPolicy = self._policy(config.kv_policy)
         self.post_init()
 
@@ -235,6 +235,9 @@ class HuginnForCausalLM(PreTrainedModel, GenerationMixin):
         `past_key_values` under the name transformers' generate() passes from 5.24 on."""
         if cache is not None:
             past_key_values = cache
+        exits = {k: v for k, v in kwargs.items() if k.startswith(("early_stop", "exit_")) and v is not None}
+        if exits:
+            raise ValueError(f"{', '.join(exits)}: Huginn's adaptive exit is not built; it runs every step")
         if chunk_starts is not None and len(chunk_starts) > 1:
             return self._forward_in_pieces(input_ids, list(chunk_starts), past_key_values, num_steps or loops,
                                            input_states, init_scale, generator, logits_to_keep, attention_mask)
@@ -243,12 +246,20 @@ class HuginnForCausalLM(PreTrainedModel, GenerationMixin):
         steps_no_grad, steps_grad = self._steps(num_steps)
         steps = steps_no_grad + steps_grad
         cache = past_key_values
+        if cache is not None and not isinstance(cache, LoopedKVCache):
+            # generate() hands us an empty DynamicCache; ours replaces it (never a filled one)
+            if cache.get_seq_length() > 0:
+                raise ValueError("past_key_values must be a LoopedKVCache (see model.new_cache())")
+            cache = self.new_cache(steps)
         if isinstance(cache, LoopedKVCache) and cache.num_slots != self.policy.num_slots(steps):
             raise ValueError(f"cache was laid out for {cache.loops} steps, forward asked for {steps}")
         start = cache.seq_len if cache is not None else 0
         seq = input_ids.shape[1]
         positions = position_ids.reshape(-1)[-seq:] if position_ids is not None else \
             torch.arange(start, start + seq, device=input_ids.device)
+        if start + seq > self.config.block_size:
+            raise ValueError(f"positions up to {start + seq} are past the {self.config.block_size}-position RoPE "
+                             "table (block_size)")
         freqs = self.freqs_cis[:, positions]
         key_padding = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
         prelude, core, coda = self.transformer.prelude, self.transformer.core_block, self.transformer.coda
@@ -279,15 +290,18 @@ class HuginnForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("a padded batch is prefilled in one piece")
         cache = cache if cache is not None else self.new_cache(num_steps)
-        pieces = []
-        for a, b in zip(starts, [*starts[1:], seq]):
+        if not 0 < logits_to_keep <= seq - starts[-1]:
+            raise ValueError("a prompt in pieces returns logits of its last piece only: pass logits_to_keep "
+                             f"within its {seq - starts[-1]} tokens")
+        pieces, bounds = [], list(zip(starts, [*starts[1:], seq]))
+        for n, (a, b) in enumerate(bounds):
             state = input_states[:, a:b] if input_states is not None else None
+            keep = logits_to_keep if n == len(bounds) - 1 else 1  # earlier pieces: no vocabulary-wide logits
             pieces.append(self(input_ids[:, a:b], past_key_values=cache, num_steps=num_steps, input_states=state,
-                               init_scale=init_scale, generator=generator))
-        logits = torch.cat([p.logits for p in pieces], dim=1)[:, -logits_to_keep:]
+                               init_scale=init_scale, generator=generator, logits_to_keep=keep))
         latent = torch.cat([p.latent_states for p in pieces], dim=1)
-        steps = pieces[-1].loops_run
-        return HuginnOutput(logits=logits, latent_states=latent, loops_run=steps, **{_CACHE_FIELD: cache})
+        return HuginnOutput(logits=pieces[-1].logits, latent_states=latent, loops_run=pieces[-1].loops_run,
+                            **{_CACHE_FIELD: cache})
 
     @staticmethod
     def _steps(num_steps) -> tuple[int, int]:

@@ -25,7 +25,12 @@ from .flashloop import FlashLoopCache, flashloop_bytes
 from .huginn_config import HuginnConfig
 from .kivi_cache import kivi_slot_bytes
 from .melt_gates import GATE_CLASSES
-from .names import TRAINING_FREE_POLICIES, UnknownKVPolicyError, parse_kv_policy  # noqa: F401  (re-exported)
+from .names import (  # noqa: F401  (re-exported)
+    TRAINING_FREE_POLICIES,
+    UnknownKVPolicyError,
+    is_huginn_kv_policy,
+    parse_kv_policy,
+)
 from .packed_cache import TailRule, commits_for, layout_after, quant_bits, quant_tail, quantized_slot_bytes
 
 Row = tuple[torch.Tensor, torch.Tensor]  # one layer's keys and values for the tokens being processed
@@ -286,8 +291,17 @@ _WITH_SLOTS = {"modulo": ModuloKVPolicy, "first-then-shared": FirstThenSharedKVP
 
 def is_training_free(name: str) -> bool:
     """Whether the policy `name` runs on Ouro weights unchanged (False for MELT's trained gate)."""
-    name = parse_kv_policy(name)
+    name = _ouro_family_policy(name)
     return (_PLAIN.get(name) or _WITH_SLOTS[name.partition(":")[0]]).training_free
+
+
+def _ouro_family_policy(name: str) -> str:
+    """parse_kv_policy's name, refusing (one line) Huginn's strategies, which it also accepts."""
+    name = parse_kv_policy(name)
+    if is_huginn_kv_policy(name):
+        raise UnknownKVPolicyError(f"KV policy {name!r} is a Huginn cache lookup strategy; Ouro-family models take "
+                                   f"{', '.join(TRAINING_FREE_POLICIES)}")
+    return name
 
 
 def policy_alters_rows(name: str, loops: int) -> bool:
@@ -307,7 +321,7 @@ _ONE_LAYER = _OneLayer()
 def kv_policy_for(config: OuroConfig, name: str | None = None) -> KVPolicy:
     """The KV policy `name` asks for, else the config's (`config.kv_policy`, a class default or
     set per model), laid out for the config's layers."""
-    name = parse_kv_policy(name or config.kv_policy)
+    name = _ouro_family_policy(name or config.kv_policy)
     if name in _PLAIN:
         return _PLAIN[name](config)
     kind, _, count = name.partition(":")

@@ -207,9 +207,19 @@ def test_fused_weights_save_train_and_go_stale_safely(ids, tmp_path):
         doubled.to(torch.float64)
         assert not doubled.model.layers[0].mlp.fused.current()
         assert max_diff([doubled(ids.clone()).logits.float()], [reference]) < 1e-5
+        assert doubled.model.layers[0].mlp.fused is None  # the stale fusion let its tensor go
     model(ids).logits.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.layers[0].self_attn.parameters())
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path)
     assert all(torch.equal(value, loaded.state_dict()[key]) for key, value in model.state_dict().items())
     assert all(getattr(m, "fused", None) is None for m in model.modules())
+    # load_state_dict copies into the views: the fusion stays current and computes the new weights
+    other, fused_again = make_ouro(), make_ouro()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+        DecodeEngine(fused_again, 4, 1, 8, "eager")
+        fused_again.load_state_dict(other.state_dict())
+        assert fused_again.model.layers[0].self_attn.fused.current()
+        assert max_diff([fused_again(ids).logits], [other(ids).logits]) < 1e-5

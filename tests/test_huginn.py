@@ -105,11 +105,38 @@ def test_each_lookup_strategy_equals_the_official_dynamic_cache_to_the_byte(stra
 
 @torch.no_grad()
 def test_compressed_caches_change_what_decoding_reads_and_full_does_not(reference):
-    full = reference["dynamic"]["full"]["logits"]
+    """Ours: a compress strategy's prefill reads every prompt row as computed (the logits of full),
+    its decoded tokens read earlier tokens' last-written rows (not full's)."""
+    model = official_model(reference)
+    _, full = cache_run(model, reference, "full")
     for strategy in ("compress-s4", "compress-r4"):
-        decoded = reference["dynamic"][strategy]["logits"]
-        assert max_diff(decoded[0], full[0]) < TOLERANCE  # a prefill reads every prompt row as it was computed
+        _, decoded = cache_run(model, reference, strategy)
+        assert max_diff(decoded[0], full[0]) < TOLERANCE
         assert max(max_diff(a, b) for a, b in zip(decoded[1:], full[1:])) > 1e-3
+
+
+@torch.no_grad()
+def test_a_prompt_in_pieces_equals_one_prefill_under_full(model, reference):
+    """chunk_starts (memory and latency --prefill-chunk) over a full cache: the same last
+    logits and cache rows as one prefill (a zero initial state, so the pieces' states agree)."""
+    model.use_kv_policy("full")
+    ids, steps = reference["ids"], 3
+    whole, pieces = model.new_cache(steps, 8, 2), model.new_cache(steps, 8, 2)
+    one = model(ids, num_steps=steps, init_scale=0.0, past_key_values=whole, logits_to_keep=1).logits
+    split = model(ids, num_steps=steps, init_scale=0.0, past_key_values=pieces, logits_to_keep=1,
+                  chunk_starts=[0, 3, 5]).logits
+    assert split.shape == one.shape == (2, 1, reference["config"]["vocab_size"]) and max_diff(split, one) < 1e-5
+    assert pieces.seq_len == whole.seq_len == ids.shape[1]
+    assert max(max_diff(a, b) for a, b in zip(pieces.keys, whole.keys)) < 1e-5
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, num_steps=steps, init_scale=0.0, chunk_starts=[0, 3])
+
+
+def test_positions_past_the_rope_table_and_exit_rules_are_refused(model):
+    with pytest.raises(ValueError, match="RoPE table"):
+        model(torch.zeros(1, model.config.block_size + 1, dtype=torch.long), num_steps=1)
+    with pytest.raises(ValueError, match="adaptive exit"):
+        model(torch.zeros(1, 2, dtype=torch.long), num_steps=1, early_stop_threshold=0.5)
 
 
 @torch.no_grad()
@@ -135,6 +162,10 @@ def test_huginn_policies_count_their_slots_as_the_official_formulas():
     assert set(HUGINN_KV_POLICIES) >= {"full", "compress-anchor", "latest-m4"}
     with pytest.raises(UnknownKVPolicyError, match="compress-x2"):
         parse_huginn_kv_policy("compress-x2")
+    from conftest import make_ouro
+
+    with pytest.raises(UnknownKVPolicyError, match="is a Huginn cache lookup strategy"):
+        make_ouro().use_kv_policy("compress-s4")
 
 
 def test_a_cache_laid_out_for_other_steps_is_refused(model):
@@ -142,16 +173,17 @@ def test_a_cache_laid_out_for_other_steps_is_refused(model):
         model(torch.zeros(1, 2, dtype=torch.long), num_steps=4, past_key_values=model.new_cache(3))
 
 
-@pytest.mark.parametrize("strategy,steps", [(None, 1), ("compress-s4", 64), ("per-loop", 8)])
-def test_memory_points_hold_the_predicted_bytes_exactly(strategy, steps):
+@pytest.mark.parametrize("strategy,steps,phase", [(None, 1, "decode"), ("compress-s4", 64, "decode"),
+                                                 ("per-loop", 8, "decode"), ("compress-r4", 4, "generate")])
+def test_memory_points_hold_the_predicted_bytes_exactly(strategy, steps, phase):
     """melt-bench memory on huginn-tiny: the cache it filled (a prompt, then decoded tokens)
     holds exactly the analytic bytes, and the weights the analytic weight bytes; Ouro's
-    per-loop runs as Huginn's full."""
+    per-loop runs as Huginn's full; generate() swaps its empty DynamicCache for ours."""
     from melt_bench.models.huginn_kv import parse_huginn_kv_policy
     from melt_bench.scenarios.measure_memory import measure_memory_point
     from melt_bench.scenarios.memory import MemoryPoint
 
-    point = MemoryPoint(command="memory", model="huginn-tiny", loops=steps, seq_len=12, batch_size=2, phase="decode",
+    point = MemoryPoint(command="memory", model="huginn-tiny", loops=steps, seq_len=12, batch_size=2, phase=phase,
                         new_tokens=3, dtype="float32", device="cpu", kv_policy=strategy)
     row = measure_memory_point(point)
     m = row["metrics"]
@@ -159,7 +191,9 @@ def test_memory_points_hold_the_predicted_bytes_exactly(strategy, steps):
     name = {None: "full", "per-loop": "full"}.get(strategy, strategy)
     assert m["kv_policy"] == name
     slots = parse_huginn_kv_policy(name).num_slots(steps)
-    assert m["kv_cache_bytes"] == m["kv_cache_bytes_predicted"] == slots * 2 * 2 * 4 * 16 * 4 * 15
+    tokens = 12 + 3 - (phase == "generate")  # generate() never feeds its last token back
+    assert m["kv_cache_tokens"] == tokens
+    assert m["kv_cache_bytes"] == m["kv_cache_bytes_predicted"] == slots * 2 * 2 * 4 * 16 * 4 * tokens
     assert m["weights_bytes"] == m["predicted_weights_bytes"]
 
 
@@ -217,12 +251,18 @@ def test_latency_forward_engine_times_huginn_with_its_roofline():
 
 @pytest.mark.parametrize("argv,needle", [
     (["latency", "--engine", "compiled"], "--engine compiled on huginn-tiny"),
+    (["latency", "--engine", "forward", "--early-exit", "threshold:0.9"], "--early-exit on huginn-tiny"),
     (["capacity", "--budget", "10MiB"], "capacity on huginn-tiny"),
+    (["serve", "--concurrency", "2", "--num-requests", "2"], "serve on huginn-tiny"),
+    (["accuracy", "--tasks", "addition"], "accuracy on huginn-tiny"),
+    (["memory", "--seq-lens", "9000"], "RoPE table"),
 ])
 def test_commands_huginn_cannot_run_yet_are_one_line_errors(argv, needle, capsys, tmp_path):
     from conftest import one_line_error
 
-    args = [*argv, "--models", "huginn-tiny", "--loops", "2", "--seq-lens", "8", "--out", str(tmp_path / "r.jsonl")]
+    args = [*argv, "--models", "huginn-tiny", "--loops", "2", "--out", str(tmp_path / "r.jsonl")]
+    if "--seq-lens" not in argv and argv[0] != "accuracy" and argv[0] != "serve":
+        args += ["--seq-lens", "8"]
     assert needle in one_line_error(args, capsys)
 
 

@@ -73,6 +73,7 @@ def serve(
     flags = replace(flags, seq_lens=prompt_lens, batch_sizes="1", phase="decode")  # serve sets the slots itself
     resolved = resolve("serve", flags, suite, run)
     from melt_bench.running.sweep import in_this_process
+    from melt_bench.running.sweep_options import OptionError, check_family_support
     from melt_bench.scenarios import serve as scenario
 
     if options.budget_bytes == -1:  # auto
@@ -82,6 +83,10 @@ def serve(
     if not options.output_lens:  # the machine's default
         options = replace(options, output_lens=(128,) if resolved.spec.device.startswith("cuda") else (32,))
     points = [point for axes in resolved.spec.points() for point in options.points(axes)]
+    try:
+        check_family_support(points, "serve")
+    except OptionError as exc:
+        raise UserError(str(exc)) from exc
     for point in points:
         if point.kv_quant is not None or point.kv_policy == "flashloop":
             raise UserError("serve runs the static-shape decode engine, which reads the cache's raw rows: packed "

@@ -18,6 +18,7 @@ from melt_bench.running.sweep_options import (
     CUDA_DEFAULTS,
     OptionError,
     SweepFlags,
+    check_family_commands,
     check_packed_caches,
     check_weights,
     resolve_decode_reads,
@@ -160,6 +161,7 @@ def resolve_accuracy(flags: AccuracyFlags) -> tuple[list, list[str]]:
     dtype = flags.dtype or defaults["dtype"]
     spec = SweepSpec("accuracy", models, loops, [1], [1], dtype=dtype, device=device)
     validate_spec(spec)
+    check_family_commands(models, "accuracy")
     weights = check_weights(flags.weights)
     spec.kv_policies = resolve_kv_policies(flags.kv_policy, models)
     spec.decode_reads = resolve_decode_reads(flags.decode_reads, models)
