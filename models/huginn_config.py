@@ -91,4 +91,5 @@ class HuginnConfig(PreTrainedConfig):
         kwargs.setdefault("bos_token_id", 65504)
         kwargs.setdefault("eos_token_id", 65505)
         kwargs.setdefault("pad_token_id", 65509)
+        kwargs.pop("tie_word_embeddings", None)  # a saved config carries it too: tie_embeddings decides, as upstream
         super().__init__(tie_word_embeddings=tie_embeddings, **kwargs)

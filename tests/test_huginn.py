@@ -277,3 +277,29 @@ def test_the_huginn_suite_sweeps_steps_1_to_64_under_every_strategy(capsys, tmp_
     assert main(["memory", "--suite", "huginn", "--dry-run", "--out", str(tmp_path / "r.jsonl")]) == 0
     out = capsys.readouterr().out
     assert "56 points" in out and all(name in out for name in ("full", "compress-s4", "compress-r4", "compress-anchor"))
+
+
+@torch.no_grad()
+def test_a_checkpoint_in_the_released_layout_loads_and_gives_the_official_logits(reference, tmp_path):
+    """A directory laid out as tomg-group-umd/huginn-0125 is (its config.json fields, derived
+    ones included; safetensors with both the embedding and the tied lm head, and freqs_cis)
+    loads through load_model(weights=DIR) and gives the official logits; save_pretrained then
+    writes what loads back."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from melt_bench.models import load_model
+
+    config = {**reference["config"], "model_type": "huginn_raven", "architectures": ["RavenForCausalLM"],
+              "auto_map": {"AutoConfig": "raven_config_minimal.RavenConfig"}, "effective_expected_depth": 20,
+              "init_values": {"std": 0.1}, "head_dim": 8, "num_key_value_heads": 2, "padded_vocab_size": 32,
+              "torch_dtype": "float32", "transformers_version": "4.44.2", "state_init": "like-init",
+              "block_class_name": "SandwichBlock", "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in reference["state_dict"].items()}, str(tmp_path / "model.safetensors"))
+    model = load_model("huginn-tiny", weights=tmp_path)
+    assert max_diff(model(reference["ids"], num_steps=4, init_scale=0.0).logits, reference["steps"][4]) < TOLERANCE
+    model.save_pretrained(tmp_path / "again")
+    again = load_model("huginn-tiny", weights=tmp_path / "again")
+    assert max_diff(again(reference["ids"], num_steps=4, init_scale=0.0).logits, reference["steps"][4]) < TOLERANCE
