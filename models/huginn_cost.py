@@ -10,10 +10,6 @@ from .huginn_config import HuginnConfig
 from .huginn_kv import parse_huginn_kv_policy
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def block_elements(config: HuginnConfig) -> int:
     """One sandwich block: Wqkv, proj, the MLP's fc (gate | up) and proj, four norms, qk_bias."""
     e, i = config.n_embd, config.intermediate_size
@@ -28,7 +24,7 @@ def weights_bytes(config: HuginnConfig, dtype: torch.dtype) -> int:
     elements = blocks * block_elements(config) + 2 * e * e + (e if config.bias else 0) + e  # adapter, ln_f
     elements += config.vocab_size * e * (1 if config.tie_word_embeddings else 2)
     rope = config.block_size * config.head_dim * 4  # (positions, head_dim / 2, cos and sin), float32
-    return elements * _itemsize(dtype) + rope
+    return elements * dtype.itemsize + rope
 
 
 def kv_cache_bytes(config: HuginnConfig, steps: int, batch: int, tokens: int, dtype: torch.dtype,
@@ -37,7 +33,7 @@ def kv_cache_bytes(config: HuginnConfig, steps: int, batch: int, tokens: int, dt
     steps: one K and one V row per slot the lookup strategy keeps (huginn_kv.py)."""
     policy = parse_huginn_kv_policy(kv_policy or config.kv_policy, config.n_layers_in_prelude,
                                     config.n_layers_in_recurrent_block, config.n_layers_in_coda)
-    return batch * tokens * policy.kv_bytes_per_token(steps, config.n_heads, config.head_dim, _itemsize(dtype))
+    return batch * tokens * policy.kv_bytes_per_token(steps, config.n_heads, config.head_dim, dtype.itemsize)
 
 
 def activation_peak_bytes(config: HuginnConfig, batch: int, chunk_tokens: int, dtype: torch.dtype) -> int:
@@ -46,7 +42,7 @@ def activation_peak_bytes(config: HuginnConfig, batch: int, chunk_tokens: int, d
     input [state, e] and output, the normed input, q/k/v, the attention output, the MLP's fc
     output and product, the float32 copies of q and k RoPE rotates, and the last position's
     logits (in `dtype`, then float32). Fused attention keeps no score matrix."""
-    e, i, item = config.n_embd, config.intermediate_size, _itemsize(dtype)
+    e, i, item = config.n_embd, config.intermediate_size, dtype.itemsize
     per_token = (9 * e + 3 * i) * item + 2 * e * 4
     return batch * (chunk_tokens * per_token + config.vocab_size * (item + 4))
 
@@ -61,7 +57,7 @@ def decode_bytes_per_token(config: HuginnConfig, steps: float, batch: int, conte
     """Bytes one decode step (a token per sequence, each attending `context` rows) must read:
     prelude and coda weights once, the core's and the adapter's once per step, the lm head, the
     embeddings, and `context` K/V rows at every block call."""
-    e, item = config.n_embd, _itemsize(dtype)
+    e, item = config.n_embd, dtype.itemsize
     fixed = (config.n_layers_in_prelude + config.n_layers_in_coda) * block_elements(config) + e  # ln_f
     per_step = config.n_layers_in_recurrent_block * block_elements(config) + 2 * e * e
     weights = fixed + steps * per_step + config.vocab_size * e + batch * e

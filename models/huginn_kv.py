@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from .names import HUGINN_KV_POLICIES, UnknownKVPolicyError, is_huginn_kv_policy  # noqa: F401  (re-exported)
 
@@ -48,7 +49,7 @@ class HuginnKVPolicy:
         after it then reads shared rows (a prompt prefilled in pieces is no longer exact)."""
         return self.core_slots(steps) < self.core * steps
 
-    @property
+    @cached_property  # (slot() asks at every layer call)
     def stage(self) -> int | None:
         """N of compress-sN / compress-rN."""
         found = re.fullmatch(r"compress-[sr](\d+)", self.name)

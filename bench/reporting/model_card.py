@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from melt_bench.models import PRESETS, count_parameters, kv_bytes_per_token, kv_policy_for
+from melt_bench.models.huginn_config import HuginnConfig
 
 
 @dataclass
@@ -43,7 +44,7 @@ HUGINN_LISTED = ("full", "compress-s4", "compress-s8", "compress-r4", "compress-
 
 def trained_loops(config) -> int:
     """The loop count a preset was trained for: Ouro's total_ut_steps, Huginn's mean_recurrence."""
-    return getattr(config, "total_ut_steps", None) or config.mean_recurrence
+    return config.mean_recurrence if isinstance(config, HuginnConfig) else config.total_ut_steps
 
 
 def policy_kv_bytes(config, loops: int, dtype: torch.dtype) -> dict[str, int]:
@@ -53,7 +54,7 @@ def policy_kv_bytes(config, loops: int, dtype: torch.dtype) -> dict[str, int]:
         quant = listed.partition(" + ")[2] or None
         return kv_bytes_per_token(config, loops, dtype, policy, kv_quant=quant)
 
-    if hasattr(config, "mean_recurrence"):  # Huginn: its own cache lookup strategies
+    if isinstance(config, HuginnConfig):  # its own cache lookup strategies
         return {listed: bytes_of("", listed) for listed in HUGINN_LISTED}
     if not kv_policy_for(config).training_free:  # MELT: its own gated policy only, quantised or not
         return {f"{config.kv_policy}{quant}": bytes_of(quant, None) for quant in MELT_LISTED}

@@ -320,7 +320,8 @@ def check_family_commands(models: list[str], command: str) -> None:
 
 def check_family_support(points: list, command: str) -> None:
     """Refuse, before anything runs, what a Huginn point cannot run: the command, the static-shape
-    decode engines, an exit rule (Huginn runs every step) and positions past its RoPE table."""
+    decode engines, packed caches, an exit rule (Huginn runs every step) and positions past its
+    RoPE table."""
     check_family_commands(list(dict.fromkeys(point.model for point in points)), command)
     for point in points:
         if not is_huginn(point.model):
@@ -328,6 +329,9 @@ def check_family_support(points: list, command: str) -> None:
         if getattr(point, "engine", "forward") != "forward":
             raise OptionError(f"--engine {point.engine} on {point.model}: the static-shape decode engines are built "
                               "for Ouro-family models; run Huginn with --engine forward")
+        if point.kv_quant is not None:
+            raise OptionError(f"--kv-quant {point.kv_quant}: packed caches are built for Ouro-family models, not "
+                              f"{point.model}")
         if getattr(point, "early_exit", None) is not None:
             raise OptionError(f"--early-exit on {point.model}: Huginn's adaptive exit is not built; it runs every step")
         positions = get_preset(point.model).fields["block_size"]
@@ -344,9 +348,6 @@ def check_packed_caches(points: list, command: str) -> None:
     from melt_bench.models.packed_cache import check_kv_quant
 
     for point in points:
-        if point.kv_quant is not None and is_huginn(point.model):
-            raise OptionError(f"--kv-quant {point.kv_quant}: packed caches are built for Ouro-family models, not "
-                              f"{point.model}")
         policy = point.kv_policy or ("shared-gated" if is_melt(point.model) else "per-loop")
         try:
             check_kv_quant(point.kv_quant, policy, point.decode_reads)
