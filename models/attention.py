@@ -83,6 +83,22 @@ def chunk_attention_mask(
     return AttentionMask(mask, False)
 
 
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per sequence, q (batch, heads, 1, head_dim), over every cached row
+    k, v (batch, kv heads, capacity, head_dim) where the boolean `mask` (broadcast to (batch, 1,
+    1, capacity)) is True; returns (batch, 1, heads * head_dim). Written out (scores and softmax
+    in float32, as SDPA's CPU kernel keeps them) so that inductor fuses the casts, mask and
+    softmax around two batched matmuls: SDPA's CPU kernel reads a bf16 cache at 2 GB/s, this at
+    11 (float32: 10 either way; docs/cpu-decode-profile.md)."""
+    bsz, heads, q_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(bsz, kv_heads, heads // kv_heads, head_dim).float()  # a kv head's queries together
+    scores = (q @ k.float().transpose(-1, -2)) * head_dim**-0.5  # (batch, kv heads, groups, keys)
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    out = (weights @ v.float()).to(v.dtype)  # (batch, kv heads, groups, head_dim)
+    return out.reshape(bsz, q_len, -1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: OuroConfig, gate: nn.Module | None) -> None:
         super().__init__()
@@ -131,17 +147,9 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1))
 
     def attend_one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionMask) -> torch.Tensor:
-        """`attend` for one query per sequence, written out (scores and softmax in float32, as
-        SDPA's CPU kernel keeps them) so that inductor fuses the casts, mask and softmax around two
-        batched matmuls. For the compiled CPU step: SDPA's CPU kernel reads a bf16 cache at 2 GB/s,
-        this at 11 (float32: 10 either way; docs/cpu-decode-profile.md)."""
-        bsz, _, q_len, _ = q.shape
-        groups = self.n_heads // self.n_kv_heads
-        q = q.reshape(bsz, self.n_kv_heads, groups, self.head_dim).float()  # a kv head's queries together
-        scores = (q @ k.float().transpose(-1, -2)) * self.head_dim**-0.5  # (batch, kv heads, groups, keys)
-        weights = scores.masked_fill(~attn.mask, float("-inf")).softmax(-1)  # a boolean mask
-        out = (weights @ v.float()).to(v.dtype)  # (batch, kv heads, groups, head_dim)
-        return self.o_proj(out.reshape(bsz, q_len, -1))
+        """`attend` for one query per sequence, written out (`one_query_attention`), then the
+        output projection. For the compiled CPU step."""
+        return self.o_proj(one_query_attention(q, k, v, attn.mask))
 
     def forward(
         self,

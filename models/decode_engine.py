@@ -27,6 +27,8 @@ from .attention import Attention, AttentionMask, rope_table
 from .decoder_layer import MLP
 from .exit_rules import EarlyStop, fill_after_early_stop
 from .fused_projections import fuse_linears, unfuse
+from .huginn import HuginnForCausalLM
+from .huginn_decode import huginn_decode_one_token, huginn_rope_table
 from .kv_cache import LoopedKVCache
 from .looped import LoopedForCausalLM
 from .names import STEP_ENGINES
@@ -188,8 +190,8 @@ class DecodeEngine:
     tied to the cache's buffers."""
 
     def __init__(
-        self, model: LoopedForCausalLM, loops: int, batch_size: int, capacity: int, engine: str = "eager",
-        early_stop_threshold: float | None = None, per_sequence_positions: bool = False,
+        self, model: LoopedForCausalLM | HuginnForCausalLM, loops: int, batch_size: int, capacity: int,
+        engine: str = "eager", early_stop_threshold: float | None = None, per_sequence_positions: bool = False,
     ) -> None:
         if engine not in STEP_ENGINES:
             raise ValueError(f"engine must be one of {', '.join(STEP_ENGINES)}, got {engine!r}")
@@ -198,6 +200,10 @@ class DecodeEngine:
         # Continuous batching: each sequence (a serving slot) has a position of its own, is
         # prefilled alone (`prefill_sequence`) and moved by `set_positions`.
         self.per_sequence_positions = per_sequence_positions
+        # Huginn (recurrent depth): its own step (huginn_decode.py), every step run (no exit rule)
+        self.huginn = isinstance(model, HuginnForCausalLM)
+        if self.huginn and early_stop_threshold is not None:
+            raise ValueError("Huginn runs every recurrence step: no early-exit threshold")
         self.weights_laid_out = lay_out_weights(model, engine)
         self.early_stop_threshold = early_stop_threshold
         self.cache: LoopedKVCache = model.new_cache(loops, capacity=capacity)
@@ -206,16 +212,22 @@ class DecodeEngine:
         positions = batch_size if per_sequence_positions else 1
         self.input_pos = torch.zeros(positions, dtype=torch.long, device=model.device)
         config = model.config
-        self.rope = rope_table(capacity, config.head_dim, config.rope_theta, model.dtype, model.device)
+        if self.huginn:
+            self.rope = huginn_rope_table(model, capacity)
+            # the initial state's shape, for initialize_state (which reads only shape, dtype, device)
+            self._state_like = torch.empty(batch_size, 1, config.n_embd, dtype=model.dtype, device=model.device)
+        else:
+            self.rope = rope_table(capacity, config.head_dim, config.rope_theta, model.dtype, model.device)
         self.cuda_graphs = engine == "compiled" and model.device.type == "cuda"
         self.one_query_attention = engine == "compiled" and model.device.type == "cpu"
-        self._step, self._loop, self._head = decode_one_token, run_loop, greedy_head
+        step = huginn_decode_one_token if self.huginn else decode_one_token
+        self._step, self._loop, self._head = step, run_loop, greedy_head
         if engine == "compiled":
             self._compile()
 
     def _compile(self) -> None:
         buffers = self.cache.keys + self.cache.values + self.cache.chunk_keys + self.cache.chunk_values
-        for buffer in buffers + list(self.rope):
+        for buffer in buffers + (list(self.rope) if isinstance(self.rope, tuple) else [self.rope]):
             # Fixed addresses, so CUDA graphs replay over the cache instead of copying it in.
             torch._dynamo.mark_static_address(buffer)
         # One graph per loop when early stopping; dynamo's default limit of 8 would fall back
@@ -223,7 +235,7 @@ class DecodeEngine:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * self.loops)
         mode = "reduce-overhead" if self.cuda_graphs else None
         options = dict(mode=mode) if mode else dict(options=compiled_gemv_options(self.model.device))
-        self._step = torch.compile(decode_one_token, fullgraph=True, dynamic=False, **options)
+        self._step = torch.compile(self._step, fullgraph=True, dynamic=False, **options)
         self._loop = torch.compile(run_loop, fullgraph=True, dynamic=False, **options)
         self._head = torch.compile(greedy_head, fullgraph=True, dynamic=False, **options)
 
@@ -237,17 +249,20 @@ class DecodeEngine:
         elif self.engine == "eager":
             # MELT's keys and values read its gated state: only they are fused with each other
             layout = ", projections of one input fused (q, k, v or k, v; gate, up)"
+            if self.huginn:
+                layout = ", projections fused as the checkpoint stores them (Wqkv; fc: gate, up)"
             if self.model.device.type == "cpu" and self.model.dtype == torch.float32:
                 layout += ", tall Linear weights (in, out)-contiguous for MKL's GEMV"
         positions = ", a position per sequence (continuous batching)" if self.per_sequence_positions else ""
         return self._steps_description() + layout + positions
 
     def _steps_description(self) -> str:
+        name = "huginn_decode_one_token" if self.huginn else "decode_one_token"
         if self.engine == "eager":
-            return "decode_one_token, eager"
+            return f"{name}, eager"
         graphs = "one graph per loop, exit check on the host" if self.early_stop_threshold else "one graph per step"
         mode = 'mode="reduce-overhead" (CUDA graphs)' if self.cuda_graphs else "inductor (no CUDA graphs on CPU)"
-        return f"decode_one_token, torch.compile {mode}, {graphs}"
+        return f"{name}, torch.compile {mode}, {graphs}"
 
     def reset(self) -> None:
         self.rewind(0)
@@ -293,7 +308,12 @@ class DecodeEngine:
         position = self.cache.seq_len
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        if self.early_stop_threshold is None:
+        if self.huginn:
+            state = self.model.initialize_state(self._state_like)  # (the global RNG, as forward draws it)
+            next_token, logits = self._step(self.model, token, self.input_pos, self.cache, self.loops, self.rope,
+                                            state, self.one_query_attention)
+            loops_run, exit_steps = self.loops, None
+        elif self.early_stop_threshold is None:
             next_token, logits = self._step(self.model, token, self.input_pos, self.cache, self.loops, self.rope,
                                             self.one_query_attention)
             loops_run, exit_steps = self.loops, None

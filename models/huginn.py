@@ -15,6 +15,7 @@ layer index."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .attention import chunk_attention_mask
+from .attention import chunk_attention_mask, one_query_attention
 from .huginn_config import HuginnConfig
 from .huginn_kv import HuginnKVPolicy, parse_huginn_kv_policy
 from .kv_cache import LoopedKVCache
@@ -70,19 +71,38 @@ class HuginnAttention(nn.Module):
             self.qk_bias = nn.Parameter(torch.zeros(2, 1, self.n_heads, self.head_dim))
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, cache: LoopedKVCache | None, slot: int, start: int,
-                key_padding: torch.Tensor | None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values (batch, heads, tokens, head_dim), biased and rotated."""
         bsz, seq, width = x.shape
         q, k, v = (t.view(bsz, seq, self.n_heads, self.head_dim) for t in self.Wqkv(x).split(width, dim=2))
         if hasattr(self, "qk_bias"):
             q, k = (q + self.qk_bias[0]).to(q.dtype), (k + self.qk_bias[1]).to(q.dtype)
         q, k = apply_rope_pairs(q, k, freqs)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, cache: LoopedKVCache | None, slot: int, start: int,
+                key_padding: torch.Tensor | None) -> torch.Tensor:
+        bsz, seq, width = x.shape
+        q, k, v = self.project(x, freqs)
         if cache is not None:
             k, v = cache.update_slot(slot, k, v, start)
         # The official code's three cases (causal, bottom-right causal, one query: no mask).
         mask = chunk_attention_mask(start, seq, key_padding, x.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal)
+        return self.proj(y.transpose(1, 2).reshape(bsz, seq, width))
+
+    def decode(self, x: torch.Tensor, freqs: torch.Tensor, cache: LoopedKVCache, slot: int, input_pos: torch.Tensor,
+               mask: torch.Tensor, one_query: bool) -> torch.Tensor:
+        """One token per sequence at `input_pos` (huginn_decode.py): its rows written in place,
+        attention over the whole preallocated capacity where `mask` is True (static shapes);
+        `one_query`: written out (`one_query_attention`, for the compiled CPU step), else SDPA."""
+        bsz, seq, width = x.shape
+        q, k, v = self.project(x, freqs)
+        cache.write_at(slot, input_pos, k, v)
+        keys, values = cache.keys[slot], cache.values[slot]
+        if one_query:
+            return self.proj(one_query_attention(q, keys, values, mask))
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(bsz, seq, width))
 
 
@@ -108,7 +128,14 @@ class SandwichBlock(nn.Module):
         self.norm_4 = HuginnRMSNorm(config.n_embd, config.norm_eps)
 
     def forward(self, x, freqs, cache, slot, start, key_padding):
-        x = self.norm_2(self.attn(self.norm_1(x), freqs, cache, slot, start, key_padding) + x)
+        return self.after_attention(x, self.attn(self.norm_1(x), freqs, cache, slot, start, key_padding))
+
+    def decode(self, x, freqs, cache, slot, input_pos, mask, one_query):
+        """forward for one token per sequence over a preallocated cache (HuginnAttention.decode)."""
+        return self.after_attention(x, self.attn.decode(self.norm_1(x), freqs, cache, slot, input_pos, mask, one_query))
+
+    def after_attention(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        x = self.norm_2(attended + x)
         return self.norm_4(self.mlp(self.norm_3(x)) + x)
 
 
@@ -262,25 +289,41 @@ class HuginnForCausalLM(PreTrainedModel, GenerationMixin):
                              "table (block_size)")
         freqs = self.freqs_cis[:, positions]
         key_padding = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
-        prelude, core, coda = self.transformer.prelude, self.transformer.core_block, self.transformer.coda
 
-        def run(blocks, x, first_index, step=1):
-            for i, block in enumerate(blocks):
-                x = block(x, freqs, cache, self.policy.slot(first_index + step * i, steps), start, key_padding)
-            return x
+        def layer(block, x, slot):
+            return block(x, freqs, cache, slot, start, key_padding)
 
-        e = self.transformer.wte(input_ids) * self.config.embed_scale
-        e = run(prelude, e, 0)
-        x = input_states.clone() if input_states is not None else self.initialize_state(e, init_scale, generator)
-        for step in range(steps):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and step >= steps_no_grad):
-                x = run(core, self.transformer.adapter(torch.cat([x, e], dim=-1)), len(prelude) + len(core) * step)
-        latent = self.transformer.ln_f(x)
-        x = self.transformer.ln_f(run(coda, latent, -1, step=-1))
+        def initial_state(e):
+            return input_states.clone() if input_states is not None else self.initialize_state(e, init_scale, generator)
+
+        latent, x = self.run_stack(input_ids, steps, initial_state, layer, steps_no_grad)
         if cache is not None:
             cache.seq_len = start + seq
         logits = self.lm_head(x[:, -logits_to_keep:]).float()
         return HuginnOutput(logits=logits, latent_states=latent, loops_run=steps, **{_CACHE_FIELD: cache})
+
+    def run_stack(self, input_ids: torch.Tensor, steps: int, initial_state: Callable[[torch.Tensor], torch.Tensor],
+                  layer: Callable[[SandwichBlock, torch.Tensor, int], torch.Tensor], steps_no_grad: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prelude, `steps` recurrence steps, coda: (latent = ln_f of the last state, the coda's
+        normed output). `initial_state(e)` gives s_0 from the prelude's output e; `layer(block, x,
+        slot)` runs one block with its KV slot (forward: over a growing or sliced cache; the
+        decode step: at a tensor position over the preallocated one). The first `steps_no_grad`
+        steps run without gradients."""
+        t, slot = self.transformer, self.policy.slot
+
+        def run(blocks, x, first_index, stride=1):
+            for i, block in enumerate(blocks):
+                x = layer(block, x, slot(first_index + stride * i, steps))
+            return x
+
+        e = run(t.prelude, t.wte(input_ids) * self.config.embed_scale, 0)
+        x = initial_state(e)
+        for step in range(steps):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and step >= steps_no_grad):
+                x = run(t.core_block, t.adapter(torch.cat([x, e], dim=-1)), len(t.prelude) + len(t.core_block) * step)
+        latent = t.ln_f(x)
+        return latent, t.ln_f(run(t.coda, latent, -1, stride=-1))
 
     def _forward_in_pieces(self, input_ids, starts, cache, num_steps, input_states, init_scale, generator,
                            logits_to_keep, attention_mask) -> HuginnOutput:

@@ -24,7 +24,9 @@ _FIXED = {"block_class_name": "SandwichBlock", "norm_class_name": "RMSNorm_llama
 
 class HuginnConfig(PreTrainedConfig):
     model_type = "huginn_raven"
-    attribute_map = {"num_attention_heads": "n_heads", "hidden_size": "n_embd", "num_hidden_layers": "n_layers"}
+    # the official names, and block_size under transformers' name (lm-eval's max_length reads it)
+    attribute_map = {"num_attention_heads": "n_heads", "hidden_size": "n_embd", "num_hidden_layers": "n_layers",
+                     "max_position_embeddings": "block_size"}
     kv_policy = "full"  # Huginn's cache lookup strategy (huginn_kv.py); set per model
     kv_quant = None  # (packed caches are for Ouro-family models)
 

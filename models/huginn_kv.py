@@ -43,11 +43,17 @@ class HuginnKVPolicy:
     chunk_size = None  # (what the harness asks of every policy: Huginn prefills in one piece,
     open_chunk = None  # keeps no side buffer and no combination of steps)
     reduces_loops = False
+    training_free = True  # every strategy runs on the released weights unchanged
 
     def shares_rows(self, steps: int) -> bool:
         """Whether a token keeps fewer core rows than one per (step, layer): a token processed
         after it then reads shared rows (a prompt prefilled in pieces is no longer exact)."""
         return self.core_slots(steps) < self.core * steps
+
+    def alters_rows(self, steps: int) -> bool:
+        """Whether a later token reads earlier tokens' rows other than each step computed them
+        (Huginn's strategies drop rows, they never combine or quantise them: shares_rows)."""
+        return self.shares_rows(steps)
 
     @cached_property  # (slot() asks at every layer call)
     def stage(self) -> int | None:

@@ -15,6 +15,25 @@ def make_ouro(**overrides) -> OuroForCausalLM:
     return OuroForCausalLM(OuroConfig(**{**TINY, **overrides})).eval()
 
 
+def make_huginn(kv_policy: str = "full", fixed_state: bool = False):
+    """huginn-tiny (random weights, seeded) under `kv_policy`. `fixed_state`: every forward and
+    decode step starts from the zero state (the official init_scale=0) instead of a random draw,
+    so a sequence's tokens do not depend on what else drew from the RNG (batching, order)."""
+    from melt_bench.models import load_model
+
+    model = load_model("huginn-tiny", dtype=torch.float32).eval()
+    model.use_kv_policy(kv_policy)
+    # Peaked attention (trained-looking): at the init's scale, scores are ~0 and a query reads
+    # every row alike, so a token read from the wrong row or position hardly moves the logits.
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "Wqkv"):
+                module.Wqkv.weight[:2 * model.config.n_embd] *= 6
+    if fixed_state:
+        model.initialize_state = lambda embeds, *args, **kwargs: torch.zeros_like(embeds)
+    return model
+
+
 def make_melt(**overrides) -> MeltForCausalLM:
     torch.manual_seed(0)
     model = MeltForCausalLM(MeltConfig(**{**TINY, **overrides})).eval()

@@ -1,13 +1,13 @@
 """Continuous batching over the decode engine: every request's greedy tokens equal its batch-1
 decode (mixed prompt and output lengths, slots refilled several times, Ouro, MELT, MELT's chunk
-reads and a sharing policy), stop tokens and sequences end a request, closed and open loop let
+reads, a sharing policy and Huginn), stop tokens and sequences end a request, closed and open loop let
 requests in as they say, and each token's exit depth is recorded under early stopping."""
 
 import functools
 
 import pytest
 import torch
-from conftest import make_melt, make_ouro
+from conftest import make_huginn, make_melt, make_ouro
 
 from melt_bench.models.continuous_batching import ContinuousBatcher, Request
 from melt_bench.models.decode_engine import DecodeEngine
@@ -23,7 +23,11 @@ def ouro_mean():
 
 MODELS = {"ouro": make_ouro, "melt": functools.partial(make_melt, chunk_size=5),
           "melt-chunk-reads": functools.partial(make_melt, chunk_size=5, decode_reads="chunk"),
-          "ouro-mean": ouro_mean}
+          "ouro-mean": ouro_mean,
+          # Huginn from a fixed initial state: a random one is drawn per step for the whole batch,
+          # so a request's tokens would depend on its neighbours' draws
+          "huginn": functools.partial(make_huginn, fixed_state=True),
+          "huginn-compress-s4": functools.partial(make_huginn, "compress-s4", fixed_state=True)}
 
 
 def mixed_requests(count: int = 7, **extra) -> list[Request]:

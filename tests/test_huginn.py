@@ -250,14 +250,15 @@ def test_latency_forward_engine_times_huginn_with_its_roofline():
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["latency", "--engine", "compiled"], "--engine compiled on huginn-tiny"),
-    (["latency", "--engine", "forward", "--early-exit", "threshold:0.9"], "--early-exit on huginn-tiny"),
-    (["capacity", "--budget", "10MiB"], "capacity on huginn-tiny"),
-    (["serve", "--concurrency", "2", "--num-requests", "2"], "serve on huginn-tiny"),
-    (["accuracy", "--tasks", "addition"], "accuracy on huginn-tiny"),
+    (["latency", "--engine", "compiled", "--early-exit", "threshold:0.9"], "--early-exit on huginn-tiny"),
+    (["serve", "--concurrency", "2", "--num-requests", "2", "--early-exit", "threshold:0.9"],
+     "--early-exit on huginn-tiny"),
+    (["accuracy", "--tasks", "addition", "--exit-mode", "step:1"], "--exit-mode step:1 on huginn-tiny"),
+    (["accuracy", "--tasks", "addition", "--kv-quant", "int8"], "--kv-quant int8"),
+    (["capacity", "--budget", "10MiB", "--seq-lens", "8000", "--new-tokens", "200"], "RoPE table"),
     (["memory", "--seq-lens", "9000"], "RoPE table"),
 ])
-def test_commands_huginn_cannot_run_yet_are_one_line_errors(argv, needle, capsys, tmp_path):
+def test_what_huginn_cannot_run_is_a_one_line_error(argv, needle, capsys, tmp_path):
     from conftest import one_line_error
 
     args = [*argv, "--models", "huginn-tiny", "--loops", "2", "--out", str(tmp_path / "r.jsonl")]

@@ -84,7 +84,7 @@ def serve(
         options = replace(options, output_lens=(128,) if resolved.spec.device.startswith("cuda") else (32,))
     points = [point for axes in resolved.spec.points() for point in options.points(axes)]
     try:
-        check_family_support(points, "serve")
+        check_family_support(points)
     except OptionError as exc:
         raise UserError(str(exc)) from exc
     for point in points:

@@ -132,7 +132,7 @@ def checked_points(resolved, options) -> list:
 
     points = resolved.spec.points(options)
     try:
-        check_family_support(points, resolved.spec.command)
+        check_family_support(points)
         check_packed_caches(points, resolved.spec.command)
     except OptionError as exc:
         raise UserError(str(exc)) from exc

@@ -13,6 +13,7 @@ from lm_eval.models.huggingface import HFLM
 from melt_bench.evaluation.batched_generation import batcher_problem, generate_until_batched
 from melt_bench.evaluation.exit_modes import CONTINUATION_SCORING, EXIT_MODES, GENERATE_WITH, exit_kwargs  # noqa: F401
 from melt_bench.evaluation.task_files import checked_task_files, shipped_task
+from melt_bench.models.huginn_kv import is_huginn_kv_policy, parse_huginn_kv_policy
 from melt_bench.models.kv_policy import is_training_free, parse_kv_policy, policy_alters_rows
 from melt_bench.models.packed_cache import quant_bits
 from melt_bench.running.ranks import distributed_rank
@@ -24,10 +25,15 @@ def chunk_scoring_problem(kv_policy: str | None, loops: int, kv_quant: str | Non
     if quant_bits(kv_quant) is not None:
         return (f"chunk scoring with kv_quant={kv_quant} would read the context's full-precision rows in one forward, "
                 "not the packed rows generation reads; use decode")
-    if kv_policy is None or not is_training_free(kv_policy) or not policy_alters_rows(kv_policy, loops):
+    if kv_policy is None:
+        return None
+    if is_huginn_kv_policy(kv_policy):  # (Huginn-0125's layer layout, which every Huginn preset has)
+        if not parse_huginn_kv_policy(kv_policy).alters_rows(loops):
+            return None
+    elif not is_training_free(kv_policy) or not policy_alters_rows(kv_policy, loops):
         return None
     return (f"chunk scoring under KV policy {parse_kv_policy(kv_policy)!r} at {loops} loops would read every "
-            "loop's own rows in one forward (per-loop Ouro), not the rows the policy keeps; use decode")
+            "loop's own rows in one forward (as per-loop keeps them), not the rows the policy keeps; use decode")
 
 
 def default_scoring(kv_policy: str | None, loops: int, kv_quant: str | None = None) -> str:

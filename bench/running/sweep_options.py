@@ -305,35 +305,23 @@ def resolve_kv_quants(value: object) -> list[str | None]:
     return list(dict.fromkeys(None if mode == "none" else mode for mode in _choices(value, "--kv-quant", KV_QUANT)))
 
 
-HUGINN_COMMANDS = ("memory", "latency")  # what a Huginn model runs today (latency: --engine forward)
-
-
-def check_family_commands(models: list[str], command: str) -> None:
-    """Refuse a command a Huginn model cannot run yet: capacity and serve decode through the
-    static-shape engine (built over the Ouro-family layer stack); accuracy's lm-eval adapter is
-    not yet checked on Huginn."""
-    huginn = [model for model in models if is_huginn(model)]
-    if huginn and command not in HUGINN_COMMANDS:
-        raise OptionError(f"{command} on {', '.join(huginn)}: not built for Huginn models yet; Huginn runs "
-                          f"{' and '.join(HUGINN_COMMANDS)} (latency with --engine forward)")
-
-
-def check_family_support(points: list, command: str) -> None:
-    """Refuse, before anything runs, what a Huginn point cannot run: the command, the static-shape
-    decode engines, packed caches, an exit rule (Huginn runs every step) and positions past its
+def check_family_support(points: list) -> None:
+    """Refuse, before anything runs, what a Huginn point cannot run: packed caches, an exit rule
+    (Huginn's adaptive exit is not built: every token runs every step) and positions past its
     RoPE table."""
-    check_family_commands(list(dict.fromkeys(point.model for point in points)), command)
     for point in points:
         if not is_huginn(point.model):
             continue
-        if getattr(point, "engine", "forward") != "forward":
-            raise OptionError(f"--engine {point.engine} on {point.model}: the static-shape decode engines are built "
-                              "for Ouro-family models; run Huginn with --engine forward")
         if point.kv_quant is not None:
             raise OptionError(f"--kv-quant {point.kv_quant}: packed caches are built for Ouro-family models, not "
                               f"{point.model}")
         if getattr(point, "early_exit", None) is not None:
             raise OptionError(f"--early-exit on {point.model}: Huginn's adaptive exit is not built; it runs every step")
+        if getattr(point, "exit_mode", "last") != "last":
+            raise OptionError(f"--exit-mode {point.exit_mode} on {point.model}: Huginn's adaptive exit is not built; "
+                              "it runs every step (--loops sets how many)")
+        if not hasattr(point, "seq_len"):
+            continue  # (accuracy: lm-eval truncates to max_length, the RoPE table's size)
         positions = get_preset(point.model).fields["block_size"]
         if point.seq_len + point.new_tokens > positions:
             raise OptionError(f"{point.model}: {point.seq_len} + {point.new_tokens} tokens are past its "

@@ -18,7 +18,7 @@ from melt_bench.running.sweep_options import (
     CUDA_DEFAULTS,
     OptionError,
     SweepFlags,
-    check_family_commands,
+    check_family_support,
     check_packed_caches,
     check_weights,
     resolve_decode_reads,
@@ -161,7 +161,6 @@ def resolve_accuracy(flags: AccuracyFlags) -> tuple[list, list[str]]:
     dtype = flags.dtype or defaults["dtype"]
     spec = SweepSpec("accuracy", models, loops, [1], [1], dtype=dtype, device=device)
     validate_spec(spec)
-    check_family_commands(models, "accuracy")
     weights = check_weights(flags.weights)
     spec.kv_policies = resolve_kv_policies(flags.kv_policy, models)
     spec.decode_reads = resolve_decode_reads(flags.decode_reads, models)
@@ -178,6 +177,7 @@ def resolve_accuracy(flags: AccuracyFlags) -> tuple[list, list[str]]:
         for model in models for policy in spec.policies_for(model) for reads in spec.decode_reads_for(model)
         for quant in kv_quants for task in tasks for loop in loops
     ]
+    check_family_support(points)
     check_packed_caches(points, "accuracy")
     for point in points:
         problem = chunk_scoring_problem(point.kv_policy, point.loops, point.kv_quant)

@@ -102,6 +102,9 @@ class RunTiming:
 
 def timed_run(decoder, point: LatencyPoint, input_ids: torch.Tensor, chunk_starts=None) -> RunTiming:
     """Prefill, then exactly `new_tokens` greedy steps (EOS ignored)."""
+    # Huginn draws a random initial state from the global RNG at every forward and step: the same
+    # draws each run, so that runs (and engines, which draw alike) give the same tokens.
+    torch.manual_seed(0)
     marks = Marks(input_ids.device.type == "cuda")
     timing = RunTiming(0.0, [])
     marks.mark()
