@@ -13,7 +13,8 @@ Early stopping cannot be one graph (the number of loops depends on the gate), so
 
 The KV policy decides the slot each (loop, layer) writes, as in `LoopedModel.forward`, so Ouro
 and MELT (its gate inside the graph) share this code; the tests check that its logits equal the
-model's own forward.
+model's own forward. A Huginn model (recurrent depth) runs its own step, huginn_decode.py, through
+the same engine: the same cache, positions, compilation and continuous batching.
 """
 
 from __future__ import annotations
