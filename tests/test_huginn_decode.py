@@ -128,3 +128,9 @@ def test_capacity_serve_and_accuracy_run_on_huginn(tmp_path, capsys):
     # 2 + 4 x 2 + 2 rows per token (full) and 2 + 4 + 2 (compress-s4), keys and values, 4 x 16 fp32
     assert kv["full"] == 12 * 2 * 64 * 4 and kv["compress-s4"] == 8 * 2 * 64 * 4
     assert set(accuracy.generation) == {"continuous batching, 1 slots, eager decode engine"}
+
+    # and one report over the three
+    html = tmp_path / "huginn.html"
+    assert main(["report", *(str(tmp_path / name) for name in ("c.jsonl", "s.jsonl", "a.jsonl")), "-o", str(html)]) == 0
+    page = html.read_text()
+    assert "huginn-tiny" in page and "compress-s4" in page

@@ -500,3 +500,17 @@ def test_tokens_per_second_at_the_budget_is_drawn_and_said(tmp_path):
     assert ("At 4 loops and 4,096 tokens under 40.00 GiB (engine compiled), decoding at the largest batch that "
             "fits: melt-1.4b 990.0 tokens/s at batch 44, ouro-1.4b 250.0 tokens/s at batch 10.") in html
     assert '<th title="decode_tokens_per_s_at_max_batch">decode tokens/s at largest batch</th>' in html
+
+
+def test_a_rate_whose_median_lies_above_its_p90_still_draws(tmp_path):
+    """With two timed runs a rate's median is the higher run, above the interpolated p90: the
+    error bar ends at the point instead of going negative (matplotlib raised on it)."""
+    rows = []
+    for loops in (1, 2):
+        row = capacity_row("ouro-1.4b", loops, 8)
+        row.metrics.update(decode_tokens_per_s_at_max_batch=200.0 / loops, throughput_engine="eager",
+                           decode_tokens_per_s_at_max_batch_p10=180.0 / loops,
+                           decode_tokens_per_s_at_max_batch_p90=198.0 / loops)
+        rows.append(row)
+    html = build_report([write_rows(tmp_path / "cap.jsonl", rows)])
+    assert "decode tokens/s at the budget vs loops" in html

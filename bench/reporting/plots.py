@@ -87,7 +87,9 @@ def _draw_lines(ax, frame: pd.DataFrame, x: str, y: str, series: list[str], scal
         if f"{y}_p10" in part and part[f"{y}_p10"].notna().any():  # timed runs: bars span their p10 to p90
             low, high = f"{y}_p10", f"{y}_p90"
         if low in part and part[low].notna().any():  # repeated points: bars span lowest to highest
-            spread = [(part[y] - part[low]).fillna(0) / scale, (part[high] - part[y]).fillna(0) / scale]
+            # (a rate's median of an even count is the upper middle: it can lie above the p90)
+            spread = [(part[y] - part[low]).fillna(0).clip(lower=0) / scale,
+                      (part[high] - part[y]).fillna(0).clip(lower=0) / scale]
             ax.errorbar(part[x], part[y] / scale, yerr=spread, fmt="none", ecolor=line.get_color(), capsize=3)
     failed = frame[frame.status.isin(FAILED)]
     if mark_failures and len(failed):
