@@ -127,15 +127,27 @@ class Attention(nn.Module):
         # The fused weight is not the parameters: with gradients, each projection on its own.
         if self.fused is not None and not self.fused.current():
             self.fused = None  # stale (the weights have new storage): let its old tensor go
+        cos, sin = rope
+        if self.fused is not None and not torch.is_grad_enabled() and self.kv_gate is None:
+            # q, k, v in one matmul, and q and k rotated together: the same values in half the calls
+            q, k, v = self._fused_qkv(x, cos, sin)
+            return q, k, v, kv_in
         if self.fused is not None and not torch.is_grad_enabled():
-            q, k, v = self.fused(x) if self.kv_gate is None else (self.q_proj(x), *self.fused(kv_in))
+            q, k, v = self.q_proj(x), *self.fused(kv_in)
         else:
             q, k, v = self.q_proj(x), self.k_proj(kv_in), self.v_proj(kv_in)
         q = q.view(bsz, q_len, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, kv_in
+
+    def _fused_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        bsz, q_len, _ = x.shape
+        qkv = F.linear(x, self.fused.weight).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
+        qk, v = qkv.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=1)
+        q, k = apply_rope(qk, cos, sin).split([self.n_heads, self.n_kv_heads], dim=1)
+        return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionMask) -> torch.Tensor:
         """SDPA over the given keys/values, then the output projection."""

@@ -38,7 +38,7 @@ from .names import STEP_ENGINES
 def run_loop(
     model: LoopedForCausalLM, x: torch.Tensor, input_pos: torch.Tensor, cache: LoopedKVCache,
     kv_states: list[torch.Tensor | None], loop: int, rope: tuple[torch.Tensor, torch.Tensor], kept: list | None = None,
-    one_query_attention: bool = False,
+    one_query_attention: bool = False, filled: int | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor, list | None]:
     """One loop of the layer stack for the token at `input_pos` (a 1-element tensor, or one
     position per sequence): returns the normed output, each layer's KV state (MELT's h, None for
@@ -46,13 +46,18 @@ def run_loop(
     layer's running combination. Rows
     go into `cache` through its static-shape writes (write_at; MELT with decode_reads="chunk":
     swap_open_chunk_at, its open-chunk buffers). `one_query_attention`: attention written out
-    (`Attention.attend_one_query`), for the compiled CPU step. `rope`: the engine's `rope_table`."""
+    (`Attention.attend_one_query`), for the compiled CPU step. `rope`: the engine's `rope_table`.
+    `filled` (the eager engine, one position for the batch): attention reads the rows written so
+    far, rows [0, filled), without a mask, instead of the whole capacity under one."""
     base = model.model
     capacity = cache.keys[0].shape[2]
     # Rows past the current position hold zeros or an earlier run's rows: masked out. One
     # position for the batch, or one per sequence (continuous batching): (1 or batch, 1, 1, capacity).
     positions = input_pos[:, None]
-    attn = AttentionMask((torch.arange(capacity, device=x.device)[None] <= positions)[:, None, None], False)
+    if filled is None:
+        attn = AttentionMask((torch.arange(capacity, device=x.device)[None] <= positions)[:, None, None], False)
+    else:
+        attn = AttentionMask(None, False)
     rope = rope[0][positions], rope[1][positions]  # (1 or batch, 1, head_dim)
     states: list[torch.Tensor | None] = []
     folded = [] if base.policy.reduces_loops else None
@@ -65,7 +70,10 @@ def run_loop(
             cache.swap_open_chunk_at(loop, slot, window, offset, k, v)
         cache.write_at(slot, input_pos, k, v)
         attend = layer.self_attn.attend_one_query if one_query_attention else layer.self_attn.attend
-        x = layer.after_attention(x, attend(q, cache.keys[slot], cache.values[slot], attn))
+        keys, values = cache.keys[slot], cache.values[slot]
+        if filled is not None:
+            keys, values = keys[:, :, :filled], values[:, :, :filled]
+        x = layer.after_attention(x, attend(q, keys, values, attn))
         states.append(kv_in if layer.self_attn.kv_gate is not None else None)
         if folded is not None:
             folded.append(base.policy.accumulate(kept[i] if kept else None, loop, k, v))
@@ -93,14 +101,15 @@ def greedy_head(model: LoopedForCausalLM, x: torch.Tensor) -> tuple[torch.Tensor
 
 def decode_one_token(
     model: LoopedForCausalLM, token: torch.Tensor, input_pos: torch.Tensor, cache: LoopedKVCache, loops: int,
-    rope: tuple[torch.Tensor, torch.Tensor], one_query_attention: bool = False,
+    rope: tuple[torch.Tensor, torch.Tensor], one_query_attention: bool = False, filled: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole decode step for `token` (batch, 1) at `input_pos`: (next token, logits)."""
+    """A whole decode step for `token` (batch, 1) at `input_pos`: (next token, logits). `filled`: run_loop's."""
     x = model.model.embed_tokens(token)
     states: list[torch.Tensor | None] = [None] * len(model.model.layers)
     kept = None
     for loop in range(loops):
-        x, states, _, kept = run_loop(model, x, input_pos, cache, states, loop, rope, kept, one_query_attention)
+        x, states, _, kept = run_loop(model, x, input_pos, cache, states, loop, rope, kept, one_query_attention,
+                                      filled)
     write_kept_rows(model, input_pos, cache, kept, loops)
     return greedy_head(model, x)
 
@@ -221,6 +230,9 @@ class DecodeEngine:
             self.rope = rope_table(capacity, config.head_dim, config.rope_theta, model.dtype, model.device)
         self.cuda_graphs = engine == "compiled" and model.device.type == "cuda"
         self.one_query_attention = engine == "compiled" and model.device.type == "cpu"
+        # Eager shapes need not be static: attention reads only the rows written so far (one
+        # position for the batch; per-sequence positions differ, so they keep the mask).
+        self.reads_filled_rows = engine == "eager" and not per_sequence_positions and not self.huginn
         step = huginn_decode_one_token if self.huginn else decode_one_token
         self._step, self._loop, self._head = step, run_loop, greedy_head
         if engine == "compiled":
@@ -307,6 +319,7 @@ class DecodeEngine:
     def step(self, token: torch.Tensor) -> StepOutput:
         """Decode one token for every sequence: writes its rows at the next position."""
         position = self.cache.seq_len
+        filled = position + 1 if self.reads_filled_rows else None
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         if self.huginn:
@@ -316,7 +329,7 @@ class DecodeEngine:
             loops_run, exit_steps = self.loops, None
         elif self.early_stop_threshold is None:
             next_token, logits = self._step(self.model, token, self.input_pos, self.cache, self.loops, self.rope,
-                                            self.one_query_attention)
+                                            self.one_query_attention, filled)
             loops_run, exit_steps = self.loops, None
         else:
             x = self.model.model.embed_tokens(token)
@@ -325,7 +338,7 @@ class DecodeEngine:
             kept = None
             for loop in range(self.loops):
                 x, states, gate, kept = self._loop(self.model, x, self.input_pos, self.cache, states, loop, self.rope,
-                                                   kept, self.one_query_attention)
+                                                   kept, self.one_query_attention, filled)
                 if stop.update(loop, gate, x):
                     break
             write_kept_rows(self.model, self.input_pos, self.cache, kept, loop + 1)

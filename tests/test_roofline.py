@@ -4,9 +4,18 @@ the latency row's ratios against its own fields."""
 import pytest
 import torch
 
-from melt_bench.models import MeltConfig, MeltForCausalLM, OuroConfig, OuroForCausalLM, cost_model, get_preset
+from melt_bench.models import (
+    MeltConfig,
+    MeltForCausalLM,
+    OuroConfig,
+    OuroForCausalLM,
+    cost_model,
+    get_preset,
+    load_model,
+)
+from melt_bench.models.decode_engine import DecodeEngine
 from melt_bench.scenarios.latency import LatencyPoint
-from melt_bench.scenarios.measure_latency import measure_latency_point, token_agreement
+from melt_bench.scenarios.measure_latency import attended_rows, measure_latency_point, token_agreement
 from melt_bench.scenarios.point_setup import tensor_bytes
 
 # Small enough to count by hand: hidden 4, MLP 6, 2 layers, 2 query heads and 1 KV head of size 2.
@@ -60,11 +69,14 @@ def test_latency_row_carries_a_consistent_roofline():
     prefill_s = m["prefill_ms"] / 1000
     assert m["prefill_mfu"] == pytest.approx(m["prefill_flops"] / prefill_s / m["device_matmul_flops_per_s"])
     assert m["roofline_decode_ms_per_token"] < m["decode_ms_per_token_mean"]  # nothing beats the roofline
-    # #31 item 5: the static-shape engine attends over its whole capacity (16 + 4 rows) at every
-    # step, so its roofline counts 20 rows; forward() reads the rows written, 16 + 2.5 on average.
+    # #31 item 5: the compiled engine attends over its whole capacity (16 + 4 rows) at every step,
+    # so its roofline counts 20 rows; the eager engine (#33) and forward() read the rows written,
+    # 16 + 2.5 on average.
     config = get_preset("ouro-tiny").config()
-    assert m["decode_rows_attended_per_step"] == 20 and "capacity" in m["decode_rows_attended_source"]
-    assert m["decode_bytes_per_token"] == cost_model.decode_bytes_per_token(config, 2, 1, 20, torch.float32)
+    assert m["decode_rows_attended_per_step"] == 18.5 and "written so far" in m["decode_rows_attended_source"]
+    assert m["decode_bytes_per_token"] == cost_model.decode_bytes_per_token(config, 2, 1, 18.5, torch.float32)
+    compiled = DecodeEngine(load_model("ouro-tiny"), 2, 1, 20, "compiled")  # (compiles on its first step)
+    assert attended_rows(compiled, point)[0] == 20 and "capacity" in attended_rows(compiled, point)[1]
     forward = measure_latency_point(LatencyPoint("latency", "ouro-tiny", 2, 16, 1, "decode", 4, "float32", "cpu",
                                                  warmup=0, timed_runs=1, engine="forward"))["metrics"]
     assert forward["decode_rows_attended_per_step"] == 18.5

@@ -179,9 +179,10 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def attended_rows(decoder, point: LatencyPoint) -> tuple[float, str]:
     """The K/V rows a decode step reads per (loop, layer) and sequence, as the engine reads them:
-    the static-shape engines attend over the whole preallocated capacity (masked) at every step;
-    forward() over the rows written so far (the mean over the decode steps)."""
-    if isinstance(decoder, DecodeEngine):
+    the compiled engine (and the eager one under per-sequence positions or for Huginn) attends
+    over the whole preallocated capacity (masked) at every step; the eager engine and forward()
+    over the rows written so far (the mean over the decode steps)."""
+    if isinstance(decoder, DecodeEngine) and not decoder.reads_filled_rows:
         capacity = decoder.cache.keys[0].shape[2]
         return float(capacity), f"the whole preallocated capacity ({capacity} rows, masked) at every step"
     return point.seq_len + (point.new_tokens + 1) / 2, "the rows written so far (mean over the decode steps)"
