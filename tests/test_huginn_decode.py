@@ -134,3 +134,13 @@ def test_capacity_serve_and_accuracy_run_on_huginn(tmp_path, capsys):
     assert main(["report", *(str(tmp_path / name) for name in ("c.jsonl", "s.jsonl", "a.jsonl")), "-o", str(html)]) == 0
     page = html.read_text()
     assert "huginn-tiny" in page and "compress-s4" in page
+
+
+def test_log_likelihood_scored_as_decoded_under_a_sharing_strategy_is_refused_by_name():
+    from melt_bench.evaluation.byte_tokenizer import byte_tokenizer
+    from melt_bench.evaluation.lm_eval_adapter import LoopedHFLM
+
+    lm = LoopedHFLM(make_huginn("compress-s4"), byte_tokenizer(), loops=2, score_continuation_as="decode",
+                    batch_size=1, max_length=64)
+    with pytest.raises(ValueError, match="not built for Huginn"):
+        lm._loglikelihood_tokens([(("a", "b"), [5, 6, 7], [8, 9])])

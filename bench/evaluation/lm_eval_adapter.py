@@ -101,6 +101,10 @@ class LoopedHFLM(HFLM):
             if problem:
                 raise ValueError(problem)
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        if self.model.config.model_type == "huginn_raven":
+            # its prefill in pieces returns the last piece's logits only, not one per continuation token
+            raise ValueError(f"log-likelihood tasks scored as decoded are not built for Huginn (KV policy "
+                             f"{self.model.kv_policy.name} at {self.loops} steps shares rows); use --kv-policy full")
         return [self._score_as_decoded(*request) for request in requests]
 
     def _score_as_decoded(self, request_str, context_enc: list[int], continuation_enc: list[int]) -> tuple[float, bool]:
