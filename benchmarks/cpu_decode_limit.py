@@ -6,7 +6,10 @@ tokens; random weights, nothing downloaded). Each point runs in a fresh child, a
 point does. Prints, per row: decode ms/token (median of the timed runs) with its spread and
 stability, bytes per token, the copy bandwidth the child measured, MBU (bytes per token over
 that bandwidth, as a percentage), the load average, the ratio to issue #33's goal and MELT's
-time over Ouro's.
+time over Ouro's. That last ratio comes from a paired run (paired_decode.py: both models in one
+child, timed in alternating rounds) for the step engines: two children minutes apart drift by
+more than the 10% the goal allows. MBU can pass 100%: the step streams its weights read-only,
+which one core does faster than the copy (read + write) that measures the bandwidth.
 
 The goals are issue #33's: 1.15x (fp32) and 1.25x (bf16) of llama.cpp for compiled, 1.4x for
 eager. With `--llama-cpp DIR` (a llama.cpp checkout with llama-bench built, see
@@ -43,16 +46,30 @@ def run_latency(out: Path, models: str, engine: str, dtype: str, threads: int, a
     return subprocess.run(command, capture_output=True, text=True)
 
 
+def run_paired(engine: str, dtype: str, threads: int, args) -> dict | str:
+    """paired_decode.py's MELT-over-Ouro ratio for an engine of the step (eager, compiled), in a
+    fresh child; a one-line reason where it failed."""
+    command = [sys.executable, str(Path(__file__).with_name("paired_decode.py")), "--models", args.models,
+               "--engine", engine, "--dtype", dtype, "--threads", str(threads), "--loops", str(args.loops),
+               "--seq-len", str(args.seq_len), "--new-tokens", str(args.new_tokens),
+               "--rounds", str(max(3 * args.repeats, 9))]  # short rounds: one burst of noise spoils few
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"paired run exited {done.returncode}: {(done.stderr.strip().splitlines() or ['no message'])[-1]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def goal_ms(engine: str, dtype: str, reference_ms: dict[str, float]) -> float | None:
     factor = GOAL_FACTOR.get((engine, dtype))
     return None if factor is None or dtype not in reference_ms else factor * reference_ms[dtype]
 
 
 def table_rows(rows: list[dict], engine: str, dtype: str, threads: int,
-               reference_ms: dict[str, float] | None = None) -> list[str]:
-    """Markdown rows for one (engine, dtype, threads) run: one per model, then MELT over Ouro
-    (stated only when both points are stable). `reference_ms`: llama.cpp's ms/token per dtype
-    at this shape and thread count (no goal column without it)."""
+               reference_ms: dict[str, float] | None = None, paired: dict | str | None = None) -> list[str]:
+    """Markdown rows for one (engine, dtype, threads) run: one per model, then MELT over Ouro:
+    from `paired` (run_paired's result) where there is one, else from the two points (each its
+    own child, minutes apart), and stated only when stable. `reference_ms`: llama.cpp's ms/token
+    per dtype at this shape and thread count (no goal column without it)."""
     lines, by_model = [], {}
     for row in rows:
         model, m = row["point"]["model"], row["metrics"]
@@ -78,6 +95,15 @@ def table_rows(rows: list[dict], engine: str, dtype: str, threads: int,
         bytes_ratio = melt["decode_bytes_per_token"] / ouro["decode_bytes_per_token"]
         verdict = (f"{ratio:.2f}x time, {bytes_ratio:.2f}x bytes (goal <= {MELT_OVER_OURO_GOAL}x)" if stable
                    else f"not stated: a point is unstable (see its spread); {bytes_ratio:.2f}x bytes")
+        if isinstance(paired, str):
+            verdict += f"; {paired}"
+        elif paired and paired["stable"]:
+            verdict = (f"{paired['ratio']:.2f}x time paired ({paired['ratio_min']:.2f}-{paired['ratio_max']:.2f} over "
+                       f"{paired['rounds']} alternating rounds in one child), {bytes_ratio:.2f}x bytes "
+                       f"(goal <= {MELT_OVER_OURO_GOAL}x)" + (f"; unpaired {ratio:.2f}x" if stable else ""))
+        elif paired:
+            verdict = (f"not stated: the paired ratio is unstable ({paired['ratio_min']:.2f}-{paired['ratio_max']:.2f}"
+                       f" over {paired['rounds']} rounds, CV {paired['ratio_cv']:.0%}); {bytes_ratio:.2f}x bytes")
         lines.append(f"| {engine} | {dtype} | {threads} | MELT / Ouro | {verdict} |" + " |" * 7)
     return lines
 
@@ -112,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-paired", dest="paired", action="store_false",
+                        help="skip the paired MELT-over-Ouro run (paired_decode.py) per engine and dtype")
     parser.add_argument("--out-dir", type=Path, default=None, help="keep the results files here")
     parser.add_argument("--llama-cpp", type=Path, default=None,
                         help="llama.cpp checkout with build/bin/llama-bench: time the reference here")
@@ -140,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"| {engine} | {dtype} | {threads} | {note} |" + " |" * 8)
                     continue
                 rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-                for line in table_rows(rows, engine, dtype, threads, references[threads]):
+                paired = run_paired(engine, dtype, threads, args) if args.paired and engine != "forward" else None
+                for line in table_rows(rows, engine, dtype, threads, references[threads], paired):
                     print(line, flush=True)
     print(f"results: {out_dir}")
     return 1 if failed else 0

@@ -298,6 +298,36 @@ def test_the_cpu_decode_limit_table_states_melt_over_ouro_only_from_stable_point
     assert shaky[0].endswith("| - |")  # no goal without a reference figure
 
 
+def test_the_cpu_decode_limit_table_takes_melt_over_ouro_from_the_paired_run_where_there_is_one():
+    bench = load_cpu_decode_limit()
+    points = [decode_row("ouro-mid", 40.0, "stable"), decode_row("melt-mid", 52.0, "unstable", 477e6 * 1.09)]
+    paired = {"ratio": 1.04, "ratio_min": 1.02, "ratio_max": 1.07, "ratio_cv": 0.02, "stable": True, "rounds": 5}
+    line = bench.table_rows(points, "compiled", "float32", 1, {}, paired)[2]
+    # the drifted unpaired 1.30x is not printed, the paired ratio is
+    assert "1.04x time paired (1.02-1.07 over 5 alternating rounds in one child), 1.09x bytes" in line
+    assert "1.30" not in line
+    shaky = bench.table_rows(points, "compiled", "float32", 1, {}, dict(paired, ratio_cv=0.15, stable=False))[2]
+    assert "not stated: the paired ratio is unstable" in shaky and "1.04x" not in shaky
+    failed = bench.table_rows(points, "eager", "float32", 1, {}, "paired run exited 1: boom")[2]
+    assert "not stated" in failed and failed.count("paired run exited 1: boom") == 1
+
+
+def test_the_paired_decode_run_times_both_models_in_alternating_rounds():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_decode.py"
+    done = subprocess.run([sys.executable, str(script), "--models", "ouro-tiny,melt-tiny", "--engine", "eager",
+                           "--seq-len", "8", "--new-tokens", "2", "--loops", "2", "--rounds", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["models"] == ["ouro-tiny", "melt-tiny"] and result["rounds"] == 3 and result["threads"] == 1
+    assert all(ms > 0 for ms in result["ms_per_token"])
+    assert result["ratio_min"] <= result["ratio"] <= result["ratio_max"]
+    assert result["stable"] == (result["ratio_cv"] <= 0.10)
+    refused = subprocess.run([sys.executable, str(script), "--models", "ouro-tiny", "--rounds", "1"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--models takes two presets" in refused.stderr
+
+
 def test_the_llama_cpp_reference_keeps_the_faster_attention_path_and_each_runs_time(tmp_path):
     import importlib.util
 
