@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
+
+from melt_bench.models.names import STEP_ENGINES
+from melt_bench.running.stability import figure_verdict, load_average, spread_fields
 
 
 def time_steps(engine, prompt, new_tokens: int) -> float:
@@ -32,12 +34,11 @@ def paired_ratio(models: tuple[str, str], engine: str, dtype: str, loops: int, s
 
     from melt_bench.models import load_model
     from melt_bench.models.decode_engine import DecodeEngine
-    from melt_bench.running.stability import UNSTABLE_CV, spread_fields
 
     built = [load_model(name, dtype=getattr(torch, dtype)).eval() for name in models]
     vocab = min(model.config.vocab_size for model in built)
     prompt = torch.randint(1, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     with torch.inference_mode():
         engines = [DecodeEngine(model, loops, 1, seq_len + new_tokens + 1, engine) for model in built]
         for each in engines:  # compile (or warm) outside the timed rounds
@@ -52,14 +53,14 @@ def paired_ratio(models: tuple[str, str], engine: str, dtype: str, loops: int, s
             "rounds": rounds, "ms_per_token": [statistics.median(timed) for timed in times],
             "ratio": statistics.median(ratios), "ratio_min": spread["ratio_min"], "ratio_max": spread["ratio_max"],
             "ratio_cv": spread["ratio_cv"],
-            "stable": spread["ratio_cv"] is not None and spread["ratio_cv"] <= UNSTABLE_CV,
-            "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0]}
+            "stable": figure_verdict(spread, "ratio") == "stable",
+            "loadavg_1m_before": load_before, "loadavg_1m_after": load_average()}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="ouro-mid,melt-mid", help="the baseline, then the model over it")
-    parser.add_argument("--engine", choices=("eager", "compiled"), default="compiled")
+    parser.add_argument("--engine", choices=STEP_ENGINES, default="compiled")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--loops", type=int, default=4)
